@@ -1,0 +1,201 @@
+"""Model and vision configuration dataclasses and the named presets (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only GPT shape. `head_dim=None` means n_embd // n_head."""
+
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 6
+    n_kv_head: int = 3
+    head_dim: int | None = None
+    ffn_dim: int = 2688
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    logit_softcap: float | None = None
+    image_token_id: int | None = None
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"ModelConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                    "change n_head or set head_dim explicitly"
+                )
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"ModelConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head} "
+                "(grouped-query attention needs whole groups)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"ModelConfig: logit_softcap must be positive or None, got {self.logit_softcap}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab_size rounded up to a multiple of 64 (independent of the TP size, so
+        checkpoints move between layouts; TP needs padded_vocab_size % tp == 0)."""
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower: a timm encoder, a resampler to `num_vision_tokens`, an MLP projector."""
+
+    encoder: str = "vit_small_patch16_224"
+    image_size: int = 224
+    feature_layer: int = -2  # block whose patch tokens we take; -2 = second to last
+    pretrained_path: str | None = None  # local safetensors file or HF folder; never downloaded
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle"
+    num_vision_tokens: int = 64
+    resampler_depth: int = 2
+    resampler_heads: int = 8
+    projector_hidden: int = 2048
+    pad_to_square: bool = True
+    freeze_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resampler not in RESAMPLERS:
+            raise ValueError(f"VisionConfig.resampler={self.resampler!r}; choose one of {RESAMPLERS}")
+        if self.num_vision_tokens <= 0:
+            raise ValueError(f"VisionConfig.num_vision_tokens must be positive, got {self.num_vision_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        return _from_dict(cls, d)
+
+
+RESAMPLERS = ("perceiver", "avgpool", "pixel_shuffle")
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
+def small_config(depth: int = 12) -> ModelConfig:
+    """The depth-scaled family: width 64·depth, head_dim ~128, GQA 2:1, SwiGLU at 3.5× width."""
+    if depth <= 0:
+        raise ValueError(f"--depth must be positive, got {depth}")
+    n_embd = 64 * depth
+    n_head = max(2, n_embd // 128)
+    return ModelConfig(
+        n_layer=depth,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=max(1, n_head // 2),
+        head_dim=n_embd // n_head,
+        ffn_dim=math.ceil(3.5 * n_embd / 64) * 64,
+        rope_theta=10000.0,
+        max_seq_len=2048,
+    )
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_dim=128, max_seq_len=256)
+
+
+def _qwen25(n_embd: int, n_layer: int, n_head: int, n_kv_head: int, ffn_dim: int, tied: bool, vocab: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+        ffn_dim=ffn_dim, rope_theta=1e6, max_seq_len=32768, norm_eps=1e-6, qkv_bias=True,
+        tie_embeddings=tied,
+    )
+
+
+_SIGLIP = "vit_so400m_patch14_siglip_384"
+
+# name -> (model config factory taking depth or None, vision config or None)
+_PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
+    "tiny": (lambda depth: _tiny(), None),
+    "small": (lambda depth: small_config(12 if depth is None else depth), None),
+    "qwen25_0.5b": (lambda depth: _qwen25(896, 24, 14, 2, 4864, True, 151936), None),
+    "qwen25_1.5b": (lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936), None),
+    "qwen25_7b": (lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064), None),
+    "vlm_tiny": (
+        lambda depth: _tiny(),
+        VisionConfig(encoder="vit_tiny_patch16_224", image_size=64, encoder_kwargs={"depth": 2, "patch_size": 8},
+                     resampler="avgpool", num_vision_tokens=16, resampler_depth=1, resampler_heads=2,
+                     projector_hidden=128),
+    ),
+    "vlm_small": (
+        lambda depth: small_config(12 if depth is None else depth),
+        VisionConfig(encoder="vit_small_patch16_224", image_size=224, resampler="perceiver", num_vision_tokens=64,
+                     resampler_depth=2, resampler_heads=6, projector_hidden=2048),
+    ),
+    "vlm_1.5b": (
+        lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),
+        VisionConfig(encoder=_SIGLIP, image_size=384, resampler="perceiver", num_vision_tokens=64,
+                     resampler_depth=2, resampler_heads=16, projector_hidden=4096),
+    ),
+    "vlm_7b": (
+        lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064),
+        VisionConfig(encoder=_SIGLIP, image_size=384, resampler="perceiver", num_vision_tokens=64,
+                     resampler_depth=2, resampler_heads=16, projector_hidden=8192),
+    ),
+}
+PRESETS: list[str] = list(_PRESETS)
+_DEPTH_SCALED = ("small", "vlm_small")
+
+
+def get_preset(name: str, depth: int | None = None, **overrides: Any) -> tuple[ModelConfig, VisionConfig | None]:
+    """Build a preset's configs. `depth` scales the `small` family; `overrides` set fields of
+    ModelConfig or VisionConfig by name (e.g. vocab_size=..., num_vision_tokens=...)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    if depth is not None and name not in _DEPTH_SCALED:
+        raise ValueError(f"--depth only applies to {_DEPTH_SCALED}; preset {name!r} has a fixed shape")
+    make_model, vision = _PRESETS[name]
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
+    unknown = sorted(set(overrides) - model_fields - vision_fields)
+    if unknown:
+        raise ValueError(f"get_preset({name!r}): unknown override(s) {unknown}")
+    vision_over = {k: v for k, v in overrides.items() if k in vision_fields}
+    if vision_over and vision is None:
+        raise ValueError(f"preset {name!r} has no vision tower; cannot override {sorted(vision_over)}")
+    base = make_model(depth)
+    # replace() re-runs validation; head_dim is re-derived when the width or head count changes
+    model_over = {k: v for k, v in overrides.items() if k in model_fields}
+    if ("n_embd" in model_over or "n_head" in model_over) and "head_dim" not in model_over:
+        model_over["head_dim"] = None
+    model_cfg = dataclasses.replace(base, **model_over)
+    vision_cfg = dataclasses.replace(copy.deepcopy(vision), **vision_over) if vision is not None else None
+    return model_cfg, vision_cfg

@@ -1,0 +1,307 @@
+"""Batches for the multimodal stages: captions (vision_pretrain) and conversations (sft, eval).
+
+Both batchers read raw samples from a sample source (a `ShardStream`, or a `MixtureBatches` of them) and
+yield dict batches:
+
+    input_ids     [B, T] long   right-padded with <|pad|> to the longest row (T <= max_len)
+    targets       [B, T] long   targets[b, t] = input_ids[b, t + 1] where that token carries loss, else -1
+    pixel_values  [N, 3, H, W]  every image of the batch in order of appearance (N may be 0)
+    image_features [N, n, d]    instead of pixel_values when `use_features=True` (cached encoder output)
+    num_tokens    int           real (non-padding) input tokens, for throughput
+    num_loss_tokens int         targets != -1, for loss normalisation across micro-batches
+
+Caption layout (vision_pretrain), conversation-free on purpose: the LLM is frozen and has only seen
+plain text, so a caption is plain text after the image and the projector alone learns to make the image
+tokens predictive of it:
+
+    <|bos|> <|image|> x num_vision_tokens  caption tokens
+
+Loss on caption tokens only (including the first one, predicted from the last image position); no end
+token, since the frozen base model never learned one. Conversations use `Tokenizer.render_conversation`
+(loss on assistant tokens only); text-only conversations are fine.
+
+A sample that can't be used (undecodable image or JSON, placeholders that don't match the images, a
+conversation the renderer refuses) is skipped and reported with `source.mark_corrupt()`, so it counts
+in the stream's stats and its corrupt-fraction limit.
+
+Cached features: with `use_features=True` the batcher reads `<key>.feat.npy` (captions) or
+`<key>.<i>.feat.npy` (conversations) — float arrays [n_tokens, dim] made by data_prep from the frozen
+encoder — instead of decoding pixels; a sample without them counts as corrupt.
+
+Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
+batches (emitted in a seeded random order), so little compute goes to padding.
+
+Exact resume: the state is the source's state at the start of the current group plus the number of
+batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ghostvis.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
+from ghostvis.vision.transforms import BadImage, load_image
+
+Transform = Callable[[Image.Image], torch.Tensor]
+Batch = dict[str, Any]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_CONV_IMAGE = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+
+
+class SampleSource(Protocol):
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def mark_corrupt(self) -> None: ...
+
+
+class Unusable(Exception):
+    """A sample the batcher must skip (counted via the source's mark_corrupt)."""
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    mask: list[int]  # 1 where ids[t] carries loss
+    images: list[torch.Tensor]
+
+
+def shift_targets(ids: list[int], mask: list[int]) -> list[int]:
+    """targets[t] = ids[t+1] if mask[t+1] else -1; the last position predicts nothing."""
+    return [ids[t + 1] if mask[t + 1] else -1 for t in range(len(ids) - 1)] + [-1]
+
+
+class _Batcher:
+    """Shared machinery: reading rows, grouping, collating, resumable state. Subclasses define `_row`."""
+
+    def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
+                 num_vision_tokens: int, transform: Transform | None, use_features: bool = False,
+                 group_batches: int = 1, seed: int = 0) -> None:
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
+        if transform is None and not use_features:
+            raise ValueError("pass an image transform (PIL -> tensor), or use_features=True for cached features")
+        self.source, self.tok = source, tokenizer
+        self.batch_size, self.max_len, self.n_vis = batch_size, max_len, num_vision_tokens
+        self.transform, self.use_features = transform, use_features
+        self.group_batches, self.seed = group_batches, seed
+        self._group, self._skip = 0, 0
+        self._state: dict[str, Any] | None = None  # set while iterating
+        self._empty: torch.Tensor | None = None
+
+    # ---- images ----------------------------------------------------------------------------------
+
+    def _image(self, sample: dict[str, Any], stem: str) -> torch.Tensor:
+        """The image (or cached features) stored under `<key>.<stem>.*` (stem "" for image-text)."""
+        prefix = f"{stem}." if stem else ""
+        if self.use_features:
+            data = sample.get(f"{prefix}feat.npy")
+            if data is None:
+                raise Unusable(f"no cached features {prefix}feat.npy")
+            return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False)).float()
+        data = next((sample[f"{prefix}{e}"] for e in IMAGE_EXTS if f"{prefix}{e}" in sample), None)
+        if data is None:
+            raise Unusable("no image")
+        try:
+            return self.transform(load_image(data))
+        except BadImage as e:
+            raise Unusable(e.reason) from e
+
+    def _no_images(self) -> torch.Tensor:
+        if self._empty is None:
+            if self.use_features:
+                self._empty = torch.zeros(0, self.n_vis, 0)
+            else:  # the transform's output shape, from a dummy image
+                self._empty = torch.zeros((0, *self.transform(Image.new("RGB", (8, 8))).shape))
+        return self._empty
+
+    # ---- rows and batches ------------------------------------------------------------------------
+
+    def _row(self, sample: dict[str, Any]) -> Row:
+        raise NotImplementedError
+
+    def collate(self, rows: list[Row]) -> Batch:
+        T = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), T), self.tok.pad_token_id, dtype=torch.long)
+        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r.ids)] = torch.tensor(r.ids)
+            targets[b, : len(r.ids)] = torch.tensor(shift_targets(r.ids, r.mask))
+        images = [im for r in rows for im in r.images]
+        stacked = torch.stack(images) if images else self._no_images()
+        return {"input_ids": ids, "targets": targets,
+                "image_features" if self.use_features else "pixel_values": stacked,
+                "num_tokens": sum(len(r.ids) for r in rows), "num_loss_tokens": int((targets != -1).sum())}
+
+    def _read_rows(self, it: Iterator[dict[str, Any]], n: int) -> list[Row]:
+        rows: list[Row] = []
+        for sample in it:
+            try:
+                rows.append(self._row(sample))
+            except Unusable:
+                self.source.mark_corrupt()
+                continue
+            if len(rows) == n:
+                break
+        return rows
+
+    def _arrange(self, rows: list[Row]) -> list[list[Row]]:
+        if self.group_batches == 1:
+            return [rows]
+        rows = sorted(rows, key=lambda r: len(r.ids))
+        batches = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        random.Random(f"ghostvis-groups:{self.seed}:{self._group}").shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = iter(self.source)
+        while True:
+            start = self.source.state_dict()
+            rows = self._read_rows(it, self.batch_size * self.group_batches)
+            if not rows:
+                return
+            batches = self._arrange(rows)
+            for j in range(self._skip, len(batches)):
+                last = j == len(batches) - 1
+                # After a group's last batch the source's own position is exact: no re-read on resume.
+                self._state = ({"source": self.source.state_dict(), "emitted": 0, "group": self._group + 1}
+                               if last else {"source": start, "emitted": j + 1, "group": self._group})
+                if last:
+                    self._group, self._skip = self._group + 1, 0
+                yield self.collate(batches[j])
+            self._skip = 0
+            if len(rows) < self.batch_size * self.group_batches:
+                return  # a non-looping source ran out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._state is None:
+            return {"source": self.source.state_dict(), "emitted": self._skip, "group": self._group}
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state["source"])
+        self._skip, self._group, self._state = int(state["emitted"]), int(state["group"]), None
+
+
+class CaptionBatches(_Batcher):
+    """Image-text shards -> `<|bos|> <|image|>×n caption` rows, loss on the caption (see module doc)."""
+
+    def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
+                 num_vision_tokens: int, transform: Transform | None, **kw: Any) -> None:
+        if num_vision_tokens < 1 or max_len < num_vision_tokens + 2:
+            raise ValueError(f"max_len ({max_len}) must leave room for <|bos|>, {num_vision_tokens} image "
+                             "tokens and at least one caption token; raise --max-len or lower the vision tokens")
+        super().__init__(source, tokenizer, batch_size=batch_size, max_len=max_len,
+                         num_vision_tokens=num_vision_tokens, transform=transform, **kw)
+
+    def _row(self, sample: dict[str, Any]) -> Row:
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise Unusable("missing caption")
+        image = self._image(sample, "")
+        head = [self.tok.bos_token_id] + [self.tok.image_token_id] * self.n_vis
+        text = self.tok.encode(caption)[: self.max_len - len(head)]
+        return Row(head + text, [0] * len(head) + [1] * len(text), [image])
+
+
+class ConversationBatches(_Batcher):
+    """Conversation shards -> rendered chats (loss on assistant tokens), images `<key>.<i>.<ext>`."""
+
+    def _row(self, sample: dict[str, Any]) -> Row:
+        try:
+            record = json.loads(sample["json"])
+        except (KeyError, ValueError) as e:
+            raise Unusable(f"conversation JSON missing or invalid: {e}") from e
+        found = sorted((int(m.group(1)), k) for k in sample if (m := _CONV_IMAGE.match(k)))
+        stems = [str(i) for i, _ in found]
+        if stems != [str(i) for i in range(len(found))]:
+            raise Unusable(f"image members are not numbered 0..n-1: {[k for _, k in found]}")
+        try:
+            ids, mask = self.tok.render_conversation(record, self.max_len, self.n_vis)
+            expected = count_images(record)
+        except (ValueError, TypeError, KeyError) as e:
+            raise Unusable(f"conversation not renderable: {e}") from e
+        if expected != len(found):
+            raise Unusable(f"{expected} image placeholders but {len(found)} images")
+        kept = ids.count(self.tok.image_token_id) // self.n_vis if self.n_vis else 0  # truncation drops tail images
+        return Row(ids, mask, [self._image(sample, s) for s in stems[:kept]])
+
+
+def count_images(record: dict[str, Any]) -> int:
+    """Image placeholders in a stored conversation: `<|image|>` in string content, image parts in lists."""
+    n = 0
+    for m in record["messages"]:
+        c = m["content"]
+        n += c.count(IMAGE_PLACEHOLDER) if isinstance(c, str) else sum(isinstance(p, dict) and p.get("type") == "image" for p in c)
+    return n
+
+
+class MixtureBatches:
+    """Draw from several sources by weight: `MixtureBatches([(stream_a, 3), (stream_b, 1)], seed)`.
+
+    Works over sample sources (per-sample mixing: wrap it in a batcher) or over batchers (per-batch
+    mixing). Draw k picks source i from a generator seeded by (seed, k) alone, so the state is just the
+    draw count, the exhausted set (non-looping sources drop out) and each source's state.
+    """
+
+    def __init__(self, sources: Iterable[tuple[Any, float]], seed: int) -> None:
+        pairs = list(sources)
+        self.sources = [s for s, _ in pairs]
+        self.weights = [float(w) for _, w in pairs]
+        if not pairs or any(w <= 0 for w in self.weights):
+            raise ValueError(f"MixtureBatches needs at least one (source, weight > 0) pair, got weights {self.weights}")
+        self.seed, self.step = seed, 0
+        self.exhausted: set[int] = set()
+        self._last: int | None = None
+
+    def _pick(self) -> int:
+        live = [i for i in range(len(self.sources)) if i not in self.exhausted]
+        u = random.Random(f"ghostvis-mix:{self.seed}:{self.step}").random() * sum(self.weights[i] for i in live)
+        for i in live:
+            u -= self.weights[i]
+            if u < 0:
+                return i
+        return live[-1]
+
+    def __iter__(self) -> Iterator[Any]:
+        its = [iter(s) for s in self.sources]
+        while len(self.exhausted) < len(self.sources):
+            i = self._pick()
+            try:
+                item = next(its[i])
+            except StopIteration:
+                self.exhausted.add(i)
+                continue
+            self.step, self._last = self.step + 1, i
+            yield item
+
+    def mark_corrupt(self) -> None:
+        if self._last is None:
+            raise RuntimeError("mark_corrupt() needs an item drawn first")
+        self.sources[self._last].mark_corrupt()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        per = [getattr(s, "stats", {}) for s in self.sources]
+        return {"seen": sum(p.get("seen", 0) for p in per), "corrupt": sum(p.get("corrupt", 0) for p in per),
+                "by_source": per}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "exhausted": sorted(self.exhausted),
+                "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(f"saved mixture has {len(state['sources'])} sources, this one {len(self.sources)}")
+        for s, st in zip(self.sources, state["sources"]):
+            s.load_state_dict(st)
+        self.step, self.exhausted, self._last = int(state["step"]), set(state["exhausted"]), None

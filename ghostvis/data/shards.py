@@ -1,0 +1,259 @@
+"""ShardStream: the deterministic, resumable, rank-split sample stream every stage reads.
+
+A shard directory is `<prefix>-%06d.tar` webdataset shards plus `manifest.json` (see manifest.py). The
+stream yields raw samples, one dict per sample key:
+
+    {"__key__": "000000042", "__url__": "/data/train/train-000003.tar",
+     "__epoch__": 0, "__index__": 1234,          # position of this sample in the epoch's global order
+     "npy": b"...", "txt": b"...", "0.jpg": b"..."}  # extension (lower-cased, after the first dot) -> bytes
+
+Decoding is the consumer's job (text.py decodes `npy`, multimodal.py images/JSON); a sample the consumer
+can't decode is reported with `stream.mark_corrupt()` (or rejected by the `validate` callback) so it is
+skipped and counted like a sample the tar reader couldn't read.
+
+Order. Epoch e visits shards in a permutation drawn from (seed, e) (manifest order with shuffle=False),
+and samples in the order they are stored in each shard. Counting with the manifest's sample counts, the
+samples of an epoch get global indices 0..N-1; index i belongs to rank i % world_size. Every rank reads
+the same order, so ranks' samples are disjoint and together cover the epoch exactly once.
+
+State. `state_dict()` = {epoch, position (next global index), stats}; after loading it the stream resumes
+with the sample after the last one yielded. Resuming skips whole shards by their manifest counts and,
+inside the partly read shard, skips the samples before `position` without reading their bytes into
+memory. A manifest's counts are what positions mean, so a different data directory is refused.
+
+Corrupt data. A shard that can't be opened or ends early (truncated tar) counts every one of this rank's
+samples it didn't deliver as corrupt; a bad sample (duplicate member, rejected by `validate`, marked with
+`mark_corrupt()`) counts as one. `stats` = {"seen": n, "corrupt": n, "by_shard": {name: n}} (this rank's
+samples only). Once at least `min_count` samples were seen (and at each epoch end), a corrupt fraction
+above `max_corrupt_fraction` raises `DataError` naming the worst shards.
+
+Workers. `worker_split(num_workers, worker_id)` returns a copy that keeps only every num_workers-th of
+this rank's samples (rank-local index j goes to worker j % num_workers), for use inside a torch
+`IterableDataset.__iter__` with `torch.utils.data.get_worker_info()`. Exact resume is the main-process
+path (num_workers=0). With workers, the main process can't see the workers' streams: record each
+consumed sample's `__epoch__`/`__index__`, and on resume give every worker the smallest (epoch,
+index + 1) over the workers' last consumed samples: samples still in flight are repeated, none skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from ghostvis.data.manifest import DataError, Manifest, ShardInfo, read_manifest
+
+Sample = dict[str, Any]
+
+# What a damaged or truncated tar raises while being read.
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+class ShardStream:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        loop: bool = True,
+        shuffle: bool = True,
+        max_corrupt_fraction: float = 0.01,
+        min_count: int = 100,
+        expected_kind: str | None = None,
+        expected_tokenizer: Any = None,
+        validate: Callable[[Sample], bool] | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.data_dir = Path(data_dir)
+        self.manifest: Manifest = read_manifest(
+            self.data_dir, expected_kind=expected_kind, expected_tokenizer=expected_tokenizer)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.loop, self.shuffle, self.validate = loop, shuffle, validate
+        self.max_corrupt_fraction, self.min_count = max_corrupt_fraction, min_count
+        # This reader owns global indices i with i % stride == offset (rank split, then worker split).
+        self._stride, self._offset = world_size, rank
+        self.epoch, self.position = 0, 0
+        self.stats: dict[str, Any] = {"seen": 0, "corrupt": 0, "by_shard": {}}
+        self._last_shard: str | None = None  # shard of the last yielded sample, for mark_corrupt()
+
+    # ---- order and split -------------------------------------------------------------------------
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into manifest.shards in the order epoch `epoch` visits them."""
+        order = list(range(len(self.manifest.shards)))
+        if self.shuffle:
+            # String seeds hash with sha512: the same order on every Python version and machine.
+            random.Random(f"ghostvis-shards:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def worker_split(self, num_workers: int, worker_id: int) -> "ShardStream":
+        """A copy that yields only DataLoader worker `worker_id`'s share of this rank's samples."""
+        if not 0 <= worker_id < num_workers:
+            raise ValueError(f"worker_id {worker_id} is not in [0, num_workers={num_workers})")
+        other = copy.copy(self)
+        other._offset = self._offset + self._stride * worker_id
+        other._stride = self._stride * num_workers
+        other.stats = {"seen": 0, "corrupt": 0, "by_shard": {}}
+        return other
+
+    def _count_mine(self, lo: int, hi: int) -> int:
+        """How many global indices in [lo, hi) belong to this reader."""
+        def below(x: int) -> int:
+            return max(0, (x - self._offset + self._stride - 1) // self._stride)
+        return below(hi) - below(lo) if hi > lo else 0
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_samples": self.manifest.num_samples, "rank": self.rank, "world_size": self.world_size,
+                "stats": copy.deepcopy(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the last sample the saved stream yielded.
+
+        A state saved with another world size resumes at its global position with the new split
+        (approximate: ranks were at slightly different positions)."""
+        if state["num_samples"] != self.manifest.num_samples:
+            raise DataError(f"the saved data position is for a dataset of {state['num_samples']} samples, "
+                            f"{self.data_dir} has {self.manifest.num_samples}: the data directory changed "
+                            "since the checkpoint (point --data at the original shards)")
+        if state["seed"] != self.seed:
+            raise DataError(f"the saved data position used seed {state['seed']}, this run uses {self.seed}: "
+                            "resume with the original seed")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.stats = copy.deepcopy(state["stats"])
+        self._last_shard = None
+
+    # ---- corrupt accounting ----------------------------------------------------------------------
+
+    def mark_corrupt(self) -> None:
+        """The consumer could not decode the sample just yielded: count it as corrupt."""
+        if self._last_shard is None:
+            raise RuntimeError("mark_corrupt() needs a sample yielded and not yet marked")
+        shard, self._last_shard = self._last_shard, None
+        self._add_corrupt(shard, 1)
+        self._check_fraction(final=False)
+
+    def _add_corrupt(self, shard: str, n: int) -> None:
+        if n:
+            self.stats["corrupt"] += n
+            self.stats["by_shard"][shard] = self.stats["by_shard"].get(shard, 0) + n
+
+    def _check_fraction(self, *, final: bool) -> None:
+        seen, bad = self.stats["seen"], self.stats["corrupt"]
+        if bad == 0 or (not final and seen < self.min_count) or bad <= self.max_corrupt_fraction * seen:
+            return
+        worst = sorted(self.stats["by_shard"].items(), key=lambda kv: -kv[1])[:5]
+        raise DataError(
+            f"{bad} of {seen} samples read by rank {self.rank} from {self.data_dir} were corrupt "
+            f"({bad / seen:.1%} > max_corrupt_fraction {self.max_corrupt_fraction:.1%}); worst shards: "
+            + ", ".join(f"{name} ({n})" for name, n in worst)
+            + ". Rebuild those shards or raise the allowed fraction.")
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Sample]:
+        while True:
+            began, delivered = self.position, 0
+            for sample in self._iter_epoch():
+                delivered += 1
+                yield sample
+            self._check_fraction(final=True)
+            if not self.loop:
+                return
+            if delivered == 0 and began == 0:
+                raise DataError(f"rank {self.rank} got no readable samples from {self.data_dir} in a whole "
+                                f"epoch ({self.manifest.num_samples} samples for {self._stride} readers)")
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _iter_epoch(self) -> Iterator[Sample]:
+        start = 0
+        for si in self.shard_order(self.epoch):
+            info = self.manifest.shards[si]
+            end = start + info.samples
+            if end > self.position:  # shards fully behind the saved position are skipped unopened
+                yield from self._iter_shard(info, start)
+            start = end
+        self.position = start
+
+    def _iter_shard(self, info: ShardInfo, start: int) -> Iterator[Sample]:
+        end = start + info.samples
+        if self._count_mine(max(self.position, start), end) > 0:
+            for k, sample in self._read_tar(self.data_dir / info.name, start, info.samples):
+                g = start + k
+                # Our samples between the last delivered one and this one never came: corrupt.
+                self._add_corrupt(info.name, self._count_mine(self.position, g))
+                self.stats["seen"] += self._count_mine(self.position, g) + 1
+                self.position = g + 1
+                if sample.pop("__bad__", False) or not self._valid(sample):
+                    self._add_corrupt(info.name, 1)
+                    self._check_fraction(final=False)
+                    continue
+                self._check_fraction(final=False)
+                sample["__epoch__"], sample["__index__"] = self.epoch, g
+                self._last_shard = info.name
+                yield sample
+        missing = self._count_mine(self.position, end)  # truncated / short shard
+        self.stats["seen"] += missing
+        self._add_corrupt(info.name, missing)
+        self.position = end
+        self._check_fraction(final=False)
+
+    def _valid(self, sample: Sample) -> bool:
+        if self.validate is None:
+            return True
+        try:
+            return bool(self.validate(sample))
+        except Exception:  # a validator that raises rejects the sample; the count says how many
+            return False
+
+    def _read_tar(self, path: Path, start: int, count: int) -> Iterator[tuple[int, Sample]]:
+        """(index in shard, sample) for this reader's samples at or after `self.position`.
+
+        Members of other readers' samples are not selected, so tarfile skips their bytes. Stops
+        quietly at a read error; the caller counts what didn't arrive.
+        """
+        first = self.position - start
+        cur = {"k": -1, "base": None}
+
+        def select(fname: str) -> bool:
+            base, _ = base_plus_ext(fname)
+            if base is None:
+                return False
+            if base != cur["base"]:
+                cur["base"], cur["k"] = base, cur["k"] + 1
+            k = cur["k"]
+            # Samples past the manifest's count are ignored: positions are defined by the manifest.
+            return first <= k < count and (start + k) % self._stride == self._offset
+
+        pending: Sample | None = None
+        pk = -1
+        try:
+            with open(path, "rb") as f:
+                for member in tar_file_iterator(f, select_files=select):
+                    k = cur["k"]
+                    if k != pk:
+                        if pending is not None:
+                            yield pk, pending
+                        pending, pk = {"__key__": cur["base"], "__url__": str(path)}, k
+                    ext = base_plus_ext(member["fname"])[1].lower()
+                    if ext in pending:
+                        pending["__bad__"] = True  # two members with the same name in one sample
+                    pending[ext] = member["data"]
+        except _READ_ERRORS:
+            # A member of a later sample started, so the pending one was complete before the damage.
+            if pending is not None and cur["k"] > pk:
+                yield pk, pending
+            return
+        if pending is not None:
+            yield pk, pending

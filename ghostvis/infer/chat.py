@@ -1,0 +1,169 @@
+"""What the chat front ends (launch/chat_cli.py, ghostvis/infer/web.py) share: fitting a conversation
+into the context, and turning streamed tokens into display text and the assistant's message parts.
+
+Conversations use the tokenizer's structured form: user content is a list of `{"type": "image"}` and
+`{"type": "text"}` parts (typed text is always literal, so a typed `<|image|>` stays text), assistant
+content a list of text / python / output parts. `images` hold one preprocessed tensor per image part,
+in order of appearance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ghostvis.checkpoint_io import load_pretrained
+from ghostvis.infer.engine import Engine
+from ghostvis.vision.transforms import DEFAULT_MAX_PIXELS, image_transform, preprocess
+
+# what the reader sees around a calculator call: "[calc: 2+3 = 5]"
+_TOOL_DISPLAY = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
+
+
+class ContextTooLong(ValueError):
+    """The newest user message alone does not fit the model's context."""
+
+
+def user_message(text: str, n_images: int = 0) -> dict[str, Any]:
+    """A user turn: the attached images first, then the typed text (kept literal)."""
+    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    if text:
+        parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def count_images(message: dict[str, Any]) -> int:
+    content = message["content"]
+    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
+
+
+def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torch.Tensor],
+               reply_tokens: int) -> tuple[list[int], list[torch.Tensor], int]:
+    """Prompt ids and images for `messages` (ending with a user turn), dropping the oldest
+    user/assistant pairs (with their images) until the prompt leaves `reply_tokens` of context.
+
+    Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
+    user message alone does not fit.
+    """
+    if sum(count_images(m) for m in messages) != len(images):
+        raise ValueError(f"the conversation has {sum(count_images(m) for m in messages)} image parts "
+                         f"but {len(images)} images were given")
+    budget = engine.max_seq_len - min(reply_tokens, engine.max_seq_len // 2)
+    start, first_image = 0, 0
+    while True:
+        ids = engine.tokenizer.render_for_completion({"messages": messages[start:]}, engine.num_vision_tokens)
+        if len(ids) <= budget:
+            return ids, images[first_image:], start
+        if start + 2 >= len(messages):
+            raise ContextTooLong(
+                f"the message is {len(ids)} tokens long but the model's context holds {engine.max_seq_len} "
+                f"with {engine.max_seq_len - budget} kept for the reply; send a shorter message or fewer images"
+            )
+        first_image += count_images(messages[start]) + count_images(messages[start + 1])
+        start += 2  # one user + assistant pair
+
+
+class ReplyStream:
+    """Turns one row's tokens into display text pieces and the assistant message parts.
+
+    Text is decoded per segment, and held back while it ends in an incomplete UTF-8 sequence so a
+    multi-byte character is never shown broken.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.tokenizer = engine.tokenizer
+        self.parts: list[dict[str, str]] = []
+        self._stops = set(engine.default_stop_ids)
+        self._markers = {self.tokenizer.special_id(name): name for name in _TOOL_DISPLAY}
+        self._kind = "text"  # the segment being decoded: "text", "python" or "output"
+        self._tokens: list[int] = []
+        self._shown = 0  # characters of the current segment already emitted
+
+    def feed(self, token: int) -> str:
+        """Display text this token adds (may be empty)."""
+        if token in self._stops:
+            return self._close()
+        marker = self._markers.get(token)
+        if marker is None:
+            self._tokens.append(token)
+            text = self.tokenizer.decode(self._tokens)
+            if text.endswith("\ufffd"):
+                return ""
+            piece, self._shown = text[self._shown:], len(text)
+            return piece
+        out = self._close()
+        self._kind = marker[2:-8] if marker.endswith("_start|>") else "text"  # "python" / "output"
+        return out + _TOOL_DISPLAY[marker]
+
+    def _close(self) -> str:
+        """End the current segment: emit what was held back and record it as a part."""
+        text = self.tokenizer.decode(self._tokens)
+        piece = text[self._shown:]
+        if self._tokens or self._kind != "text":
+            if self._kind == "text" and self.parts and self.parts[-1]["type"] == "text":
+                self.parts[-1]["text"] += text
+            else:
+                self.parts.append({"type": self._kind, "text": text})
+        self._kind, self._tokens, self._shown = "text", [], 0
+        return piece
+
+    def finish(self) -> dict[str, Any]:
+        """Flush, and return the assistant message to append to the conversation."""
+        self._close()
+        return {"role": "assistant", "content": self.parts}
+
+
+class Reply:
+    """One assistant reply to `messages` (ending with the new user turn): fits the prompt at once (so
+    ContextTooLong surfaces before any output), then iterating streams display text; `conversation()`
+    afterwards is what to keep for the next turn."""
+
+    def __init__(self, chat: ChatModel, messages: list[dict[str, Any]], images: list[torch.Tensor],
+                 **sampling: Any) -> None:
+        ids, self.images, self.dropped = fit_prompt(chat.engine, messages, images, sampling["max_new_tokens"])
+        self.messages = messages[self.dropped:]
+        self._events = chat.engine.generate([ids], [self.images], **sampling)
+        self._stream = ReplyStream(chat.engine)
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self._events:
+            piece = self._stream.feed(event.token)
+            if piece:
+                yield piece
+
+    def message(self) -> dict[str, Any]:
+        """The assistant turn (call after iterating)."""
+        return self._stream.finish()
+
+    def conversation(self) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+        """(messages, images) for the next turn: what still fits, plus this reply."""
+        return self.messages + [self.message()], self.images
+
+
+@dataclass
+class ChatModel:
+    """A loaded checkpoint ready to chat: the engine and, for a VLM, its image preprocessing."""
+
+    engine: Engine
+    transform: Callable[[Image.Image], torch.Tensor] | None
+    ckpt: str
+
+    def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Image bytes -> model-ready tensor. Raises BadImage for non-images, ValueError for a text-only model."""
+        if self.transform is None:
+            raise ValueError(f"the checkpoint {self.ckpt} is a text-only model (no vision tower), so it cannot "
+                             "take images; use a checkpoint from the vision_pretrain, sft or rl stage")
+        return preprocess(data, self.transform, max_pixels=max_pixels)
+
+
+def load_chat_model(ckpt: str | Path, device: str = "cpu") -> ChatModel:
+    """Load an exported checkpoint directory (FileNotFoundError / ValueError say what is wrong with it)."""
+    model, tokenizer, _ = load_pretrained(ckpt, device=device)
+    vision_cfg = getattr(model, "vision_config", None)
+    transform = image_transform(vision_cfg) if vision_cfg is not None else None
+    return ChatModel(Engine(model, tokenizer, device), transform, str(ckpt))

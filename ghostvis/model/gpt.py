@@ -1,0 +1,172 @@
+"""The decoder-only GPT (docs/architecture.md, "Model"): pre-norm blocks of GQA attention and a
+SwiGLU MLP, RoPE, RMSNorm, optional tied head and logit soft-cap, vision tokens spliced in at
+`<|image|>` positions, every projection tensor-parallel capable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ghostvis.config import ModelConfig
+from ghostvis.model.attention import CausalSelfAttention
+from ghostvis.model.kv_cache import KVCache
+from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from ghostvis.model.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    check_tp,
+    gather_from_tp,
+    tp_size_rank,
+    vocab_parallel_cross_entropy,
+)
+
+IGNORE_INDEX = -1
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx, tp_group)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config.n_embd, config.ffn_dim, tp_group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def count_params(config: ModelConfig, non_embedding: bool = True) -> int:
+    """Full-model parameter count from the shape alone (so it is right under TP and ZeRO-3, where
+    local tensors are shards). Non-embedding leaves out the input embedding table only."""
+    d, hd, nh, nkv = config.n_embd, config.head_dim, config.n_head, config.n_kv_head
+    attn = d * hd * (2 * nh + 2 * nkv) + (hd * (nh + 2 * nkv) if config.qkv_bias else 0)
+    attn += 2 * hd if config.qk_norm else 0
+    block = attn + 3 * d * config.ffn_dim + 2 * d
+    embedding = config.padded_vocab_size * d
+    head = 0 if config.tie_embeddings else embedding
+    non_emb = config.n_layer * block + d + head
+    return non_emb if non_embedding else non_emb + embedding
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6·N + 12·L·n_head·head_dim·T (DESIGN.md §6), where N counts every
+    matmul weight, i.e. the non-embedding parameters plus the output head even when it is tied."""
+    n = count_params(config, non_embedding=True)
+    if config.tie_embeddings:
+        n += config.padded_vocab_size * config.n_embd
+    return 6 * n + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.tp_size, self.tp_rank = tp_size_rank(tp_group)
+        check_tp(config, self.tp_size)
+        self.config, self.tp_group = config, tp_group
+        d = config.n_embd
+        self.wte = VocabParallelEmbedding(config.padded_vocab_size, d, tp_group)
+        self.blocks = nn.ModuleList(Block(config, i, tp_group) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(d, config.norm_eps)
+        # tied: the head is wte's table, used through wte.forward(as_head=True)
+        self.lm_head = None if config.tie_embeddings else ColumnParallelLinear(d, config.padded_vocab_size, tp_group=tp_group)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for embeddings and projections; the residual-branch outputs (o_proj,
+        down_proj) get init_std/sqrt(2·n_layer) (GPT-2) so the residual stream's variance does not
+        grow with depth; norms 1, biases 0. Also rebuilds the RoPE tables, so after
+        `to_empty(device=...)` from the meta device this makes a usable model. Under TP every rank
+        draws its own shard; for weights identical to tp=1, init a full model and `shard_state_dict`."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
+                module.weight.normal_(0.0, std * scale)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        self.rotary.reset_parameters()
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return count_params(self.config, non_embedding)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return flops_per_token(self.config, seq_len)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                image_embeds: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits `[B, T, vocab_size]` without targets; with targets (-1 = ignored) the mean loss over
+        counted tokens, their sum (`reduction="sum"`), or per-token losses `[B, T]` (`"none"`)."""
+        T = idx.shape[1]
+        offset = kv_cache.pos if kv_cache is not None else 0
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.embed(idx, image_embeds)
+        cos, sin = self.rotary(offset, T)
+        ckpt = self.config.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.head(x, targets, reduction)
+
+    def embed(self, idx: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image tokens spliced in (the front of the model; pipeline stages reuse it)."""
+        return self._splice_images(idx, self.wte(idx), image_embeds)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        x = self.norm_f(x)
+        logits = self.wte(x, as_head=True) if self.lm_head is None else self.lm_head(x)  # this rank's vocab shard
+        if targets is None:
+            return self._softcap(gather_from_tp(logits, self.tp_group)[..., :self.config.vocab_size])
+        if self.config.image_token_id is not None:  # predicting a placeholder teaches nothing
+            targets = targets.masked_fill(targets == self.config.image_token_id, IGNORE_INDEX)
+        # fp32 logits for the loss: bf16 log-softmax over a large vocabulary loses precision
+        loss = vocab_parallel_cross_entropy(self._softcap(logits.float()), targets, self.tp_group,
+                                            self.config.vocab_size, IGNORE_INDEX)
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def _splice_images(self, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Overwrite, in order (row-major over batch then time), the embeddings at image-token
+        positions with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient."""
+        token = self.config.image_token_id
+        if image_embeds is None:
+            if token is not None:
+                n_pos = int((idx == token).sum())
+                if n_pos:
+                    raise ValueError(f"idx holds {n_pos} image-token positions but no image_embeds were given")
+            return x
+        if token is None:
+            raise ValueError("image_embeds given but ModelConfig.image_token_id is None (set it from the tokenizer)")
+        if image_embeds.dim() != 3 or image_embeds.shape[-1] != x.shape[-1]:
+            raise ValueError(f"image_embeds must be [N, n_vision_tokens, {x.shape[-1]}], got {tuple(image_embeds.shape)}")
+        mask = idx == token
+        n_pos, (n_img, n_tok) = int(mask.sum()), image_embeds.shape[:2]
+        if n_pos != n_img * n_tok:
+            raise ValueError(
+                f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
+                f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
+            )
+        return x.masked_scatter(mask.unsqueeze(-1), image_embeds.to(x.dtype))

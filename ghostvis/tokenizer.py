@@ -1,0 +1,309 @@
+"""The GhostVis tokenizer: rustbpe training, tiktoken encoding, chat rendering, plain-file save/load.
+
+Ids: 0-255 are the bytes, then the learned merges in order, then the special tokens (the last ids).
+``vocab_size`` counts all of them. Encoding goes through a tiktoken ``Encoding`` built from the
+ranks (fast, and identical to rustbpe's own ``encode``); text is always encoded as ordinary text, so
+a special token's spelling inside text never becomes a special id. Only the renderer emits specials.
+
+Conversations: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str | list[part]}]}``.
+
+* ``content`` as a **string** is the dataset shorthand: each literal ``<|image|>`` in it is an image
+  placeholder.
+* ``content`` as a **list of parts** is the structured form, where text is always literal and images
+  come only from ``{"type": "image"}`` parts. Parts: ``{"type": "text", "text": ...}``,
+  ``{"type": "image"}``, and in assistant turns ``{"type": "python"|"output", "text": ...}`` (tool use).
+  Chat front ends put what a user types into a text part, so a typed ``<|image|>`` stays text.
+
+See docs/tokenizer.md for the layout and the loss mask.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+IMAGE_PLACEHOLDER = "<|image|>"
+SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+    IMAGE_PLACEHOLDER,
+    "<|pad|>",  # batch padding for inference/collation; never trained on
+)
+RANKS_FILE = "ranks.tiktoken"
+META_FILE = "tokenizer.json"
+FORMAT = "ghostvis-tokenizer/1"
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
+class Tokenizer:
+    """Byte-level BPE with GhostVis's special tokens. Build with ``train_from_iterator`` or ``load``."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
+        n = len(mergeable_ranks)
+        if sorted(mergeable_ranks.values()) != list(range(n)):
+            raise ValueError("mergeable_ranks must map distinct byte strings to the ids 0..N-1")
+        missing = [s for s in SPECIAL_TOKENS if s not in special_tokens]
+        if missing:
+            raise ValueError(f"special_tokens lacks {missing}")
+        if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
+            raise ValueError(f"special token ids must be {n}..{n + len(special_tokens) - 1} (right after the ranks)")
+        self.mergeable_ranks = dict(mergeable_ranks)
+        self.pattern = pattern
+        self.special_tokens = dict(special_tokens)
+        self._enc = tiktoken.Encoding(
+            name="ghostvis",
+            pat_str=pattern,
+            mergeable_ranks=self.mergeable_ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.fingerprint = hashlib.sha256(self._ranks_text().encode() + self._meta_text().encode()).hexdigest()
+
+    # ---------------------------------------------------------------- training / files
+    @classmethod
+    def train_from_iterator(
+        cls, texts: Iterable[str], vocab_size: int, *, pattern: str | None = None, buffer_size: int = 8192
+    ) -> Tokenizer:
+        """Train with rustbpe. ``vocab_size`` counts bytes (256) + merges + special tokens."""
+        import rustbpe  # the compiled trainer (scripts/build_rustbpe.sh); only training needs it
+
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: it must cover the 256 byte tokens and "
+                f"{len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
+            )
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), buffer_size, pattern)
+        ranks = {bytes(b): i for b, i in trainer.get_mergeable_ranks()}
+        if len(ranks) + len(SPECIAL_TOKENS) < vocab_size:
+            warnings.warn(
+                f"the corpus only supported {len(ranks) - 256} merges; vocab_size is "
+                f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}",
+                stacklevel=2,
+            )
+        specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        return cls(ranks, trainer.get_pattern(), specials)
+
+    def _ranks_text(self) -> str:
+        items = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        return "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in items)
+
+    def _meta_text(self) -> str:
+        meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "vocab_size": self.vocab_size}
+        return json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``ranks.tiktoken`` (base64 token + id per line) and ``tokenizer.json``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / RANKS_FILE).write_text(self._ranks_text(), encoding="utf-8")
+        (d / META_FILE).write_text(self._meta_text(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        d = Path(directory)
+        for name in (RANKS_FILE, META_FILE):
+            if not (d / name).is_file():
+                raise FileNotFoundError(
+                    f"tokenizer directory {d} has no {name}; point to a directory written by "
+                    f"Tokenizer.save / launch/tok_train.py"
+                )
+        ranks: dict[bytes, int] = {}
+        with open(d / RANKS_FILE, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError as e:
+                    raise ValueError(f"{d / RANKS_FILE}:{lineno}: expected '<base64> <id>', got {line!r}") from e
+        try:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+            tok = cls(ranks, meta["pattern"], meta["special_tokens"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{d / META_FILE}: invalid tokenizer metadata: {e!r}") from e
+        if meta.get("vocab_size") != tok.vocab_size:
+            raise ValueError(f"{d / META_FILE}: vocab_size {meta.get('vocab_size')} != {tok.vocab_size} in the files")
+        return tok
+
+    # ---------------------------------------------------------------- ids
+    @property
+    def vocab_size(self) -> int:
+        return len(self.mergeable_ranks) + len(self.special_tokens)
+
+    def special_id(self, name: str) -> int:
+        """Id of a special token by spelling, e.g. ``special_id("<|bos|>")``."""
+        try:
+            return self.special_tokens[name]
+        except KeyError:
+            raise KeyError(f"unknown special token {name!r}; known: {list(self.special_tokens)}") from None
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.special_tokens["<|bos|>"]
+
+    @property
+    def image_token_id(self) -> int:
+        return self.special_tokens[IMAGE_PLACEHOLDER]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.special_tokens["<|pad|>"]
+
+    def _prefix(self, prepend: int | str | None) -> list[int]:
+        if prepend is None:
+            return []
+        return [self.special_id(prepend) if isinstance(prepend, str) else int(prepend)]
+
+    def encode(self, text: str, prepend: int | str | None = None) -> list[int]:
+        """Ids of ``text`` as ordinary text (special spellings stay text); ``prepend``: an id or special name."""
+        return self._prefix(prepend) + self._enc.encode_ordinary(text)
+
+    def encode_batch(
+        self, texts: Sequence[str], prepend: int | str | None = None, num_threads: int = 8
+    ) -> list[list[int]]:
+        prefix = self._prefix(prepend)
+        return [prefix + ids for ids in self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` (special ids decode to their spelling; broken UTF-8 becomes U+FFFD)."""
+        return self._enc.decode(list(ids))
+
+    # ---------------------------------------------------------------- chat rendering
+    def render_conversation(
+        self, conversation: dict[str, Any], max_tokens: int = 2048, num_vision_tokens: int = 0
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and loss mask (1 = train on it) of a whole conversation, truncated to ``max_tokens``.
+
+        Truncation never cuts through an image: it stops before an image that would not fit whole,
+        so ``ids.count(image_token_id) // num_vision_tokens`` images (the first ones) are kept.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        ids, mask, image_spans = self._render(_messages(conversation), num_vision_tokens)
+        cut = min(max_tokens, len(ids))
+        for start, end in image_spans:
+            if start < cut < end:
+                cut = start
+        return ids[:cut], mask[:cut]
+
+    def render_for_completion(self, conversation: dict[str, Any], num_vision_tokens: int = 0) -> list[int]:
+        """Ids primed for the assistant's reply: drops a trailing assistant turn, appends <|assistant_start|>."""
+        messages = _messages(conversation)
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("render_for_completion needs a conversation ending with a user message")
+        ids, _, _ = self._render(messages, num_vision_tokens)
+        return ids + [self.special_id("<|assistant_start|>")]
+
+    def _render(
+        self, messages: list[dict[str, Any]], num_vision_tokens: int
+    ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        ids, mask, spans = [self.bos_token_id], [0], []
+
+        def emit(toks: list[int], m: int) -> None:
+            ids.extend(toks)
+            mask.extend([m] * len(toks))
+
+        for i, msg in enumerate(_fold_system(messages)):
+            role = msg["role"]
+            if role != ("user", "assistant")[i % 2]:
+                raise ValueError(
+                    f"message {i}: role {role!r} out of order; messages must alternate user/assistant "
+                    f"starting with user (an optional system message first)"
+                )
+            train = 1 if role == "assistant" else 0
+            emit([self.special_id(f"<|{role}_start|>")], 0)
+            for kind, text in _parts(msg, i):
+                if kind == "image":
+                    if num_vision_tokens <= 0:
+                        raise ValueError(
+                            f"message {i} has an image but num_vision_tokens={num_vision_tokens}; pass the "
+                            f"number of vision tokens per image (> 0)"
+                        )
+                    spans.append((len(ids), len(ids) + num_vision_tokens))
+                    emit([self.image_token_id] * num_vision_tokens, 0)
+                elif kind == "text":
+                    emit(self.encode(text), train)
+                else:  # python (trained) or output (tool result, not trained)
+                    m = 1 if kind == "python" else 0
+                    emit([self.special_id(f"<|{kind}_start|>")], m)
+                    emit(self.encode(text), m)
+                    emit([self.special_id(f"<|{kind}_end|>")], m)
+            emit([self.special_id(f"<|{role}_end|>")], train)
+        return ids, mask, spans
+
+
+def _messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('a conversation is {"messages": [...]} with at least one message')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
+    return list(messages)
+
+
+def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold a leading system message into the first user message (system text + blank line + user text)."""
+    if messages[0]["role"] != "system":
+        return messages
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise ValueError("a system message must be first and followed by a user message")
+    system, user = messages[0], messages[1]
+    content = _as_parts(system["content"], 0) + [{"type": "text", "text": "\n\n"}] + _as_parts(user["content"], 1)
+    return [{"role": "user", "content": content}] + messages[2:]
+
+
+def _as_parts(content: str | list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """Structured parts of a content; a string's ``<|image|>`` placeholders become image parts."""
+    if isinstance(content, list):
+        return content
+    if not isinstance(content, str):
+        raise ValueError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
+    parts: list[dict[str, Any]] = []
+    for j, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+        if j:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _parts(msg: dict[str, Any], i: int) -> list[tuple[str, str]]:
+    """(kind, text) pieces of a message, adjacent text merged so it encodes as one string."""
+    allowed = {"text", "image", "python", "output"} if msg["role"] == "assistant" else {"text", "image"}
+    out: list[tuple[str, str]] = []
+    for part in _as_parts(msg["content"], i):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed:
+            raise ValueError(f"message {i} ({msg['role']}): part type {kind!r} not allowed here; use one of {sorted(allowed)}")
+        text = "" if kind == "image" else part.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"message {i}: part of type {kind!r} needs a string 'text'")
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a GhostVis tokenizer on ``texts``; ``vocab_size`` counts bytes + merges + specials."""
+    return Tokenizer.train_from_iterator(texts, vocab_size)

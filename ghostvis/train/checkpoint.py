@@ -1,0 +1,182 @@
+"""Resumable checkpoints: DeepSpeed state + our client state, published atomically (DESIGN.md §6).
+
+Layout under `<out>/ckpt/`:
+
+    step-00000100/            DeepSpeed files (model + ZeRO optimizer shards) and, per rank r,
+                              client_state_rank{r}.json (step, data position, config, args, world size)
+                              rng_rank{r}.safetensors (python, numpy, torch CPU and CUDA generator states)
+    latest                    the tag of the newest complete checkpoint (written last, atomically)
+
+A save writes into `tmp-step-N/`; only when every rank has finished does rank 0 fsync it, rename it to
+`step-N` and replace `latest`. A crash or a full disk at any point before that leaves `latest` naming the
+previous, complete checkpoint; the next save or resume deletes the leftover `tmp-*` directory.
+Never pickle: JSON and safetensors only (DeepSpeed's own files are its business).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LATEST = "latest"
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit this run; the message says what to do."""
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---- RNG states as tensors (safetensors holds tensors + string metadata) -------------------------
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    version, mt, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"python": torch.tensor(mt, dtype=torch.int64), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+               "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python_version": str(version), "python_gauss": json.dumps(gauss), "numpy_pos": str(np_pos),
+            "numpy_has_gauss": str(np_has_gauss), "numpy_gauss": float(np_gauss).hex()}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    random.setstate((int(meta["python_version"]), tuple(tensors["python"].tolist()), json.loads(meta["python_gauss"])))
+    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), int(meta["numpy_pos"]),
+                         int(meta["numpy_has_gauss"]), float.fromhex(meta["numpy_gauss"])))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- save ----------------------------------------------------------------------------------------
+
+def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """Every rank calls this. Returns the published `ckpt/step-N` directory; raises CheckpointError
+    (with `latest` untouched) when any part fails, e.g. OSError for a full disk."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_dir = Path(out_dir) / "ckpt"
+    tmp_tag, tag = f"tmp-{step_tag(step)}", step_tag(step)
+    tmp = ckpt_dir / tmp_tag
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        _write_json(tmp / f"client_state_rank{rank}.json", {**client_state, "world_size": world, "rank": rank})
+        tensors, meta = rng_state()
+        save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata=meta)
+        # save_latest=False: DeepSpeed's own `latest` would point at the tmp tag; ours is written below
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+    except OSError as err:  # a rank failing alone dies here; the launcher then stops the others
+        raise CheckpointError(f"saving checkpoint {tmp} failed on rank {rank}: {err}; "
+                              f"{ckpt_dir / LATEST} still names the previous checkpoint") from err
+    dist.barrier()  # every rank's files are written
+    error = ""
+    if rank == 0:
+        try:
+            _publish(ckpt_dir, tmp, tag)
+            _prune(ckpt_dir, keep)
+        except OSError as err:
+            error = f"publishing checkpoint {tmp} as {tag} failed: {err}; {ckpt_dir / LATEST} still names the previous checkpoint"
+    # rank 0's outcome reaches every rank, so all of them stop (or go on) together
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise CheckpointError(outcome[0])
+    return ckpt_dir / tag
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(ckpt_dir: Path, tmp: Path, tag: str) -> None:
+    """Make `tmp` durable, rename it to `tag`, then point `latest` at it: each step is atomic."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(tmp)
+    final = ckpt_dir / tag
+    if final.exists():  # the same step saved again (a resumed run); the old copy is not `latest`'s target
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = ckpt_dir / f"{LATEST}.tmp"
+    latest_tmp.write_text(tag)
+    _fsync(latest_tmp)
+    os.replace(latest_tmp, ckpt_dir / LATEST)
+    _fsync(ckpt_dir)
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` step directories (0 = keep all); drop leftovers of failed saves."""
+    latest = read_latest(ckpt_dir.parent)
+    steps = sorted(p for p in ckpt_dir.iterdir() if _STEP_DIR.match(p.name))
+    old = steps[:-keep] if keep > 0 else []
+    for p in old + [p for p in ckpt_dir.iterdir() if p.name.startswith("tmp-")]:
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- resume --------------------------------------------------------------------------------------
+
+def read_latest(out_dir: str | Path) -> str | None:
+    """Tag named by `<out>/ckpt/latest`, or None when there is no checkpoint yet."""
+    path = Path(out_dir) / "ckpt" / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def load(engine: Any, out_dir: str | Path, *, universal: bool = False) -> dict[str, Any] | None:
+    """Every rank calls this. Restores the engine, the RNG states and returns this rank's client state
+    (None when `out_dir` holds no checkpoint). A changed world size needs a universal checkpoint."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt_dir = Path(out_dir) / "ckpt"
+    tag = read_latest(out_dir)
+    if tag is None:
+        return None
+    src = ckpt_dir / tag
+    saved_world = json.loads((src / "client_state_rank0.json").read_text())["world_size"]
+    if universal:
+        load_tag = f"{tag}_universal"
+        if not (ckpt_dir / load_tag).is_dir():
+            raise CheckpointError(f"--universal: {ckpt_dir / load_tag} does not exist; make it with\n"
+                                  f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} "
+                                  f"--output_folder {ckpt_dir / load_tag}")
+    elif saved_world != world:
+        raise CheckpointError(
+            f"{src} was saved by {saved_world} ranks, this run has {world}: ZeRO state is sharded per rank. "
+            f"Convert it once with\n  python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} "
+            f"--output_folder {ckpt_dir / (tag + '_universal')}\nthen resume with --universal")
+    else:
+        load_tag = tag
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / load_tag}")
+    # after a world-size change rank r takes rank (r mod old world)'s data position; RNG restarts from seed
+    own = rank if saved_world == world else rank % saved_world
+    state = json.loads((src / f"client_state_rank{own}.json").read_text())
+    if saved_world == world:
+        with safe_open(str(src / f"rng_rank{rank}.safetensors"), framework="pt") as f:
+            set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return state

@@ -1,0 +1,157 @@
+"""DeepSpeed wiring: the ds_config from file + CLI, parameter groups from a stage spec, the optimizer and
+`deepspeed.initialize` (DESIGN.md §6, §8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ghostvis.train.stages import Stage
+
+# Set from the CLI only: DeepSpeed can't resolve "auto" for them, and two sources would disagree.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """An inconsistent training setting; the message names the flag or file field to change."""
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config {path}: no such file (the repo ships ds_configs/zero{{1,2,3}}.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--ds_config {path}: not valid JSON ({err})") from err
+    for key in BATCH_KEYS:
+        if key in cfg:
+            raise ConfigError(f"{path}: remove '{key}'; batch sizes come from --micro-batch, --grad-accum and "
+                              "--global-batch so they always match the world size")
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise ConfigError(f"{path}: remove the 'optimizer'/'scheduler' blocks; the optimizer is built from the "
+                          "stage's per-group learning rates and the schedule runs client-side (--schedule)")
+    return cfg
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """`auto` = bf16 on GPU, fp32 on CPU (CPU bf16 works but is slow and only worth it for tests of bf16)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}; choose one of {DTYPES}")
+    if dtype == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return dtype
+
+
+def batch_sizes(micro_batch: int, grad_accum: int | None, global_batch: int | None, world_size: int) -> tuple[int, int]:
+    """(grad_accum, global_batch) consistent with `world_size`; global = micro × accum × world."""
+    if micro_batch <= 0:
+        raise ConfigError(f"--micro-batch must be positive, got {micro_batch}")
+    per_step = micro_batch * world_size
+    if grad_accum is None:
+        if global_batch is None:
+            return 1, per_step
+        if global_batch % per_step:
+            raise ConfigError(f"--global-batch {global_batch} is not divisible by --micro-batch {micro_batch} × "
+                              f"world size {world_size} = {per_step}; change --global-batch or --micro-batch")
+        return global_batch // per_step, global_batch
+    if grad_accum <= 0:
+        raise ConfigError(f"--grad-accum must be positive, got {grad_accum}")
+    if global_batch is not None and global_batch != per_step * grad_accum:
+        raise ConfigError(f"--global-batch {global_batch} != --micro-batch {micro_batch} × --grad-accum {grad_accum} "
+                          f"× world size {world_size} = {per_step * grad_accum}; drop one of the flags or fix it")
+    return grad_accum, per_step * grad_accum
+
+
+def build_ds_config(base: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int,
+                    grad_clip: float, dtype: str, universal: bool = False) -> dict[str, Any]:
+    """The file's ZeRO/comm settings + everything the CLI decides. `dtype` is resolved (bf16 | fp32)."""
+    cfg = json.loads(json.dumps(base))  # deep copy
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    cfg["gradient_clipping"] = grad_clip  # explicit: DeepSpeed >= 0.19.3 defaults to 1.0 when omitted
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == "bf16"}
+    cfg.setdefault("steps_per_print", 10**9)  # our own logging; DeepSpeed's would interleave with tqdm
+    if universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, float], weight_decay: float,
+                       settings: dict[str, Any], n_layer: int) -> list[dict[str, Any]]:
+    """One group per (lr name, decay) the stage's rules produce, from trainable parameters only.
+
+    Parameters no rule matches get requires_grad=False and join no group: ZeRO-1/2 crash on a group of
+    frozen parameters and DeepSpeed drops empty groups (DESIGN.md §8), so groups are keyed by "name",
+    never by position, and carry their own "base_lr" for the client-side schedule."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        rule = stage.rule_for(name, n_layer, settings)
+        param.requires_grad_(rule is not None)
+        if rule is None:
+            continue
+        key = f"{rule.lr}/{'decay' if rule.weight_decay else 'no_decay'}"
+        if key not in groups:
+            groups[key] = {"name": key, "params": [], "param_names": [], "lr": lrs[rule.lr], "base_lr": lrs[rule.lr],
+                           "weight_decay": weight_decay if rule.weight_decay else 0.0}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    if not groups:
+        raise ConfigError(f"stage {stage.name}: no parameter of this model matches its trainable rules; "
+                          f"is --model the right kind (needs_vision={stage.needs_vision})?")
+    return list(groups.values())
+
+
+def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW created by us, so every group keeps its own lr. With optimizer offload DeepSpeed requires its
+    CPU Adam; elsewhere torch's AdamW (fused on GPU: no JIT build, works on both devices)."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def initialize(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any],
+               device_type: str) -> Any:
+    """`deepspeed.initialize` with our optimizer; returns the engine. Checks no group was dropped."""
+    import deepspeed
+
+    optimizer = make_optimizer(groups, ds_config, device_type)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    got = [g.get("name") for g in engine.optimizer.param_groups]
+    if sorted(got) != sorted(g["name"] for g in groups):
+        raise RuntimeError(f"DeepSpeed changed the parameter groups: built {[g['name'] for g in groups]}, got {got}")
+    return engine
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under a launcher (torchrun / deepspeed) the env vars are set; a plain
+    `python launch/train.py` becomes a world of one. Backend: nccl on GPU, gloo on CPU."""
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a plain process: be rank 0 of 1 on a free local port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size(), device

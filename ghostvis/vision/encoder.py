@@ -1,0 +1,148 @@
+"""Image encoder: any timm ViT by name, patch features from an inner block (DESIGN.md §3).
+
+Nothing is downloaded: the model is built with `pretrained=False` and weights come from a local
+timm-format `.safetensors` file. Blocks after the feature layer (and the final norm/head) are pruned,
+so they cost no compute, no memory and hold no never-trained parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import timm
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ghostvis.config import VisionConfig
+
+_HF_IMPORTER = "launch/import_hf.py"
+
+
+def _no_download_error(what: str) -> ValueError:
+    return ValueError(
+        f"vision encoder: {what} would need a download, and GhostVis never downloads at run time. "
+        "Build the architecture by its timm name (VisionConfig.encoder, e.g. 'vit_so400m_patch14_siglip_384') "
+        "and give the weights as a local file: VisionConfig.pretrained_path = a timm-format .safetensors "
+        f"(or a Hugging Face folder converted with {_HF_IMPORTER})."
+    )
+
+
+def _create_timm_model(cfg: VisionConfig, timm_kwargs: dict[str, Any]) -> nn.Module:
+    name = cfg.encoder
+    if ":" in name:  # hf-hub:, local-dir:, timm/ hub prefixes fetch configs or weights
+        raise _no_download_error(f"encoder name {name!r}")
+    if timm_kwargs.get("pretrained") or timm_kwargs.get("pretrained_cfg_overlay"):
+        raise _no_download_error("pretrained=True in VisionConfig.encoder_kwargs")
+    if not timm.is_model(name):
+        raise ValueError(
+            f"VisionConfig.encoder={name!r} is not a timm model name; list them with "
+            "`python -c \"import timm; print(timm.list_models('vit_*'))\"`"
+        )
+    kwargs = {"num_classes": 0, "img_size": cfg.image_size, **timm_kwargs, "pretrained": False}
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"timm model {name!r} does not accept {sorted(kwargs)} ({e}); the vision tower needs a ViT-style "
+            "encoder with an `img_size` argument"
+        ) from e
+
+
+def read_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read encoder weights from a local timm-format safetensors file, with errors that say what to do."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"VisionConfig.pretrained_path={str(p)!r} does not exist")
+    if p.is_dir():
+        if (p / "config.json").exists() and any(p.glob("*.safetensors")):
+            raise ValueError(
+                f"VisionConfig.pretrained_path={str(p)!r} is a Hugging Face model folder; convert it to a "
+                f"timm-format .safetensors with `python {_HF_IMPORTER} --vision {p} --out encoder.safetensors` "
+                "and point pretrained_path at that file"
+            )
+        raise ValueError(f"VisionConfig.pretrained_path={str(p)!r} is a folder without a model; give a .safetensors file")
+    if p.suffix != ".safetensors":
+        raise ValueError(
+            f"VisionConfig.pretrained_path={str(p)!r}: only .safetensors weights are read (pickled "
+            ".bin/.pt/.pth files are never loaded); convert it with safetensors.torch.save_file"
+        )
+    return load_file(str(p))
+
+
+class VisionEncoder(nn.Module):
+    """timm ViT -> patch features [N, num_patches, dim] from block `cfg.feature_layer`, prefix
+    (cls/register) tokens dropped. Frozen (the default): no grads, always eval, run under no_grad."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.frozen = cfg.freeze_encoder
+        model = _create_timm_model(cfg, dict(cfg.encoder_kwargs))
+        if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
+            raise ValueError(f"VisionConfig.encoder={cfg.encoder!r} is not a ViT with forward_intermediates")
+        n_blocks = len(model.blocks)
+        layer = cfg.feature_layer if cfg.feature_layer >= 0 else n_blocks + cfg.feature_layer
+        if not 0 <= layer < n_blocks:
+            raise ValueError(
+                f"VisionConfig.feature_layer={cfg.feature_layer} is outside the encoder's {n_blocks} blocks"
+            )
+        self.layer = layer
+        self.model = model
+        full_keys = set(model.state_dict())
+        if cfg.pretrained_path:
+            self._load_full(read_timm_state_dict(cfg.pretrained_path), cfg.pretrained_path)
+        model.prune_intermediate_layers([layer], prune_norm=True, prune_head=True)
+        # keys a full timm checkpoint has but the pruned encoder doesn't: tolerated when loading
+        self._pruned_keys = full_keys - set(model.state_dict())
+        self.dim: int = model.embed_dim
+        grid = model.patch_embed.grid_size
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
+        self.num_patches: int = self.grid[0] * self.grid[1]
+        if self.frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        # a frozen encoder stays in eval mode (dropout/drop-path off) even inside model.train()
+        return super().train(mode and not self.frozen)
+
+    def _load_full(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        # a timm checkpoint of a classifier carries head weights we built without (num_classes=0)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        result = self.model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"encoder weights {str(source)!r} do not match timm model {type(self.model).__name__}: "
+                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} "
+                "(is VisionConfig.encoder the architecture these weights belong to?)"
+            )
+
+    def load_encoder_weights(self, path: str | Path) -> None:
+        """Load a timm-format safetensors: a full timm checkpoint or one written by `save_encoder_weights`."""
+        state = {k: v for k, v in read_timm_state_dict(path).items()
+                 if k not in self._pruned_keys and not k.startswith("head.")}
+        result = self.model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"encoder weights {str(path)!r} do not match {type(self.model).__name__} "
+                f"(feature layer {self.layer}): missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+
+    def save_encoder_weights(self, path: str | Path) -> None:
+        """Write the (pruned) encoder's weights as timm-format safetensors."""
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, str(path))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> patch features [N, num_patches, dim]."""
+        grad = contextlib.nullcontext() if not self.frozen else torch.no_grad()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if pixel_values.is_cuda
+                    else contextlib.nullcontext())
+        with grad, autocast:
+            (features,) = self.model.forward_intermediates(
+                pixel_values.to(self.model.patch_embed.proj.weight.dtype), indices=[self.layer], norm=False,
+                output_fmt="NLC", intermediates_only=True, stop_early=True,
+            )
+        return features

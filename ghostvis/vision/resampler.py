@@ -1,0 +1,131 @@
+"""Resamplers: patch features [N, num_patches, in_dim] -> [N, num_tokens, out_dim] (DESIGN.md §3).
+
+- `perceiver`: learned latents cross-attend to the patches (Flamingo/IDEFICS style); depth/heads set.
+- `avgpool`: 2D adaptive average pooling of the patch grid to k x k tokens; no parameters.
+- `pixel_shuffle`: space-to-depth by r (SmolVLM/nanoVLM): r*r neighbouring patches concatenated
+  into one token, so tokens / r², width x r²; no parameters, no information thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghostvis.config import VisionConfig
+
+
+def _square_side(n: int, what: str) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{what}={n} is not a perfect square (the resampler works on a square grid)")
+    return side
+
+
+def _to_grid(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[N, L, D] -> [N, D, g, g] for a square patch grid."""
+    n, length, dim = x.shape
+    g = _square_side(length, "number of patches")
+    return x.transpose(1, 2).reshape(n, dim, g, g), g
+
+
+class CrossAttentionBlock(nn.Module):
+    """Latents attend to the patch features, then an MLP; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_proj = nn.Linear(dim, 2 * dim)
+        self.o_proj = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, latents: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        n, t, d = latents.shape
+        h = self.heads
+        q = self.q_proj(self.norm_q(latents)).view(n, t, h, d // h).transpose(1, 2)
+        k, v = self.kv_proj(self.norm_kv(patches)).view(n, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)
+        latents = latents + self.o_proj(attn.transpose(1, 2).reshape(n, t, d))
+        return latents + self.mlp(self.norm_mlp(latents))
+
+
+class PerceiverResampler(nn.Module):
+    """`num_tokens` learned latents, `depth` cross-attention blocks over the patches, final norm."""
+
+    def __init__(self, in_dim: int, num_tokens: int, depth: int, heads: int):
+        super().__init__()
+        if depth <= 0:
+            raise ValueError(f"VisionConfig.resampler_depth must be positive for the perceiver, got {depth}")
+        if heads <= 0 or in_dim % heads:
+            raise ValueError(
+                f"VisionConfig.resampler_heads={heads} must divide the encoder width {in_dim}; pick a divisor"
+            )
+        self.num_tokens = num_tokens
+        self.out_dim = in_dim
+        self.latents = nn.Parameter(torch.randn(num_tokens, in_dim) * 0.02)
+        self.blocks = nn.ModuleList(CrossAttentionBlock(in_dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(in_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            latents = block(latents, x)
+        return self.norm(latents)
+
+
+class AvgPoolResampler(nn.Module):
+    """Average-pool the g x g patch grid to k x k tokens (num_tokens = k²)."""
+
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+        super().__init__()
+        self.side = _square_side(num_tokens, "VisionConfig.num_vision_tokens (avgpool)")
+        if num_tokens > num_patches:
+            raise ValueError(
+                f"avgpool: VisionConfig.num_vision_tokens={num_tokens} exceeds the encoder's {num_patches} patches"
+            )
+        self.num_tokens = num_tokens
+        self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid, _ = _to_grid(x)
+        return F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
+
+
+class PixelShuffleResampler(nn.Module):
+    """Space-to-depth: each r x r block of patches becomes one token of width in_dim * r²."""
+
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+        super().__init__()
+        r = math.isqrt(num_patches // num_tokens)
+        g = _square_side(num_patches, "number of patches")
+        if r < 1 or r * r * num_tokens != num_patches or g % r:
+            raise ValueError(
+                f"pixel_shuffle: VisionConfig.num_vision_tokens={num_tokens} must be num_patches/r² for an "
+                f"integer r dividing the {g}x{g} patch grid (e.g. {num_patches // 4} for r=2 when g is even)"
+            )
+        self.r = r
+        self.num_tokens = num_tokens
+        self.out_dim = in_dim * r * r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, d = x.shape
+        g, r = math.isqrt(length), self.r
+        x = x.reshape(n, g // r, r, g // r, r, d).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, (g // r) ** 2, r * r * d)
+
+
+def build_resampler(cfg: VisionConfig, in_dim: int, num_patches: int) -> nn.Module:
+    """The resampler named by `cfg.resampler`; every one exposes `num_tokens` and `out_dim`."""
+    if cfg.resampler == "perceiver":
+        return PerceiverResampler(in_dim, cfg.num_vision_tokens, cfg.resampler_depth, cfg.resampler_heads)
+    if cfg.resampler == "avgpool":
+        return AvgPoolResampler(in_dim, cfg.num_vision_tokens, num_patches)
+    if cfg.resampler == "pixel_shuffle":
+        return PixelShuffleResampler(in_dim, cfg.num_vision_tokens, num_patches)
+    raise ValueError(f"VisionConfig.resampler={cfg.resampler!r}; choose perceiver, avgpool or pixel_shuffle")

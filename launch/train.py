@@ -1,0 +1,88 @@
+"""Train one stage of GhostVis (docs/training.md).
+
+    deepspeed --num_gpus 8 launch/train.py --stage base --ds_config ds_configs/zero2.json \\
+        --model small --depth 20 --data runs/data --out runs/d20
+    torchrun --nproc_per_node 2 launch/train.py ...      # same, with torch's launcher
+    python launch/train.py ...                            # one process (CPU or one GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
+from ghostvis.train.schedule import SCHEDULES
+from ghostvis.train.stages import STAGES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="base", choices=sorted(STAGES), help="what to train (ghostvis/train/stages.py)")
+    p.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
+                   help="DeepSpeed JSON with ZeRO/precision/comm settings only (default: ds_configs/zero2.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help="set by the deepspeed launcher")
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="small", help="preset name (ghostvis/config.py), e.g. tiny, small, qwen25_0.5b")
+    g.add_argument("--depth", type=int, default=None, help="depth of the `small` family (width = 64·depth)")
+    g.add_argument("--init-from", default=None, help="start from an exported model directory (llm.safetensors ...)")
+    g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
+    g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per forward")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: from --global-batch, else 1)")
+    g.add_argument("--global-batch", type=int, default=None, help="sequences per step = micro × accum × world size")
+    g.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+
+    g = p.add_argument_group("optimization (unset values take the stage's defaults)")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps in total")
+    g.add_argument("--stop-at", type=int, default=None,
+                   help="stop (checkpoint, export) after this step; the schedule still spans --steps (time-limited jobs)")
+    g.add_argument("--lr", type=float, default=None, help="every learning rate of the stage that has no flag of its own")
+    g.add_argument("--llm-lr", type=float, default=None, help="LLM blocks and final norm")
+    g.add_argument("--embed-lr", type=float, default=None, help="token embedding")
+    g.add_argument("--head-lr", type=float, default=None, help="output head (lm_head)")
+    g.add_argument("--connector-lr", type=float, default=None, help="vision resampler + projector")
+    g.add_argument("--sft-layers", type=int, default=None, help="sft: train the last K LLM blocks (0 = all)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay for matrices")
+    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help="lr after warmup")
+    g.add_argument("--warmdown", type=float, default=None, help="fraction of --steps decaying linearly to 0 (warmdown)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
+    g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+
+    g = p.add_argument_group("checkpoints, evaluation, logging")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps, also at the end (0 = never)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints kept (0 = all)")
+    g.add_argument("--resume", default="auto", choices=("auto", "none"), help="auto: continue from OUT/ckpt/latest")
+    g.add_argument("--universal", action="store_true",
+                   help="resume a checkpoint saved with another world size (after ds_to_universal; docs/training.md)")
+    g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte interval (0 = never)")
+    g.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per rank")
+    g.add_argument("--wandb", default="off", choices=WANDB_MODES, help="Weights & Biases logging")
+    g.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="per-GPU peak FLOP/s for MFU")
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    from ghostvis.train.loop import run
+
+    try:
+        run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the test suite (CPU only). The web-page test drives a real headless Chromium: install it when we can.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Debian's chromium + chromium-driver for the browser test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    || echo "warning: could not install chromium; the browser test will be skipped"
+fi
+export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec python -m pytest -q "$@"

@@ -1,0 +1,84 @@
+"""launch/chat_cli.py as a person uses it: lines on stdin, streamed replies on stdout."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_infer import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(ckpt, lines: list[str], *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "chat_cli.py"), "--ckpt", str(ckpt), "--temperature", "0",
+         "--max-new-tokens", "6", *extra],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )
+
+
+def png_bytes(size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def replies(stdout: str) -> list[str]:
+    return [line.split("assistant> ", 1)[1] for line in stdout.splitlines() if "assistant> " in line]
+
+
+@pytest.fixture(scope="module")
+def vlm_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("vlm_ckpt"))
+
+
+def test_multi_turn_with_image_and_commands(vlm_ckpt, tmp_path):
+    (tmp_path / "red.png").write_bytes(png_bytes())
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run_cli(vlm_ckpt, [
+        f"/image {tmp_path / 'missing.png'}",
+        f"/image {tmp_path / 'notes.txt'}",
+        f"/image {tmp_path / 'red.png'}",
+        "what colour is the picture?",
+        "and its shape?",
+        "/clear",
+        "hello again",
+        "/nonsense",
+        "/quit",
+        "this line is never read",
+    ])
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert f"no such file: {tmp_path / 'missing.png'}" in out
+    assert f"{tmp_path / 'notes.txt'} is not a usable image" in out
+    assert "image attached to your next message" in out
+    assert "(conversation cleared)" in out
+    assert "unknown command '/nonsense'" in out
+    got = replies(out)
+    assert len(got) == 3  # three messages sent; the line after /quit is not
+    # greedy and the same prompt after /clear as a fresh session would give
+    fresh = run_cli(vlm_ckpt, ["hello again"])
+    assert replies(fresh.stdout) == [got[2]]
+    assert any(r.strip() for r in got)
+
+
+def test_text_only_checkpoint_refuses_images_clearly(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "gpt", vision=False)
+    (tmp_path / "red.png").write_bytes(png_bytes())
+    result = run_cli(ckpt, [f"/image {tmp_path / 'red.png'}", "hi"])
+    assert result.returncode == 0, result.stderr
+    assert "text-only model (no vision tower)" in result.stdout
+    assert len(replies(result.stdout)) == 1
+
+
+def test_bad_checkpoint_directory_exits_with_a_message(tmp_path):
+    result = run_cli(tmp_path, [])
+    assert result.returncode == 2
+    assert "cannot load --ckpt" in result.stderr and "config.json not found" in result.stderr
+    assert "Traceback" not in result.stderr

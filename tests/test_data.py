@@ -1,0 +1,329 @@
+"""Data: manifest checks, ShardStream order/split/resume/corruption, token-row packing, text_shards.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from webdataset import TarWriter
+
+from data_prep import text_shards
+from data_prep.readers import iter_documents
+from ghostvis.data import (DataError, Manifest, ShardInfo, ShardStream, TokenRowLoader, read_manifest,
+                           token_bytes, write_manifest)
+
+
+def write_token_shards(out: Path, docs: list[np.ndarray], per_shard: list[int], tokenizer, prefix="train") -> Path:
+    """A text-tokens directory with the given documents split into shards of the given sizes."""
+    out.mkdir(parents=True, exist_ok=True)
+    assert sum(per_shard) == len(docs)
+    shards, i = [], 0
+    for s, n in enumerate(per_shard):
+        name = f"{prefix}-{s:06d}.tar"
+        with TarWriter(str(out / name), encoder=False, mtime=0) as w:
+            for _ in range(n):
+                buf = io.BytesIO()
+                np.save(buf, docs[i].astype(np.uint16))
+                w.write({"__key__": f"{i:06d}", "npy": buf.getvalue()})
+                i += 1
+        shards.append(ShardInfo(name, n))
+    write_manifest(out, Manifest("text-tokens", shards, dtype="uint16",
+                                 tokenizer={"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}))
+    return out
+
+
+def make_docs(n: int, seed: int = 0, max_len: int = 40) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=int(rng.integers(0, max_len))) for _ in range(n)]
+
+
+@pytest.fixture
+def shard_dir(tmp_path, tiny_tokenizer) -> Path:
+    return write_token_shards(tmp_path / "d", make_docs(47), [6, 5, 7, 6, 5, 6, 7, 5], tiny_tokenizer)
+
+
+def keys(stream, n=None) -> list[str]:
+    out = []
+    for s in stream:
+        out.append(s["__key__"])
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+# ---- manifest ------------------------------------------------------------------------------------
+
+
+def test_manifest_roundtrip_and_errors(tmp_path, shard_dir, tiny_tokenizer):
+    m = read_manifest(shard_dir, expected_kind="text-tokens", expected_tokenizer=tiny_tokenizer)
+    assert m.num_samples == 47 and m.shards[2] == ShardInfo("train-000002.tar", 7)
+    assert json.loads((shard_dir / "manifest.json").read_text())["num_samples"] == 47
+    assert not list(shard_dir.glob(".manifest-*"))  # the temp file was renamed away
+
+    with pytest.raises(DataError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        read_manifest(tmp_path / "empty")
+    (tmp_path / "empty" / "x.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="no manifest.json"):
+        read_manifest(tmp_path / "empty")
+    with pytest.raises(DataError, match="'kind' is 'text-tokens' but this stage reads 'image-text'"):
+        read_manifest(shard_dir, expected_kind="image-text")
+    raw = json.loads((shard_dir / "manifest.json").read_text())
+    (shard_dir / "manifest.json").write_text(json.dumps({**raw, "num_samples": 3}))
+    with pytest.raises(DataError, match=r"manifest.json: field 'num_samples'"):
+        read_manifest(shard_dir)
+    (shard_dir / "manifest.json").write_text(json.dumps(raw))
+    (shard_dir / "train-000003.tar").unlink()
+    with pytest.raises(DataError, match="missing.*train-000003.tar"):
+        read_manifest(shard_dir)
+
+
+def test_mismatched_tokenizer_refused(shard_dir):
+    with pytest.raises(DataError, match=r"made with tokenizer \w+, the run uses f00d.*rebuild with data_prep/text_shards.py"):
+        TokenRowLoader(shard_dir, seq_len=8, batch_size=2, tokenizer="f00d", bos_id=1)
+
+
+# ---- ShardStream ---------------------------------------------------------------------------------
+
+
+def test_order_deterministic_from_seed(shard_dir):
+    n = 47
+    a = keys(ShardStream(shard_dir, seed=3), 3 * n)
+    assert a == keys(ShardStream(shard_dir, seed=3), 3 * n)
+    assert a != keys(ShardStream(shard_dir, seed=4), 3 * n)
+    epochs = [a[i * n:(i + 1) * n] for i in range(3)]
+    assert all(sorted(e) == [f"{i:06d}" for i in range(n)] for e in epochs)  # each epoch = every sample once
+    assert epochs[0] != epochs[1]  # shard order is re-drawn per epoch
+    fixed = keys(ShardStream(shard_dir, seed=3, loop=False, shuffle=False))
+    assert fixed == [f"{i:06d}" for i in range(n)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_and_worker_split_disjoint_and_complete(shard_dir, world):
+    per_rank = [keys(ShardStream(shard_dir, seed=1, rank=r, world_size=world, loop=False)) for r in range(world)]
+    flat = [k for ks in per_rank for k in ks]
+    assert len(flat) == len(set(flat)) == 47
+    # Global index i goes to rank i % world: interleaving the ranks gives back the one-rank order.
+    order = keys(ShardStream(shard_dir, seed=1, loop=False))
+    assert all(order[i] == per_rank[i % world][i // world] for i in range(47))
+    base = ShardStream(shard_dir, seed=1, rank=1, world_size=world, loop=False)
+    workers = [keys(base.worker_split(2, w)) for w in range(2)]
+    assert sorted(workers[0] + workers[1]) == sorted(per_rank[1]) and not set(workers[0]) & set(workers[1])
+    assert workers[0] == per_rank[1][0::2]
+
+
+def test_stream_resume_exact_across_epochs(shard_dir):
+    straight = keys(ShardStream(shard_dir, seed=5, rank=1, world_size=2), 60)
+    for k in (0, 1, 9, 23, 24, 40):  # 23-24: around the end of epoch 0 (24 samples for rank 1)
+        s = ShardStream(shard_dir, seed=5, rank=1, world_size=2)
+        assert keys(s, k) == straight[:k] if k else True
+        state = json.loads(json.dumps(s.state_dict()))
+        resumed = ShardStream(shard_dir, seed=5, rank=1, world_size=2)
+        resumed.load_state_dict(state)
+        assert keys(resumed, 60 - k) == straight[k:]
+    with pytest.raises(DataError, match="seed 5, this run uses 6"):
+        ShardStream(shard_dir, seed=6).load_state_dict(state)
+
+
+def truncate_middle(path: Path) -> int:
+    """Cut a tar in the middle of a member's data; returns how many samples are lost."""
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    cut = members[len(members) // 2].offset_data + 3
+    path.write_bytes(path.read_bytes()[:cut])
+    return sum(1 for m in members if m.offset_data + m.size > cut)
+
+
+def test_corrupt_shard_skipped_and_counted(shard_dir):
+    lost = truncate_middle(shard_dir / "train-000002.tar")  # 7 samples
+    assert 0 < lost < 7
+    s = ShardStream(shard_dir, seed=0, loop=False, max_corrupt_fraction=0.2)
+    got = keys(s)
+    assert len(got) == 47 - lost and len(set(got)) == len(got)
+    assert s.stats == {"seen": 47, "corrupt": lost, "by_shard": {"train-000002.tar": lost}}
+    # A shard that can't be opened at all counts every sample.
+    (shard_dir / "train-000005.tar").write_bytes(b"not a tar" * 100)
+    s = ShardStream(shard_dir, seed=0, loop=False, max_corrupt_fraction=0.5)
+    assert len(keys(s)) == 47 - lost - 6 and s.stats["by_shard"]["train-000005.tar"] == 6
+
+
+def test_fail_past_corrupt_fraction(shard_dir):
+    truncate_middle(shard_dir / "train-000002.tar")
+    with pytest.raises(DataError, match=r"corrupt .*max_corrupt_fraction 1\.0%.*train-000002\.tar"):
+        keys(ShardStream(shard_dir, seed=0, max_corrupt_fraction=0.01, min_count=10))
+    # min_count delays the check, the epoch end still applies it.
+    with pytest.raises(DataError, match="train-000002.tar"):
+        keys(ShardStream(shard_dir, seed=0, loop=False, max_corrupt_fraction=0.01, min_count=10**6))
+
+
+def test_bad_samples_marked_and_validated(tmp_path, tiny_tokenizer):
+    docs = make_docs(12)
+    d = write_token_shards(tmp_path / "d", docs, [6, 6], tiny_tokenizer)
+    # Replace one sample's npy with garbage: the loader decodes it, fails, and marks it corrupt.
+    with TarWriter(str(d / "train-000001.tar"), encoder=False, mtime=0) as w:
+        for i in range(6, 12):
+            buf = io.BytesIO()
+            np.save(buf, docs[i].astype(np.uint16))
+            w.write({"__key__": f"{i:06d}", "npy": b"garbage" if i == 8 else buf.getvalue()})
+    loader = TokenRowLoader(d, seq_len=1000, batch_size=1, tokenizer=tiny_tokenizer, eval_mode=True,
+                            max_corrupt_fraction=0.5)
+    (inputs, targets), = list(loader)
+    assert loader.stats["corrupt"] == 1 and loader.stats["by_shard"] == {"train-000001.tar": 1}
+    n_tokens = sum(len(x) + 1 for i, x in enumerate(docs) if i != 8)
+    assert int((targets >= 0).sum()) == n_tokens - 1
+    s = ShardStream(d, seed=0, loop=False, validate=lambda smp: smp["__key__"] != "000003",
+                    max_corrupt_fraction=0.5)
+    assert "000003" not in keys(s) and s.stats["corrupt"] == 1
+
+
+# ---- TokenRowLoader ------------------------------------------------------------------------------
+
+
+def test_rows_pack_documents_with_bos(shard_dir, tiny_tokenizer):
+    bos = tiny_tokenizer.bos_token_id
+    T, B = 16, 3
+    loader = TokenRowLoader(shard_dir, seq_len=T, batch_size=B, tokenizer=tiny_tokenizer, eval_mode=True)
+    batches = list(loader)
+    assert len(list(loader)) == len(batches)  # eval passes restart
+    docs = make_docs(47)
+    stream = np.concatenate([np.concatenate([[bos], d]) for d in docs])  # manifest order in eval mode
+    inputs = torch.cat([x for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+    assert inputs.shape[1] == T and inputs.dtype == torch.long and inputs.shape[0] == B * len(batches)
+    n_rows = math.ceil((len(stream) - 1) / T)
+    assert inputs.shape[0] - n_rows < B  # only the last batch is padded
+    # Row r holds stream[r*T : r*T + T + 1]: inputs / targets are that shifted by one.
+    for r in range(n_rows):
+        seg = stream[r * T: r * T + T + 1]
+        assert inputs[r, :len(seg) - 1].tolist() == seg[:-1].tolist()
+        assert targets[r, :len(seg) - 1].tolist() == seg[1:].tolist()
+    assert int((targets >= 0).sum()) == len(stream) - 1  # every token after the first is a target once
+    assert int((targets == bos).sum()) == 46  # each document start (but the first) is predicted as BOS
+    assert targets[-1, -1] == -1
+    # eval_batches fixes the pass length (same forwards on every rank): cut short or padded with ignored rows.
+    fixed = TokenRowLoader(shard_dir, seq_len=T, batch_size=B, tokenizer=tiny_tokenizer, eval_mode=True,
+                           eval_batches=len(batches) + 2)
+    more = list(fixed)
+    assert len(more) == len(batches) + 2 and all(bool((y == -1).all()) for _, y in more[-2:])
+    assert torch.equal(more[0][1], batches[0][1])
+    fixed.eval_batches = 1
+    assert len(list(fixed)) == 1
+
+
+def test_exact_resume_mid_document(tmp_path, tiny_tokenizer):
+    d = write_token_shards(tmp_path / "d", make_docs(30, seed=2, max_len=90), [8, 7, 8, 7], tiny_tokenizer)
+    kw = dict(seq_len=12, batch_size=2, rank=1, world_size=2, seed=7, tokenizer=tiny_tokenizer)
+    straight = [torch.cat(b) for _, b in zip(range(40), TokenRowLoader(d, **kw))]  # > 1 epoch per rank
+    offsets = []
+    for k in (1, 5, 17, 33):
+        loader = TokenRowLoader(d, **kw)
+        for _, _ in zip(range(k), loader):
+            pass
+        state = json.loads(json.dumps(loader.state_dict()))  # plain JSON: no tensors in the state
+        offsets.append(state["offset"])
+        resumed = TokenRowLoader(d, **kw)
+        resumed.load_state_dict(state)
+        again = [torch.cat(b) for _, b in zip(range(40 - k), resumed)]
+        assert all(torch.equal(a, b) for a, b in zip(again, straight[k:])), f"resume after {k} batches differs"
+    assert any(o > 0 for o in offsets)  # some saves were inside a document
+
+
+def test_token_bytes_counts_utf8(tiny_tokenizer):
+    tb = token_bytes(tiny_tokenizer)
+    text = "Il y a un carré bleu en bas à droite. 天空"
+    assert int(tb[tiny_tokenizer.encode(text)].sum()) == len(text.encode())
+    assert tb[tiny_tokenizer.bos_token_id] == 0 and tb.shape == (tiny_tokenizer.vocab_size,)
+
+
+# ---- data_prep -----------------------------------------------------------------------------------
+
+
+def make_inputs(root: Path) -> tuple[list[str], list[Path]]:
+    """A .txt folder (one file with invalid UTF-8), a .jsonl (bad line, empty doc) and a .parquet."""
+    (root / "txt").mkdir(parents=True)
+    texts = [f"Plain text document number {i}. A red circle is left of a blue square." for i in range(4)]
+    for i, t in enumerate(texts):
+        (root / "txt" / f"{i}.txt").write_text(t)
+    (root / "txt" / "4.txt").write_bytes(b"caf\xe9 latin-1 bytes \xff\xfe here")
+    texts.append("caf\ufffd latin-1 bytes \ufffd\ufffd here")
+    (root / "txt" / "notes.md").write_text("ignored")
+    jl = [f"JSON line document {i}: how many triangles? 3" for i in range(5)]
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(jl)]
+    lines.insert(2, "{not json")
+    lines.insert(3, json.dumps({"text": "   "}))
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    pq_texts = [f"Parquet row {i} says hello" for i in range(6)]
+    pq.write_table(pa.table({"text": pq_texts, "n": list(range(6))}), root / "rows.parquet")
+    return texts + jl + pq_texts, [root / "txt", root / "docs.jsonl", root / "rows.parquet"]
+
+
+def test_text_shards_end_to_end(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, capsys):
+    texts, inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    argv = ["--input", *map(str, inputs), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out),
+            "--docs-per-shard", "4", "--val-docs", "3"]
+    summary = text_shards.main(argv + ["--workers", "2"])
+    assert summary["docs"] == len(texts) == 16 and summary["val_docs"] == 3
+    assert summary["skipped_docs"] == 2 and summary["invalid_utf8_bytes"] == 3
+    assert summary["tokens"] == sum(len(tiny_tokenizer.encode(t)) for t in texts)
+    assert "16 docs (3 val)" in capsys.readouterr().out
+    train = read_manifest(out / "train", expected_kind="text-tokens", expected_tokenizer=tiny_tokenizer)
+    val = read_manifest(out / "val")
+    assert [s.samples for s in train.shards] == [4, 4, 4, 1] and val.num_samples == 3
+    assert train.dtype == "uint16" and train.shards[0].name == "train-000000.tar"
+    # Documents come back in order, as the tokenizer's ids, with BOS in front.
+    loader = TokenRowLoader(out / "train", seq_len=4096, batch_size=1, tokenizer=tiny_tokenizer, eval_mode=True)
+    (x, y), = list(loader)
+    want = [i for t in texts[3:] for i in [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode(t)]
+    assert x[0, :len(want)].tolist() == want
+    # A re-run reuses every complete shard and writes the same manifests; other settings are refused.
+    before = (out / "train" / "manifest.json").read_text()
+    (out / "train" / "train-000003.tar").unlink()
+    again = text_shards.main(argv + ["--workers", "1"])
+    assert again["reused_shards"] == 4 and again["tokens"] == summary["tokens"]
+    assert (out / "train" / "manifest.json").read_text() == before
+    with pytest.raises(SystemExit, match="docs_per_shard"):
+        text_shards.main(argv[:-4] + ["--docs-per-shard", "5", "--workers", "1"])
+
+
+def test_text_shards_bad_arguments(tmp_path, tiny_tokenizer_dir, capsys):
+    with pytest.raises(SystemExit):
+        text_shards.main(["--input", str(tmp_path / "missing.txt"), "--tokenizer", str(tiny_tokenizer_dir),
+                          "--out", str(tmp_path / "o")])
+    assert "--input" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(SystemExit):
+        text_shards.main(["--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok"),
+                          "--out", str(tmp_path / "o")])
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_iter_documents_formats(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    hf = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["hf one", "hf two"]}),
+                               "test": datasets.Dataset.from_dict({"body": ["held out"]})})
+    hf.save_to_disk(str(tmp_path / "hf"))
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": "gz doc"}) + "\n" + json.dumps("bare string doc") + "\n")
+    stats: dict[str, int] = {}
+    docs = list(iter_documents([tmp_path / "hf", tmp_path / "z.jsonl.gz"], text_field="body", stats=stats))
+    assert docs == ["hf one", "hf two", "gz doc", "bare string doc"]
+    assert stats["files"] == 2 and stats["docs"] == 4
+    assert list(iter_documents(tmp_path / "hf" / "test", text_field="body")) == ["held out"]
+    assert list(iter_documents([tmp_path / "hf"], text_field="body", max_chars=8)) == ["hf one", "hf"]
+    with pytest.raises(ValueError, match="no column 'text'.*--text-field"):
+        list(iter_documents(tmp_path / "hf"))
+    (tmp_path / "other.jsonl").write_text(json.dumps({"body": "x", "id": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"no record has a string field 'text' \(first record has: \['body', 'id'\]"):
+        list(iter_documents(tmp_path / "other.jsonl"))

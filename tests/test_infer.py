@@ -1,0 +1,213 @@
+"""The inference engine on tiny real models: the KV cache changes nothing under greedy decoding,
+batching changes nothing, generation stops at <|assistant_end|>, and the calculator tool's output is
+force-fed into the sequence."""
+
+import pytest
+import torch
+
+from ghostvis.config import get_preset
+from ghostvis.infer.chat import ReplyStream, fit_prompt, user_message, ContextTooLong
+from ghostvis.infer.engine import Engine, ToolUse, sample
+from ghostvis.model.gpt import GPT
+from ghostvis.model.vlm import VLM
+from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A real tokenizer with no merges: ids 0-255 are bytes, then the specials."""
+    ranks = {bytes([i]): i for i in range(256)}
+    return Tokenizer(ranks, r"\S+|\s+", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+
+
+TOK = byte_tokenizer()
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg, _ = get_preset("tiny", vocab_size=TOK.vocab_size, **overrides)
+    return GPT(cfg).eval()
+
+
+def tiny_vlm(seed: int = 0) -> VLM:
+    torch.manual_seed(seed)
+    cfg, vcfg = get_preset("vlm_tiny", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    return VLM(cfg, vcfg).eval()
+
+
+def tiny_checkpoint(out_dir, vision: bool = True) -> str:
+    """An exported checkpoint directory of a tiny random model, as training writes it."""
+    from ghostvis.checkpoint_io import export
+
+    export(tiny_vlm() if vision else tiny_gpt(), out_dir, tokenizer=TOK)
+    return str(out_dir)
+
+
+def greedy_without_cache(model, prompt, n, pixel_values=None):
+    """The reference: recompute the whole sequence every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.tensor([ids])
+            logits = model(idx, pixel_values=pixel_values) if pixel_values is not None else model(idx)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompt_ids(text: str, n_images: int = 0, num_vision_tokens: int = 0) -> list[int]:
+    return TOK.render_for_completion({"messages": [user_message(text, n_images)]}, num_vision_tokens)
+
+
+def test_greedy_with_cache_equals_full_recompute_gpt():
+    model = tiny_gpt()
+    engine = Engine(model, TOK)
+    prompt = prompt_ids("what is two plus two?")
+    [done] = engine.complete([prompt], max_new_tokens=20, temperature=0.0, stop_ids=[])
+    assert len(done.tokens) == 20 and done.finish_reason == "length"
+    assert done.tokens == greedy_without_cache(model, prompt, 20)
+
+
+def test_greedy_with_cache_equals_full_recompute_vlm_with_image():
+    model = tiny_vlm()
+    engine = Engine(model, TOK)
+    assert engine.num_vision_tokens == model.num_vision_tokens > 0
+    prompt = prompt_ids("what colour is the square?", 1, engine.num_vision_tokens)
+    pixels = torch.randn(1, 3, model.vision_config.image_size, model.vision_config.image_size)
+    [done] = engine.complete([prompt], [[pixels[0]]], max_new_tokens=12, temperature=0.0, stop_ids=[])
+    assert done.tokens == greedy_without_cache(model, prompt, 12, pixel_values=pixels)
+    # the image matters: another image gives another continuation's logits
+    other = engine.complete([prompt], [[-pixels[0]]], max_new_tokens=12, temperature=0.0, stop_ids=[])[0]
+    assert other.tokens == greedy_without_cache(model, prompt, 12, pixel_values=-pixels)
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    model = tiny_vlm(seed=1)
+    engine = Engine(model, TOK)
+    n_vis, size = engine.num_vision_tokens, model.vision_config.image_size
+    img_a, img_b = torch.randn(3, size, size), torch.randn(3, size, size)
+    prompts = [prompt_ids("hi", 1, n_vis), prompt_ids("a longer question here"), prompt_ids("hi", 1, n_vis),
+               prompt_ids("hi", 1, n_vis), prompt_ids("two images", 2, n_vis), prompt_ids("a longer question here")]
+    # rows 1 and 5 make a group of identical prompts: one prefill copied into both rows
+    images = [[img_a], [], [img_a], [img_b], [img_a, img_b], []]
+    batched = engine.complete(prompts, images, max_new_tokens=10, temperature=0.0, stop_ids=[])
+    for prompt, imgs, got in zip(prompts, images, batched):
+        [alone] = engine.complete([prompt], [imgs], max_new_tokens=10, temperature=0.0, stop_ids=[])
+        assert got.tokens == alone.tokens
+    assert batched[0].tokens == batched[2].tokens
+    assert batched[0].tokens != batched[3].tokens  # same text, other image
+
+
+def test_stops_at_a_stop_token():
+    model = tiny_gpt(seed=2)
+    engine = Engine(model, TOK)
+    prompt = prompt_ids("hello")
+    free = engine.complete([prompt], max_new_tokens=8, temperature=0.0, stop_ids=[])[0].tokens
+    stop_at = free[3]
+    first = free.index(stop_at)
+    [done] = engine.complete([prompt], max_new_tokens=8, temperature=0.0, stop_ids=[stop_at])
+    assert done.tokens == free[:first + 1] and done.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    engine = Engine(tiny_gpt(seed=3), TOK)
+    prompts = [prompt_ids("sample me")] * 3
+    kw = dict(max_new_tokens=10, temperature=1.5, stop_ids=[])
+    a = [c.tokens for c in engine.complete(prompts, seed=7, **kw)]
+    b = [c.tokens for c in engine.complete(prompts, seed=7, **kw)]
+    assert a == b and len({tuple(t) for t in a}) > 1  # same seed, same draws; rows differ from each other
+    greedy = engine.complete(prompts[:1], max_new_tokens=10, temperature=0.0, stop_ids=[])[0].tokens
+    assert engine.complete(prompts[:1], top_k=1, seed=1, **kw)[0].tokens == greedy
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, None, 0.7, gen)) for _ in range(300)}
+    assert draws == {0, 1}
+    assert {int(sample(logits, 1.0, 2, None, gen)) for _ in range(300)} == {0, 1}
+
+
+def bigram_gpt(chain: list[int]) -> GPT:
+    """A GPT whose weights make it a bigram model following `chain` (each token predicts the next):
+    zeroed residual branches leave the embedding as the final hidden state, so one-hot embeddings and
+    a matching head pick the successor."""
+    model = tiny_gpt(seed=4)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in sd.items():
+            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+                tensor.zero_()
+        sd["lm_head.weight"].zero_()
+        for i, (cur, nxt) in enumerate(zip(chain, chain[1:])):
+            sd["wte.weight"][cur] = torch.nn.functional.one_hot(torch.tensor(i), model.config.n_embd).float()
+            sd["lm_head.weight"][nxt, i] = 10.0
+    return model
+
+
+def test_tool_call_output_is_force_fed():
+    sp = TOK.special_id
+    expr = TOK.encode("2+3")
+    assert len(set(expr)) == len(expr) and TOK.encode("5")[0] not in expr
+    chain = [sp("<|assistant_start|>"), sp("<|python_start|>"), *expr, sp("<|python_end|>")]
+    model = bigram_gpt(chain + [sp("<|output_end|>"), sp("<|assistant_end|>")])
+    engine = Engine(model, TOK)
+    [done] = engine.complete([prompt_ids("add")], max_new_tokens=30, temperature=0.0)
+    forced = [sp("<|output_start|>"), *TOK.encode("5"), sp("<|output_end|>")]
+    assert done.tokens == chain[1:] + forced + [sp("<|assistant_end|>")]
+    assert done.sampled == [True] * len(chain[1:]) + [False] * len(forced) + [True]
+    assert done.finish_reason == "stop"
+    stream = ReplyStream(engine)
+    text = "".join(stream.feed(t) for t in done.tokens)
+    assert text == "[calc: 2+3 = 5]"
+    assert stream.finish() == {"role": "assistant", "content": [{"type": "python", "text": "2+3"},
+                                                                 {"type": "output", "text": "5"}]}
+
+
+def test_tool_state_machine_reports_refusals():
+    tool = ToolUse(TOK)
+    for t in [TOK.special_id("<|python_start|>"), *TOK.encode("__import__('os')"), TOK.special_id("<|python_end|>")]:
+        tool.observe(t)
+    forced = []
+    while (t := tool.next_forced()) is not None:
+        forced.append(t)
+    assert forced[0] == TOK.special_id("<|output_start|>") and forced[-1] == TOK.special_id("<|output_end|>")
+    assert TOK.decode(forced[1:-1]).startswith("error: only numbers")
+    tool.observe(TOK.special_id("<|python_end|>"))  # an end without a start forces nothing
+    assert tool.next_forced() is None
+
+
+def test_reply_stream_never_shows_broken_utf8():
+    engine = Engine(tiny_gpt(), TOK)
+    stream = ReplyStream(engine)
+    pieces = [stream.feed(t) for t in TOK.encode("héllo ✓")]
+    assert "".join(pieces) == "héllo ✓" and not any("\ufffd" in p for p in pieces)
+    assert stream.feed(TOK.special_id("<|assistant_end|>")) == ""
+    assert stream.finish()["content"] == [{"type": "text", "text": "héllo ✓"}]
+
+
+def test_bad_requests_are_refused_clearly():
+    model = tiny_vlm()
+    engine = Engine(model, TOK)
+    n_vis, size = engine.num_vision_tokens, model.vision_config.image_size
+    with pytest.raises(ValueError, match="image-token positions"):
+        engine.complete([prompt_ids("hi", 1, n_vis)], [[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        engine.complete([[1] * model.config.max_seq_len], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.complete([[1, 2]], max_new_tokens=2, temperature=-1.0)
+    img = torch.zeros(3, size, size)
+    with pytest.raises(ValueError, match="1 images were given"):
+        fit_prompt(engine, [user_message("hi")], [img], 10)
+
+
+def test_long_conversations_drop_the_oldest_turns():
+    engine = Engine(tiny_gpt(), TOK)  # context 256 tokens; the byte tokenizer spends one per character
+    turn = "x" * 60
+    messages = []
+    for _ in range(4):
+        messages += [user_message(turn), {"role": "assistant", "content": [{"type": "text", "text": turn}]}]
+    messages.append(user_message("and now?"))
+    ids, _, dropped = fit_prompt(engine, messages, [], reply_tokens=64)
+    assert dropped > 0 and dropped % 2 == 0 and len(ids) <= engine.max_seq_len - 64
+    assert ids == TOK.render_for_completion({"messages": messages[dropped:]})
+    with pytest.raises(ContextTooLong, match="context holds 256"):
+        fit_prompt(engine, [user_message("y" * 300)], [], reply_tokens=64)

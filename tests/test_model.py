@@ -1,0 +1,269 @@
+"""GPT model: attention/GQA, masking, RoPE, presets, image splice, KV cache, loss, configs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ghostvis.config import PRESETS, ModelConfig, VisionConfig, get_preset
+from ghostvis.model import GPT, KVCache
+from ghostvis.model.attention import attend, attention_backend
+from ghostvis.model.layers import RotaryEmbedding, apply_rotary
+
+
+def tiny(**overrides) -> ModelConfig:
+    # vocab 500 pads to 512, so padding columns are exercised
+    return get_preset("tiny", **{"vocab_size": 500, **overrides})[0]
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**overrides))
+
+
+def reference_attention(q, k, v, offset=0):
+    """Explicit repeat-KV softmax attention; queries are positions offset..offset+Tq of the keys."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    q_pos = torch.arange(q.shape[2]).unsqueeze(-1) + offset
+    scores = scores.masked_fill(torch.arange(k.shape[2]) > q_pos, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(12, 12), (1, 12), (5, 12)])
+def test_gqa_attention_matches_repeat_kv_reference(q_len, kv_len):
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, q_len, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, kv_len, 16, dtype=torch.float64), torch.randn(2, 2, kv_len, 16, dtype=torch.float64)
+    assert attention_backend(q, q_len, kv_len) == "sdpa_expand"  # CPU / fp32 never asks SDPA for GQA
+    torch.testing.assert_close(attend(q, k, v), reference_attention(q, k, v, offset=kv_len - q_len))
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = make_model().eval()
+    idx = torch.randint(0, 500, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 7) % 500
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+def test_rope_relative_and_norm_preserving():
+    rope = RotaryEmbedding(head_dim=32, max_seq_len=64, theta=10000.0)
+    torch.manual_seed(0)
+    q, k = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+
+    def rot(x, pos):
+        cos, sin = rope(pos, 1)
+        return apply_rotary(x.view(1, 32), cos.double(), sin.double()).view(32)
+
+    dots = [rot(q, m) @ rot(k, m - 3) for m in (3, 10, 40)]
+    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), rtol=1e-5, atol=1e-5)  # fp32 tables
+    assert (rot(q, 10) @ rot(k, 0) - dots[0]).abs() > 1e-3  # a different offset gives a different score
+    torch.testing.assert_close(rot(q, 17).norm(), q.norm())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_with_contract_shapes(name):
+    cfg, vision = get_preset(name)
+    assert (vision is not None) == name.startswith("vlm")
+    with torch.device("meta"):
+        model = GPT(cfg)
+        logits = model(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, cfg.vocab_size)
+    assert cfg.padded_vocab_size % 64 == 0 and cfg.padded_vocab_size >= cfg.vocab_size
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    d, hd, V = cfg.n_embd, cfg.head_dim, cfg.padded_vocab_size
+    assert shapes["wte.weight"] == (V, d)
+    assert shapes["blocks.0.attn.q_proj.weight"] == (cfg.n_head * hd, d)
+    assert shapes["blocks.0.attn.k_proj.weight"] == (cfg.n_kv_head * hd, d)
+    assert shapes["blocks.0.attn.o_proj.weight"] == (d, cfg.n_head * hd)
+    assert shapes["blocks.0.mlp.down_proj.weight"] == (d, cfg.ffn_dim)
+    assert ("blocks.0.attn.q_proj.bias" in shapes) == cfg.qkv_bias
+    assert ("lm_head.weight" in shapes) == (not cfg.tie_embeddings)
+    assert f"blocks.{cfg.n_layer - 1}.mlp_norm.weight" in shapes and "norm_f.weight" in shapes
+    assert sum(p.numel() for p in model.parameters()) == model.num_params(non_embedding=False)
+
+
+def test_qwen25_parameter_counts_and_flops():
+    cfg, _ = get_preset("qwen25_0.5b")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params(non_embedding=False) == 494_032_768  # Qwen2.5-0.5B's published count
+    non_emb = model.num_params()
+    assert non_emb == 494_032_768 - 151936 * 896
+    # tied head still costs a matmul per token
+    assert model.flops_per_token(2048) == 6 * (non_emb + 151936 * 896) + 12 * 24 * 14 * 64 * 2048
+
+
+def test_small_preset_scales_with_depth():
+    cfg, _ = get_preset("small", depth=20)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_dim) == (20, 1280, 10, 5, 128, 4480)
+    assert not cfg.tie_embeddings and cfg.max_seq_len == 2048 and cfg.rope_theta == 10000.0
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="known presets: .*qwen25_7b"):
+        get_preset("gpt5")
+    with pytest.raises(ValueError, match="n_head=4 is not divisible by n_kv_head=3"):
+        get_preset("tiny", n_kv_head=3)
+    with pytest.raises(ValueError, match="n_embd=64 is not divisible by n_head=3"):
+        get_preset("tiny", n_head=3, n_kv_head=1)
+    with pytest.raises(ValueError, match="--depth only applies"):
+        get_preset("qwen25_7b", depth=4)
+    with pytest.raises(ValueError, match="unknown override"):
+        get_preset("tiny", n_layers=3)
+    with pytest.raises(ValueError, match="unknown field.*'bogus'"):
+        ModelConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="resampler"):
+        get_preset("vlm_tiny", resampler="qformer")
+
+
+def test_config_json_roundtrip():
+    cfg, vision = get_preset("vlm_tiny", image_token_id=7, num_vision_tokens=4)
+    assert vision.num_vision_tokens == 4 and cfg.image_token_id == 7
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert VisionConfig.from_dict(json.loads(json.dumps(vision.to_dict()))) == vision
+    assert get_preset("vlm_tiny")[1].num_vision_tokens == 16  # overrides never leak into the preset
+
+
+def _image_batch(token):
+    # sample 0: image, text, image, text; sample 1: text, image  (3 images of 4 tokens)
+    idx = torch.randint(0, 400, (2, 24))
+    idx[0, 1:5] = token
+    idx[0, 10:14] = token
+    idx[1, 6:10] = token
+    return idx
+
+
+def test_image_splice_order_and_gradient():
+    model = make_model(image_token_id=450).eval()
+    idx = _image_batch(450)
+    torch.manual_seed(1)
+    a, b, c = (torch.randn(1, 4, 64) for _ in range(3))
+    base = model(idx, image_embeds=torch.cat([a, b, c]))
+    # replacing the second image changes sample 0 only after its position 10
+    other = model(idx, image_embeds=torch.cat([a, torch.randn(1, 4, 64), c]))
+    torch.testing.assert_close(base[0, :10], other[0, :10])
+    torch.testing.assert_close(base[1], other[1])
+    assert (base[0, 10:] - other[0, 10:]).abs().max() > 1e-4
+    # sample 1 sees the third image
+    alone = model(idx[1:], image_embeds=c)
+    torch.testing.assert_close(base[1:], alone)
+    embeds = torch.cat([a, b, c]).requires_grad_(True)
+    model(idx, idx, image_embeds=embeds).backward()
+    assert all(embeds.grad[i].abs().sum() > 0 for i in range(3))
+
+
+def test_image_splice_none_and_mismatch():
+    model = make_model(image_token_id=450)
+    text = torch.randint(0, 400, (2, 8))
+    assert model(text).shape == (2, 8, 500)
+    with pytest.raises(ValueError, match="12 image-token positions but image_embeds holds 2 images x 4 tokens = 8"):
+        model(_image_batch(450), image_embeds=torch.randn(2, 4, 64))
+    with pytest.raises(ValueError, match="no image_embeds"):
+        model(_image_batch(450))
+    with pytest.raises(ValueError, match="image_token_id is None"):
+        make_model()(text, image_embeds=torch.randn(1, 4, 64))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "qkv_bias": True, "tie_embeddings": True}])
+def test_kv_cache_prefill_and_decode_match_full_forward(overrides):
+    model = make_model(**overrides).eval()
+    idx = torch.randint(0, 500, (2, 16))
+    full = model(idx)
+    cache = KVCache.for_model(model.config, batch_size=2, max_len=32)
+    for _ in range(2):  # the second round checks reset()
+        cache.reset()
+        steps = [model(idx[:, :9], kv_cache=cache), model(idx[:, 9:13], kv_cache=cache)]  # prefill, chunked prefill
+        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(13, 16)]  # decode
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+        assert cache.pos == 16
+    with pytest.raises(ValueError, match="KVCache overflow"):
+        model(torch.zeros(2, 17, dtype=torch.long), kv_cache=cache)
+
+
+def test_loss_ignores_targets_and_padding_columns():
+    model = make_model()
+    assert model.config.padded_vocab_size == 512 and model.config.vocab_size == 500
+    idx, targets = torch.randint(0, 500, (2, 10)), torch.randint(0, 500, (2, 10))
+    targets[0, :4] = -1
+    targets[1, 7:] = -1
+    logits = model(idx)
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(model(idx, targets), expected)
+    per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 10) and (per_token[~keep] == 0).all()
+    torch.testing.assert_close(per_token.sum(), model(idx, targets, reduction="sum"))
+    none_left = model(idx, torch.full_like(targets, -1))
+    assert none_left.item() == 0.0
+    with pytest.raises(ValueError, match="reduction"):
+        model(idx, targets, reduction="avg")
+
+
+def test_logit_softcap_bounds_logits():
+    model = make_model(logit_softcap=3.0, init_std=1.0)
+    logits = model(torch.randint(0, 500, (2, 8)))
+    assert logits.abs().max() <= 3.0 and logits.abs().max() > 2.5
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    idx = torch.randint(0, 500, (2, 12))
+    results = []
+    for on in (False, True):
+        model = make_model(activation_checkpointing=on).train()
+        loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_meta_build_then_materialize():
+    with torch.device("meta"):
+        model = GPT(tiny(qk_norm=True))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    assert torch.isfinite(model(torch.randint(0, 500, (1, 8)), torch.randint(0, 500, (1, 8)))).all()
+    torch.testing.assert_close(model.rotary.cos, RotaryEmbedding(16, 256, 10000.0).cos)
+
+
+def test_block_forward_has_no_graph_breaks():
+    model = make_model().train()
+    cos, sin = model.rotary(0, 8)
+    explained = torch._dynamo.explain(model.blocks[0])(torch.randn(2, 8, 64), cos, sin)
+    assert explained.graph_break_count == 0
+
+
+def test_matches_hugging_face_qwen2():
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny(qkv_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6, vocab_size=512)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    names = {"model.embed_tokens.": "wte.", "model.norm.": "norm_f.", "model.layers.": "blocks.",
+             "self_attn.": "attn.", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+    sd = {}
+    for key, value in hf.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        for old, new in names.items():
+            key = key.replace(old, new)
+        sd[key] = value
+    model = GPT(cfg).eval()
+    model.load_state_dict(sd)
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
+

@@ -1,0 +1,247 @@
+"""Vision tower and VLM: splicing, resamplers, frozen encoder, local weights, robust image decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from ghostvis.config import VisionConfig, get_preset
+from ghostvis.model.vlm import VLM
+from ghostvis.vision.encoder import VisionEncoder
+from ghostvis.vision.resampler import AvgPoolResampler, PerceiverResampler, PixelShuffleResampler
+from ghostvis.vision.tower import VisionTower
+from ghostvis.vision.transforms import BadImage, image_transform, load_image
+
+IMG = 500  # image token id inside the tiny preset's 512-token vocabulary
+
+
+def tiny_vlm(seed: int = 0, **vision_overrides) -> VLM:
+    torch.manual_seed(seed)
+    model_cfg, vision_cfg = get_preset("vlm_tiny", image_token_id=IMG, **vision_overrides)
+    return VLM(model_cfg, vision_cfg)
+
+
+def first_block_input(vlm: VLM, idx: torch.Tensor, **kw) -> torch.Tensor:
+    seen = []
+    handle = vlm.llm.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    vlm(idx, **kw)
+    handle.remove()
+    return seen[0]
+
+
+def test_splice_images_in_order_across_mixed_batch():
+    vlm = tiny_vlm().eval()
+    n = vlm.num_vision_tokens
+    idx = torch.randint(0, 400, (3, 3 * n + 10))
+    idx[0, 2:2 + n] = IMG  # sample 0: two images
+    idx[0, 5 + n:5 + 2 * n] = IMG
+    idx[2, 7:7 + n] = IMG  # sample 1: none, sample 2: one
+    pixels = torch.randn(3, 3, 64, 64)
+    x = first_block_input(vlm, idx, pixel_values=pixels)
+    with torch.no_grad():
+        embeds = vlm.vision(pixels)
+        text = vlm.llm.wte(idx)
+    assert torch.equal(x[0, 2:2 + n], embeds[0])
+    assert torch.equal(x[0, 5 + n:5 + 2 * n], embeds[1])
+    assert torch.equal(x[2, 7:7 + n], embeds[2])
+    is_text = idx != IMG
+    assert torch.equal(x[is_text], text[is_text])
+    assert not torch.equal(embeds[0], embeds[1])  # distinct images give distinct tokens
+
+
+def test_splice_count_mismatch_is_a_clear_error():
+    vlm = tiny_vlm().eval()
+    n = vlm.num_vision_tokens
+    idx = torch.randint(0, 400, (2, 2 * n + 4))
+    idx[0, :n] = IMG
+    idx[1, 2:2 + n] = IMG
+    with pytest.raises(ValueError, match="image-token positions"):
+        vlm(idx, pixel_values=torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="image-token positions"):
+        vlm(idx)
+    with pytest.raises(ValueError, match=r"\[N, 3, 64, 64\]"):
+        vlm(idx, pixel_values=torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="not both"):
+        vlm(idx, pixel_values=torch.randn(2, 3, 64, 64), image_features=torch.randn(2, 64, 192))
+
+
+def test_text_only_batch_with_empty_images_gives_zero_vision_grads():
+    vlm = tiny_vlm()
+    idx = torch.randint(0, 400, (2, 24))
+    loss = vlm(idx, idx, pixel_values=torch.zeros(0, 3, 64, 64))
+    assert torch.equal(loss, vlm.llm(idx, idx))
+    loss.backward()
+    grad = vlm.vision.projector.fc1.weight.grad
+    assert grad is not None and not grad.any()
+
+
+def test_cached_features_path_matches_pixels():
+    vlm = tiny_vlm().eval()
+    n = vlm.num_vision_tokens
+    idx = torch.randint(0, 400, (1, n + 6))
+    idx[0, 3:3 + n] = IMG
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = vlm.vision.encode(pixels)
+        assert torch.equal(vlm(idx, pixel_values=pixels), vlm(idx, image_features=features))
+    with pytest.raises(ValueError, match="cached features"):
+        vlm(idx, image_features=features[:, :10])
+
+
+def test_vlm_requires_image_token_id():
+    model_cfg, vision_cfg = get_preset("vlm_tiny")
+    with pytest.raises(ValueError, match="image_token_id"):
+        VLM(model_cfg, vision_cfg)
+
+
+@pytest.mark.parametrize("make, tokens, dim", [
+    (lambda: PerceiverResampler(96, num_tokens=9, depth=2, heads=4), 9, 96),
+    (lambda: AvgPoolResampler(96, num_tokens=16, num_patches=64), 16, 96),
+    (lambda: PixelShuffleResampler(96, num_tokens=16, num_patches=64), 16, 96 * 4),
+])
+def test_resampler_output_shapes(make, tokens, dim):
+    resampler = make()
+    out = resampler(torch.randn(3, 64, 96))
+    assert out.shape == (3, tokens, dim)
+    assert (resampler.num_tokens, resampler.out_dim) == (tokens, dim)
+
+
+def test_pixel_shuffle_is_space_to_depth():
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid of scalar patches, row-major
+    out = PixelShuffleResampler(1, num_tokens=4, num_patches=16)(grid)
+    assert out[0, 0].tolist() == [0, 1, 4, 5]  # the top-left 2x2 block
+    assert out[0, 3].tolist() == [10, 11, 14, 15]
+
+
+def test_resampler_config_errors():
+    with pytest.raises(ValueError, match="num_vision_tokens"):
+        PixelShuffleResampler(96, num_tokens=10, num_patches=64)
+    with pytest.raises(ValueError, match="resampler_heads"):
+        PerceiverResampler(96, num_tokens=4, depth=1, heads=7)
+    with pytest.raises(ValueError, match="perfect square"):
+        AvgPoolResampler(96, num_tokens=12, num_patches=64)
+
+
+def test_frozen_encoder_untouched_by_training_step():
+    vlm = tiny_vlm(resampler="perceiver", resampler_heads=4).train()
+    encoder = vlm.vision.encoder
+    assert not encoder.training  # frozen encoder stays in eval inside model.train()
+    enc_before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    trained_before = {k: v.clone() for k, v in vlm.vision.named_parameters() if not k.startswith("encoder.")}
+    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-2)
+    n = vlm.num_vision_tokens
+    idx = torch.randint(0, 400, (2, n + 8))
+    idx[:, 4:4 + n] = IMG
+    vlm(idx, idx, pixel_values=torch.randn(2, 3, 64, 64)).backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    opt.step()
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), k
+    changed = {k for k, v in vlm.vision.named_parameters() if k in trained_before and not torch.equal(v, trained_before[k])}
+    assert any(k.startswith("resampler.") for k in changed) and any(k.startswith("projector.") for k in changed)
+
+
+def _encoder_cfg(**overrides) -> VisionConfig:
+    _, cfg = get_preset("vlm_tiny", **{"encoder_kwargs": {"depth": 3, "patch_size": 8}, **overrides})
+    return cfg
+
+
+def test_encoder_weights_roundtrip_and_full_timm_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    cfg = _encoder_cfg()
+    full = timm.create_model(cfg.encoder, pretrained=False, num_classes=0, img_size=64, **cfg.encoder_kwargs).eval()
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        (expected,) = full.forward_intermediates(pixels, indices=[1], output_fmt="NLC", intermediates_only=True)
+
+    torch.manual_seed(2)  # different init: only loading can make the features match
+    loaded = VisionEncoder(dataclasses.replace(cfg, pretrained_path=str(tmp_path / "timm.safetensors")))
+    assert torch.equal(loaded(pixels), expected)
+    assert len(loaded.model.blocks) == 2  # the unused last block is pruned
+
+    loaded.save_encoder_weights(tmp_path / "encoder.safetensors")
+    fresh = VisionEncoder(cfg)
+    assert not torch.equal(fresh(pixels), expected)
+    fresh.load_encoder_weights(tmp_path / "encoder.safetensors")
+    assert torch.equal(fresh(pixels), expected)
+
+
+def test_encoder_refuses_downloads_and_unsafe_files(tmp_path):
+    with pytest.raises(ValueError, match="download"):
+        VisionEncoder(_encoder_cfg(encoder="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"))
+    with pytest.raises(ValueError, match="download"):
+        VisionEncoder(_encoder_cfg(encoder_kwargs={"pretrained": True, "patch_size": 8}))
+    with pytest.raises(ValueError, match="not a timm model"):
+        VisionEncoder(_encoder_cfg(encoder="no_such_vit"))
+    hf = tmp_path / "siglip"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="import_hf.py"):
+        VisionEncoder(_encoder_cfg(pretrained_path=str(hf)))
+    (tmp_path / "w.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="never loaded"):
+        VisionEncoder(_encoder_cfg(pretrained_path=str(tmp_path / "w.bin")))
+    with pytest.raises(FileNotFoundError, match="pretrained_path"):
+        VisionEncoder(_encoder_cfg(pretrained_path=str(tmp_path / "missing.safetensors")))
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_load_image_converts_every_mode_to_rgb():
+    cmyk = load_image(_encode(Image.new("CMYK", (8, 6), (0, 255, 255, 0)), "JPEG"))  # red in CMYK
+    assert cmyk.mode == "RGB" and cmyk.size == (8, 6)
+    r, g, b = cmyk.getpixel((4, 3))
+    assert r > 200 and g < 60 and b < 60
+
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 255, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent -> white background shows
+    out = load_image(_encode(rgba, "PNG"))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (0, 0, 255)
+
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    assert load_image(_encode(pal, "PNG")).getpixel((2, 2)) == (0, 255, 0)
+    pal.info["transparency"] = 1
+    assert load_image(_encode(pal, "PNG")).getpixel((2, 2)) == (255, 255, 255)
+
+    deep = Image.fromarray(np.array([[0, 32896], [65535, 65535]], dtype=np.uint16))  # 16-bit grayscale
+    out = load_image(_encode(deep, "PNG"))
+    assert [out.getpixel(p) for p in [(0, 0), (1, 0), (0, 1)]] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+    assert load_image(_encode(Image.new("L", (3, 3), 77), "PNG")).getpixel((1, 1)) == (77, 77, 77)
+
+
+def test_load_image_rejects_bad_input():
+    jpeg = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(BadImage, match="truncated"):
+        load_image(jpeg[: len(jpeg) // 2])
+    with pytest.raises(BadImage, match="corrupt"):
+        load_image(b"definitely not an image")
+    with pytest.raises(BadImage, match="too large") as err:
+        load_image(_encode(Image.new("RGB", (200, 100)), "PNG"), max_pixels=10_000)
+    assert "200x100" in err.value.reason
+
+
+def test_image_transform_pads_to_square_without_cropping():
+    _, cfg = get_preset("vlm_tiny")
+    wide = Image.new("RGB", (128, 32), (255, 255, 255))
+    padded = image_transform(cfg)(wide)
+    assert padded.shape == (3, 64, 64)
+    assert torch.allclose(padded[:, 0, 0], torch.zeros(3), atol=0.01)  # pad = mean colour -> 0 after normalize
+    assert padded[:, 32, 0].min() > 0.9  # the image itself spans the full width
+    squashed = image_transform(dataclasses.replace(cfg, pad_to_square=False))(wide)
+    assert squashed.shape == (3, 64, 64) and squashed.min() > 0.9
