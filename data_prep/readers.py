@@ -15,7 +15,8 @@ sorted order):
 
 Bytes that are not valid UTF-8 are replaced with U+FFFD and counted, never fatal. Empty documents
 (whitespace only) are skipped and counted. `stats`, if given, is a dict updated in place with:
-files, skipped_files (unsupported types in directories), docs, chars, empty_docs, bad_records, missing_field, invalid_utf8_docs, invalid_utf8_bytes.
+files, skipped_files (unsupported types in directories), docs, chars, empty_docs, bad_records,
+missing_field, invalid_utf8_docs, invalid_utf8_bytes.
 """
 
 from __future__ import annotations

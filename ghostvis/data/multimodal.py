@@ -42,14 +42,16 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ghostvis.data.shards import ShardStream
 from ghostvis.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
-from ghostvis.vision.transforms import BadImage, load_image
+from ghostvis.vision.transforms import BadImage, image_transform, load_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Batch = dict[str, Any]
@@ -85,18 +87,23 @@ class _Batcher:
 
     def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  num_vision_tokens: int, transform: Transform | None, use_features: bool = False,
-                 group_batches: int = 1, seed: int = 0) -> None:
+                 feature_shape: tuple[int, int] | None = None, group_batches: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu", restart: bool = False) -> None:
         if batch_size < 1 or group_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
-        if transform is None and not use_features:
+        if transform is None and not use_features and num_vision_tokens > 0:
             raise ValueError("pass an image transform (PIL -> tensor), or use_features=True for cached features")
         self.source, self.tok = source, tokenizer
         self.batch_size, self.max_len, self.n_vis = batch_size, max_len, num_vision_tokens
         self.transform, self.use_features = transform, use_features
         self.group_batches, self.seed = group_batches, seed
+        self.device = torch.device(device)
         self._group, self._skip = 0, 0
         self._state: dict[str, Any] | None = None  # set while iterating
-        self._empty: torch.Tensor | None = None
+        # An image-free batch still carries an empty [0, ...] tensor so every rank runs the vision modules.
+        self._empty: torch.Tensor | None = None if feature_shape is None else torch.zeros(0, *feature_shape)
+        # restart=True (evaluation): every iter() starts again from the initial position.
+        self._initial = self.state_dict() if restart else None
 
     # ---- images ----------------------------------------------------------------------------------
 
@@ -119,9 +126,10 @@ class _Batcher:
     def _no_images(self) -> torch.Tensor:
         if self._empty is None:
             if self.use_features:
-                self._empty = torch.zeros(0, self.n_vis, 0)
-            else:  # the transform's output shape, from a dummy image
-                self._empty = torch.zeros((0, *self.transform(Image.new("RGB", (8, 8))).shape))
+                raise ValueError("a batch without images in use_features mode needs feature_shape="
+                                 "(num_patches, dim) to build its empty image_features tensor")
+            # the transform's output shape, from a dummy image
+            self._empty = torch.zeros((0, *self.transform(Image.new("RGB", (8, 8))).shape))
         return self._empty
 
     # ---- rows and batches ------------------------------------------------------------------------
@@ -136,11 +144,17 @@ class _Batcher:
         for b, r in enumerate(rows):
             ids[b, : len(r.ids)] = torch.tensor(r.ids)
             targets[b, : len(r.ids)] = torch.tensor(shift_targets(r.ids, r.mask))
-        images = [im for r in rows for im in r.images]
-        stacked = torch.stack(images) if images else self._no_images()
-        return {"input_ids": ids, "targets": targets,
-                "image_features" if self.use_features else "pixel_values": stacked,
-                "num_tokens": sum(len(r.ids) for r in rows), "num_loss_tokens": int((targets != -1).sum())}
+        batch = {"input_ids": ids, "targets": targets, "num_tokens": sum(len(r.ids) for r in rows),
+                 "num_loss_tokens": int((targets != -1).sum())}
+        if self.n_vis > 0:  # a text-only model takes no image argument
+            images = [im for r in rows for im in r.images]
+            if images and self._empty is None:
+                self._empty = images[0].new_zeros((0, *images[0].shape))
+            batch["image_features" if self.use_features else "pixel_values"] = (
+                torch.stack(images) if images else self._no_images())
+        cuda = self.device.type == "cuda"
+        return {k: v.pin_memory().to(self.device, non_blocking=True) if cuda and torch.is_tensor(v)
+                else v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _read_rows(self, it: Iterator[dict[str, Any]], n: int) -> list[Row]:
         rows: list[Row] = []
@@ -163,6 +177,8 @@ class _Batcher:
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._initial is not None:
+            self.load_state_dict(self._initial)
         it = iter(self.source)
         while True:
             start = self.source.state_dict()
@@ -305,3 +321,47 @@ class MixtureBatches:
         for s, st in zip(self.sources, state["sources"]):
             s.load_state_dict(st)
         self.step, self.exhausted, self._last = int(state["step"]), set(state["exhausted"]), None
+
+
+# ---- data builders for the training loop (ghostvis.train.loop.DATA_BUILDERS) ----------------------
+
+MIXTURE_FILE = "mixture.json"
+
+
+def _streams(req: Any, kind: str) -> SampleSource:
+    """The split's ShardStream, or a weighted MixtureBatches when `data_dir/mixture.json` lists datasets:
+    {"datasets": [{"dir": "../vqa", "weight": 3}, {"dir": "../arith", "weight": 1}]} (dirs relative to the
+    file, each holding train/ and val/ like a plain data directory)."""
+    def stream(d: Path, seed: int) -> ShardStream:
+        return ShardStream(d / req.split, seed=seed, rank=req.rank, world_size=req.world_size,
+                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
+
+    spec_path = Path(req.data_dir) / MIXTURE_FILE
+    if not spec_path.is_file():
+        return stream(Path(req.data_dir), req.seed)
+    spec = json.loads(spec_path.read_text())
+    entries = spec.get("datasets") if isinstance(spec, dict) else None
+    if not entries or not all(isinstance(e, dict) and "dir" in e and "weight" in e for e in entries):
+        raise ValueError(f'{spec_path}: expected {{"datasets": [{{"dir": "...", "weight": 1.0}}, ...]}}')
+    return MixtureBatches([(stream(spec_path.parent / e["dir"], req.seed + i), float(e["weight"]))
+                           for i, e in enumerate(entries)], seed=req.seed)
+
+
+def _batcher_args(req: Any) -> dict[str, Any]:
+    """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only)."""
+    vision_cfg = getattr(req.model, "vision_config", None)
+    return {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
+            "restart": req.eval_mode,
+            "num_vision_tokens": req.model.num_vision_tokens if vision_cfg is not None else 0,
+            "transform": image_transform(vision_cfg) if vision_cfg is not None else None}
+
+
+def caption_batches(req: Any) -> CaptionBatches:
+    """vision_pretrain data: `req` is a ghostvis.train.loop.DataRequest."""
+    return CaptionBatches(_streams(req, "image-text"), req.tokenizer, **_batcher_args(req))
+
+
+def conversation_batches(req: Any) -> ConversationBatches:
+    """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
+    return ConversationBatches(_streams(req, "conversation"), req.tokenizer,
+                               group_batches=1 if req.eval_mode else 8, **_batcher_args(req))

@@ -56,6 +56,9 @@ _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 class ShardStream:
+    """Raw samples of one shard directory for one rank (see the module docstring for order, state,
+    corruption and workers). Iterate it once at a time: the stream object holds the position."""
+
     def __init__(
         self,
         data_dir: str | os.PathLike,

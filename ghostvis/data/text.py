@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ghostvis.data.manifest import DataError
 from ghostvis.data.shards import ShardStream
 
 
@@ -30,8 +31,6 @@ class TokenRowLoader:
     `bos_id`). Training mode loops over epochs forever in a per-epoch shuffled shard order. `eval_mode`
     reads the shards once in manifest order, restarts at each `iter()`, and pads the last batch
     (inputs with BOS, targets with -1 = ignored) so every token is evaluated exactly once.
-    `eval_batches` makes every eval pass exactly that many batches (cut short, or filled with batches
-    whose targets are all -1), so all ranks run the same number of forwards (ZeRO-3, pipeline).
     """
 
     def __init__(
@@ -47,7 +46,6 @@ class TokenRowLoader:
         bos_id: int | None = None,
         device: str | torch.device = "cpu",
         eval_mode: bool = False,
-        eval_batches: int | None = None,
         max_corrupt_fraction: float = 0.01,
     ) -> None:
         if seq_len < 1 or batch_size < 1:
@@ -60,8 +58,7 @@ class TokenRowLoader:
             data_dir, seed=seed, rank=rank, world_size=world_size, loop=not eval_mode, shuffle=not eval_mode,
             max_corrupt_fraction=max_corrupt_fraction, expected_kind="text-tokens", expected_tokenizer=tokenizer)
         self.seq_len, self.batch_size, self.bos_id = seq_len, batch_size, int(bos_id)
-        self.eval_mode, self.eval_batches = eval_mode, eval_batches
-        self._batches = 0  # batches of the current eval pass
+        self.eval_mode = eval_mode
         self.device = torch.device(device)
         tok_info = self.stream.manifest.tokenizer or {}
         self.vocab_size = getattr(tokenizer, "vocab_size", None) or tok_info.get("vocab_size")
@@ -88,7 +85,8 @@ class TokenRowLoader:
         if state["stream"]["world_size"] != self.stream.world_size:
             return  # another split: the saved document belongs to another rank now; start at the position
         if not self._next_doc():
-            raise RuntimeError("the saved document could not be read again")
+            raise DataError(f"the document at the saved position in {self.stream.data_dir} can't be read "
+                            "again: the shards changed since the checkpoint")
         self._off = int(state["offset"])
 
     @property
@@ -102,15 +100,10 @@ class TokenRowLoader:
         if self.eval_mode:  # each validation pass starts from the beginning
             self.stream.epoch, self.stream.position = 0, 0
             self._forget_doc()
-            self._batches = 0
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
-        if self.eval_mode and self.eval_batches is not None:
-            if self._batches == self.eval_batches:
-                raise StopIteration
-            self._batches += 1
         rows = np.full((self.batch_size, T + 1), self.bos_id, np.int64)
         lengths = np.zeros(self.batch_size, np.int64)  # tokens filled per row (T+1 unless the data ended)
         for b in range(self.batch_size):
@@ -118,7 +111,7 @@ class TokenRowLoader:
             lengths[b] = filled
             if filled < T + 1:
                 break
-        if lengths[0] < 2 and self.eval_batches is None:  # no target left (eval mode at the end of the data)
+        if lengths[0] < 2:  # not even one target left (eval mode at the end of the data)
             raise StopIteration
         targets = rows[:, 1:].copy()
         targets[np.arange(T)[None, :] >= (lengths[:, None] - 1)] = -1

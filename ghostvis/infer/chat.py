@@ -87,7 +87,7 @@ class ReplyStream:
     def feed(self, token: int) -> str:
         """Display text this token adds (may be empty)."""
         if token in self._stops:
-            return self._close()
+            return self.flush()
         marker = self._markers.get(token)
         if marker is None:
             self._tokens.append(token)
@@ -96,12 +96,12 @@ class ReplyStream:
                 return ""
             piece, self._shown = text[self._shown:], len(text)
             return piece
-        out = self._close()
+        out = self.flush()
         self._kind = marker[2:-8] if marker.endswith("_start|>") else "text"  # "python" / "output"
         return out + _TOOL_DISPLAY[marker]
 
-    def _close(self) -> str:
-        """End the current segment: emit what was held back and record it as a part."""
+    def flush(self) -> str:
+        """End the current segment: return the text held back so far and record it as a part."""
         text = self.tokenizer.decode(self._tokens)
         piece = text[self._shown:]
         if self._tokens or self._kind != "text":
@@ -114,7 +114,7 @@ class ReplyStream:
 
     def finish(self) -> dict[str, Any]:
         """Flush, and return the assistant message to append to the conversation."""
-        self._close()
+        self.flush()
         return {"role": "assistant", "content": self.parts}
 
 
@@ -135,6 +135,9 @@ class Reply:
             piece = self._stream.feed(event.token)
             if piece:
                 yield piece
+        piece = self._stream.flush()  # a reply cut at max_new_tokens may end mid-character
+        if piece:
+            yield piece
 
     def message(self) -> dict[str, Any]:
         """The assistant turn (call after iterating)."""

@@ -74,6 +74,9 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, An
     ckpt_dir = Path(out_dir) / "ckpt"
     tmp_tag, tag = f"tmp-{step_tag(step)}", step_tag(step)
     tmp = ckpt_dir / tmp_tag
+    if rank == 0:  # files of an earlier failed attempt at this step must not mix into this one
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         _write_json(tmp / f"client_state_rank{rank}.json", {**client_state, "world_size": world, "rank": rank})
@@ -91,12 +94,14 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, An
             _publish(ckpt_dir, tmp, tag)
             _prune(ckpt_dir, keep)
         except OSError as err:
-            error = f"publishing checkpoint {tmp} as {tag} failed: {err}; {ckpt_dir / LATEST} still names the previous checkpoint"
+            error = f"publishing checkpoint {tmp} as {tag} failed: {err}"
     # rank 0's outcome reaches every rank, so all of them stop (or go on) together
-    outcome = [error]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0]:
-        raise CheckpointError(outcome[0])
+    on_gpu = dist.get_backend() == "nccl"  # nccl only moves GPU tensors
+    failed = torch.tensor([1 if error else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
+    dist.broadcast(failed, src=0)
+    if failed.item():
+        raise CheckpointError(f"{error or 'rank 0 failed to publish ' + str(tmp)}; "
+                              f"{ckpt_dir / LATEST} still names the previous checkpoint")
     return ckpt_dir / tag
 
 

@@ -1,5 +1,5 @@
-"""Training progress for people: a tqdm bar (rank 0), wandb (off | offline | online), MFU and a short
-markdown run log `<out>/run_log.md` (DESIGN.md §6)."""
+"""Training progress: a tqdm bar (rank 0), wandb (off | offline | online), MFU, a short markdown run log
+`<out>/run_log.md` for people and `<out>/metrics.jsonl` (one JSON object per step) for programs."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class RunLogger:
             raise ValueError(f"--wandb {wandb_mode!r}; choose one of {WANDB_MODES}")
         self.enabled = enabled
         self.path = Path(out_dir) / "run_log.md"
+        self.metrics_path = Path(out_dir) / "metrics.jsonl"
         self._wandb = None
         self._bar = None
         self._notes: list[str] = []  # written below the table at close (text between rows would split it)
@@ -55,11 +56,13 @@ class RunLogger:
             post["MFU"] = f"{100 * metrics['mfu']:.1f}%"
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def row(self, step: int, metrics: dict[str, float | None]) -> None:
-        """A line of the markdown table (at eval/save points, not every step)."""
+        """A line of the markdown table (at evaluation points, not every step)."""
         if not self.enabled:
             return
 
@@ -70,8 +73,6 @@ class RunLogger:
         with self.path.open("a") as f:
             f.write(f"| {step} | {fmt('loss', '.4f')} | {fmt('lr_mult', '.3g')} | {fmt('grad_norm', '.3g')} | "
                     f"{fmt('tokens_per_s', ',.0f')} | {fmt('mfu', '.1f', 100)} | {fmt('val_bpb', '.4f')} |\n")
-        if self._wandb is not None and metrics.get("val_bpb") is not None:
-            self._wandb.log({"val_bpb": metrics["val_bpb"]}, step=step)
 
     def note(self, text: str) -> None:
         """A line above the bar, and in the run log's event list (checkpoints, skipped steps, the end)."""

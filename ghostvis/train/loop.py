@@ -4,9 +4,10 @@ the `Stage` spec (stages.py) and the data builder and loss registered for its ki
 Seams for stages to come: `DATA_BUILDERS[kind]` and `LOSSES[kind]` are "module:function" paths resolved
 on use, so a new data kind or loss plugs in by writing that function in its own module:
 
-- data builder `f(req: DataRequest) -> batches`: an iterator of `(idx, targets)` or
-  `(idx, targets, model_kwargs)` tuples with `state_dict()` / `load_state_dict()`; with
-  `req.eval_mode` it is finite and restarts at each `iter()`.
+- data builder `f(req: DataRequest) -> batches`: an iterable with `state_dict()` / `load_state_dict()`
+  yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
+  `image_features` (passed to the model) and `num_tokens`; with `req.eval_mode` it is finite and
+  restarts at each `iter()`.
 - loss `f(engine, batch) -> scalar tensor` (mean over the micro-batch's counted tokens).
 A stage whose builder or loss can't be imported yet fails at start with a "not available yet" error.
 """
@@ -68,8 +69,24 @@ def text_batches(req: DataRequest) -> TokenRowLoader:
                           eval_mode=req.eval_mode)
 
 
-def lm_loss(engine: Any, batch: tuple) -> torch.Tensor:
-    return engine(batch[0], batch[1], **(batch[2] if len(batch) > 2 else {}))
+MODEL_INPUTS = ("pixel_values", "image_features")  # batch keys forwarded to the model
+
+
+def split_batch(batch: tuple | dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(idx, targets, model kwargs) of either batch form."""
+    if isinstance(batch, dict):
+        return batch["input_ids"], batch["targets"], {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return batch[0], batch[1], {}
+
+
+def batch_tokens(batch: tuple | dict) -> int:
+    """Real input tokens of a micro-batch (padding excluded where the batch says so)."""
+    return int(batch["num_tokens"]) if isinstance(batch, dict) and "num_tokens" in batch else split_batch(batch)[0].numel()
+
+
+def lm_loss(engine: Any, batch: tuple | dict) -> torch.Tensor:
+    idx, targets, kwargs = split_batch(batch)
+    return engine(idx, targets, **kwargs)
 
 
 def _resolve(table: dict[str, str], kind: str, stage: Stage) -> Callable:
@@ -143,6 +160,7 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer) ->
 @dataclass
 class StepResult:
     loss: float
+    tokens: int  # this rank's input tokens
     grad_norm: float | None
     applied: bool  # False when DeepSpeed skipped the update (inf/NaN gradients in bf16/fp16)
     seconds: float
@@ -153,15 +171,18 @@ def train_step(engine: Any, batches: Iterator, loss_fn: Callable, grad_accum: in
     on the last one and scales the loss by 1/grad_accum itself."""
     t0 = time.perf_counter()
     total = torch.zeros((), device=engine.device)
+    tokens = 0
     for _ in range(grad_accum):
-        loss = loss_fn(engine, next(batches))
+        batch = next(batches)
+        loss = loss_fn(engine, batch)
         engine.backward(loss)
         engine.step()
         total += loss.detach()
+        tokens += batch_tokens(batch)
     loss_value = total.item() / grad_accum  # .item() waits for the GPU, so the timing below is real
     norm = engine.get_global_grad_norm()
     norm = None if norm is None else float(norm)
-    return StepResult(loss_value, norm, engine.was_step_applied(), time.perf_counter() - t0)
+    return StepResult(loss_value, tokens, norm, engine.was_step_applied(), time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -177,8 +198,8 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
         dist.all_reduce(more, op=dist.ReduceOp.MIN)
         if more.item() == 0:
             break
-        idx, targets = batch[0], batch[1]
-        losses = engine(idx, targets, reduction="none", **(batch[2] if len(batch) > 2 else {}))
+        idx, targets, kwargs = split_batch(batch)
+        losses = engine(idx, targets, reduction="none", **kwargs)
         counted = targets >= 0
         sums[0] += losses[counted].double().sum()
         sums[1] += byte_counts.to(targets.device)[targets[counted]].double().sum()
@@ -229,14 +250,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
             train_data.load_state_dict(state["data"])
 
-    tokens_per_step = global_batch * args.seq_len
     flops = model.llm.flops_per_token(args.seq_len) if hasattr(model, "llm") else model.flops_per_token(args.seq_len)
     peak = args.peak_flops if device.type == "cuda" else None
     n_train = sum(p.numel() for g in groups for p in g["params"])
     log = RunLogger(out_dir=out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
                     wandb_mode=args.wandb, run_config=_jsonable(vars(args)),
                     header=f"stage `{stage.name}`, {world} rank(s), {dtype}, {n_train:,} trainable parameters, "
-                           f"{tokens_per_step:,} tokens/step, resumed at step {start_step}")
+                           f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
     def client_state(step: int) -> dict[str, Any]:
         return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
@@ -253,16 +273,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         apply_lr(engine.optimizer.param_groups, mult)
         result = train_step(engine, batches, loss_fn, grad_accum)
         step += 1
-        tokens_seen += tokens_per_step
+        step_tokens = result.tokens * world  # ranks see equal shapes for text; close enough for padded batches
+        tokens_seen += step_tokens
         if not result.applied:
             skipped += 1
             log.note(f"step {step}: update skipped (non-finite gradients), {skipped} so far")
-        tps = tokens_per_step / result.seconds
+        tps = step_tokens / result.seconds
         metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
                    "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped}
-        log.step(step, metrics)
         if val_data is not None and (step % args.eval_every == 0 or step == end):
             metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
+        log.step(step, metrics)
+        if "val_bpb" in metrics:
             log.row(step, metrics)
         if args.save_every > 0 and (step % args.save_every == 0 or step == end):
             path = checkpoint.save(engine, out, step, client_state(step), args.keep)

@@ -1,0 +1,198 @@
+"""Training: 2-rank DeepSpeed runs on CPU (ZeRO-2, ZeRO-3), exact resume, freezing rules, settings errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_corpus
+from dist_utils import REPO, run_ranks
+from safetensors.torch import load_file
+
+import ghostvis
+from data_prep import text_shards
+from ghostvis.config import get_preset
+from ghostvis.model.gpt import GPT
+from ghostvis.train import checkpoint, engine as ds_engine, loop
+from ghostvis.train.schedule import lr_multiplier
+from ghostvis.train.stages import STAGES, ParamRule, Stage
+
+TRAIN = REPO / "launch" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """train/ and val/ text-tokens shards of the tiny corpus, made by data_prep/text_shards.py."""
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(1500, seed=1)))
+    text_shards.main(["--input", str(corpus), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(root / "data"),
+                      "--docs-per-shard", "150", "--val-docs", "100", "--workers", "1"])
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def world1():
+    """A real one-rank process group (gloo) in this process, for in-process DeepSpeed engines."""
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield ds_engine.init_distributed()
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def train_args(data: Path, tok: Path, out: Path, ds_config: str, *extra: str) -> list[str]:
+    return ["--model", "tiny", "--data", data, "--tokenizer", tok, "--out", out, "--ds_config",
+            REPO / "ds_configs" / ds_config, "--micro-batch", "4", "--seq-len", "64", "--lr", "3e-3",
+            "--warmup", "2", "--eval-every", "0", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_two_ranks_learns_and_resumes_exactly(tmp_path, text_data, tiny_tokenizer_dir, world1):
+    common = ["--steps", "12", "--save-every", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, straight, "zero2.json", *common))
+    run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, resumed, "zero2.json", *common, "--stop-at", "6"))
+    assert checkpoint.read_latest(resumed) == "step-00000006"
+    run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, resumed, "zero2.json", *common))
+
+    curve = losses(straight)
+    assert len(curve) == 12 and curve[-1] < curve[0] - 1.0
+    assert losses(resumed) == curve  # steps 1-6, then 7-12 after the resume
+    a, b = load_file(str(straight / "llm.safetensors")), load_file(str(resumed / "llm.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --keep 3: step 4 is gone, 8 and 12 kept; both ranks wrote their client state
+    assert sorted(p.name for p in (straight / "ckpt").glob("step-*")) == [f"step-{s:08d}" for s in (4, 8, 12)]
+    assert {p.name for p in (straight / "ckpt" / "step-00000012").glob("client_state_rank*.json")} == {
+        "client_state_rank0.json", "client_state_rank1.json"}
+    # this process is a world of one: the 2-rank ZeRO state must go through the universal conversion
+    with pytest.raises(checkpoint.CheckpointError, match="saved by 2 ranks.*ds_to_universal.*--universal"):
+        checkpoint.load(None, straight)
+
+
+def test_zero3_two_ranks_learns_and_exports(tmp_path, text_data, tiny_tokenizer_dir):
+    out = tmp_path / "z3"
+    run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, out, "zero3.json", "--steps", "10",
+                                "--save-every", "0", "--eval-every", "5", "--eval-batches", "3"))
+    curve = losses(out)
+    assert curve[-1] < curve[0] - 1.0
+    bpb = [json.loads(line).get("val_bpb") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert bpb[4] is not None and bpb[9] is not None and bpb[9] < bpb[4]
+    model, tok, cfg = ghostvis.load_pretrained(out)  # the export gathers ZeRO-3's partitioned weights
+    assert not model.training and cfg.n_layer == 2
+    ids = torch.tensor([tok.encode("The quick brown fox", prepend=tok.bos_token_id)])
+    assert model(ids).shape == (1, ids.shape[1], tok.vocab_size)
+
+
+def tiny_engine(stage: Stage, ds_file: str, lrs: dict[str, float], tokenizer) -> tuple[GPT, object]:
+    torch.manual_seed(0)
+    cfg, _ = get_preset("tiny", vocab_size=tokenizer.vocab_size)
+    model = GPT(cfg)
+    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, {}, cfg.n_layer)
+    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / ds_file), micro_batch=2,
+                                          grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32")
+    return model, ds_engine.initialize(model, groups, ds_config, "cpu")
+
+
+def random_batches(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        rows = torch.randint(0, vocab, (2, 17), generator=g)
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def test_frozen_rules_keep_weights_and_stay_out_of_the_optimizer(world1, tiny_tokenizer):
+    stage = Stage("only_block1", "text-tokens", "lm", (ParamRule(r"blocks\.1\.", "llm_lr", weight_decay=True),))
+    model, engine = tiny_engine(stage, "zero2.json", {"llm_lr": 1e-2}, tiny_tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = random_batches(tiny_tokenizer.vocab_size)
+    for _ in range(3):
+        loop.train_step(engine, batches, loop.lm_loss, 1)
+    trained = {n for g in engine.optimizer.param_groups for n in g["param_names"]}
+    assert trained and all(n.startswith("blocks.1.") for n in trained)
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.1."):
+            assert p.requires_grad and not torch.equal(p, before[name]), name
+        else:
+            assert not p.requires_grad and torch.equal(p, before[name]), name
+    # ZeRO-2's fp32 master partitions hold exactly the trainable weights
+    masters = sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+    assert masters >= sum(model.get_parameter(n).numel() for n in trained)
+    assert masters < sum(p.numel() for p in model.parameters())
+
+
+def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer, tmp_path, monkeypatch):
+    model, engine = tiny_engine(STAGES["base"], "zero2.json",
+                                {"embed_lr": 1e-2, "head_lr": 1e-2, "llm_lr": 1e-2}, tiny_tokenizer)
+    batches = random_batches(tiny_tokenizer.vocab_size)
+    loop.train_step(engine, batches, loop.lm_loss, 1)
+    checkpoint.save(engine, tmp_path, 1, {"step": 1}, keep=2)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loop.train_step(engine, batches, loop.lm_loss, 1)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the disk fills while DeepSpeed writes its files
+        m.setattr(torch, "save", disk_full)
+        with pytest.raises(checkpoint.CheckpointError, match="No space left.*still names the previous"):
+            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+    with monkeypatch.context() as m:  # every file written, then publishing fails
+        m.setattr(os, "replace", disk_full)
+        with pytest.raises(checkpoint.CheckpointError, match="publishing.*still names the previous"):
+            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+    assert checkpoint.read_latest(tmp_path) == "step-00000001"
+    assert not any(torch.equal(p, saved[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+    state = checkpoint.load(engine, tmp_path)
+    assert state["step"] == 1 and state["world_size"] == 1
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+    checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)  # a good save clears the failed leftovers
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step-00000001", "step-00000003"]
+
+
+def test_batch_settings_must_match_world_size():
+    assert ds_engine.batch_sizes(4, None, 32, 2) == (4, 32)
+    assert ds_engine.batch_sizes(4, 2, None, 2) == (2, 16)
+    with pytest.raises(ds_engine.ConfigError, match=r"--global-batch 20 != --micro-batch 4 × --grad-accum 3 × world size 2"):
+        ds_engine.batch_sizes(4, 3, 20, 2)
+    with pytest.raises(ds_engine.ConfigError, match="--global-batch 30 is not divisible by --micro-batch 4"):
+        ds_engine.batch_sizes(4, None, 30, 2)
+
+
+def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ds_engine.ConfigError, match=r"bad.json: remove 'train_batch_size'.*--micro-batch"):
+        ds_engine.load_ds_config(bad)
+    bad.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ds_engine.ConfigError, match="per-group learning rates"):
+        ds_engine.load_ds_config(bad)
+    cfg = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero3.json"), micro_batch=2,
+                                    grad_accum=3, world_size=4, grad_clip=0.5, dtype="bf16", universal=True)
+    assert (cfg["train_batch_size"], cfg["gradient_clipping"], cfg["bf16"]["enabled"]) == (24, 0.5, True)
+    assert cfg["checkpoint"]["load_universal"] is True
+
+
+def test_stage_missing_pieces_are_named(monkeypatch):
+    assert loop.check_available(STAGES["base"])
+    monkeypatch.setitem(loop.DATA_BUILDERS, "conversation", "ghostvis.train.loop:text_batches")
+    monkeypatch.setitem(loop.LOSSES, "grpo", "ghostvis.train.grpo_not_written:grpo_loss")
+    with pytest.raises(NotImplementedError, match="--stage rl is not available yet.*grpo_not_written"):
+        loop.check_available(STAGES["rl"])
+
+
+def test_lr_schedule_shapes():
+    kw = dict(total=100, warmup=10)
+    assert lr_multiplier(0, schedule="constant", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(50, schedule="constant", **kw) == 1.0
+    assert lr_multiplier(79, schedule="warmdown", warmdown=0.2, **kw) == 1.0
+    assert lr_multiplier(90, schedule="warmdown", warmdown=0.2, **kw) == pytest.approx(0.5)
+    assert lr_multiplier(99, schedule="cosine", **kw) < 0.01 < lr_multiplier(55, schedule="cosine", **kw) == pytest.approx(0.5)
