@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# The CPU build is enough for the demo and the tests; on a GPU box use e.g. TORCH_SPEC="torch==2.11.0".
-TORCH_SPEC ?= torch==2.13.0
+# torch + torchvision pair to install (scripts/setup.sh picks one per CPU architecture when empty).
+TORCH_SPEC ?=
 STAMP  := $(VENV)/.ghostvis-setup
 
 .PHONY: setup demo test bench-cpu clean

@@ -5,8 +5,9 @@ a small text corpus and an arithmetic set for the calculator-tool RL task.
 
 Layout under --out (docs/datasets.md):
     captions/{train,val}/     image-text shards:   <key>.png + <key>.txt + <key>.json (the scene)
+    capchat/{train,val}/      the same captions as chats ("describe the image."), for the SFT mixture
     vqa/{train,val,test}/     conversation shards: <key>.json {"messages", "answer", "type"} + <key>.0.png
-    arith/{train,test}/       conversation shards: <key>.json (calculator-tool reference answer)
+    arith/{train,val,test}/   conversation shards: <key>.json (calculator-tool reference answer)
     text/corpus-*.txt         plain text, documents separated by a blank line
 
 Every sample is a pure function of (seed, dataset, split, index), so output is byte-identical for a
@@ -47,6 +48,14 @@ def caption_sample(seed: int, split: str, index: int, image_size: int) -> dict:
     }
 
 
+def capchat_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+    """A caption as a chat turn, for the SFT mixture (same scenes as captions/, in the chat format)."""
+    sample = caption_sample(seed, split, index, image_size)
+    record = {"messages": [{"role": "user", "content": f"{IMAGE}\ndescribe the image."},
+                           {"role": "assistant", "content": sample["txt"].decode()}], "type": "caption"}
+    return {"__key__": sample["__key__"], "json": json.dumps(record).encode(), "0.png": sample["png"]}
+
+
 def vqa_sample(seed: int, split: str, index: int, image_size: int) -> dict:
     # Question types take turns so every split is balanced across types.
     qtype = scenes.QUESTION_TYPES[index % len(scenes.QUESTION_TYPES)]
@@ -74,7 +83,7 @@ ARITH_OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-":
 
 
 def arith_problem(seed: int, split: str, index: int) -> tuple[int, str, int]:
-    """a op b with a non-negative result; split chosen by a hash of the problem (10% test)."""
+    """a op b with a non-negative result; split chosen by a hash of the problem (10% test, 10% val)."""
     rng = scenes.scene_rng(seed, split, index, "arith")
     while True:
         op = rng.choice(list(ARITH_OPS))
@@ -82,7 +91,7 @@ def arith_problem(seed: int, split: str, index: int) -> tuple[int, str, int]:
         if op == "-" and b > a:
             a, b = b, a
         bucket = int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest()[:8], 16) % 10
-        if (bucket == 0) == (split == "test"):
+        if ("test" if bucket == 0 else "val" if bucket == 1 else "train") == split:
             return a, op, b
 
 
@@ -120,8 +129,8 @@ def text_document(seed: int, index: int) -> str:
     return "\n".join(lines)
 
 
-SAMPLERS = {"captions": caption_sample, "vqa": vqa_sample, "arith": arith_sample}
-KINDS = {"captions": "image-text", "vqa": "conversation", "arith": "conversation"}
+SAMPLERS = {"captions": caption_sample, "capchat": capchat_sample, "vqa": vqa_sample, "arith": arith_sample}
+KINDS = {"captions": "image-text", "capchat": "conversation", "vqa": "conversation", "arith": "conversation"}
 
 
 def _make(job: tuple[str, int, str, int, int]) -> dict:
@@ -171,8 +180,9 @@ def generate(out: str | os.PathLike, *, seed: int = 0, image_size: int = 64, num
     """Write every dataset under `out`; returns {"captions/train": manifest, ...}."""
     out = Path(out)
     plan = [("captions", "train", num_captions), ("captions", "val", num_val),
+            ("capchat", "train", num_captions // 4), ("capchat", "val", num_val),
             ("vqa", "train", num_vqa), ("vqa", "val", num_val), ("vqa", "test", num_test),
-            ("arith", "train", num_arith), ("arith", "test", num_arith_test)]
+            ("arith", "train", num_arith), ("arith", "val", num_arith_test), ("arith", "test", num_arith_test)]
     pool = Pool(workers) if workers > 1 else None
     try:
         written = {f"{d}/{s}": write_split(out / d / s, d, s, n, seed=seed, image_size=image_size,
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-val", type=int, default=400, help="validation samples (captions and vqa)")
     p.add_argument("--num-test", type=int, default=800, help="held-out vqa test samples")
     p.add_argument("--num-arith", type=int, default=4000, help="arithmetic training problems")
-    p.add_argument("--num-arith-test", type=int, default=400)
+    p.add_argument("--num-arith-test", type=int, default=400, help="arithmetic val and test problems (each)")
     p.add_argument("--num-text-docs", type=int, default=10000, help="text-corpus paragraphs")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))

@@ -116,6 +116,10 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         d = Path(directory)
+        if (d / "ghostvis_hf.json").is_file():  # an imported Hugging Face tokenizer (ghostvis/interop)
+            from ghostvis.interop.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.load(d)
         for name in (RANKS_FILE, META_FILE):
             if not (d / name).is_file():
                 raise FileNotFoundError(

@@ -12,7 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ghostvis.infer.chat import ChatModel, ContextTooLong, Reply, load_chat_model, user_message
+import torch
+
+from ghostvis.infer.chat import (ChatModel, ContextTooLong, Reply, add_chat_args, check_chat_args, load_or_exit,
+                                 user_message)
 from ghostvis.vision.transforms import BadImage
 
 HELP = "commands: /image PATH (attach to your next message), /clear (start over), /quit"
@@ -20,23 +23,14 @@ HELP = "commands: /image PATH (attach to your next message), /clear (start over)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat with a GhostVis checkpoint in the terminal.")
-    p.add_argument("--ckpt", required=True, help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    add_chat_args(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        p.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_chat_args(p, args)
     return args
 
 
-def read_image(chat: ChatModel, path_text: str):
+def read_image(chat: ChatModel, path_text: str) -> torch.Tensor | None:
     """The preprocessed image at `path_text`, or None after printing why it can't be used."""
     path = Path(path_text).expanduser()
     if not path_text:
@@ -55,11 +49,7 @@ def read_image(chat: ChatModel, path_text: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        chat = load_chat_model(args.ckpt, args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: cannot load --ckpt {args.ckpt}: {e}", file=sys.stderr)
-        return 2
+    chat = load_or_exit(args)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, seed=args.seed)
     messages, images, pending = [], [], []

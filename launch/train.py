@@ -77,11 +77,11 @@ def main() -> None:
     args = build_parser().parse_args()
     from ghostvis.train.loop import run
 
-    try:
-        run(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run(args)
+    # all ranks leave together, then tear gloo/nccl down explicitly (an implicit teardown at interpreter
+    # exit can abort a rank). After an exception we just exit: the launcher stops the other ranks.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from data_prep import image_shards

@@ -227,3 +227,33 @@ def test_mixture_drops_exhausted_sources_and_feeds_a_batcher(conv_dir: Path, tmp
     assert conv_src.stats["corrupt"] == 3 and mix.stats["corrupt"] == 3  # skips land in the right stream
     with pytest.raises(ValueError, match="weight"):
         MixtureBatches([(conv_src, 0.0)], seed=0)
+
+
+def test_loop_builders_with_a_real_vlm(synth_dir: Path, tmp_path: Path, tiny_tokenizer) -> None:
+    from ghostvis.config import get_preset
+    from ghostvis.data.multimodal import caption_batches, conversation_batches
+    from ghostvis.model.vlm import VLM
+    from ghostvis.train.loop import DataRequest
+
+    model_cfg, vision_cfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
+                                       image_token_id=tiny_tokenizer.image_token_id)
+    model = VLM(model_cfg, vision_cfg)
+
+    def req(data: Path, eval_mode: bool) -> DataRequest:
+        return DataRequest(data, "val" if eval_mode else "train", 96, 4, 0, 1, 0, tiny_tokenizer,
+                           torch.device("cpu"), eval_mode, model)
+
+    val = caption_batches(req(synth_dir / "captions", True))
+    first, second = list(val), list(val)  # finite, and restarts at each iter()
+    assert sum(b["input_ids"].shape[0] for b in first) == 8 and _same(first, second)
+    assert first[0]["pixel_values"].shape[1:] == (3, vision_cfg.image_size, vision_cfg.image_size)
+    loss = model(first[0]["input_ids"], first[0]["targets"], pixel_values=first[0]["pixel_values"])
+    assert torch.isfinite(loss)
+
+    (tmp_path / "mixture.json").write_text(json.dumps(
+        {"datasets": [{"dir": str(synth_dir / "vqa"), "weight": 3}, {"dir": str(synth_dir / "arith"), "weight": 1}]}))
+    train = conversation_batches(req(tmp_path, False))
+    batch = next(iter(train))
+    n_images = int((batch["input_ids"] == tiny_tokenizer.image_token_id).sum()) // model.num_vision_tokens
+    assert batch["pixel_values"].shape[0] == n_images
+    assert torch.isfinite(model(batch["input_ids"], batch["targets"], pixel_values=batch["pixel_values"]))

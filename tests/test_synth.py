@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import operator
 import re
@@ -60,9 +59,10 @@ def test_other_seed_differs(synth_dir: Path, tmp_path: Path) -> None:
 
 def test_manifests_and_counts(synth_dir: Path) -> None:
     expect = {"captions/train": ("image-text", 48), "captions/val": ("image-text", 16),
+              "capchat/train": ("conversation", 12), "capchat/val": ("conversation", 16),
               "vqa/train": ("conversation", 48), "vqa/val": ("conversation", 16),
               "vqa/test": ("conversation", 16), "arith/train": ("conversation", 24),
-              "arith/test": ("conversation", 8)}
+              "arith/val": ("conversation", 8), "arith/test": ("conversation", 8)}
     for name, (kind, n) in expect.items():
         m = read_manifest(synth_dir / name, expected_kind=kind)
         assert m.num_samples == n and len(_samples(synth_dir / name)) == n
@@ -84,8 +84,9 @@ def test_splits_are_disjoint(synth_dir: Path) -> None:
             sigs.setdefault(split, set()).add(scene.signature())
     assert not sigs["train"] & sigs["val"] and not sigs["train"] & sigs["test"] and not sigs["val"] & sigs["test"]
     train = {json.loads(s["json"])["messages"][0]["content"] for s in _samples(synth_dir / "arith/train").values()}
-    test = {json.loads(s["json"])["messages"][0]["content"] for s in _samples(synth_dir / "arith/test").values()}
-    assert train and test and not train & test
+    val, test = ({json.loads(s["json"])["messages"][0]["content"] for s in _samples(synth_dir / d).values()}
+                 for d in ("arith/val", "arith/test"))
+    assert train and val and test and not train & test and not train & val and not val & test
 
 
 def _drawn_shape(img: Image.Image, o: scenes.Shape) -> str:
@@ -139,12 +140,17 @@ def test_answers_match_the_scene_and_the_pixels(synth_dir: Path, tiny_tokenizer)
     assert {t: types.count(t) for t in set(types)} == {t: 16 for t in scenes.QUESTION_TYPES}
 
 
-def test_captions_name_objects_left_to_right(synth_dir: Path) -> None:
-    for s in _samples(synth_dir / "captions/val").values():
+def test_captions_name_objects_left_to_right(synth_dir: Path, tiny_tokenizer) -> None:
+    captions = _samples(synth_dir / "captions/val")
+    for s in captions.values():
         scene, caption = _scene(json.loads(s["json"])), s["txt"].decode()
         positions = [caption.index(o.name) for o in scenes.left_to_right(scene)]
         assert positions == sorted(positions) and caption.endswith(".")
-        assert Image.open(io.BytesIO(s["png"])).size == (64, 64)
+        assert s["png"] == scenes.png_bytes(scenes.render(scene, 64))
+    for key, s in _samples(synth_dir / "capchat/val").items():  # the same samples as chats
+        record = json.loads(s["json"])
+        assert record["messages"][1]["content"] == captions[key]["txt"].decode() and s["0.png"] == captions[key]["png"]
+        assert sum(tiny_tokenizer.render_conversation(record, 512, 4)[1]) > 0
 
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}

@@ -6,7 +6,7 @@ yield dict batches:
     input_ids     [B, T] long   right-padded with <|pad|> to the longest row (T <= max_len)
     targets       [B, T] long   targets[b, t] = input_ids[b, t + 1] where that token carries loss, else -1
     pixel_values  [N, 3, H, W]  every image of the batch in order of appearance (N may be 0)
-    image_features [N, n, d]    instead of pixel_values when `use_features=True` (cached encoder output)
+    image_features [N, P, d]    instead of pixel_values when `use_features=True` (cached encoder output)
     num_tokens    int           real (non-padding) input tokens, for throughput
     num_loss_tokens int         targets != -1, for loss normalisation across micro-batches
 
@@ -25,8 +25,12 @@ conversation the renderer refuses) is skipped and reported with `source.mark_cor
 in the stream's stats and its corrupt-fraction limit.
 
 Cached features: with `use_features=True` the batcher reads `<key>.feat.npy` (captions) or
-`<key>.<i>.feat.npy` (conversations) — float arrays [n_tokens, dim] made by data_prep from the frozen
-encoder — instead of decoding pixels; a sample without them counts as corrupt.
+`<key>.<i>.feat.npy` (conversations) — the frozen encoder's patch features [num_patches, dim], what
+`VLM(image_features=...)` takes — instead of decoding pixels; a sample without them counts as corrupt.
+For an image-free batch the empty tensor needs `feature_shape=(num_patches, dim)` until one was seen.
+
+The training loop gets its batchers from `caption_batches(req)` / `conversation_batches(req)` at the
+end of this file (a `mixture.json` in the data directory mixes several datasets by weight).
 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
 batches (emitted in a seeded random order), so little compute goes to padding.

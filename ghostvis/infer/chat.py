@@ -9,6 +9,8 @@ in order of appearance.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +172,30 @@ def load_chat_model(ckpt: str | Path, device: str = "cpu") -> ChatModel:
     vision_cfg = getattr(model, "vision_config", None)
     transform = image_transform(vision_cfg) if vision_cfg is not None else None
     return ChatModel(Engine(model, tokenizer, device), transform, str(ckpt))
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """The flags both front ends take: the checkpoint, the device and the sampling defaults."""
+    p.add_argument("--ckpt", required=True, help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+
+
+def check_chat_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.temperature <= 2:
+        p.error(f"--temperature must be in [0, 2], got {args.temperature}")
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
+def load_or_exit(args: argparse.Namespace) -> ChatModel:
+    """`load_chat_model` for a command line: a bad --ckpt prints why and exits with status 2."""
+    try:
+        return load_chat_model(args.ckpt, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: cannot load --ckpt {args.ckpt}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

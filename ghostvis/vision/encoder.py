@@ -1,8 +1,9 @@
 """Image encoder: any timm ViT by name, patch features from an inner block (DESIGN.md §3).
 
 Nothing is downloaded: the model is built with `pretrained=False` and weights come from a local
-timm-format `.safetensors` file. Blocks after the feature layer (and the final norm/head) are pruned,
-so they cost no compute, no memory and hold no never-trained parameters.
+timm-format `.safetensors` file or a Hugging Face SigLIP/CLIP folder (ghostvis/interop/hf_vision.py).
+Blocks after the feature layer (and the final norm/head) are pruned, so they cost no compute, no memory
+and hold no never-trained parameters.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from torch import nn
 
 from ghostvis.config import VisionConfig
 
-_HF_IMPORTER = "launch/import_hf.py"
-
-
 def _no_download_error(what: str) -> ValueError:
     return ValueError(
         f"vision encoder: {what} would need a download, and GhostVis never downloads at run time. "
         "Build the architecture by its timm name (VisionConfig.encoder, e.g. 'vit_so400m_patch14_siglip_384') "
-        "and give the weights as a local file: VisionConfig.pretrained_path = a timm-format .safetensors "
-        f"(or a Hugging Face folder converted with {_HF_IMPORTER})."
+        "and give the weights locally: VisionConfig.pretrained_path = a timm-format .safetensors "
+        "or a Hugging Face SigLIP/CLIP folder (see docs/interop.md)."
     )
 
 
@@ -34,7 +32,7 @@ def _create_timm_model(cfg: VisionConfig, timm_kwargs: dict[str, Any]) -> nn.Mod
     name = cfg.encoder
     if ":" in name:  # hf-hub:, local-dir:, timm/ hub prefixes fetch configs or weights
         raise _no_download_error(f"encoder name {name!r}")
-    if timm_kwargs.get("pretrained") or timm_kwargs.get("pretrained_cfg_overlay"):
+    if timm_kwargs.get("pretrained"):
         raise _no_download_error("pretrained=True in VisionConfig.encoder_kwargs")
     if not timm.is_model(name):
         raise ValueError(
@@ -51,18 +49,17 @@ def _create_timm_model(cfg: VisionConfig, timm_kwargs: dict[str, Any]) -> nn.Mod
         ) from e
 
 
-def read_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read encoder weights from a local timm-format safetensors file, with errors that say what to do."""
+def read_timm_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read encoder weights from a local timm-format safetensors file or a Hugging Face SigLIP/CLIP folder
+    (converted on the fly; `model` lets the converter check the activation), with errors that say what to do."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"VisionConfig.pretrained_path={str(p)!r} does not exist")
     if p.is_dir():
-        if (p / "config.json").exists() and any(p.glob("*.safetensors")):
-            raise ValueError(
-                f"VisionConfig.pretrained_path={str(p)!r} is a Hugging Face model folder; convert it to a "
-                f"timm-format .safetensors with `python {_HF_IMPORTER} --vision {p} --out encoder.safetensors` "
-                "and point pretrained_path at that file"
-            )
+        if (p / "config.json").exists():
+            from ghostvis.interop.hf_vision import timm_state_dict_from_hf
+
+            return timm_state_dict_from_hf(p, model)
         raise ValueError(f"VisionConfig.pretrained_path={str(p)!r} is a folder without a model; give a .safetensors file")
     if p.suffix != ".safetensors":
         raise ValueError(
@@ -92,7 +89,7 @@ class VisionEncoder(nn.Module):
         self.model = model
         full_keys = set(model.state_dict())
         if cfg.pretrained_path:
-            self._load_full(read_timm_state_dict(cfg.pretrained_path), cfg.pretrained_path)
+            self._load_full(read_timm_state_dict(cfg.pretrained_path, model), cfg.pretrained_path)
         model.prune_intermediate_layers([layer], prune_norm=True, prune_head=True)
         # keys a full timm checkpoint has but the pruned encoder doesn't: tolerated when loading
         self._pruned_keys = full_keys - set(model.state_dict())
@@ -121,7 +118,7 @@ class VisionEncoder(nn.Module):
 
     def load_encoder_weights(self, path: str | Path) -> None:
         """Load a timm-format safetensors: a full timm checkpoint or one written by `save_encoder_weights`."""
-        state = {k: v for k, v in read_timm_state_dict(path).items()
+        state = {k: v for k, v in read_timm_state_dict(path, self.model).items()
                  if k not in self._pruned_keys and not k.startswith("head.")}
         result = self.model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:

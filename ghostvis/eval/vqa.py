@@ -1,0 +1,255 @@
+"""Held-out visual QA: greedy answers from the inference engine, exact match against the reference.
+
+Reads conversation shards whose samples carry `"answer"` (and `"type"`, the question type; samples
+without one count under "other"): the prompt is the conversation up to the final assistant turn, the
+reply is generated greedily (KV cache, images spliced in) and compared with `answer` after
+`normalize_answer`. Tool calls in the reply are not part of the answer: only its text parts are.
+
+`blank_images=True` swaps every image for a constant one of the same size (the embedded scenes'
+background, i.e. the scene with every shape removed). Such an image carries no information, so a model
+that really looks at the image falls to chance level there, and one that guesses from the question alone
+does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ghostvis.data.multimodal import IMAGE_EXTS, count_images
+from ghostvis.data.scenes import BACKGROUND, chance_accuracy
+from ghostvis.data.shards import ShardStream
+from ghostvis.infer.chat import ReplyStream
+from ghostvis.infer.engine import Engine
+from ghostvis.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
+from ghostvis.vision.transforms import BadImage, image_transform, load_image
+
+OTHER = "other"  # the question type of samples that name none
+_IMAGE_MEMBER = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_EXTS)})$")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+class WrongCheckpoint(ValueError):
+    """The checkpoint can't run this evaluation (e.g. a text-only model asked about images)."""
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: "  The Red. " -> "the red"."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def chance_of(qtype: str) -> float | None:
+    """Accuracy of a uniform guess for the embedded question types; None for types with open answers."""
+    try:
+        return chance_accuracy(qtype)
+    except ValueError:
+        return None
+
+
+@dataclass
+class QASample:
+    key: str
+    record: dict[str, Any]  # the stored conversation JSON
+    images: list[Image.Image]
+
+    @property
+    def answer(self) -> str:
+        return str(self.record["answer"])
+
+    @property
+    def qtype(self) -> str:
+        return str(self.record.get("type") or OTHER)
+
+    @property
+    def question(self) -> str:
+        """The last user turn's text (image placeholders dropped), for the report's examples."""
+        content = next((m.get("content") for m in reversed(self.record["messages"]) if m.get("role") == "user"), "")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(str(content).replace(IMAGE_PLACEHOLDER, " ").split())
+
+
+class Unreadable(ValueError):
+    pass
+
+
+def parse_sample(sample: dict[str, Any]) -> QASample:
+    """A raw shard sample -> QASample; raises Unreadable (the caller counts it) when it can't be used."""
+    try:
+        record = json.loads(sample["json"])
+    except (KeyError, ValueError) as e:
+        raise Unreadable(f"conversation JSON missing or invalid: {e}") from e
+    if not isinstance(record, dict) or "answer" not in record:
+        raise Unreadable("no reference 'answer' field")
+    members = sorted((int(m.group(1)), k) for k in sample if (m := _IMAGE_MEMBER.match(k)))
+    if [i for i, _ in members] != list(range(len(members))):
+        raise Unreadable(f"image members are not numbered 0..n-1: {[k for _, k in members]}")
+    try:
+        expected = count_images(record)
+        images = [load_image(sample[k]) for _, k in members]
+    except (KeyError, TypeError) as e:
+        raise Unreadable(f"malformed messages: {e}") from e
+    except BadImage as e:
+        raise Unreadable(e.reason) from e
+    if expected != len(images):
+        raise Unreadable(f"{expected} image placeholders but {len(images)} images")
+    return QASample(str(sample["__key__"]), record, images)
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """A constant image of the same size: the same for every sample, so it tells the model nothing."""
+    return Image.new("RGB", image.size, BACKGROUND)
+
+
+def aggregate(results: list[tuple[str, bool]]) -> dict[str, Any]:
+    """(question type, correct) pairs -> {"overall": {...}, "per_type": {type: {...}}}, each entry
+    {"accuracy", "correct", "n", "chance"}. Overall chance is the n-weighted mean of the per-type
+    chances (None when any type has no chance level)."""
+    per_type: dict[str, dict[str, Any]] = {}
+    for qtype, ok in results:
+        entry = per_type.setdefault(qtype, {"correct": 0, "n": 0, "chance": chance_of(qtype)})
+        entry["correct"] += int(ok)
+        entry["n"] += 1
+    for entry in per_type.values():
+        entry["accuracy"] = entry["correct"] / entry["n"]
+    n = len(results)
+    chances = [e["chance"] for e in per_type.values()]
+    overall_chance = (sum(e["chance"] * e["n"] for e in per_type.values()) / n
+                      if n and None not in chances else None)
+    correct = sum(e["correct"] for e in per_type.values())
+    return {"overall": {"accuracy": correct / n if n else math.nan, "correct": correct, "n": n,
+                        "chance": overall_chance},
+            "per_type": dict(sorted(per_type.items()))}
+
+
+def iter_samples(data_dir: str | Path, max_samples: int | None) -> tuple[ShardStream, Iterator[QASample]]:
+    """The stream (for its corrupt counters) and its usable samples, in manifest order, at most max_samples."""
+    stream = ShardStream(data_dir, seed=0, loop=False, shuffle=False, expected_kind="conversation",
+                         max_corrupt_fraction=0.05)
+
+    def samples() -> Iterator[QASample]:
+        taken = 0
+        for raw in stream:
+            if max_samples is not None and taken >= max_samples:
+                return
+            try:
+                sample = parse_sample(raw)
+            except Unreadable:
+                stream.mark_corrupt()
+                continue
+            taken += 1
+            yield sample
+
+    return stream, samples()
+
+
+def reply_text(engine: Engine, tokens: list[int]) -> str:
+    """The text parts of a generated reply (tool calls and their outputs left out)."""
+    stream = ReplyStream(engine)
+    for token in tokens:
+        stream.feed(token)
+    return "".join(p["text"] for p in stream.finish()["content"] if p["type"] == "text")
+
+
+def check_model(model: torch.nn.Module, needs_images: bool, where: str) -> None:
+    if needs_images and getattr(model, "vision", None) is None:
+        raise WrongCheckpoint(f"{where} has images but the checkpoint is a text-only model (no vision tower); "
+                              "use a checkpoint from the vision_pretrain, sft or rl stage")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the duration; a model called from the training loop goes back to training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path, *,
+                 max_samples: int | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
+                 blank_images: bool = False, max_new_tokens: int = 24, num_examples: int = 8,
+                 progress: bool = True) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers on the conversation shards in `data_dir` (one split).
+
+    Returns `aggregate(...)` plus "skipped" (unusable samples, incl. prompts too long for the context),
+    "blank_images" and "examples" (the first `num_examples` {key, type, question, answer, prediction}).
+    Single process: call it on rank 0 with the whole model (an export, or the module under ZeRO <= 2).
+    """
+    with evaluating(model):
+        return _evaluate_vqa(model, tokenizer, data_dir, max_samples, batch_size, device, blank_images,
+                             max_new_tokens, num_examples, progress)
+
+
+def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path, max_samples: int | None,
+                  batch_size: int, device: str | torch.device, blank_images: bool, max_new_tokens: int,
+                  num_examples: int, progress: bool) -> dict[str, Any]:
+    engine = Engine(model, tokenizer, device)
+    transform = image_transform(model.vision_config) if engine.vision is not None else None
+    stream, samples = iter_samples(data_dir, max_samples)
+    results: list[tuple[str, bool]] = []
+    examples: list[dict[str, str]] = []
+    unusable = 0  # prompts the renderer refuses or that leave no room in the context
+    total = stream.manifest.num_samples if max_samples is None else min(max_samples, stream.manifest.num_samples)
+    bar = tqdm(total=total, desc=f"vqa{' (blanked)' if blank_images else ''}", leave=False,
+               disable=not progress)
+
+    def run(batch: list[QASample]) -> None:
+        nonlocal unusable
+        bar.update(len(batch))
+        prompts, images, kept = [], [], []
+        for s in batch:
+            check_model(model, bool(s.images), f"{data_dir} sample {s.key}")
+            try:
+                ids = tokenizer.render_for_completion(s.record, engine.num_vision_tokens)
+            except (ValueError, TypeError, KeyError):
+                unusable += 1
+                continue
+            if len(ids) >= engine.max_seq_len:
+                unusable += 1
+                continue
+            prompts.append(ids)
+            images.append([transform(blank_like(im) if blank_images else im) for im in s.images])
+            kept.append(s)
+        if not kept:
+            return
+        completions = engine.complete(prompts, images, max_new_tokens=max_new_tokens, temperature=0.0)
+        for s, c in zip(kept, completions):
+            prediction = reply_text(engine, c.tokens)
+            results.append((s.qtype, is_correct(prediction, s.answer)))
+            if len(examples) < num_examples:
+                examples.append({"key": s.key, "type": s.qtype, "question": s.question, "answer": s.answer,
+                                 "prediction": prediction})
+
+    batch: list[QASample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    bar.close()
+    if not results:
+        raise ValueError(f"{data_dir}: no usable question/answer samples ({stream.stats['corrupt']} unreadable, "
+                         f"{unusable} not renderable or too long for the context of {engine.max_seq_len} tokens)")
+    return {**aggregate(results), "skipped": stream.stats["corrupt"] + unusable, "blank_images": blank_images,
+            "examples": examples}

@@ -1,0 +1,252 @@
+"""Qwen2/Llama (transformers) <-> GhostVis GPT: configs, parameter names, streaming import and export.
+
+Import reads one tensor at a time from the folder's safetensors (``safe_open``), so only the model's own
+weights (in their stored dtype) are ever held, never a float32 copy; pickled ``.bin`` files are refused.
+The result is written with ``checkpoint_io.export``, the same layout training exports, so
+``ghostvis.load_pretrained`` and ``launch/train.py --init-from`` open it. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ghostvis import checkpoint_io
+from ghostvis.config import ModelConfig
+from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
+from ghostvis.tokenizer import Tokenizer
+
+ARCHITECTURES = ("qwen2", "llama")  # HF model_type values we read and write
+VOCAB_TENSORS = ("wte.weight", "lm_head.weight")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InteropError(ValueError):
+    """Input that cannot be converted; the message names the file/field and what was expected."""
+
+
+# ---------------------------------------------------------------- names and configs
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """GhostVis parameter name -> transformers Qwen2/Llama name (the GPT's parameters, in order)."""
+    names = {"wte.weight": "model.embed_tokens.weight"}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        names[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
+        for p in ("q_proj", "k_proj", "v_proj"):
+            names[f"{ours}attn.{p}.weight"] = f"{theirs}self_attn.{p}.weight"
+            if cfg.qkv_bias:
+                names[f"{ours}attn.{p}.bias"] = f"{theirs}self_attn.{p}.bias"
+        names[ours + "attn.o_proj.weight"] = theirs + "self_attn.o_proj.weight"
+        names[ours + "mlp_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{ours}mlp.{p}.weight"] = f"{theirs}mlp.{p}.weight"
+    names["norm_f.weight"] = "model.norm.weight"
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --hf-dir must be a Hugging Face model folder (config.json + "
+                                "*.safetensors + tokenizer.json)")
+    return json.loads(path.read_text())
+
+
+def _rope(hf: dict[str, Any], where: str) -> float:
+    """rope_theta from either config style (top-level rope_theta/rope_scaling, or rope_parameters);
+    scaled RoPE (llama3, yarn, dynamic, ...) changes the frequencies, which our RotaryEmbedding lacks."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    if kind != "default":
+        raise InteropError(
+            f"{where}: rope scaling {kind!r} is not supported (GhostVis implements plain RoPE); use a checkpoint "
+            "without rope_scaling (e.g. Qwen2.5 or Llama 2/3.0) or extend ghostvis/model/layers.py RotaryEmbedding")
+    theta = hf.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise InteropError(f"{where}: no rope_theta (top level or in rope_parameters)")
+    return float(theta)
+
+
+def model_config_from_hf(hf: dict[str, Any], vocab_size: int, where: str = "config.json") -> ModelConfig:
+    """ModelConfig of a Qwen2/Llama config.json; ``vocab_size`` is the (grown) tokenizer's."""
+    arch = hf.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise InteropError(f"{where}: model_type {arch!r} is not supported; supported: {ARCHITECTURES} "
+                           "(Qwen2/Qwen2.5 and Llama families)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise InteropError(f"{where}: hidden_act {hf['hidden_act']!r}; GhostVis's MLP is SwiGLU (silu)")
+    if hf.get("use_sliding_window"):
+        raise InteropError(f"{where}: use_sliding_window=true; GhostVis attention is full causal attention")
+    if arch == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise InteropError(f"{where}: attention_bias/mlp_bias on a Llama model (o_proj/MLP biases) are not supported")
+    n_head = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=vocab_size, n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        ffn_dim=hf["intermediate_size"], rope_theta=_rope(hf, where),
+        max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=arch == "qwen2", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_config_from_model(cfg: ModelConfig, tok: Tokenizer, dtype: torch.dtype) -> Any:
+    """A transformers Qwen2Config (q/k/v bias, standard head_dim) or LlamaConfig for ``cfg``. A biased model
+    with a non-standard head_dim becomes Llama with attention_bias (its o_proj bias is written as zeros)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if cfg.logit_softcap is not None or cfg.qk_norm:
+        raise InteropError("ModelConfig.logit_softcap / qk_norm have no Qwen2/Llama equivalent; this model "
+                           "cannot be exported to transformers (keep the GhostVis export, ghostvis.load_pretrained)")
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.special_id("<|assistant_end|>"), pad_token_id=tok.pad_token_id, dtype=dtype,
+    )
+    if cfg.qkv_bias and cfg.head_dim == cfg.n_embd // cfg.n_head:
+        return Qwen2Config(**common)
+    return LlamaConfig(**common, head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, mlp_bias=False)
+
+
+# ---------------------------------------------------------------- reading HF weights
+
+class SafetensorsFolder:
+    """Tensor name -> shard file of a HF folder (``model.safetensors.index.json`` or a single file);
+    ``get`` opens the shard lazily and reads one tensor."""
+
+    def __init__(self, hf_dir: str | Path):
+        d = Path(hf_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(d.glob("*.safetensors"))
+            if not files:
+                pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+                hint = (f" (found {pickled[:3]}: pickled weights are never loaded; convert them once where you trust "
+                        "them with transformers: model.save_pretrained(dir, safe_serialization=True))") if pickled else ""
+                raise FileNotFoundError(f"{d}: no *.safetensors weights{hint}")
+            if len(files) > 1:
+                raise InteropError(f"{d}: several .safetensors files {[f.name for f in files]} but no "
+                                   "model.safetensors.index.json saying which tensor is where")
+            with safe_open(str(files[0]), framework="pt") as f:
+                weight_map = {k: files[0].name for k in f.keys()}
+        missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{d}: shard(s) {missing} listed in model.safetensors.index.json are missing")
+        self.dir, self.weight_map = d, weight_map
+        self._open: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise InteropError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
+        file = self.weight_map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.dir / file), framework="pt", device="cpu")
+        return self._open[file].get_tensor(name)
+
+
+def _grow_vocab(rows: torch.Tensor, cfg: ModelConfig, tok: HFTokenizer, spelling_init: bool) -> torch.Tensor:
+    """[padded_vocab, d] table: the HF rows of the original vocabulary, new special tokens initialized
+    from existing rows, padding rows zero. Embedding rows (``spelling_init``) start as the mean of the
+    rows of the pieces their spelling encodes to, so each new token starts distinct (a frozen embedding
+    keeps them apart); output-head rows start as the mean of all rows (an average logit)."""
+    base = tok.base_vocab_size
+    if rows.shape[0] < base:
+        raise InteropError(f"embedding has {rows.shape[0]} rows but tokenizer.json has {base} tokens; the "
+                           "tokenizer does not belong to these weights")
+    out = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
+    out[:base] = rows[:base]
+    mean = rows[:base].float().mean(0)
+    for name, i in tok.added_ids.items():
+        pieces = tok.spelling_ids(name) if spelling_init else []
+        out[i] = (rows[pieces].float().mean(0) if pieces else mean).to(rows.dtype)
+    return out
+
+
+def read_llm_state(hf_dir: str | Path, cfg: ModelConfig, tok: HFTokenizer,
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """GhostVis state dict of a HF Qwen2/Llama folder, shapes checked against ``cfg``, tensor by tensor."""
+    from ghostvis.model.gpt import GPT
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    weights = SafetensorsFolder(hf_dir)
+    state: dict[str, torch.Tensor] = {}
+    for ours, theirs in tqdm(hf_names(cfg).items(), desc="import", unit="tensor"):
+        t = weights.get(theirs)
+        if ours in VOCAB_TENSORS:
+            t = _grow_vocab(t, cfg, tok, spelling_init=ours == "wte.weight")
+        if t.shape != expected[ours]:
+            raise InteropError(f"{weights.dir}: tensor {theirs} has shape {tuple(t.shape)}, expected "
+                               f"{tuple(expected[ours])} from config.json")
+        state[ours] = t.to(dtype) if dtype is not None else t
+    return state
+
+
+def import_llm(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+               aliases: dict[str, str] | None = None) -> ModelConfig:
+    """HF Qwen2/Llama folder -> GhostVis export directory (llm.safetensors, config.json, tokenizer/)."""
+    from ghostvis.model.gpt import GPT
+
+    where = str(Path(hf_dir) / "config.json")
+    hf = read_hf_config(hf_dir)
+    tok = HFTokenizer.from_hf_dir(hf_dir, aliases)
+    cfg = model_config_from_hf(hf, tok.vocab_size, where)
+    state = read_llm_state(hf_dir, cfg, tok, dtype)
+    with torch.device("meta"):  # no second copy of the weights: the module takes the loaded tensors
+        gpt = GPT(cfg)
+    gpt.load_state_dict(state, strict=True, assign=True)
+    checkpoint_io.export(gpt, out_dir, tokenizer=tok,
+                         extra={"source": {"format": "huggingface", "model_type": hf["model_type"],
+                                           "hf_dir": str(Path(hf_dir).resolve()),
+                                           "added_tokens": tok.added_ids}})
+    return cfg
+
+
+# ---------------------------------------------------------------- export
+
+def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+               cfg: ModelConfig | None = None) -> Any:
+    """GhostVis export directory -> transformers folder (config.json, model.safetensors, tokenizer files,
+    generation_config.json) that ``AutoModelForCausalLM.from_pretrained`` opens. Padding rows are cut;
+    a tied head is written once (transformers ties it back). Returns the transformers config."""
+    from transformers import GenerationConfig
+
+    ckpt = Path(ckpt_dir)
+    if cfg is None:
+        cfg = checkpoint_io.read_config(ckpt)[0]
+    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(ckpt / checkpoint_io.LLM_FILE), framework="pt", device="cpu") as f:
+        store_dtype = dtype or f.get_tensor("norm_f.weight").dtype  # default: as trained/imported
+        hf_cfg = hf_config_from_model(cfg, tok, store_dtype)
+        for ours, theirs in tqdm(hf_names(cfg).items(), desc="export", unit="tensor"):
+            t = f.get_tensor(ours)
+            state[theirs] = (t[:cfg.vocab_size] if ours in VOCAB_TENSORS else t).to(store_dtype).contiguous()
+    if hf_cfg.model_type == "llama" and cfg.qkv_bias:  # Llama's attention_bias also biases o_proj
+        for i in range(cfg.n_layer):
+            state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.n_embd, dtype=store_dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
+    hf_cfg.architectures = ["Qwen2ForCausalLM" if hf_cfg.model_type == "qwen2" else "LlamaForCausalLM"]
+    hf_cfg.save_pretrained(str(out))
+    GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+                     pad_token_id=hf_cfg.pad_token_id).save_pretrained(str(out))
+    hf_tokenizer_files(tok, out)
+    return hf_cfg

@@ -1,0 +1,375 @@
+"""Memory planner: bytes per GPU of weights, master copies, gradients, optimizer states, ZeRO buffers and
+activations for a preset under a (ZeRO, TP, PP, DP) layout, and whether it fits a card (docs/planner.md).
+
+Parameters are counted exactly from the model built on the meta device (no memory, no formulas), each
+one's TP share from the same sharding table the model uses (`tp_split_dim`), its trainability from the
+same stage rules the trainer uses (`build_param_groups`). Activations come from formulas over the shapes
+(what autograd keeps for backward in our blocks); fixed costs (CUDA context, NCCL, allocator slack) are
+one stated constant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ghostvis.config import ModelConfig, VisionConfig, get_preset
+from ghostvis.model.parallel import check_tp, tp_split_dim
+
+GIB = 1024**3
+# CUDA context (~0.5 GiB on H100), cuBLAS/cuDNN workspaces, NCCL communicator buffers and caching-allocator
+# slack: memory the process holds that no tensor accounts for.
+CUDA_OVERHEAD_BYTES = 2 * GIB
+FROZEN_PARTS = ("llm", "encoder", "connector")
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+REPO = Path(__file__).resolve().parent.parent
+
+
+class PlanError(ValueError):
+    """A layout that can't run; the message names the flag to change."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is laid out. `gpus` counts GPUs per node; the world is gpus × nodes = tp × pp × dp."""
+
+    gpus: int = 1
+    nodes: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    seq_len: int = 2048
+    dtype: str = "bf16"
+    offload: bool = False
+    activation_checkpointing: bool = False
+    images_per_sample: int = 1
+    reduce_bucket_size: int = 0  # elements; 0 = no gradient buckets (as without DeepSpeed)
+    overlap_comm: bool = False
+    prefetch_bucket_size: int = 0  # ZeRO-3 elements gathered ahead of use
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    def check(self) -> None:
+        for name in ("gpus", "nodes", "tp", "pp", "micro_batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise PlanError(f"--zero {self.zero}: choose 0, 1, 2 or 3")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPE_BYTES)}")
+        if self.world % (self.tp * self.pp):
+            raise PlanError(f"--gpus {self.gpus} × --nodes {self.nodes} = {self.world} GPUs is not divisible by "
+                            f"--tp {self.tp} × --pp {self.pp}; the rest of the world is the data-parallel size")
+        if self.pp > 1 and self.zero > 1:
+            raise PlanError(f"--pp {self.pp} with --zero {self.zero}: DeepSpeed's pipeline engine allows ZeRO stage "
+                            "0 or 1 only; use --zero 1")
+        if self.offload and self.zero == 0:
+            raise PlanError("--offload needs ZeRO (--zero 1, 2 or 3): DeepSpeed offloads the ZeRO optimizer's state")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    numel: int  # on one TP rank
+    full: int  # the whole tensor
+    part: str  # "embedding", "head", "block", "final_norm", "encoder", "connector"
+    block: int | None
+    trainable: bool
+
+
+@dataclass
+class Plan:
+    """Bytes per GPU (for the heaviest pipeline stage) and per-GPU host memory for offloaded state."""
+
+    model: str
+    layout: Layout
+    stage_index: int
+    params_total: int
+    params_trainable: int
+    params_on_gpu: int  # this stage's TP share, before ZeRO-3 sharding
+    gpu: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    def fits(self, gpu_mem_gib: float) -> bool:
+        return self.gpu_total <= gpu_mem_gib * GIB
+
+    def to_dict(self, gpu_mem_gib: float) -> dict[str, Any]:
+        return {"model": self.model, "layout": {**asdict(self.layout), "dp": self.layout.dp},
+                "pipeline_stage": self.stage_index, "params_total": self.params_total,
+                "params_trainable": self.params_trainable, "params_on_gpu": self.params_on_gpu,
+                "gpu_bytes": self.gpu, "gpu_total_bytes": self.gpu_total, "host_bytes_per_gpu": self.host,
+                "gpu_mem_gib": gpu_mem_gib, "fits": self.fits(gpu_mem_gib),
+                "headroom_bytes": int(gpu_mem_gib * GIB) - self.gpu_total, "notes": self.notes}
+
+
+# ---- the model on the meta device ---------------------------------------------------------------
+
+def build_meta_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None) -> torch.nn.Module:
+    """The real model class on the meta device: exact shapes, no memory."""
+    with torch.device("meta"):
+        if vision_cfg is None:
+            from ghostvis.model.gpt import GPT
+
+            return GPT(model_cfg)
+        from ghostvis.model.vlm import VLM
+
+        if model_cfg.image_token_id is None:  # any id works for counting; the tokenizer sets the real one
+            model_cfg.image_token_id = model_cfg.vocab_size - 1
+        return VLM(model_cfg, vision_cfg)
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def classify(name: str) -> tuple[str, int | None]:
+    """(part, block index) of a parameter name of a GPT or VLM."""
+    if name.startswith("vision."):
+        return ("encoder" if name.startswith("vision.encoder.") else "connector"), None
+    name = name.removeprefix("llm.")
+    if name.startswith("wte."):
+        return "embedding", None
+    if name.startswith("lm_head."):
+        return "head", None
+    block = _BLOCK.match(name)
+    if block:
+        return "block", int(block.group(1))
+    return "final_norm", None
+
+
+def parameters(model: torch.nn.Module, tp: int, frozen: tuple[str, ...] = (), stage: str | None = None) -> list[Param]:
+    """Every parameter with its per-TP-rank size and whether it trains. Trainability: the stage's rules
+    (exactly as the trainer builds its groups) when `stage` is given, else the model's own requires_grad
+    (the vision encoder is frozen by default); then every part named in `frozen` is frozen too."""
+    unknown = sorted(set(frozen) - set(FROZEN_PARTS))
+    if unknown:
+        raise PlanError(f"--frozen {','.join(unknown)}: choose among {','.join(FROZEN_PARTS)}")
+    if stage is not None:
+        from ghostvis.train.engine import build_param_groups
+        from ghostvis.train.stages import get_stage
+
+        spec = get_stage(stage)
+        if spec.needs_vision and not hasattr(model, "vision"):
+            raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
+        build_param_groups(model, spec, {k: spec.defaults[k] for k in spec.lr_names}, 0.0, spec.defaults,
+                           model.config.n_layer)  # sets requires_grad from the stage's rules
+    out = []
+    for name, p in model.named_parameters():
+        part, block = classify(name)
+        # the vision tower is replicated on every TP rank; LLM weights split as the model splits them
+        split = part not in ("encoder", "connector") and tp_split_dim(name.removeprefix("llm.")) is not None
+        llm_part = part not in ("encoder", "connector")
+        is_frozen = ("llm" in frozen and llm_part) or part in frozen
+        out.append(Param(name, p.numel() // tp if split else p.numel(), p.numel(), part, block,
+                         p.requires_grad and not is_frozen))
+    return out
+
+
+# ---- pipeline stages ----------------------------------------------------------------------------
+
+def stage_blocks(n_layer: int, pp: int) -> list[range]:
+    """Blocks per pipeline stage, partitioned by layer count (the first stages take the remainder)."""
+    if pp > n_layer:
+        raise PlanError(f"--pp {pp} is more than the model's {n_layer} blocks")
+    base, extra = divmod(n_layer, pp)
+    bounds = [0]
+    for s in range(pp):
+        bounds.append(bounds[-1] + base + (1 if s < extra else 0))
+    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+
+
+def on_stage(p: Param, s: int, pp: int, blocks: range, tied: bool) -> bool:
+    """Front (embedding, vision tower) on stage 0, head and final norm on the last; a tied embedding is
+    held by both (DeepSpeed's TiedLayerSpec keeps a copy on each and all-reduces their gradients)."""
+    if p.part == "block":
+        return p.block in blocks
+    if p.part in ("encoder", "connector"):
+        return s == 0
+    if p.part == "embedding":
+        return s == 0 or (tied and s == pp - 1)
+    return s == pp - 1  # head, final_norm
+
+
+# ---- activations ---------------------------------------------------------------------------------
+
+def llm_layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, weights_train: bool, act_bytes: int) -> int:
+    """Bytes one block keeps for backward over `tokens` (= micro-batch × seq) tokens on one TP rank.
+
+    Attention: the norm's input; q, k (after RoPE), v and the output (flash/SDPA keeps them) plus its fp32
+    log-sum-exp; the q/k/v projections' input. MLP: the norm's input; gate (for SiLU), SiLU(gate) and up
+    (for the product); the down projection's input. A linear layer keeps its input only when its weight
+    trains, so a frozen LLM (vision alignment) keeps less. Without sequence parallelism the width-d
+    tensors are whole on every TP rank; head and FFN tensors split by tp."""
+    d, hq, hkv, f = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.ffn_dim
+    replicated = 2 * d + (2 * d if weights_train else 0)  # the norms' inputs (+ outputs, the projections' input)
+    split = 2 * hq + 2 * hkv + 3 * f + (f if weights_train else 0)  # (+ down_proj's input; o_proj's is attn out)
+    lse = 4 * cfg.n_head // tp  # fp32 per token and head
+    return tokens * (act_bytes * (replicated + split // tp) + lse)
+
+
+def loss_bytes(cfg: ModelConfig, tokens: int, tp: int, act_bytes: int) -> int:
+    """Peak at the loss: the logits (activation dtype), their fp32 copy and the fp32 softmax / gradient."""
+    return tokens * (cfg.padded_vocab_size // tp) * (act_bytes + 4 + 4)
+
+
+def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains: bool, connector_trains: bool,
+                            act_bytes: int) -> int:
+    """Estimate for the vision tower over `images` images. A frozen encoder runs under no_grad (only one
+    block's transient tensors); a training encoder keeps per block its two norms' inputs, q/k/v, the
+    attention output and the MLP hidden twice. A perceiver keeps the patches' K/V per block."""
+    enc = model.vision.encoder
+    patches, dim = enc.num_patches, enc.dim
+    hidden = enc.model.blocks[0].mlp.fc1.out_features
+    per_block = patches * (7 * dim + 2 * hidden)
+    n_blocks = len(enc.model.blocks)
+    enc_bytes = images * act_bytes * (per_block * n_blocks if encoder_trains else per_block)
+    conn = 0
+    if connector_trains:
+        res, proj = model.vision.resampler, model.vision.projector
+        n_tok, depth = res.num_tokens, len(getattr(res, "blocks", ()))
+        conn = depth * (patches * 3 * dim + n_tok * 14 * dim)  # K/V of the patches, the latents' block
+        conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+    return enc_bytes + images * act_bytes * conn
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+def _largest_module_params(model: torch.nn.Module, params: list[Param]) -> int:
+    """Per-TP-rank elements of the largest module that owns parameters directly (what ZeRO-3 gathers at once)."""
+    size = {p.name: p.numel for p in params}
+    best = 0
+    for prefix, module in model.named_modules():
+        own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+        best = max(best, sum(size.get(n, 0) for n in own))
+    return best
+
+
+def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: int, blocks: range) -> tuple[dict, dict]:
+    """(gpu bytes, host bytes) by line for pipeline stage `s`."""
+    cfg: ModelConfig = model.config
+    lay, dp, zero = layout, layout.dp, layout.zero
+    wbytes = DTYPE_BYTES[lay.dtype]
+    held = [p for p in params if on_stage(p, s, lay.pp, blocks, cfg.tie_embeddings)]
+    n_all = sum(p.numel for p in held)
+    n_train = sum(p.numel for p in held if p.trainable)
+    gpu: dict[str, int] = {}
+    host: dict[str, int] = {}
+
+    def place(line: str, nbytes: float, offloaded: bool) -> None:
+        (host if offloaded else gpu)[line] = math.ceil(nbytes)
+
+    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1), lay.offload and zero >= 3)
+    if lay.dtype != "fp32":
+        place("master weights (fp32)", n_train * 4 / (dp if zero >= 1 else 1), lay.offload)
+    # DeepSpeed reduces gradients into each rank's partition during backward at stage 1 as well as 2
+    # (bf16 accumulation, our default), so both hold 1/dp of them; offloaded, they land on the host in fp32
+    place(f"gradients ({'fp32' if lay.offload else lay.dtype})", n_train * (4 if lay.offload else wbytes) /
+          (dp if zero >= 1 else 1), lay.offload)
+    place("optimizer states (Adam m, v fp32)", n_train * 8 / (dp if zero >= 1 else 1), lay.offload)
+    if zero >= 1 and lay.reduce_bucket_size:
+        gpu["gradient buckets"] = lay.reduce_bucket_size * wbytes * (2 if lay.overlap_comm and zero < 3 else 1)
+    if zero >= 3:
+        gpu["ZeRO-3 gathered weights"] = (_largest_module_params(model, held) + lay.prefetch_bucket_size) * wbytes
+
+    act_bytes = wbytes
+    in_flight = lay.pp - s  # 1F1B: stage s holds pp - s micro-batches between their forward and backward
+    tokens = lay.micro_batch * lay.seq_len
+    train_blocks = {p.block for p in held if p.part == "block" and p.trainable}
+    per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) for b in blocks]
+    if lay.activation_checkpointing:  # block inputs only, plus one block recomputed during backward
+        act = len(blocks) * tokens * cfg.n_embd * act_bytes * in_flight + max(per_layer, default=0)
+    else:
+        act = sum(per_layer) * in_flight
+    if s == lay.pp - 1:  # final norm's input and output, then the loss
+        act += 2 * tokens * cfg.n_embd * act_bytes + loss_bytes(cfg, tokens, lay.tp, act_bytes)
+    if s == 0 and hasattr(model, "vision"):
+        trains = {p.part for p in held if p.trainable}
+        images = lay.micro_batch * lay.images_per_sample * in_flight
+        act += vision_activation_bytes(model, images, "encoder" in trains, "connector" in trains, act_bytes)
+    gpu["activations"] = act
+    gpu["CUDA context + workspaces (constant)"] = CUDA_OVERHEAD_BYTES
+    return gpu, host
+
+
+def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = None) -> dict[str, Any]:
+    """Bucket sizes from a DeepSpeed config (default: the shipped ds_configs/zero{N}[_offload].json)."""
+    if zero == 0:
+        return {}
+    path = Path(ds_config) if ds_config else REPO / "ds_configs" / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
+    if not path.is_file():
+        raise PlanError(f"--ds-config {path}: no such file")
+    z = json.loads(path.read_text()).get("zero_optimization", {})
+    return {"reduce_bucket_size": int(z.get("reduce_bucket_size", 5e8)), "overlap_comm": bool(z.get("overlap_comm", False)),
+            "prefetch_bucket_size": int(z.get("stage3_prefetch_bucket_size", 5e7)) if zero >= 3 else 0}
+
+
+def plan(model_name: str, layout: Layout, *, depth: int | None = None, frozen: tuple[str, ...] = (),
+         stage: str | None = None, model: torch.nn.Module | None = None, **overrides: Any) -> Plan:
+    """The plan for the heaviest pipeline stage. `model` (a meta or real model) skips building the preset."""
+    layout.check()
+    if model is None:
+        model = build_meta_model(*get_preset(model_name, depth, **overrides))
+    cfg: ModelConfig = model.config
+    try:
+        check_tp(cfg, layout.tp)
+    except ValueError as err:
+        raise PlanError(f"--tp {layout.tp}: {err}") from err
+    params = parameters(model, layout.tp, frozen, stage)
+    best: Plan | None = None
+    for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
+        gpu, host = stage_plan(model, params, layout, s, blocks)
+        held = sum(p.numel for p in params if on_stage(p, s, layout.pp, blocks, cfg.tie_embeddings))
+        candidate = Plan(model_name, layout, s, sum(p.full for p in params),
+                         sum(p.full for p in params if p.trainable), held, gpu, host)
+        if best is None or candidate.gpu_total > best.gpu_total:
+            best = candidate
+    assert best is not None
+    if layout.tp > layout.gpus:
+        best.notes.append(f"--tp {layout.tp} spans nodes ({layout.gpus} GPUs each): TP all-reduces every sublayer, "
+                          "keep it inside a node")
+    if layout.pp > 1:
+        best.notes.append(f"pipeline stage {best.stage_index} of {layout.pp} is the heaviest; activations assume "
+                          f"1F1B with --grad-accum >= {layout.pp}")
+    return best
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+def format_plan(p: Plan, gpu_mem_gib: float) -> str:
+    lay = p.layout
+    lines = [
+        f"model {p.model}: {p.params_total:,} parameters, {p.params_trainable:,} trainable",
+        f"layout: {lay.world} GPUs ({lay.nodes} node(s) × {lay.gpus}) = tp {lay.tp} × pp {lay.pp} × dp {lay.dp}, "
+        f"ZeRO-{lay.zero}{' + offload' if lay.offload else ''}, {lay.dtype}, micro-batch {lay.micro_batch} × "
+        f"seq {lay.seq_len}{', activation checkpointing' if lay.activation_checkpointing else ''}",
+        f"per GPU (pipeline stage {p.stage_index}, {p.params_on_gpu:,} parameters before ZeRO-3 sharding):",
+    ]
+    width = max(len(k) for k in [*p.gpu, *p.host])
+    lines += [f"  {k:<{width}}  {v / GIB:9.2f} GiB" for k, v in p.gpu.items()]
+    lines.append(f"  {'total':<{width}}  {p.gpu_total / GIB:9.2f} GiB")
+    if p.host:
+        lines.append("host (CPU) memory per GPU, offloaded:")
+        lines += [f"  {k:<{width}}  {v / GIB:9.2f} GiB" for k, v in p.host.items()]
+    headroom = gpu_mem_gib - p.gpu_total / GIB
+    verdict = "fits" if p.fits(gpu_mem_gib) else "does not fit"
+    lines.append(f"{verdict} on a {gpu_mem_gib:g} GiB card ({'headroom' if headroom >= 0 else 'short by'} "
+                 f"{abs(headroom):.2f} GiB)")
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)

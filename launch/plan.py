@@ -1,0 +1,74 @@
+"""Plan GPU memory for a training layout before renting the GPUs (docs/planner.md).
+
+    python launch/plan.py --model vlm_7b --gpus 8 --zero 3 --tp 1 --pp 1 --micro-batch 1 --seq 4096
+    python launch/plan.py --model qwen25_7b --gpus 8 --nodes 2 --zero 1 --tp 2 --pp 2 --activation-checkpointing
+    python launch/plan.py --model vlm_7b --stage vision_pretrain --gpus 4 --zero 2 --json
+
+Prints per-GPU bytes of weights, fp32 master weights, gradients, Adam states, ZeRO buffers, activations and
+a fixed CUDA overhead, then "fits / does not fit on a <N> GiB card" with the headroom. Exit status 0 when
+it fits, 1 when it does not (scripts can test it), 2 on a bad flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
+from ghostvis.config import PRESETS  # noqa: E402
+from ghostvis.plan import FROZEN_PARTS, Layout, PlanError, ds_bucket_settings, format_plan, plan  # noqa: E402
+from ghostvis.train.stages import STAGES  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=PRESETS, help="preset name (ghostvis/config.py)")
+    p.add_argument("--depth", type=int, default=None, help="depth of the small / vlm_small family")
+    p.add_argument("--vocab-size", type=int, default=None, help="your tokenizer's vocabulary (default: the preset's)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world = gpus × nodes = tp × pp × dp)")
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (image tokens included)")
+    p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (VLM presets)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision")
+    p.add_argument("--offload", action="store_true",
+                   help="ZeRO-Offload: optimizer state (and with --zero 3 the weights) in host memory")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--stage", default=None, choices=sorted(STAGES),
+                   help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
+    p.add_argument("--frozen", default="", help=f"comma-separated parts to freeze as well: {','.join(FROZEN_PARTS)}")
+    p.add_argument("--ds-config", default=None,
+                   help="DeepSpeed JSON for bucket sizes (default: ds_configs/zero{N}[_offload].json)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one card in GiB")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    frozen = tuple(x.strip() for x in args.frozen.split(",") if x.strip())
+    overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    try:
+        layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, zero=args.zero,
+                        micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
+                        activation_checkpointing=args.activation_checkpointing,
+                        images_per_sample=args.images_per_sample,
+                        **ds_bucket_settings(args.zero, args.offload, args.ds_config))
+        result = plan(args.model, layout, depth=args.depth, frozen=frozen, stage=args.stage, **overrides)
+    except (PlanError, ValueError) as err:
+        print(f"plan.py: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(args.gpu_mem_gib), indent=1))
+    else:
+        print(format_plan(result, args.gpu_mem_gib))
+    return 0 if result.fits(args.gpu_mem_gib) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

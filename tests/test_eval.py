@@ -1,0 +1,192 @@
+"""Evaluation on real tiny parts: synth shards, exported checkpoints, the eval CLI and its report card.
+
+The end-to-end checkpoint is a random tiny VLM whose language model is rewired into a bigram chain that
+always answers " Square." (image positions can't reach the last position: attention and MLP outputs are
+zeroed), so the expected accuracy per question type is known exactly from the reference answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data_prep import text_shards
+from data_prep.synth import generate, vqa_sample
+from ghostvis.checkpoint_io import export
+from ghostvis.config import get_preset
+from ghostvis.eval import evaluate_vqa, normalize_answer, read_metrics
+from ghostvis.eval.vqa import aggregate, blank_like, reply_text
+from ghostvis.infer.engine import Engine
+from ghostvis.model.gpt import GPT
+from ghostvis.model.vlm import VLM
+from ghostvis.train.logging import RunLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_TEST = 12  # vqa/test samples: question types take turns, so 3 of each
+ANSWER = " Square."  # what the bigram checkpoint always says
+
+
+def load_eval_cli():
+    spec = importlib.util.spec_from_file_location("ghostvis_eval_cli", ROOT / "launch" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_vlm(tokenizer, seed: int = 0) -> VLM:
+    torch.manual_seed(seed)
+    cfg, vcfg = get_preset("vlm_tiny", vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    return VLM(cfg, vcfg).eval()
+
+
+def answering_vlm(tokenizer, answer: str) -> VLM:
+    """A random tiny VLM whose LLM continues <|assistant_start|> with `answer` then <|assistant_end|>."""
+    chain = [tokenizer.special_id("<|assistant_start|>"), *tokenizer.encode(answer),
+             tokenizer.special_id("<|assistant_end|>")]
+    assert len(set(chain)) == len(chain)  # a bigram chain needs distinct tokens
+    model = tiny_vlm(tokenizer, seed=1)
+    sd = model.llm.state_dict()
+    with torch.no_grad():
+        for name, tensor in sd.items():
+            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+                tensor.zero_()
+        sd["lm_head.weight"].zero_()
+        for i, (cur, nxt) in enumerate(zip(chain, chain[1:])):
+            sd["wte.weight"][cur] = torch.nn.functional.one_hot(torch.tensor(i), model.config.n_embd).float()
+            sd["lm_head.weight"][nxt, i] = 10.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer, tiny_tokenizer_dir):
+    """Synth data (+ text-token shards), the answering VLM export with a training log, a text-only export."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "synth"
+    generate(data, num_captions=6, num_vqa=4, num_val=6, num_test=NUM_TEST, num_arith=2, num_arith_test=2,
+             num_text_docs=30, shard_size=5)
+    text_shards.main(["--input", str(data / "text"), "--tokenizer", str(tiny_tokenizer_dir),
+                      "--out", str(data / "tokens"), "--val-docs", "1", "--workers", "1"])
+    ckpt = root / "sft"
+    export(answering_vlm(tiny_tokenizer, ANSWER), ckpt, tokenizer=tiny_tokenizer, extra={"stage": "sft", "step": 3})
+    for start, losses in ((0, [5.0, 4.0, 3.5]), (2, [9.9])):  # the second logger is a resume from step 2
+        log = RunLogger(out_dir=ckpt, total_steps=3, start_step=start, enabled=True, wandb_mode="off",
+                        run_config={}, header="test run")
+        for step, loss in enumerate(losses, start=start + 1):
+            log.step(step, {"loss": loss, "lr_mult": 1.0, "tokens_per_s": 100.0, "mfu": None,
+                            "val_bpb": 2.0 if step == 3 else None})
+        log.close()
+    torch.manual_seed(0)
+    cfg, _ = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)
+    text_ckpt = root / "base"
+    export(GPT(cfg), text_ckpt, tokenizer=tiny_tokenizer, extra={"stage": "base", "step": 1})
+    return {"root": root, "data": data, "ckpt": ckpt, "text_ckpt": text_ckpt}
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Square. ") == "square"
+    assert normalize_answer("RIGHT!") == "right"
+    assert normalize_answer("3") == normalize_answer(" 3\n")
+    assert normalize_answer("a  red\tcircle") == "a red circle"
+    assert normalize_answer("red") != normalize_answer("reds")
+    assert normalize_answer("") == ""
+
+
+def test_aggregate_per_type_and_chance():
+    out = aggregate([("colour", True), ("colour", False), ("colour", False), ("position", True)])
+    assert out["per_type"]["colour"] == {"correct": 1, "n": 3, "chance": 1 / 6, "accuracy": 1 / 3}
+    assert out["per_type"]["position"]["accuracy"] == 1.0 and out["per_type"]["position"]["chance"] == 0.5
+    assert out["overall"]["accuracy"] == 0.5 and out["overall"]["n"] == 4
+    assert out["overall"]["chance"] == pytest.approx((3 / 6 + 0.5) / 4)
+    # a type with open answers has no chance level, so the overall one is unknown too
+    assert aggregate([("arith", True), ("shape", False)])["overall"]["chance"] is None
+
+
+def test_reply_text_leaves_tool_calls_out(tiny_tokenizer):
+    sp = tiny_tokenizer.special_id
+    tokens = [*tiny_tokenizer.encode("it is "), sp("<|python_start|>"), *tiny_tokenizer.encode("1+2"),
+              sp("<|python_end|>"), sp("<|output_start|>"), *tiny_tokenizer.encode("3"), sp("<|output_end|>"),
+              *tiny_tokenizer.encode("3"), sp("<|assistant_end|>")]
+    assert reply_text(Engine(tiny_vlm(tiny_tokenizer), tiny_tokenizer), tokens) == "it is 3"
+
+
+def test_blanked_images_reach_the_model_as_one_constant_image(setup, tiny_tokenizer):
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    assert blank_like(image).size == image.size
+    assert blank_like(image).tobytes() == blank_like(Image.new("RGB", (64, 64), (0, 90, 0))).tobytes()
+    model = tiny_vlm(tiny_tokenizer).train()  # as the training loop would hand it over
+    test_dir = setup["data"] / "vqa" / "test"
+    out = evaluate_vqa(model, tiny_tokenizer, test_dir, max_samples=8, batch_size=4, blank_images=True,
+                       num_examples=8, progress=False)
+    assert model.training  # restored for the loop
+    assert out["blank_images"] and out["skipped"] == 0 and out["overall"]["n"] == 8
+    assert sum(e["n"] for e in out["per_type"].values()) == 8
+    by_question: dict[str, set[str]] = {}
+    for e in out["examples"]:
+        by_question.setdefault(e["question"], set()).add(e["prediction"])
+    repeated = [q for q in by_question if sum(e["question"] == q for e in out["examples"]) > 1]
+    assert repeated  # "how many shapes are there?" comes twice in 8 samples
+    assert all(len(by_question[q]) == 1 for q in repeated)  # same question + blank image = same answer
+
+
+def test_eval_cli_end_to_end(setup):
+    ckpt, data = setup["ckpt"], setup["data"]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "eval.py"), "--ckpt", str(ckpt), "--data", str(data),
+         str(data / "tokens"), "--blank-images", "--max-samples", str(NUM_TEST), "--batch-size", "6",
+         "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((ckpt / "eval.json").read_text())
+    # the bigram model always says " Square.": right exactly where the reference answer is "square"
+    refs = [json.loads(vqa_sample(0, "test", i, 64)["json"]) for i in range(NUM_TEST)]
+    for qtype, entry in results["vqa"]["per_type"].items():
+        answers = [r["answer"] for r in refs if r["type"] == qtype]
+        assert entry["n"] == len(answers) == NUM_TEST // 4
+        assert entry["correct"] == answers.count("square")
+        assert results["vqa_blank"]["per_type"][qtype]["correct"] == entry["correct"]  # it never looked
+    assert results["vqa"]["overall"]["n"] == NUM_TEST
+    assert results["vqa"]["per_type"]["shape"]["chance"] == pytest.approx(1 / 3)
+    assert all(e["prediction"] == ANSWER for e in results["vqa"]["examples"])
+    assert results["caption"]["data"].endswith(str(Path("captions") / "val"))  # no captions/test: val
+    assert 0 < results["caption"]["loss"] < 20 and results["caption"]["samples"] == 6
+    assert results["text"]["bpb"] > 0 and results["text"]["bytes"] > 0
+    assert (results["stage"], results["step"], results["split"]) == ("sft", 3, "test")
+    assert "| shape | 3 |" in result.stdout and "chance" in result.stdout and "text bits per byte" in result.stdout
+    report = (ckpt / "report.md").read_text()
+    for png in ("accuracy.png", "training_curves.png"):
+        assert f"({png})" in report
+        with Image.open(ckpt / png) as im:
+            assert im.format == "PNG" and im.width > 100
+    assert "image blanked" in report and "stage `sft`" in report
+
+
+def test_training_log_keeps_the_last_record_of_a_step(setup):
+    series = read_metrics(setup["ckpt"] / "metrics.jsonl")
+    assert series["loss"] == [(1, 5.0), (2, 4.0), (3, 9.9)]  # the resumed run re-logged step 3
+    assert list(series)[:2] == ["loss", "val_bpb"] and series["val_bpb"] == [(3, 2.0)]
+    assert "mfu" not in series  # None values are not plotted
+
+
+def test_wrong_stage_checkpoint_gives_a_clear_error(setup, tmp_path, capsys):
+    cli = load_eval_cli()
+    vqa_test = setup["data"] / "vqa" / "test"
+    assert cli.main(["--ckpt", str(setup["text_ckpt"]), "--data", str(vqa_test), "--report-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "text-only model" in err and "stage base" in err and "vision_pretrain, sft or rl" in err
+    assert not (tmp_path / "eval.json").exists()
+    # a whole data root: the text-only model is scored on text, and the visual QA is listed as not run
+    assert cli.main(["--ckpt", str(setup["text_ckpt"]), "--data", str(setup["data"]), str(setup["data"] / "tokens"),
+                     "--max-samples", "2", "--report-dir", str(tmp_path), "--no-report"]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert "text" in results and "vqa" not in results and "caption" not in results
+    assert "text-only model" in results["not_run"]["vqa"] and "not run" in capsys.readouterr().out
+    assert cli.main(["--ckpt", str(tmp_path / "nothing"), "--data", str(vqa_test)]) == 2
+    assert "cannot load --ckpt" in capsys.readouterr().err
