@@ -32,7 +32,8 @@ QA_DATASET = "vqa"  # in a root, only this conversation dataset is a QA eval (ot
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a GhostVis checkpoint on held-out data.")
-    p.add_argument("--ckpt", required=True, help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
+    p.add_argument("--ckpt", required=True,
+                   help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
     p.add_argument("--data", required=True, nargs="+", type=Path,
                    help="shard directories, dataset directories (with <split>/) or a data_prep/synth.py root")
     p.add_argument("--split", default="test", help="split to read inside dataset directories (val when it is absent)")
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run visual QA with every image blanked (accuracy should fall to chance)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seq-len", type=int, default=None, help="text rows for bits per byte (default: the model's context)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per text row for bits per byte (default: the model's context)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit for visual QA")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the report card (report.md + PNGs) beside eval.json")

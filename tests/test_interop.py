@@ -147,10 +147,10 @@ def test_native_tokenizer_exports_for_transformers(tiny_tokenizer, tmp_path):
         tiny_tokenizer.render_conversation(CONV)[0]
 
 
-def test_import_refuses_bad_input(hf_folder, tmp_path):
-    kind, src, _ = hf_folder
-    if kind != "qwen2":
-        pytest.skip("one folder is enough")
+def test_import_refuses_bad_input(hf_tokenizer_file, tmp_path):
+    src = tmp_path / "src"
+    _hf_model("qwen2", RawTokenizer.from_file(str(hf_tokenizer_file)).get_vocab_size()).save_pretrained(src)
+    (src / "tokenizer.json").write_bytes(hf_tokenizer_file.read_bytes())
 
     def folder(name: str, **config_changes) -> Path:
         d = tmp_path / name

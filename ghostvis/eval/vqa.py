@@ -199,6 +199,11 @@ def evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | P
                              max_new_tokens, num_examples, progress)
 
 
+# Samples read ahead and sorted by prompt length before batching: the engine batches only equal-length
+# prompts (no padding), so sorting turns a batch of mixed questions into a few large groups.
+WINDOW_BATCHES = 8
+
+
 def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path, max_samples: int | None,
                   batch_size: int, device: str | torch.device, blank_images: bool, max_new_tokens: int,
                   num_examples: int, progress: bool) -> dict[str, Any]:
@@ -212,41 +217,41 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
     bar = tqdm(total=total, desc=f"vqa{' (blanked)' if blank_images else ''}", leave=False,
                disable=not progress)
 
-    def run(batch: list[QASample]) -> None:
-        nonlocal unusable
-        bar.update(len(batch))
-        prompts, images, kept = [], [], []
-        for s in batch:
-            check_model(model, bool(s.images), f"{data_dir} sample {s.key}")
-            try:
-                ids = tokenizer.render_for_completion(s.record, engine.num_vision_tokens)
-            except (ValueError, TypeError, KeyError):
-                unusable += 1
-                continue
-            if len(ids) >= engine.max_seq_len:
-                unusable += 1
-                continue
-            prompts.append(ids)
-            images.append([transform(blank_like(im) if blank_images else im) for im in s.images])
-            kept.append(s)
-        if not kept:
-            return
-        completions = engine.complete(prompts, images, max_new_tokens=max_new_tokens, temperature=0.0)
-        for s, c in zip(kept, completions):
-            prediction = reply_text(engine, c.tokens)
-            results.append((s.qtype, is_correct(prediction, s.answer)))
-            if len(examples) < num_examples:
-                examples.append({"key": s.key, "type": s.qtype, "question": s.question, "answer": s.answer,
-                                 "prediction": prediction})
+    def prompt(s: QASample) -> list[int] | None:
+        check_model(model, bool(s.images), f"{data_dir} sample {s.key}")
+        try:
+            ids = tokenizer.render_for_completion(s.record, engine.num_vision_tokens)
+        except (ValueError, TypeError, KeyError):
+            return None
+        return ids if len(ids) < engine.max_seq_len else None
 
-    batch: list[QASample] = []
+    def run(window: list[tuple[list[int], QASample]]) -> None:
+        window.sort(key=lambda item: len(item[0]))
+        for start in range(0, len(window), batch_size):
+            batch = window[start:start + batch_size]
+            images = [[transform(blank_like(im) if blank_images else im) for im in s.images] for _, s in batch]
+            completions = engine.complete([ids for ids, _ in batch], images, max_new_tokens=max_new_tokens,
+                                          temperature=0.0)
+            for (_, s), c in zip(batch, completions):
+                prediction = reply_text(engine, c.tokens)
+                results.append((s.qtype, is_correct(prediction, s.answer)))
+                if len(examples) < num_examples:
+                    examples.append({"key": s.key, "type": s.qtype, "question": s.question, "answer": s.answer,
+                                     "prediction": prediction})
+            bar.update(len(batch))
+
+    window: list[tuple[list[int], QASample]] = []
     for sample in samples:
-        batch.append(sample)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
+        ids = prompt(sample)
+        if ids is None:
+            unusable += 1
+            bar.update(1)
+            continue
+        window.append((ids, sample))
+        if len(window) == batch_size * WINDOW_BATCHES:
+            run(window)
+            window = []
+    run(window)
     bar.close()
     if not results:
         raise ValueError(f"{data_dir}: no usable question/answer samples ({stream.stats['corrupt']} unreadable, "

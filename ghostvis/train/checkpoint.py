@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -83,7 +85,10 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, An
         tensors, meta = rng_state()
         save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata=meta)
         # save_latest=False: DeepSpeed's own `latest` would point at the tmp tag; ours is written below
-        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+        # universal_checkpoint_info: what ds_to_universal requires to convert for another world size
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
+                               client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                                                         UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
     except OSError as err:  # a rank failing alone dies here; the launcher then stops the others
         raise CheckpointError(f"saving checkpoint {tmp} failed on rank {rank}: {err}; "
                               f"{ckpt_dir / LATEST} still names the previous checkpoint") from err

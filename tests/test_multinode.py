@@ -1,0 +1,62 @@
+"""Two "nodes" on localhost: the DeepSpeed launcher in its no-ssh mode, started once per node with
+--node_rank 0/1 (as a cluster scheduler would on each machine), runs launch/train.py as one 2-rank job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_corpus
+from dist_utils import REPO, free_port
+
+from data_prep import text_shards
+from ghostvis.train import checkpoint
+
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+@pytest.mark.slow
+def test_two_nodes_without_ssh_train_one_job(tmp_path, tiny_tokenizer_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(200, seed=2)))
+    text_shards.main(["--input", str(corpus), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "data"),
+                      "--docs-per-shard", "50", "--val-docs", "20", "--workers", "1"])
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names are not resolved in no-ssh mode
+    out = tmp_path / "run"  # one directory both "nodes" write to: the shared filesystem of a real cluster
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    port = str(free_port())
+    train = [str(REPO / "launch" / "train.py"), "--stage", "base", "--model", "tiny", "--data", str(tmp_path / "data"),
+             "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out), "--ds_config", str(REPO / "ds_configs" / "zero2.json"),
+             "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--save-every", "2", "--eval-every", "0", "--lr", "1e-3"]
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+               "--master_addr", "127.0.0.1", "--master_port", port, *train]
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [node(0), node(1)]
+    try:
+        logs = [p.communicate(timeout=150)[0] for p in nodes]
+    finally:
+        for p in nodes:  # a node whose peer died waits at the rendezvous: stop it
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, log) in enumerate(zip(nodes, logs)):
+        assert p.returncode == 0, f"node {rank} exited with {p.returncode}:\n{log[-6000:]}"
+        assert "nnodes=2" in log and f"node_rank={rank}" in log
+
+    assert "stage `base`, 2 rank(s)" in (out / "run_log.md").read_text()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    step = out / "ckpt" / checkpoint.read_latest(out)
+    states = [json.loads((step / f"client_state_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["rank"], s["world_size"], s["step"]) for s in states] == [(0, 2, 2), (1, 2, 2)]
+    # the ranks read disjoint halves of the data: their saved stream positions differ
+    assert states[0]["data"] != states[1]["data"]
+    assert (out / "llm.safetensors").is_file()

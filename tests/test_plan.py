@@ -1,0 +1,188 @@
+"""The memory planner against measured memory: torch AdamW after a real step, and 2-rank DeepSpeed ZeRO-1/2/3
+engines on CPU (this file is also the rank script: `python tests/test_plan.py OUT_DIR` under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghostvis.config import get_preset
+from ghostvis.plan import Layout, PlanError, build_meta_model, plan
+
+# DeepSpeed pads each flat parameter group to a multiple of 2·dp elements; the planner leaves that out.
+PAD_ELEMENTS_PER_GROUP = 2
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def adam_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """exp_avg + exp_avg_sq; the 0-d `step` counters (4 bytes per parameter tensor) are not state worth planning."""
+    return nbytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+def one_adamw_step(model: torch.nn.Module, loss_fn) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss_fn(model).backward()
+    opt.step()
+    return opt
+
+
+def test_fp32_adamw_step_matches_plan_exactly():
+    torch.manual_seed(0)
+    cfg, _ = get_preset("small", depth=2)
+    from ghostvis.model.gpt import GPT
+
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 32))
+    opt = one_adamw_step(model, lambda m: m(idx, idx))
+    p = plan("small", Layout(zero=0, dtype="fp32"), depth=2)
+    assert p.params_total == sum(t.numel() for t in model.parameters())
+    assert p.gpu["weights (fp32)"] == nbytes(model.parameters())
+    assert p.gpu["gradients (fp32)"] == nbytes(t.grad for t in model.parameters())
+    assert p.gpu["optimizer states (Adam m, v fp32)"] == adam_state_bytes(opt)
+    assert "master weights (fp32)" not in p.gpu  # fp32 training keeps no second copy
+
+
+def test_frozen_parts_carry_no_gradients_or_optimizer_state():
+    """vision_pretrain on vlm_tiny: the trainer's own rules freeze LLM and encoder; only the connector
+    (the projector, avgpool has no weights) gets gradients and Adam state, as measured after a step."""
+    from ghostvis.model.vlm import VLM
+    from ghostvis.train.engine import build_param_groups
+    from ghostvis.train.stages import get_stage
+
+    torch.manual_seed(0)
+    cfg, vcfg = get_preset("vlm_tiny")
+    cfg.image_token_id = cfg.vocab_size - 1
+    model = VLM(cfg, vcfg)
+    stage = get_stage("vision_pretrain")
+    build_param_groups(model, stage, dict(stage.defaults), 0.0, stage.defaults, cfg.n_layer)
+    n_img = model.num_vision_tokens
+    idx = torch.cat([torch.full((1, n_img), cfg.image_token_id), torch.randint(0, 100, (1, 16))], dim=1)
+    pixels = torch.randn(1, 3, vcfg.image_size, vcfg.image_size)
+    opt = one_adamw_step(model, lambda m: m(idx, idx, pixel_values=pixels))
+
+    p = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain")
+    trained = [t for t in model.parameters() if t.grad is not None]
+    assert nbytes(trained) == nbytes(model.vision.projector.parameters())  # nothing else got a gradient
+    assert p.params_trainable == sum(t.numel() for t in trained)
+    assert p.gpu["gradients (fp32)"] == nbytes(t.grad for t in trained)
+    assert p.gpu["optimizer states (Adam m, v fp32)"] == adam_state_bytes(opt)
+    assert p.gpu["weights (fp32)"] == nbytes(model.parameters())
+    # --frozen connector on top leaves nothing to train: no gradient or optimizer bytes at all
+    none = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain", frozen=("connector",))
+    assert none.params_trainable == 0 and none.gpu["optimizer states (Adam m, v fp32)"] == 0
+
+
+@pytest.mark.slow
+def test_two_rank_deepspeed_zero_shards_match_plan(tmp_path):
+    from dist_utils import run_ranks
+
+    run_ranks(Path(__file__), [tmp_path], nproc=2, timeout=120)
+    for rank in (0, 1):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for zero, m in measured.items():
+            p = plan("tiny", Layout(gpus=2, zero=int(zero), dtype="bf16"))
+            slack = m["groups"] * PAD_ELEMENTS_PER_GROUP * 2  # elements, across 2 ranks
+            expect = {"weights": p.gpu["weights (bf16)"], "master": p.gpu["master weights (fp32)"],
+                      "grads": p.gpu["gradients (bf16)"], "adam": p.gpu["optimizer states (Adam m, v fp32)"]}
+            per_element = {"weights": 2, "master": 4, "grads": 2, "adam": 8}
+            for key, want in expect.items():
+                assert abs(m[key] - want) <= slack * per_element[key], (zero, key, m[key], want)
+    # what ZeRO-3 shards, stages 1/2 keep whole: the weights
+    assert measured["3"]["weights"] * 2 == measured["1"]["weights"]
+
+
+def test_sharding_scales_with_data_parallel_size():
+    model = build_meta_model(*get_preset("vlm_7b"))  # built once: 8B parameters on the meta device
+    plans = {dp: plan("vlm_7b", Layout(gpus=dp, zero=3), model=model) for dp in (1, 2, 4, 8)}
+    for dp, p in plans.items():
+        for line in ("weights (bf16)", "master weights (fp32)", "gradients (bf16)", "optimizer states (Adam m, v fp32)"):
+            assert abs(p.gpu[line] * dp - plans[1].gpu[line]) <= dp, (dp, line)
+    z1 = plan("vlm_7b", Layout(gpus=8, zero=1), model=model)
+    assert z1.gpu["weights (bf16)"] == plans[1].gpu["weights (bf16)"]  # ZeRO-1 keeps every weight on every GPU
+    assert z1.gpu["optimizer states (Adam m, v fp32)"] == plans[8].gpu["optimizer states (Adam m, v fp32)"]
+    # frozen encoder (the default) and the stage rules: Adam state only for what trains
+    enc = sum(t.numel() for t in model.vision.encoder.parameters())
+    assert plans[1].params_trainable == plans[1].params_total - enc
+    vp = plan("vlm_7b", Layout(gpus=8, zero=2), model=model, stage="vision_pretrain")
+    connector = sum(t.numel() for n, t in model.named_parameters() if n.startswith(("vision.resampler", "vision.projector")))
+    assert vp.params_trainable == connector
+    assert abs(vp.gpu["optimizer states (Adam m, v fp32)"] - connector * 8 / 8) <= 1
+    # TP halves the split matrices only: norms and the vision tower stay whole on every rank
+    tp2 = plan("vlm_7b", Layout(gpus=2, tp=2, zero=0), model=model)
+    assert plans[1].params_total / 2 < tp2.params_on_gpu < plans[1].params_total * 0.6
+    # PP: the heaviest stage holds about half the blocks plus the front or the back
+    pp2 = plan("vlm_7b", Layout(gpus=2, pp=2, zero=1), model=model)
+    assert pp2.params_on_gpu < 0.6 * plans[1].params_total
+    # activation checkpointing keeps block inputs only
+    ckpt = plan("vlm_7b", Layout(gpus=8, zero=3, seq_len=4096, activation_checkpointing=True), model=model)
+    full = plan("vlm_7b", Layout(gpus=8, zero=3, seq_len=4096), model=model)
+    assert ckpt.gpu["activations"] < full.gpu["activations"] / 2
+
+
+def test_bad_layouts_name_the_flag():
+    with pytest.raises(PlanError, match="--zero 1"):
+        plan("tiny", Layout(gpus=2, pp=2, zero=3))
+    with pytest.raises(PlanError, match="--tp 3"):
+        plan("tiny", Layout(gpus=3, tp=3))
+    with pytest.raises(PlanError, match="not divisible by --tp 2"):
+        plan("tiny", Layout(gpus=3, tp=2))
+    with pytest.raises(PlanError, match="--frozen"):
+        plan("tiny", Layout(), frozen=("decoder",))
+
+
+def test_cli_json_and_exit_status(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import plan as plan_cli
+
+    assert plan_cli.main(["--model", "tiny", "--gpus", "2", "--zero", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["layout"]["dp"] == 2 and out["gpu_total_bytes"] == sum(out["gpu_bytes"].values())
+    assert plan_cli.main(["--model", "qwen25_7b", "--gpus", "1", "--zero", "0", "--gpu-mem-gib", "80"]) == 1
+    assert "does not fit on a 80 GiB card" in capsys.readouterr().out
+    assert plan_cli.main(["--model", "tiny", "--pp", "2", "--gpus", "2", "--zero", "2"]) == 2
+
+
+# ---- rank script: measured bytes of real DeepSpeed ZeRO engines (CPU, gloo, bf16) ----------------
+
+def _measure(out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from ghostvis.model.gpt import GPT
+    from ghostvis.train import engine as ds_engine
+    from ghostvis.train.stages import get_stage
+
+    rank, world, _ = ds_engine.init_distributed()
+    result = {}
+    for zero in (1, 2, 3):
+        torch.manual_seed(0)
+        cfg, _ = get_preset("tiny")
+        model = GPT(cfg)
+        stage = get_stage("base")
+        groups = ds_engine.build_param_groups(model, stage, dict(stage.defaults), 0.1, stage.defaults, cfg.n_layer)
+        ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
+              "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": zero}}
+        engine = ds_engine.initialize(model, groups, ds, "cpu")
+        idx = torch.randint(0, cfg.vocab_size, (2, 16))
+        engine.backward(engine(idx, idx))
+        opt = engine.optimizer
+        if zero < 3:
+            m = {"weights": nbytes(engine.module.parameters()), "master": nbytes(opt.single_partition_of_fp32_groups),
+                 "grads": nbytes(t for g in opt.averaged_gradients.values() for t in g or [])}
+        else:
+            m = {"weights": nbytes(p.ds_tensor for p in engine.module.parameters()),
+                 "master": nbytes(opt.fp32_partitioned_groups_flat), "grads": nbytes(opt.grad_partitions_flat_buffer)}
+        engine.step()
+        result[zero] = {**m, "adam": adam_state_bytes(opt.optimizer), "groups": len(groups)}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _measure(Path(sys.argv[1]))
