@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side (compilation)")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero1.json"))
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--skip-plain", action="store_true", help="time only our engine (compare ds_configs)")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append the result to")
     args = p.parse_args()
@@ -123,7 +124,8 @@ def main() -> None:
     flops = flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
     rows = []
-    for name, fn in (("ghostvis engine", ours), ("plain PyTorch", plain)):
+    sides = [("ghostvis engine", ours)] + ([] if args.skip_plain else [("plain PyTorch", plain)])
+    for name, fn in sides:
         sec = fn(args, device, dtype)
         gc.collect()
         if on_gpu:
@@ -132,6 +134,8 @@ def main() -> None:
         m = mfu(flops, tps, args.peak_flops if on_gpu else None)
         rows.append((name, tps, "n/a" if m is None else f"{100 * m:.1f}%"))
         print(f"{name:16s} {tps:12,.0f} tokens/s  MFU {rows[-1][2]}")
+    if args.skip_plain:
+        return
     ratio = rows[0][1] / rows[1][1]
     print(f"ratio engine/plain: {ratio:.3f}")
 

@@ -77,7 +77,7 @@ class VisionConfig:
     feature_layer: int = -2  # block whose patch tokens we take; -2 = second to last
     pretrained_path: str | None = None  # local safetensors file or HF folder; never downloaded
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle"
+    resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle" | "none"
     num_vision_tokens: int = 64
     resampler_depth: int = 2
     resampler_heads: int = 8
@@ -99,7 +99,7 @@ class VisionConfig:
         return _from_dict(cls, d)
 
 
-RESAMPLERS = ("perceiver", "avgpool", "pixel_shuffle")
+RESAMPLERS = ("perceiver", "avgpool", "pixel_shuffle", "none")
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -141,6 +141,8 @@ def _qwen25(n_embd: int, n_layer: int, n_head: int, n_kv_head: int, ffn_dim: int
 
 
 _SIGLIP = "vit_so400m_patch14_siglip_384"
+# SigLIP's released weights (big_vision / Hugging Face) use the tanh GELU; timm's default is exact GELU.
+_SIGLIP_KW = {"act_layer": "gelu_tanh"}
 
 # name -> (model config factory taking depth or None, vision config or None)
 _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
@@ -162,12 +164,12 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
     ),
     "vlm_1.5b": (
         lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),
-        VisionConfig(encoder=_SIGLIP, image_size=384, resampler="perceiver", num_vision_tokens=64,
+        VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
                      resampler_depth=2, resampler_heads=16, projector_hidden=4096),
     ),
     "vlm_7b": (
         lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064),
-        VisionConfig(encoder=_SIGLIP, image_size=384, resampler="perceiver", num_vision_tokens=64,
+        VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
                      resampler_depth=2, resampler_heads=16, projector_hidden=8192),
     ),
 }

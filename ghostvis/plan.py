@@ -309,14 +309,17 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
 
 
 def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = None) -> dict[str, Any]:
-    """Bucket sizes from a DeepSpeed config (default: the shipped ds_configs/zero{N}[_offload].json)."""
+    """Bucket sizes from a DeepSpeed config (default: the shipped ds_configs/zero{N}[_offload].json when this
+    is a checkout; DeepSpeed's own defaults otherwise)."""
     if zero == 0:
         return {}
-    path = Path(ds_config) if ds_config else REPO / "ds_configs" / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
-    if not path.is_file():
+    shipped = REPO / "ds_configs" / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
+    path = Path(ds_config) if ds_config else shipped
+    if ds_config and not path.is_file():
         raise PlanError(f"--ds-config {path}: no such file")
-    z = json.loads(path.read_text()).get("zero_optimization", {})
-    return {"reduce_bucket_size": int(z.get("reduce_bucket_size", 5e8)), "overlap_comm": bool(z.get("overlap_comm", False)),
+    z = json.loads(path.read_text()).get("zero_optimization", {}) if path.is_file() else {}
+    return {"reduce_bucket_size": int(z.get("reduce_bucket_size", 5e8)),
+            "overlap_comm": bool(z.get("overlap_comm", zero >= 3)),  # DeepSpeed turns it on for stage 3 only
             "prefetch_bucket_size": int(z.get("stage3_prefetch_bucket_size", 5e7)) if zero >= 3 else 0}
 
 
@@ -373,3 +376,34 @@ def format_plan(p: Plan, gpu_mem_gib: float) -> str:
                  f"{abs(headroom):.2f} GiB)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+# ---- calibration on a real GPU -------------------------------------------------------------------
+
+def measure_activations(model_cfg: ModelConfig, layout: Layout, device: str = "cuda") -> int:
+    """Peak bytes above weights and gradients during one bf16 forward + backward of the text model on
+    this GPU (tp = pp = dp = 1), to set beside the planned activations. Gradients are allocated before
+    the step so only activations, the loss and transient buffers show up in the peak."""
+    from ghostvis.model.gpt import GPT
+
+    if not torch.cuda.is_available():
+        raise PlanError("--measure needs a CUDA GPU")
+    model_cfg.activation_checkpointing = layout.activation_checkpointing
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, layout.seq_len)
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.to(torch.bfloat16).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    idx = torch.randint(0, model_cfg.vocab_size, (layout.micro_batch, layout.seq_len), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(idx, idx).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model, idx
+    torch.cuda.empty_cache()
+    return peak

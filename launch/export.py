@@ -4,9 +4,11 @@
 
 The language model becomes a transformers Qwen2 folder (q/k/v biases) or a Llama folder (otherwise) that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open; padding rows of the vocabulary
-are cut and the chat template renders like GhostVis. A VLM's connector (perceiver / avgpool / pixel_shuffle
-resampler + MLP) has no transformers equivalent: its directory is already its own format
-(`ghostvis.load_pretrained`), and --llm-only exports just its language model. See docs/interop.md.
+are cut and the chat template renders like GhostVis. A VLM with LLaVA-1.5's connector (resampler "none": the
+MLP projector over every patch token) becomes a `LlavaForConditionalGeneration` folder with its processor.
+Other connectors (perceiver / avgpool / pixel_shuffle resampler + MLP) have no transformers equivalent: their
+directory is already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language
+model. See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
 from ghostvis.checkpoint_io import read_config  # noqa: E402
+from ghostvis.interop.hf_llava import export_llava, llava_refusal  # noqa: E402
 from ghostvis.interop.hf_llm import DTYPES, export_llm  # noqa: E402
 
 
@@ -26,14 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", choices=["hf"], default="hf", help="output format (hf = transformers folder)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
-    p.add_argument("--llm-only", action="store_true", help="export only the language model of a VLM")
+    p.add_argument("--llm-only", action="store_true", help="export only the language model of a VLM (any connector)")
     args = p.parse_args(argv)
     model_cfg, vision_cfg, _ = read_config(args.ckpt)
+    dtype = DTYPES[args.dtype] if args.dtype else None
     if vision_cfg is not None and not args.llm_only:
-        p.error(f"--ckpt {args.ckpt} is a VLM with a {vision_cfg.resampler!r} connector, which no transformers "
-                "model class expresses; its directory is already loadable with ghostvis.load_pretrained. "
-                "Pass --llm-only to export its language model as a transformers folder.")
-    hf_cfg = export_llm(args.ckpt, args.out, dtype=DTYPES[args.dtype] if args.dtype else None, cfg=model_cfg)
+        reason = llava_refusal(model_cfg, vision_cfg)
+        if reason:
+            p.error(f"--ckpt {args.ckpt} is a VLM that cannot be exported as a transformers LLaVA: {reason}. Its "
+                    "directory is already its own format (llm.safetensors + vision.safetensors + config.json + "
+                    "tokenizer/, opened by ghostvis.load_pretrained); --llm-only exports its language model "
+                    "as a transformers folder.")
+        config = export_llava(args.ckpt, args.out, dtype=dtype)
+        print(f"wrote {args.out}: transformers {config.architectures[0]} "
+              f"({config.text_config.model_type} + {config.vision_config.model_type})")
+        return
+    hf_cfg = export_llm(args.ckpt, args.out, dtype=dtype, cfg=model_cfg)
     print(f"wrote {args.out}: transformers {hf_cfg.architectures[0]}")
 
 

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
-from ghostvis.config import PRESETS  # noqa: E402
-from ghostvis.plan import FROZEN_PARTS, Layout, PlanError, ds_bucket_settings, format_plan, plan  # noqa: E402
+from ghostvis.config import PRESETS, get_preset  # noqa: E402
+from ghostvis.plan import (FROZEN_PARTS, GIB, Layout, PlanError, ds_bucket_settings, format_plan,  # noqa: E402
+                           measure_activations, plan)
 from ghostvis.train.stages import STAGES  # noqa: E402
 
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON for bucket sizes (default: ds_configs/zero{N}[_offload].json)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one card in GiB")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--measure", action="store_true",
+                   help="also run one bf16 forward+backward of the (text) model on this GPU and print its measured "
+                        "activation peak beside the plan's (tp = pp = 1; pick the LLM preset of a VLM)")
     return p
 
 
@@ -60,13 +64,22 @@ def main(argv: list[str] | None = None) -> int:
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
         result = plan(args.model, layout, depth=args.depth, frozen=frozen, stage=args.stage, **overrides)
+        measured = None
+        if args.measure:
+            model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)
+            if vision_cfg is not None or layout.tp > 1 or layout.pp > 1:
+                raise PlanError("--measure runs the text model whole on one GPU: use a text preset, --tp 1, --pp 1")
+            measured = measure_activations(model_cfg, layout)
     except (PlanError, ValueError) as err:
         print(f"plan.py: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.to_dict(args.gpu_mem_gib), indent=1))
+        print(json.dumps({**result.to_dict(args.gpu_mem_gib), "measured_activation_bytes": measured}, indent=1))
     else:
         print(format_plan(result, args.gpu_mem_gib))
+        if measured is not None:
+            print(f"measured activations on this GPU: {measured / GIB:.2f} GiB "
+                  f"(planned {result.gpu['activations'] / GIB:.2f} GiB)")
     return 0 if result.fits(args.gpu_mem_gib) else 1
 
 

@@ -60,3 +60,10 @@ def test_two_nodes_without_ssh_train_one_job(tmp_path, tiny_tokenizer_dir):
     # the ranks read disjoint halves of the data: their saved stream positions differ
     assert states[0]["data"] != states[1]["data"]
     assert (out / "llm.safetensors").is_file()
+
+
+def test_hostfile_example_parses_with_deepspeed():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    hosts = fetch_hostfile(str(REPO / "launch" / "hostfile.example"))
+    assert hosts and all(slots == 8 for slots in hosts.values()) and len(hosts) == 2

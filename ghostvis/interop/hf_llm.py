@@ -220,19 +220,12 @@ def import_llm(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | 
 
 # ---------------------------------------------------------------- export
 
-def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-               cfg: ModelConfig | None = None) -> Any:
-    """GhostVis export directory -> transformers folder (config.json, model.safetensors, tokenizer files,
-    generation_config.json) that ``AutoModelForCausalLM.from_pretrained`` opens. Padding rows are cut;
-    a tied head is written once (transformers ties it back). Returns the transformers config."""
-    from transformers import GenerationConfig
-
-    ckpt = Path(ckpt_dir)
-    if cfg is None:
-        cfg = checkpoint_io.read_config(ckpt)[0]
-    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+def hf_llm_state(ckpt_dir: str | Path, cfg: ModelConfig, tok: Tokenizer,
+                 dtype: torch.dtype | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(transformers config, tensors under transformers names) of a GhostVis export's language model, in
+    ``dtype`` (default: as stored). Padding rows are cut; a tied head is left out (transformers ties it back)."""
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(ckpt / checkpoint_io.LLM_FILE), framework="pt", device="cpu") as f:
+    with safe_open(str(Path(ckpt_dir) / checkpoint_io.LLM_FILE), framework="pt", device="cpu") as f:
         store_dtype = dtype or f.get_tensor("norm_f.weight").dtype  # default: as trained/imported
         hf_cfg = hf_config_from_model(cfg, tok, store_dtype)
         for ours, theirs in tqdm(hf_names(cfg).items(), desc="export", unit="tensor"):
@@ -241,12 +234,33 @@ def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype 
     if hf_cfg.model_type == "llama" and cfg.qkv_bias:  # Llama's attention_bias also biases o_proj
         for i in range(cfg.n_layer):
             state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.n_embd, dtype=store_dtype)
+    hf_cfg.architectures = ["Qwen2ForCausalLM" if hf_cfg.model_type == "qwen2" else "LlamaForCausalLM"]
+    return hf_cfg, state
+
+
+def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+               cfg: ModelConfig | None = None) -> Any:
+    """GhostVis export directory -> transformers folder (config.json, model.safetensors, tokenizer files,
+    generation_config.json) that ``AutoModelForCausalLM.from_pretrained`` opens. Padding rows are cut;
+    a tied head is written once (transformers ties it back). Returns the transformers config."""
+    ckpt = Path(ckpt_dir)
+    if cfg is None:
+        cfg = checkpoint_io.read_config(ckpt)[0]
+    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    hf_cfg, state = hf_llm_state(ckpt, cfg, tok, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
-    hf_cfg.architectures = ["Qwen2ForCausalLM" if hf_cfg.model_type == "qwen2" else "LlamaForCausalLM"]
     hf_cfg.save_pretrained(str(out))
+    write_generation_and_tokenizer(hf_cfg, tok, out)
+    return hf_cfg
+
+
+def write_generation_and_tokenizer(hf_cfg: Any, tok: Tokenizer, out: Path) -> None:
+    """generation_config.json (bos/eos = <|assistant_end|>/pad, so generate stops at the end of the turn)
+    and the transformers tokenizer files."""
+    from transformers import GenerationConfig
+
     GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
                      pad_token_id=hf_cfg.pad_token_id).save_pretrained(str(out))
     hf_tokenizer_files(tok, out)
-    return hf_cfg

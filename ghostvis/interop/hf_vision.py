@@ -1,4 +1,4 @@
-"""Hugging Face SigLIP/CLIP vision weights -> timm ViT state dicts (docs/interop.md).
+"""Hugging Face SigLIP/CLIP vision weights <-> timm ViT state dicts (docs/interop.md).
 
 A local folder holding a ``SiglipVisionModel``/``CLIPVisionModel`` (or a full ``SiglipModel``/``CLIPModel``,
 whose text tower is ignored) becomes the timm ``vit_*_siglip_*`` / ``vit_*_clip_*`` model's state dict.
@@ -7,7 +7,9 @@ whose text tower is ignored) becomes the timm ``vit_*_siglip_*`` / ``vit_*_clip_
 
 Name map (HF -> timm): q/k/v projections are concatenated into ``attn.qkv``; CLIP's ``class_embedding`` is
 ``cls_token`` and ``pre_layrnorm`` is ``norm_pre``; ``post_layernorm`` is ``norm``; SigLIP's attention-pool
-head (``head.*``, a ``nn.MultiheadAttention``) is timm's ``attn_pool``.
+head (``head.*``, a ``nn.MultiheadAttention``) is timm's ``attn_pool``. One name table (``_name_table``)
+serves both directions; ``hf_state_dict_from_timm`` and ``hf_vision_config_from_timm`` go back (LLaVA export,
+ghostvis/interop/hf_llava.py).
 """
 
 from __future__ import annotations
@@ -78,6 +80,47 @@ def _check_model(family: str, cfg: dict[str, Any], model: nn.Module, where: str)
                            f"{model.blocks[0].norm1.eps}; pick the timm {family} model family")
 
 
+def _name_table(family: str, n_layers: int, pool_head: bool) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Rows of (timm names, HF names relative to the vision tower) holding the same numbers, used in both
+    directions. A side with several names is their concatenation along dim 0 (HF q/k/v = timm ``qkv``; the
+    pool's ``in_proj`` = timm ``q`` + ``kv``, split by ``_SHARES``); ``_TIMM_EXTRA_DIMS`` gives the reshape."""
+    rows: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+        (("patch_embed.proj.weight",), (_PATCH,)), (("pos_embed",), ("embeddings.position_embedding.weight",))]
+    same = [("norm", "post_layernorm")]  # module pairs with identical weight/bias
+    if family == "clip":
+        rows.append((("cls_token",), ("embeddings.class_embedding",)))
+        same.append(("norm_pre", "pre_layrnorm"))
+    else:
+        rows.append((("patch_embed.proj.bias",), ("embeddings.patch_embedding.bias",)))
+    for i in range(n_layers):
+        t, h = f"blocks.{i}.", f"encoder.layers.{i}."
+        rows += [((f"{t}attn.qkv.{p}",), tuple(f"{h}self_attn.{x}_proj.{p}" for x in "qkv"))
+                 for p in ("weight", "bias")]
+        same += [(t + a, h + b) for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                                             ("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "mlp.fc1"),
+                                             ("mlp.fc2", "mlp.fc2"))]
+    if pool_head:
+        rows.append((("attn_pool.latent",), ("head.probe",)))
+        rows += [((f"attn_pool.q.{p}", f"attn_pool.kv.{p}"), (f"head.attention.in_proj_{p}",))
+                 for p in ("weight", "bias")]
+        same += [("attn_pool.proj", "head.attention.out_proj"), ("attn_pool.norm", "head.layernorm"),
+                 ("attn_pool.mlp.fc1", "head.mlp.fc1"), ("attn_pool.mlp.fc2", "head.mlp.fc2")]
+    rows += [((f"{a}.{p}",), (f"{b}.{p}",)) for a, b in same for p in ("weight", "bias")]
+    return rows
+
+
+_SHARES = {"attn_pool.kv.weight": 2, "attn_pool.kv.bias": 2}  # k and v: twice q's rows
+_TIMM_EXTRA_DIMS = {"pos_embed": 1, "cls_token": 2}  # timm's leading singleton dims ([1, N, D], [1, 1, D])
+
+
+def _regroup(tensors: list[torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
+    """One side's tensors concatenated along dim 0, split into the other side's ``names``."""
+    whole = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    shares = [_SHARES.get(n, 1) for n in names]
+    unit = whole.shape[0] // sum(shares)
+    return list(whole.split([unit * k for k in shares])) if len(names) > 1 else [whole]
+
+
 def timm_state_dict_from_hf(hf_dir: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """timm state dict of a HF SigLIP/CLIP vision model (read tensor by tensor, safetensors only). With
     ``model`` (the timm encoder it is meant for) the activation and norm eps are checked too."""
@@ -89,42 +132,71 @@ def timm_state_dict_from_hf(hf_dir: str | Path, model: nn.Module | None = None) 
     if len(prefixes) != 1:
         raise InteropError(f"{hf_dir}: expected one vision tower ('...{_PATCH}'), found {len(prefixes)}")
     pre = prefixes[0]
+    pool_head = family == "siglip" and pre + "head.probe" in weights
+    out: dict[str, torch.Tensor] = {}
+    for timm_names, hf_names in _name_table(family, cfg.get("num_hidden_layers", 12), pool_head):
+        for name, t in zip(timm_names, _regroup([weights.get(pre + n) for n in hf_names], timm_names)):
+            out[name] = t.reshape((1,) * _TIMM_EXTRA_DIMS.get(name, 0) + tuple(t.shape)).contiguous()
+    return out
 
-    def get(name: str) -> torch.Tensor:
-        return weights.get(pre + name)
 
-    out: dict[str, torch.Tensor] = {"patch_embed.proj.weight": get(_PATCH)}
-    pos = get("embeddings.position_embedding.weight")
-    out["pos_embed"] = pos.unsqueeze(0)
+def hf_state_dict_from_timm(state: dict[str, torch.Tensor], family: str,
+                            where: str = "timm state dict") -> dict[str, torch.Tensor]:
+    """The inverse over the same table: a timm ViT state dict -> HF SigLIP/CLIP vision tensors (names relative
+    to the tower, e.g. ``encoder.layers.0.self_attn.q_proj.weight``). The final norm and the pool head are
+    optional (a pruned encoder has neither); any other missing tensor, or a timm tensor with no place in the
+    HF model (register tokens, layer scale, q/k norm, a CLIP without pre-norm, ...), is refused by name."""
+    n_layers = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    rows = _name_table(family, n_layers, pool_head="attn_pool.latent" in state)
+    optional = {n for timm_names, _ in rows for n in timm_names if n.startswith("norm.")}
+    known = {n for timm_names, _ in rows for n in timm_names}
+    missing = sorted(known - optional - set(state))
+    extra = sorted(set(state) - known)
+    if missing or extra:
+        raise InteropError(
+            f"{where}: this timm encoder has no Hugging Face {family} vision equivalent: timm tensors {extra[:6]} "
+            f"have no place in it and {missing[:6]} are missing (a {family} export needs "
+            + ("a class token, a pre-norm (norm_pre) and no patch-embedding bias, like timm's vit_*_clip_*"
+               if family == "clip" else "no class token and a biased patch embedding, like timm's vit_*_siglip_*")
+            + "; no register tokens, layer scale or q/k norm)")
+    out: dict[str, torch.Tensor] = {}
+    for timm_names, hf_names in rows:
+        if not all(n in state for n in timm_names):
+            continue  # the optional final norm
+        tensors = [state[n].reshape(state[n].shape[_TIMM_EXTRA_DIMS.get(n, 0):]) for n in timm_names]
+        out.update({n: t.contiguous() for n, t in zip(hf_names, _regroup(tensors, hf_names))})
+    return out
+
+
+def timm_family(model: nn.Module) -> str:
+    """The HF family a timm ViT can become: "clip" with a class token, "siglip" without."""
+    return "clip" if getattr(model, "cls_token", None) is not None else "siglip"
+
+
+def hf_vision_config_from_timm(model: nn.Module, image_size: int, dtype: torch.dtype) -> Any:
+    """The transformers ``SiglipVisionConfig`` (no class token) or ``CLIPVisionConfig`` (class token) with the
+    timm ViT's shape, activation and LayerNorm eps; ``num_hidden_layers`` = the blocks ``model`` has."""
+    from timm.layers import get_act_layer
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    family = timm_family(model)
+    act_names = {get_act_layer(timm_name): hf_name for hf_name, timm_name in _ACTS.items()}
+    act = act_names.get(type(model.blocks[0].mlp.act))
+    if act is None:
+        raise InteropError(f"timm encoder activation {type(model.blocks[0].mlp.act).__name__} has no Hugging Face "
+                           f"SigLIP/CLIP equivalent; supported timm act_layer: {sorted(set(_ACTS.values()))}")
+    patch = model.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise InteropError(f"timm encoder patch size {tuple(patch)} is not square; HF SigLIP/CLIP need square patches")
+    n_pos, want = model.pos_embed.shape[1], model.patch_embed.num_patches + (family == "clip")
+    if n_pos != want:  # e.g. timm's no_embed_class: the class token has no position row
+        raise InteropError(f"timm encoder has {n_pos} position embeddings; a HF {family} vision model has one per "
+                           f"patch{' and one for the class token' if family == 'clip' else ''} ({want})")
+    block = model.blocks[0]
+    fields = dict(hidden_size=model.embed_dim, intermediate_size=block.mlp.fc1.out_features,
+                  num_hidden_layers=len(model.blocks), num_attention_heads=block.attn.num_heads,
+                  image_size=image_size, patch_size=int(patch[0]), hidden_act=act, layer_norm_eps=block.norm1.eps,
+                  dtype=dtype)
     if family == "clip":
-        out["cls_token"] = get("embeddings.class_embedding").reshape(1, 1, -1)
-        _copy_norm(out, get, "pre_layrnorm", "norm_pre")
-    else:
-        out["patch_embed.proj.bias"] = get("embeddings.patch_embedding.bias")
-    for i in range(cfg.get("num_hidden_layers", 12)):
-        h, t = f"encoder.layers.{i}.", f"blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{t}attn.qkv.{p}"] = torch.cat([get(f"{h}self_attn.{x}_proj.{p}") for x in "qkv"])
-            out[f"{t}attn.proj.{p}"] = get(f"{h}self_attn.out_proj.{p}")
-            out[f"{t}mlp.fc1.{p}"] = get(f"{h}mlp.fc1.{p}")
-            out[f"{t}mlp.fc2.{p}"] = get(f"{h}mlp.fc2.{p}")
-        _copy_norm(out, get, h + "layer_norm1", t + "norm1")
-        _copy_norm(out, get, h + "layer_norm2", t + "norm2")
-    _copy_norm(out, get, "post_layernorm", "norm")
-    if family == "siglip" and pre + "head.probe" in weights:
-        d = pos.shape[-1]
-        out["attn_pool.latent"] = get("head.probe")
-        w, b = get("head.attention.in_proj_weight"), get("head.attention.in_proj_bias")
-        out["attn_pool.q.weight"], out["attn_pool.kv.weight"] = w[:d], w[d:]
-        out["attn_pool.q.bias"], out["attn_pool.kv.bias"] = b[:d], b[d:]
-        for p in ("weight", "bias"):
-            out[f"attn_pool.proj.{p}"] = get(f"head.attention.out_proj.{p}")
-            out[f"attn_pool.norm.{p}"] = get(f"head.layernorm.{p}")
-            out[f"attn_pool.mlp.fc1.{p}"] = get(f"head.mlp.fc1.{p}")
-            out[f"attn_pool.mlp.fc2.{p}"] = get(f"head.mlp.fc2.{p}")
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def _copy_norm(out: dict[str, torch.Tensor], get: Any, hf_name: str, timm_name: str) -> None:
-    for p in ("weight", "bias"):
-        out[f"{timm_name}.{p}"] = get(f"{hf_name}.{p}")
+        return CLIPVisionConfig(**fields)
+    return SiglipVisionConfig(**fields, vision_use_head=hasattr(model, "attn_pool") and model.attn_pool is not None)

@@ -4,6 +4,9 @@
 - `avgpool`: 2D adaptive average pooling of the patch grid to k x k tokens; no parameters.
 - `pixel_shuffle`: space-to-depth by r (SmolVLM/nanoVLM): r*r neighbouring patches concatenated
   into one token, so tokens / r², width x r²; no parameters, no information thrown away.
+- `none`: every patch token passes through unchanged (LLaVA-1.5's connector: the MLP projector alone);
+  num_vision_tokens = number of patches. The one connector transformers' LLaVA expresses
+  (launch/export.py --format hf exports it as `LlavaForConditionalGeneration`).
 """
 
 from __future__ import annotations
@@ -120,6 +123,23 @@ class PixelShuffleResampler(nn.Module):
         return x.reshape(n, (g // r) ** 2, r * r * d)
 
 
+class IdentityResampler(nn.Module):
+    """All patch tokens, unchanged (num_tokens = num_patches); no parameters."""
+
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+        super().__init__()
+        if num_tokens != num_patches:
+            raise ValueError(
+                f"resampler 'none': VisionConfig.num_vision_tokens={num_tokens} must equal the encoder's number of "
+                f"patches, {num_patches} ((image_size / patch_size)²); set num_vision_tokens={num_patches}"
+            )
+        self.num_tokens = num_tokens
+        self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def build_resampler(cfg: VisionConfig, in_dim: int, num_patches: int) -> nn.Module:
     """The resampler named by `cfg.resampler`; every one exposes `num_tokens` and `out_dim`."""
     if cfg.resampler == "perceiver":
@@ -128,4 +148,6 @@ def build_resampler(cfg: VisionConfig, in_dim: int, num_patches: int) -> nn.Modu
         return AvgPoolResampler(in_dim, cfg.num_vision_tokens, num_patches)
     if cfg.resampler == "pixel_shuffle":
         return PixelShuffleResampler(in_dim, cfg.num_vision_tokens, num_patches)
-    raise ValueError(f"VisionConfig.resampler={cfg.resampler!r}; choose perceiver, avgpool or pixel_shuffle")
+    if cfg.resampler == "none":
+        return IdentityResampler(in_dim, cfg.num_vision_tokens, num_patches)
+    raise ValueError(f"VisionConfig.resampler={cfg.resampler!r}; choose perceiver, avgpool, pixel_shuffle or none")

@@ -1,0 +1,126 @@
+"""GhostVis VLM -> transformers ``LlavaForConditionalGeneration`` folder (docs/interop.md, "Export").
+
+Only the LLaVA-1.5 connector has a transformers equivalent: every patch token of one encoder layer through a
+two-layer GELU MLP whose hidden width is the LLM's (``resampler="none"``, ``projector_hidden = n_embd``).
+The language model goes through hf_llm's Qwen2/Llama mapping, the timm encoder through hf_vision's reverse
+name table (SigLIP without class token, CLIP with), the projector's fc1/fc2 become linear_1/linear_2.
+
+Our encoder keeps only the blocks up to its feature layer (the rest are pruned), so the HF vision tower gets
+exactly those blocks and ``vision_feature_layer = -1``: transformers' ``hidden_states[-1]`` of SigLIP/CLIP is
+the last block's output before ``post_layernorm`` (which LLaVA never applies), the same tensor as our
+``hidden_states[-2]`` of the full encoder. ``post_layernorm`` is written as weight 1, bias 0 (unused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ghostvis import checkpoint_io
+from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.interop.hf_llm import InteropError, hf_llm_state, write_generation_and_tokenizer
+from ghostvis.interop.hf_vision import hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
+from ghostvis.tokenizer import Tokenizer
+
+_ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
+_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
+              "projector.fc2": "model.multi_modal_projector.linear_2"}
+
+
+def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
+    """Why this VLM cannot be a transformers LLaVA (None when it can)."""
+    if vision_cfg.resampler != "none":
+        return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
+                "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
+    if vision_cfg.projector_hidden != model_cfg.n_embd:
+        return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
+                f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd}")
+    return None
+
+
+def _vision_tensors(ckpt: Path, family: str, width: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """model.vision_tower.* and model.multi_modal_projector.* tensors of vision.safetensors."""
+    path = ckpt / checkpoint_io.VISION_FILE
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    timm_state = {k[len(_ENCODER):]: v for k, v in stored.items() if k.startswith(_ENCODER)}
+    hf = hf_state_dict_from_timm(timm_state, family, where=str(path))
+    hf.setdefault("post_layernorm.weight", torch.ones(width))  # pruned by our encoder; LLaVA never applies it
+    hf.setdefault("post_layernorm.bias", torch.zeros(width))
+    out = {f"model.vision_tower.vision_model.{k}": v for k, v in hf.items()}
+    for ours, theirs in _PROJECTOR.items():
+        for p in ("weight", "bias"):
+            out[f"{theirs}.{p}"] = stored[f"{ours}.{p}"]
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def _language_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2/Llama names -> LlavaForConditionalGeneration's (model.language_model.*, lm_head)."""
+    return {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+            for k, v in state.items()}
+
+
+def _save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int) -> None:
+    """preprocessor_config.json + processor_config.json: our transform (pad to square with the mean colour,
+    resize to S x S, never crop, the encoder's mean/std) as LlavaImageProcessor; the processor expands each
+    ``<|image|>`` in a prompt to the image's tokens."""
+    from PIL import Image
+    from transformers import AutoTokenizer, LlavaImageProcessor, LlavaProcessor
+
+    from ghostvis.vision.transforms import data_config
+
+    data = data_config(vision_cfg)
+    size = vision_cfg.image_size
+    images = LlavaImageProcessor(
+        do_pad=vision_cfg.pad_to_square, do_resize=True, size={"height": size, "width": size}, do_center_crop=False,
+        resample=Image.Resampling[str(data["interpolation"]).upper()], image_mean=list(data["mean"]),
+        image_std=list(data["std"]), do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(out)), patch_size=patch_size,
+        vision_feature_select_strategy="default" if family == "clip" else "full", image_token="<|image|>",
+        num_additional_image_tokens=1 if family == "clip" else 0)
+    processor.save_pretrained(str(out))
+
+
+def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+    """GhostVis VLM export directory -> transformers LLaVA folder (config.json, model.safetensors, tokenizer and
+    processor files, generation_config.json) that ``LlavaForConditionalGeneration.from_pretrained`` and
+    ``AutoProcessor.from_pretrained`` open. Raises InteropError (with the reason) for other connectors."""
+    from transformers import LlavaConfig
+
+    from ghostvis.vision.encoder import VisionEncoder
+
+    ckpt = Path(ckpt_dir)
+    model_cfg, vision_cfg, _ = checkpoint_io.read_config(ckpt)
+    if vision_cfg is None:
+        raise InteropError(f"{ckpt} holds a language model only; export it with export_llm")
+    reason = llava_refusal(model_cfg, vision_cfg)
+    if reason:
+        raise InteropError(f"{ckpt}: this VLM cannot be exported as a transformers LLaVA: {reason}")
+    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    text_cfg, llm_state = hf_llm_state(ckpt, model_cfg, tok, dtype)
+    store_dtype = llm_state["model.norm.weight"].dtype
+    vision_cfg.pretrained_path = None  # the trained weights come from vision.safetensors
+    with torch.device("meta"):  # the architecture only: shapes, activation, eps, kept blocks
+        encoder = VisionEncoder(vision_cfg)
+    vision_hf = hf_vision_config_from_timm(encoder.model, vision_cfg.image_size, store_dtype)
+    family = timm_family(encoder.model)
+    config = LlavaConfig(
+        text_config=text_cfg, vision_config=vision_hf, image_token_index=tok.image_token_id,
+        image_seq_length=encoder.num_patches, projector_hidden_act="gelu",  # exact GELU, like our nn.GELU()
+        vision_feature_layer=-1,  # the kept blocks end at our feature layer (module docstring)
+        vision_feature_select_strategy="default" if family == "clip" else "full",  # "default" drops CLS
+        multimodal_projector_bias=True, tie_word_embeddings=model_cfg.tie_embeddings, dtype=store_dtype,
+        architectures=["LlavaForConditionalGeneration"])
+    state = {**_language_tensors(llm_state), **_vision_tensors(ckpt, family, encoder.dim, store_dtype)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
+    config.save_pretrained(str(out))
+    write_generation_and_tokenizer(text_cfg, tok, out)
+    _save_processor(out, vision_cfg, family, vision_hf.patch_size)
+    return config

@@ -1,0 +1,100 @@
+"""LLaVA export against transformers itself (no downloads, CPU, float32): tiny random GhostVis VLMs with a
+SigLIP-like and a CLIP-like timm encoder and resampler "none" are exported and must give the same logits as
+`LlavaForConditionalGeneration`; other connectors are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from ghostvis import checkpoint_io
+from ghostvis.config import VisionConfig, get_preset
+from ghostvis.interop.hf_llm import InteropError
+from ghostvis.model.vlm import VLM
+from ghostvis.vision.resampler import build_resampler
+from ghostvis.vision.transforms import image_transform
+from launch import export as export_cli
+
+IMAGE_SIZE, PATCH = 32, 8
+PATCHES = (IMAGE_SIZE // PATCH) ** 2
+CONV = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                     {"role": "assistant", "content": "It is green."}]}
+# timm names with small kwargs; 3 blocks, feature layer -2 keeps 2
+ENCODERS = {
+    "siglip": ("vit_base_patch16_siglip_224", "gelu_tanh"),
+    "clip": ("vit_base_patch16_clip_224", "quick_gelu"),
+    "supervised": ("vit_tiny_patch16_224", "gelu"),  # class token but no pre-norm: neither SigLIP nor CLIP
+}
+
+
+def _vlm(tok, family: str, resampler: str = "none", num_vision_tokens: int = PATCHES) -> VLM:
+    torch.manual_seed(0)
+    name, act = ENCODERS[family]
+    vision_cfg = VisionConfig(
+        encoder=name, image_size=IMAGE_SIZE, feature_layer=-2, resampler=resampler,
+        num_vision_tokens=num_vision_tokens, resampler_heads=4, projector_hidden=64,
+        encoder_kwargs={"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH, "mlp_ratio": 2.0,
+                        "act_layer": act})
+    # SigLIP case: Qwen2-style LLM (q/k/v bias, untied); CLIP case: Llama-style (no bias, tied head)
+    model_cfg, _ = get_preset("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                              qkv_bias=family == "siglip", tie_embeddings=family == "clip")
+    vlm = VLM(model_cfg, vision_cfg)
+    with torch.no_grad():  # perturb everything, norms included, so a swapped or skipped tensor shows
+        for p in vlm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vlm.eval()
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    vlm = _vlm(tok, family)
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
+    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    assert hf.config.image_seq_length == PATCHES and hf.config.image_token_id == tok.image_token_id
+    assert hf.config.vision_config.num_hidden_layers == 2  # only the blocks up to the feature layer
+
+    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=PATCHES)[0]] * 2)
+    assert (ids == tok.image_token_id).sum() == 2 * PATCHES
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+    # the processor: one <|image|> in the prompt becomes the image's tokens; pixels as our transform makes them
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    batch = processor(text="<|image|>What colour?", images=image, return_tensors="pt")
+    assert (batch["input_ids"] == tok.image_token_id).sum() == PATCHES
+    expected = image_transform(vlm.vision_config)(image)
+    assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    diff = (batch["pixel_values"][0] - expected).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255
+
+
+def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):
+    vlm = _vlm(tiny_tokenizer, "siglip", resampler="perceiver", num_vision_tokens=4)
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    with pytest.raises(SystemExit):
+        export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert "'perceiver'" in err and "ghostvis.load_pretrained" in err and "--llm-only" in err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(ValueError, match=f"set num_vision_tokens={PATCHES}"):
+        build_resampler(VisionConfig(resampler="none", num_vision_tokens=4), in_dim=64, num_patches=PATCHES)
+
+
+def test_encoder_without_hf_equivalent_is_refused(tiny_tokenizer, tmp_path):
+    vlm = _vlm(tiny_tokenizer, "supervised")
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    with pytest.raises(InteropError, match=r"patch_embed\.proj\.bias.*norm_pre\.weight"):
+        export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
