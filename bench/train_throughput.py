@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import deepspeed
 import torch
 
-from ghostvis.config import get_preset
+from ghostvis.config import ModelConfig, get_preset
 from ghostvis.model.gpt import GPT, count_params, flops_per_token
 from ghostvis.train import engine as ds_engine
 from ghostvis.train.logging import H100_BF16_PEAK, mfu
@@ -38,15 +39,14 @@ def synthetic(vocab: int, batch: int, seq: int, device: torch.device) -> Iterato
         yield rows[:, :-1], rows[:, 1:]
 
 
-def timed(step: Callable[[], None], warmup: int, steps: int, sync: Callable[[], None]) -> float:
-    """Seconds per step after `warmup` untimed steps (compilation happens there)."""
+def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Seconds per step after `warmup` untimed steps (compilation happens there). Each step ends in
+    `loss.item()`, which waits for the GPU, so wall time is device time."""
     for _ in range(warmup):
         step()
-    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync()
     return (time.perf_counter() - t0) / steps
 
 
@@ -67,9 +67,7 @@ def ours(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
         apply_lr(engine.optimizer.param_groups, 1.0)
         train_step(engine, batches, lm_loss, 1)  # ends in loss.item(): the step is finished
 
-    sec = timed(step, args.warmup, args.steps, lambda: None)
-    del engine, model, groups
-    return sec
+    return timed(step, args.warmup, args.steps)
 
 
 def plain(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
@@ -92,9 +90,21 @@ def plain(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
         opt.zero_grad(set_to_none=True)
         loss.item()  # same synchronisation as ours
 
-    sec = timed(step, args.warmup, args.steps, lambda: None)
-    del model, opt, fwd
-    return sec
+    return timed(step, args.warmup, args.steps)
+
+
+def record(args: argparse.Namespace, cfg: ModelConfig, card: str, dtype: str, rows: list[tuple[str, float, str]]) -> None:
+    """Print the ratio and append one self-contained block to --out (never breaks someone else's table)."""
+    ratio = rows[0][1] / rows[1][1]
+    print(f"ratio engine/plain: {ratio:.3f}")
+    shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
+             f"({count_params(cfg):,} non-embedding parameters), seq {args.seq_len}, batch {args.batch}, {dtype}, "
+             f"{'compiled' if args.compile else 'eager'}, {Path(args.ds_config).stem}")
+    table = "".join(f"| {name} | {tps:,.0f} | {m} |\n" for name, tps, m in rows)
+    with Path(args.out).open("a") as f:
+        f.write(f"\n### train_throughput, {time.strftime('%Y-%m-%d')}, {card}\n\n{shape}; torch {torch.__version__}, "
+                f"deepspeed {deepspeed.__version__}\n\n| loop | tokens/s | MFU |\n| --- | ---: | ---: |\n{table}\n"
+                f"ratio engine / plain: **{ratio:.3f}**\n")
 
 
 def main() -> None:
@@ -134,22 +144,8 @@ def main() -> None:
         m = mfu(flops, tps, args.peak_flops if on_gpu else None)
         rows.append((name, tps, "n/a" if m is None else f"{100 * m:.1f}%"))
         print(f"{name:16s} {tps:12,.0f} tokens/s  MFU {rows[-1][2]}")
-    if args.skip_plain:
-        return
-    ratio = rows[0][1] / rows[1][1]
-    print(f"ratio engine/plain: {ratio:.3f}")
-
-    # one self-contained block per run, so it never breaks a table someone else appended
-    import deepspeed
-
-    shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
-             f"({count_params(cfg):,} non-embedding parameters), seq {args.seq_len}, batch {args.batch}, {dtype}, "
-             f"{'compiled' if args.compile else 'eager'}, {Path(args.ds_config).stem}")
-    table = "".join(f"| {name} | {tps:,.0f} | {m} |\n" for name, tps, m in rows)
-    with Path(args.out).open("a") as f:
-        f.write(f"\n### train_throughput, {time.strftime('%Y-%m-%d')}, {card}\n\n{shape}; torch {torch.__version__}, "
-                f"deepspeed {deepspeed.__version__}\n\n| loop | tokens/s | MFU |\n| --- | ---: | ---: |\n{table}\n"
-                f"ratio engine / plain: **{ratio:.3f}**\n")
+    if not args.skip_plain:
+        record(args, cfg, card, dtype, rows)
     torch.distributed.destroy_process_group()
 
 

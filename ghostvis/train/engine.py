@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+import torch.distributed as dist
 
 from ghostvis.train.stages import Stage
 
@@ -122,8 +126,6 @@ def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], devi
 def initialize(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any],
                device_type: str) -> Any:
     """`deepspeed.initialize` with our optimizer; returns the engine. Checks no group was dropped."""
-    import deepspeed
-
     optimizer = make_optimizer(groups, ds_config, device_type)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     got = [g.get("name") for g in engine.optimizer.param_groups]
@@ -135,12 +137,6 @@ def initialize(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under a launcher (torchrun / deepspeed) the env vars are set; a plain
     `python launch/train.py` becomes a world of one. Backend: nccl on GPU, gloo on CPU."""
-    import os
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
     if "RANK" not in os.environ:  # a plain process: be rank 0 of 1 on a free local port
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.text import TokenRowLoader, token_bytes
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
-from ghostvis.train.logging import H100_BF16_PEAK, RunLogger, mfu
+from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
 from ghostvis.train.stages import Stage, get_stage
 
