@@ -8,7 +8,7 @@ Layout under --out (docs/datasets.md):
     capchat/{train,val}/      the same captions as chats ("describe the image."), for the SFT mixture
     vqa/{train,val,test}/     conversation shards: <key>.json {"messages", "answer", "type"} + <key>.0.png
     arith/{train,val,test}/   conversation shards: <key>.json (calculator-tool reference answer)
-    text/corpus-*.txt         plain text, documents separated by a blank line
+    text/corpus-*.jsonl       plain text, one {"text": ...} document per line
 
 Every sample is a pure function of (seed, dataset, split, index), so output is byte-identical for a
 seed, and splits are disjoint by construction (scenes and arithmetic problems are assigned to a split by
@@ -162,13 +162,15 @@ def write_split(out: Path, dataset: str, split: str, n: int, *, seed: int, image
 
 def write_text(out: Path, num_docs: int, *, seed: int, docs_per_file: int = 5000) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("corpus-*.txt"):
+    for old in out.glob("corpus-*.jsonl"):
         old.unlink()
     paths = []
+    # jsonl, one document per line: the form data_prep/readers.py reads as separate documents
+    # (a .txt file is one document), so the text stage packs many BOS-delimited documents.
     for f, start in enumerate(range(0, num_docs, docs_per_file)):
         docs = [text_document(seed, i) for i in range(start, min(num_docs, start + docs_per_file))]
-        path = out / f"corpus-{f:03d}.txt"
-        path.write_text("\n\n".join(docs) + "\n")
+        path = out / f"corpus-{f:03d}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
         paths.append(path)
     return paths
 

@@ -46,7 +46,7 @@ def test_same_seed_gives_identical_bytes_serial_or_parallel(synth_dir: Path, tmp
                + [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()])
     files = sorted(p.relative_to(synth_dir) for p in synth_dir.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert any(f.suffix == ".tar" for f in files) and any(f.suffix == ".txt" for f in files)
+    assert any(f.suffix == ".tar" for f in files) and any(f.suffix == ".jsonl" for f in files)
     for f in files:
         assert (synth_dir / f).read_bytes() == (tmp_path / f).read_bytes(), f
 
@@ -165,9 +165,10 @@ def test_arithmetic_and_text_corpus_are_correct(synth_dir: Path, tiny_tokenizer)
         assert [p["type"] for p in parts] == ["python", "output", "text"] and parts[1]["text"] == record["answer"]
         ids, mask = tiny_tokenizer.render_conversation(record, 256)
         assert tiny_tokenizer.special_id("<|python_start|>") in ids and sum(mask) > 0
-    text = "".join(p.read_text() for p in sorted((synth_dir / "text").glob("*.txt")))
-    docs = text.strip().split("\n\n")
+    lines = [ln for p in sorted((synth_dir / "text").glob("*.jsonl")) for ln in p.read_text().splitlines()]
+    docs = [json.loads(ln)["text"] for ln in lines]
     assert len(docs) == 30
+    text = "\n".join(docs)
     facts = re.findall(r"^(\d+) ([-+*]) (\d+) = (\d+)$", text, flags=re.M)
     assert len(facts) == 30 and all(OPS[op](int(a), int(b)) == int(c) for a, op, b, c in facts)
 
