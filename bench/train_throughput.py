@@ -1,22 +1,33 @@
 """Base-stage training throughput on one GPU: our DeepSpeed engine vs a plain PyTorch loop, same run.
 
     TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py             # d20 shape, seq 2048, bf16
-    DS_ACCELERATOR=cpu python bench/train_throughput.py --smoke           # tiny shape on CPU, no MFU
+    TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py --variants all --batch 16 --warmup 3 --steps 10
+    DS_ACCELERATOR=cpu python bench/train_throughput.py --smoke [--variants all]   # tiny shape on CPU, no MFU
 
 Both sides train the same GPT class on the same synthetic random tokens (throughput does not depend on
 the data). Ours: ghostvis.train's param groups, ds_config (ZeRO-1 by default, bf16), engine-side
 torch.compile and the loop's own `train_step`. Plain: fp32 weights + bf16 autocast, torch.compile,
-fused AdamW. Prints tokens/s, MFU (flops_per_token · tokens/s / peak) and the ratio; appends a row with
-the card's name to BENCHMARKS.md.
+fused AdamW. Prints tokens/s, MFU (flops_per_token · tokens/s / peak) and the ratio; appends a table
+with the card's name to BENCHMARKS.md.
+
+`--variants` times several engine configurations (VARIANTS below) one after another in the same process,
+after the plain loop, to find where the engine loses time outside forward/backward. On a GPU each row
+also gives the peak memory and the device synchronisations of one extra (untimed) step, counted with
+`torch.cuda.set_sync_debug_mode` and attributed to file:line.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -50,16 +61,72 @@ def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def ours(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
+@dataclass(frozen=True)
+class Variant:
+    """One engine configuration: ds_configs/<ds_config>.json through build_ds_config, then `overrides`
+    merged in (so they win over our defaults, e.g. the throughput timer)."""
+
+    about: str
+    ds_config: str = "zero1"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    autocast: bool = False  # fp32 parameters + DeepSpeed's torch_autocast (bf16), like the plain loop
+    compile_first: bool = False  # module.compile() before deepspeed.initialize instead of engine.compile()
+    no_dp1_allreduce: bool = False  # ZeRO-0 on one rank: skip the engine's flatten/all-reduce/unflatten
+
+
+_AUTOCAST = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+VARIANTS = {
+    "zero1": Variant("ds_configs/zero1.json as shipped (bf16 params, fp32 master in ZeRO-1)"),
+    "zero1+timers": Variant("DeepSpeed's throughput timer on (its default: 2 device syncs per step)",
+                            overrides={"timers": {"throughput": {"enabled": True}}}),
+    "zero1-nocheck": Variant("bf16.check_grad_overflow off (no inf/NaN scan, no .item() in the step)",
+                             overrides={"bf16": {"check_grad_overflow": False}}),
+    "zero1-fp32acc": Variant("data_types.grad_accum_dtype fp32 (DeepSpeed then uses its BF16_Optimizer)",
+                             overrides={"data_types": {"grad_accum_dtype": "fp32"}}),
+    "zero1-noncontig": Variant("contiguous_gradients off (no copy into the 5e8-element bucket)",
+                               overrides={"zero_optimization": {"contiguous_gradients": False}}),
+    "zero1-precompile": Variant("module.compile() before deepspeed.initialize", compile_first=True),
+    "zero2": Variant("ds_configs/zero2.json as shipped (overlap_comm: a device sync after backward)", "zero2"),
+    "zero2-nooverlap": Variant("zero2 with overlap_comm off", "zero2",
+                               overrides={"zero_optimization": {"overlap_comm": False}}),
+    "zero0-bf16": Variant("ZeRO stage 0, bf16 params (DeepSpeed wraps AdamW in FP16_UnfusedOptimizer, bf16)",
+                          overrides={"zero_optimization": {"stage": 0}}),
+    "zero0-autocast": Variant("ZeRO stage 0, fp32 params + torch_autocast bf16, our fused AdamW unwrapped",
+                              overrides={"zero_optimization": {"stage": 0}, **_AUTOCAST}, autocast=True),
+    "zero0-autocast-noar": Variant("zero0-autocast without the one-rank gradient all-reduce",
+                                   overrides={"zero_optimization": {"stage": 0}, **_AUTOCAST}, autocast=True,
+                                   no_dp1_allreduce=True),
+    "zero1-autocast": Variant("ZeRO-1, fp32 params + torch_autocast bf16", overrides=_AUTOCAST, autocast=True),
+}
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in recursively (dicts merge, everything else replaces)."""
+    out = json.loads(json.dumps(base))
+    for key, value in overrides.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def engine_step(args: argparse.Namespace, device: torch.device, dtype: str, variant: Variant) -> tuple[Any, Callable[[], None]]:
+    """(engine, one optimizer step through the loop's `train_step`) for `variant`."""
     torch.manual_seed(0)
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     model = GPT(cfg).to(device)
     lrs = {name: 3e-4 for name in STAGES["base"].lr_names}
-    groups = ds_engine.build_param_groups(model, STAGES["base"], lrs, 0.1, {}, cfg.n_layer)
-    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.batch,
-                                          grad_accum=1, world_size=1, grad_clip=1.0, dtype=dtype)
+    base_stage = STAGES["base"]  # its defaults carry every setting its rules read
+    groups = ds_engine.build_param_groups(model, base_stage, lrs, 0.1, dict(base_stage.defaults), cfg.n_layer)
+    base = ds_engine.load_ds_config(REPO / "ds_configs" / f"{variant.ds_config}.json"
+                                    if args.variants else args.ds_config)
+    ds_config = merged(ds_engine.build_ds_config(base, micro_batch=args.batch, grad_accum=1, world_size=1,
+                                                 grad_clip=1.0, dtype="fp32" if variant.autocast else dtype),
+                       variant.overrides)
+    if args.compile and variant.compile_first:
+        model.compile()
     engine = ds_engine.initialize(model, groups, ds_config, device.type)
-    if args.compile:
+    if variant.no_dp1_allreduce:
+        engine.enable_backward_allreduce = False  # one rank: the all-reduce is a copy round trip
+    if args.compile and not variant.compile_first:
         engine.compile()
     batches = synthetic(cfg.vocab_size, args.batch, args.seq_len, device)
 
@@ -67,10 +134,23 @@ def ours(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
         apply_lr(engine.optimizer.param_groups, 1.0)
         train_step(engine, batches, lm_loss, 1)  # ends in loss.item(): the step is finished
 
-    return timed(step, args.warmup, args.steps)
+    return engine, step
 
 
-def plain(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
+def sync_sites(step: Callable[[], None]) -> Counter:
+    """Device synchronisations of one step, by the Python file:line that caused them (CUDA only)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught
+                   if "synchroniz" in str(w.message))
+
+
+def plain_step(args: argparse.Namespace, device: torch.device, dtype: str) -> tuple[None, Callable[[], None]]:
     torch.manual_seed(0)
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     model = GPT(cfg).to(device)
@@ -90,21 +170,83 @@ def plain(args: argparse.Namespace, device: torch.device, dtype: str) -> float:
         opt.zero_grad(set_to_none=True)
         loss.item()  # same synchronisation as ours
 
-    return timed(step, args.warmup, args.steps)
+    return None, step
 
 
-def record(args: argparse.Namespace, cfg: ModelConfig, card: str, dtype: str, rows: list[tuple[str, float, str]]) -> None:
-    """Print the ratio and append one self-contained block to --out (never breaks someone else's table)."""
-    ratio = rows[0][1] / rows[1][1]
-    print(f"ratio engine/plain: {ratio:.3f}")
+@dataclass
+class Row:
+    name: str
+    about: str
+    tokens_per_s: float | None = None  # None: the side failed (error says why)
+    mfu: str = "n/a"
+    peak_gib: float | None = None
+    syncs: Counter | None = None
+    error: str = ""
+
+
+def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], None]]], args: argparse.Namespace,
+            device: torch.device, tokens: int, flops: int) -> Row:
+    """Build one side, time it, count its syncs, then free everything it held (the next side needs the
+    memory). A failing side (OOM, a DeepSpeed assertion) becomes a row with its error: the run goes on."""
+    on_gpu = device.type == "cuda"
+    row = Row(name, about)
+    engine = step = None
+    try:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        engine, step = make()
+        tps = tokens / timed(step, args.warmup, args.steps)
+        m = mfu(flops, tps, args.peak_flops if on_gpu else None)
+        row.tokens_per_s, row.mfu = tps, "n/a" if m is None else f"{100 * m:.1f}%"
+        if on_gpu:
+            row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            try:  # diagnostics only: the timing above stands whatever happens here
+                row.syncs = sync_sites(step)
+            except Exception as err:  # noqa: BLE001
+                print(f"{name}: sync count failed ({type(err).__name__}: {err})", flush=True)
+    except Exception as err:  # noqa: BLE001 - reported in the table, the other sides still run
+        row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    finally:
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine, step
+        gc.collect()
+        torch._dynamo.reset()  # a fresh model per side: drop the compiled graphs of this one
+        if on_gpu:
+            torch.cuda.empty_cache()
+    left = f", {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB still allocated" if on_gpu else ""
+    print(f"{name:20s} " + (f"{row.tokens_per_s:12,.0f} tokens/s  MFU {row.mfu}" if row.error == ""
+                            else f"FAILED {row.error}") + left, flush=True)
+    if row.syncs:
+        print(f"{'':20s} {sum(row.syncs.values())} device syncs/step: {dict(row.syncs.most_common(6))}", flush=True)
+    return row
+
+
+def table(rows: list[Row], plain: Row | None) -> str:
+    """Markdown table of every side; the ratio is to the plain loop of the same run."""
+    out = "| loop | tokens/s | MFU | vs plain | peak GiB | syncs/step | where the syncs are | what |\n"
+    out += "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |\n"
+    for r in rows:
+        if r.error:
+            out += f"| {r.name} | failed | | | | | | {r.about}: `{r.error}` |\n"
+            continue
+        ratio = f"{r.tokens_per_s / plain.tokens_per_s:.3f}" if plain and plain.tokens_per_s and r is not plain else ""
+        peak = "" if r.peak_gib is None else f"{r.peak_gib:.1f}"
+        syncs = "" if r.syncs is None else str(sum(r.syncs.values()))
+        where = "" if not r.syncs else ", ".join(f"{k}×{n}" for k, n in r.syncs.most_common(4))
+        out += f"| {r.name} | {r.tokens_per_s:,.0f} | {r.mfu} | {ratio} | {peak} | {syncs} | {where} | {r.about} |\n"
+    return out
+
+
+def record(args: argparse.Namespace, cfg: ModelConfig, card: str, dtype: str, rows: list[Row], plain: Row | None) -> None:
+    """Append one self-contained block to --out (never breaks someone else's table)."""
     shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
              f"({count_params(cfg):,} non-embedding parameters), seq {args.seq_len}, batch {args.batch}, {dtype}, "
-             f"{'compiled' if args.compile else 'eager'}, {Path(args.ds_config).stem}")
-    table = "".join(f"| {name} | {tps:,.0f} | {m} |\n" for name, tps, m in rows)
+             f"{'compiled' if args.compile else 'eager'}, {args.warmup} warmup + {args.steps} timed steps per side")
+    base = "variants of ds_configs/ (below)" if args.variants else Path(args.ds_config).stem
     with Path(args.out).open("a") as f:
-        f.write(f"\n### train_throughput, {time.strftime('%Y-%m-%d')}, {card}\n\n{shape}; torch {torch.__version__}, "
-                f"deepspeed {deepspeed.__version__}\n\n| loop | tokens/s | MFU |\n| --- | ---: | ---: |\n{table}\n"
-                f"ratio engine / plain: **{ratio:.3f}**\n")
+        f.write(f"\n### train_throughput, {time.strftime('%Y-%m-%d')}, {card}\n\n{shape}, {base}; torch "
+                f"{torch.__version__}, deepspeed {deepspeed.__version__}\n\n{table(rows, plain)}")
 
 
 def main() -> None:
@@ -116,12 +258,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="sequences per step (one micro-batch)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side (compilation)")
-    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero1.json"))
+    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero1.json"),
+                   help="the engine's config when --variants is not given")
+    p.add_argument("--variants", default="",
+                   help=f"comma-separated engine configurations to time after the plain loop, or 'all': "
+                        f"{', '.join(VARIANTS)}")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--skip-plain", action="store_true", help="time only our engine (compare ds_configs)")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append the result to")
     args = p.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
     if args.smoke:
         args.model, args.depth, args.seq_len, args.batch, args.steps, args.warmup = "tiny", None, 64, 4, 3, 1
         args.compile = False
@@ -133,19 +283,22 @@ def main() -> None:
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     flops = flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
-    rows = []
-    sides = [("ghostvis engine", ours)] + ([] if args.skip_plain else [("plain PyTorch", plain)])
-    for name, fn in sides:
-        sec = fn(args, device, dtype)
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
-        tps = tokens / sec
-        m = mfu(flops, tps, args.peak_flops if on_gpu else None)
-        rows.append((name, tps, "n/a" if m is None else f"{100 * m:.1f}%"))
-        print(f"{name:16s} {tps:12,.0f} tokens/s  MFU {rows[-1][2]}")
-    if not args.skip_plain:
-        record(args, cfg, card, dtype, rows)
+    engines = [(n, VARIANTS[n]) for n in names] or [("ghostvis engine", Variant(f"--ds_config {args.ds_config}"))]
+
+    def run(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], None]]]) -> Row:
+        return measure(name, about, make, args, device, tokens, flops)
+
+    plain = None if args.skip_plain else run("plain PyTorch", "fp32 weights + autocast bf16, fused AdamW, "
+                                             "torch clip_grad_norm_", lambda: plain_step(args, device, dtype))
+    rows = [] if plain is None else [plain]
+    for name, variant in engines:
+        rows.append(run(name, variant.about, lambda v=variant: engine_step(args, device, dtype, v)))
+    if plain is not None and plain.tokens_per_s:
+        for r in rows[1:]:
+            if r.tokens_per_s:
+                print(f"ratio {r.name} / plain: {r.tokens_per_s / plain.tokens_per_s:.3f}")
+    if plain is not None or len(rows) > 1:
+        record(args, cfg, card, dtype, rows, plain)
     torch.distributed.destroy_process_group()
 
 

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ghostvis.parallel.topology import Topology
 
 FORMAT = "ghostvis-export/1"
 CONFIG_FILE, LLM_FILE, VISION_FILE, TOKENIZER_DIR = "config.json", "llm.safetensors", "vision.safetensors", "tokenizer"
@@ -33,28 +38,70 @@ def module_files(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {LLM_FILE: model}
 
 
+def _file_parameters(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """(file name, name inside that file, parameter) for each parameter this rank holds, in any layout:
+    a pipeline stage (`canonical_named_parameters`) yields the plain model's names, split by prefix."""
+    if not hasattr(model, "canonical_named_parameters"):
+        for file_name, module in module_files(model).items():
+            for name, param in module.named_parameters():
+                yield file_name, name, param
+        return
+    is_vlm = getattr(model, "vision_config", None) is not None
+    for name, param in model.canonical_named_parameters():
+        if not is_vlm:
+            yield LLM_FILE, name, param
+        else:
+            head, rest = name.split(".", 1)
+            yield (LLM_FILE if head == "llm" else VISION_FILE), rest, param
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path.with_name(path.name + ".tmp")), metadata={"format": FORMAT})
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
 def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer, extra: dict[str, Any] | None = None,
-           is_writer: bool = True) -> None:
-    """Write the export. In a multi-rank run every rank calls this (ZeRO-3 gathers each partitioned
-    parameter collectively) and only `is_writer` (rank 0) writes. `extra` goes into config.json."""
+           is_writer: bool = True, topology: Topology | None = None) -> None:
+    """Write the export. In a multi-rank run every rank calls this and only `is_writer` (rank 0) writes:
+    ZeRO-3 gathers each partitioned parameter collectively, TP ranks all-gather their shards, and with
+    pipeline stages each stage's first rank writes its layers to `.export-stage{k}/`, which rank 0 merges.
+    The files are the same whatever the (tp, pp, dp) layout. `extra` goes into config.json."""
     import deepspeed  # only training exports; loading must work without DeepSpeed state
+
+    from ghostvis.parallel.layout import gather_tp
 
     out = Path(out_dir)
     model_cfg: ModelConfig = model.config
     vision_cfg: VisionConfig | None = getattr(model, "vision_config", None)
-    for file_name, module in module_files(model).items():
-        tensors: dict[str, torch.Tensor] = {}
-        for name, param in module.named_parameters():
-            # one parameter at a time: a 7B model never has to fit gathered on one GPU
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if is_writer:
-                    tensors[name] = param.detach().to("cpu", copy=True).contiguous()
+    staged = topology is not None and topology.pp_size > 1
+    keeper = (topology.tp_rank == 0 and topology.dp_rank == 0) if staged else is_writer
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for file_name, name, param in _file_parameters(model):
+        # one parameter at a time: a 7B model never has to fit gathered on one GPU
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            full = param.detach()
+            if file_name == LLM_FILE:
+                full = gather_tp(name, full, topology)
+            if keeper:
+                tensors.setdefault(file_name, {})[name] = full.to("cpu", copy=True).contiguous()
+    if staged:
+        stage_dir = out / f".export-stage{topology.pp_rank}"
+        if keeper:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            for file_name, part in tensors.items():
+                _save(part, stage_dir / file_name)
+        torch.distributed.barrier()  # every stage's layers are on disk
         if is_writer:
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(out / f"{file_name}.tmp"), metadata={"format": FORMAT})
-            os.replace(out / f"{file_name}.tmp", out / file_name)
+            tensors = {}
+            for k in range(topology.pp_size):
+                for path in sorted((out / f".export-stage{k}").glob("*.safetensors")):
+                    tensors.setdefault(path.name, {}).update(load_file(str(path)))  # the tied table: same twice
+                shutil.rmtree(out / f".export-stage{k}")
     if not is_writer:
         return
+    out.mkdir(parents=True, exist_ok=True)
+    for file_name, part in tensors.items():
+        _save(part, out / file_name)
     tokenizer.save(out / TOKENIZER_DIR)
     config = {"format": FORMAT, "model": model_cfg.to_dict(), "vision": vision_cfg.to_dict() if vision_cfg else None,
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}, **(extra or {})}

@@ -173,9 +173,9 @@ def parameters(model: torch.nn.Module, tp: int, frozen: tuple[str, ...] = (), st
     out = []
     for name, p in model.named_parameters():
         part, block = classify(name)
-        # the vision tower is replicated on every TP rank; LLM weights split as the model splits them
-        split = part not in ("encoder", "connector") and tp_split_dim(name.removeprefix("llm.")) is not None
         llm_part = part not in ("encoder", "connector")
+        # the vision tower is replicated on every TP rank; LLM weights split as the model splits them
+        split = llm_part and tp_split_dim(name.removeprefix("llm.")) is not None
         is_frozen = ("llm" in frozen and llm_part) or part in frozen
         out.append(Param(name, p.numel() // tp if split else p.numel(), p.numel(), part, block,
                          p.requires_grad and not is_frozen))

@@ -15,9 +15,23 @@ import torch.distributed as dist
 
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
-from ghostvis.train.stages import STAGES
+from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _layers(text: str) -> int:
+    """--train-llm-layers: a block count, or `all` (ALL_LAYERS)."""
+    if text == "all":
+        return ALL_LAYERS
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
+    return int(text)
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    """--freeze: comma list of module groups; `none` (or empty) = freeze nothing."""
+    return tuple(g.strip() for g in text.split(",") if g.strip() and g.strip() != "none")  # checked by the loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
+    g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp))")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (splits heads, KV groups, FFN, vocabulary)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages (needs ZeRO <= 1: --ds_config ds_configs/zero1.json)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (less memory, ~1/3 more compute)")
+
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per forward")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: from --global-batch, else 1)")
@@ -49,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llm-lr", type=float, default=None, help="LLM blocks and final norm")
     g.add_argument("--embed-lr", type=float, default=None, help="token embedding")
     g.add_argument("--head-lr", type=float, default=None, help="output head (lm_head)")
-    g.add_argument("--connector-lr", type=float, default=None, help="vision resampler + projector")
-    g.add_argument("--sft-layers", type=int, default=None, help="sft: train the last K LLM blocks (0 = all)")
+    g.add_argument("--vision-lr", type=float, default=None, help="vision connector: resampler + projector")
+    g.add_argument("--encoder-lr", type=float, default=None,
+                   help="vision encoder; giving it unfreezes the encoder (frozen by default in every stage)")
+    g.add_argument("--train-llm-layers", type=_layers, default=None, metavar="K|all",
+                   help="train the LLM's last K blocks; 0 = none, all = every LLM weight incl. embeddings and "
+                        "head (defaults: vision_pretrain 0, others all)")
+    g.add_argument("--freeze", type=_groups, default=None, metavar="GROUPS",
+                   help=f"comma list among {','.join(FREEZE_GROUPS)} to freeze whatever the other flags say "
+                        "('none' = nothing; default: encoder for vision stages)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay for matrices")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
     g.add_argument("--schedule", default=None, choices=SCHEDULES, help="lr after warmup")
@@ -60,12 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
 
+    g = p.add_argument_group("rl (GRPO, ghostvis/train/grpo.py; --micro-batch counts prompts)")
+    g.add_argument("--group-size", type=int, default=None, help="completions sampled per prompt (default 8)")
+    g.add_argument("--rl-max-new-tokens", type=int, default=None, help="cap on a completion's length (default 64)")
+    g.add_argument("--temperature", type=float, default=None, help="rollout sampling temperature (default 1.0)")
+    g.add_argument("--kl-coef", type=float, default=None,
+                   help="weight of the KL penalty against the frozen starting model (default 0 = off, no copy kept)")
+    g.add_argument("--clip-eps", type=float, default=None, help="PPO clip range of the per-token ratio (default 0.2)")
+
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps, also at the end (0 = never)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints kept (0 = all)")
     g.add_argument("--resume", default="auto", choices=("auto", "none"), help="auto: continue from OUT/ckpt/latest")
     g.add_argument("--universal", action="store_true",
-                   help="resume a checkpoint saved with another world size (after ds_to_universal; docs/training.md)")
+                   help="load OUT/ckpt/<latest>_universal (made by ds_to_universal); automatic when the "
+                        "data-parallel size changed (docs/parallelism.md)")
     g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte interval (0 = never)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per rank")
     g.add_argument("--wandb", default="off", choices=WANDB_MODES, help="Weights & Biases logging")

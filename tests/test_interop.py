@@ -201,7 +201,7 @@ def test_imported_llm_with_new_vision_tower_trains_connector(imported):
     _, vision_cfg = get_preset("vlm_tiny")
     vlm = VLM.from_llm(gpt, vision_cfg, image_token_id=tok.image_token_id).train()
     stage = get_stage("vision_pretrain")
-    ds_engine.build_param_groups(vlm, stage, {"connector_lr": 1e-3}, 0.0, dict(stage.defaults), gpt.config.n_layer)
+    ds_engine.build_param_groups(vlm, stage, {"vision_lr": 1e-3}, 0.0, dict(stage.defaults), gpt.config.n_layer)
     conv = {"messages": [{"role": "user", "content": "<|image|>Describe it."}, {"role": "assistant", "content": "A red circle."}]}
     ids, mask = tok.render_conversation(conv, num_vision_tokens=vlm.num_vision_tokens)
     idx = torch.tensor([ids[:-1]])

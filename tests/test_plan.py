@@ -126,6 +126,18 @@ def test_sharding_scales_with_data_parallel_size():
     assert ckpt.gpu["activations"] < full.gpu["activations"] / 2
 
 
+def test_pipeline_stages_match_deepspeed_partition():
+    """stage_blocks cuts as DeepSpeed's `type:PipeBlock` partition does (front layer, blocks, norm, head)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from ghostvis.plan import stage_blocks
+
+    for n_layer, pp in ((28, 3), (28, 4), (7, 4), (5, 2), (24, 8)):
+        bounds = partition_balanced([0] + [1] * n_layer + [0, 0], pp)
+        expect = [range(max(0, int(a) - 1), min(n_layer, int(b) - 1)) for a, b in zip(bounds, bounds[1:])]
+        assert stage_blocks(n_layer, pp) == expect, (n_layer, pp)
+
+
 def test_bad_layouts_name_the_flag():
     with pytest.raises(PlanError, match="--zero 1"):
         plan("tiny", Layout(gpus=2, pp=2, zero=3))

@@ -109,6 +109,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.default_stop_ids = (tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_token_id)
+        # a reply may never hold an image placeholder: the next decode step would have no image for it
+        self.never_sampled = torch.tensor([tokenizer.image_token_id], device=self.device)
 
     @property
     def max_seq_len(self) -> int:
@@ -198,6 +200,7 @@ class Engine:
         tools = [ToolUse(self.tokenizer) for _ in rows]
         done = [False] * batch
         for _ in range(max_new_tokens):
+            logits = logits.index_fill(-1, self.never_sampled, float("-inf"))
             sampled = sample(logits, temperature, top_k, top_p, generator).tolist()
             next_tokens = []
             for i in range(batch):

@@ -20,6 +20,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +102,8 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, An
             _prune(ckpt_dir, keep)
         except OSError as err:
             error = f"publishing checkpoint {tmp} as {tag} failed: {err}"
-    # rank 0's outcome reaches every rank, so all of them stop (or go on) together
-    on_gpu = dist.get_backend() == "nccl"  # nccl only moves GPU tensors
-    failed = torch.tensor([1 if error else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
-    dist.broadcast(failed, src=0)
-    if failed.item():
-        raise CheckpointError(f"{error or 'rank 0 failed to publish ' + str(tmp)}; "
-                              f"{ckpt_dir / LATEST} still names the previous checkpoint")
+    still = f"; {ckpt_dir / LATEST} still names the previous checkpoint"
+    _agree(error and error + still, f"rank 0 failed to publish {tmp}{still}")
     return ckpt_dir / tag
 
 
@@ -144,7 +141,11 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
     latest = read_latest(ckpt_dir.parent)
     steps = sorted(p for p in ckpt_dir.iterdir() if _STEP_DIR.match(p.name))
     old = steps[:-keep] if keep > 0 else []
-    for p in old + [p for p in ckpt_dir.iterdir() if p.name.startswith("tmp-")]:
+    kept = {p.name for p in steps} - {p.name for p in old}
+    # leftovers: failed saves, and universal conversions of checkpoints no longer kept
+    stale = [p for p in ckpt_dir.iterdir() if p.name.startswith("tmp-")
+             or (p.name.endswith("_universal") and p.name[:-len("_universal")] not in kept)]
+    for p in old + stale:
         if p.name != latest:
             shutil.rmtree(p, ignore_errors=True)
 
@@ -155,6 +156,59 @@ def read_latest(out_dir: str | Path) -> str | None:
     """Tag named by `<out>/ckpt/latest`, or None when there is no checkpoint yet."""
     path = Path(out_dir) / "ckpt" / LATEST
     return path.read_text().strip() if path.is_file() else None
+
+
+def _saved_layout(state: dict[str, Any]) -> dict[str, int]:
+    """(tp, pp, dp) a checkpoint was saved with; checkpoints from before layouts were recorded were tp=pp=1."""
+    return state.get("layout", {"tp": 1, "pp": 1, "dp": state["world_size"]})
+
+
+def prepare_universal(out_dir: str | Path, layout: dict[str, int]) -> bool:
+    """Every rank calls this before `deepspeed.initialize`. True when the latest checkpoint was saved with
+    another data-parallel size and must be loaded as a universal checkpoint (`load_universal`); rank 0 then
+    converts it once, with DeepSpeed's `ds_to_universal`, into `ckpt/<tag>_universal/`. A changed tensor-
+    or pipeline-parallel size is refused: only the data-parallel size may change on resume."""
+    tag = read_latest(out_dir)
+    if tag is None:
+        return False
+    ckpt_dir = Path(out_dir) / "ckpt"
+    saved = _saved_layout(json.loads((ckpt_dir / tag / "client_state_rank0.json").read_text()))
+    if (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
+        raise CheckpointError(f"{ckpt_dir / tag} was saved with --tp {saved['tp']} --pp {saved['pp']}, this run has "
+                              f"--tp {layout['tp']} --pp {layout['pp']}: resume with the same --tp/--pp (only the "
+                              "data-parallel size may change), or start from its export with --init-from")
+    if saved["dp"] == layout["dp"]:
+        return False
+    error = ""
+    target = ckpt_dir / f"{tag}_universal"
+    if dist.get_rank() == 0 and not target.is_dir():
+        error = _to_universal(ckpt_dir / tag, target)
+    _agree(error, f"converting {ckpt_dir / tag} to a universal checkpoint failed on rank 0")
+    return True
+
+
+def _to_universal(src: Path, target: Path) -> str:
+    """Run DeepSpeed's converter into a temporary folder, then rename it; '' or the error text."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    os.replace(tmp, target)
+    # the converter also writes `latest_universal` naming its (temporary) output; we load by tag instead
+    (target.parent / "latest_universal").unlink(missing_ok=True)
+    return ""
+
+
+def _agree(error: str, fallback: str) -> None:
+    """Rank 0's outcome reaches every rank, so all of them stop (or go on) together."""
+    on_gpu = dist.get_backend() == "nccl"  # nccl only moves GPU tensors
+    failed = torch.tensor([1 if error else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
+    dist.broadcast(failed, src=0)
+    if failed.item():
+        raise CheckpointError(error or fallback)
 
 
 def load(engine: Any, out_dir: str | Path, *, universal: bool = False) -> dict[str, Any] | None:

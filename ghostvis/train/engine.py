@@ -13,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ghostvis.parallel.layout import canonical_named_parameters
 from ghostvis.train.stages import Stage
 
 # Set from the CLI only: DeepSpeed can't resolve "auto" for them, and two sources would disagree.
@@ -81,6 +82,8 @@ def build_ds_config(base: dict[str, Any], *, micro_batch: int, grad_accum: int, 
     cfg["gradient_clipping"] = grad_clip  # explicit: DeepSpeed >= 0.19.3 defaults to 1.0 when omitted
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == "bf16"}
     cfg.setdefault("steps_per_print", 10**9)  # our own logging; DeepSpeed's would interleave with tqdm
+    # the loop times steps itself; DeepSpeed's throughput timer synchronizes the device twice per step
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     if universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
@@ -94,7 +97,7 @@ def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, floa
     frozen parameters and DeepSpeed drops empty groups (DESIGN.md §8), so groups are keyed by "name",
     never by position, and carry their own "base_lr" for the client-side schedule."""
     groups: dict[str, dict[str, Any]] = {}
-    for name, param in model.named_parameters():
+    for name, param in canonical_named_parameters(model):  # a pipeline stage's too, under the plain names
         rule = stage.rule_for(name, n_layer, settings)
         param.requires_grad_(rule is not None)
         if rule is None:
@@ -111,6 +114,16 @@ def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, floa
     return list(groups.values())
 
 
+def check_pipeline_zero(ds_config: dict[str, Any], pp: int, config_path: str | Path) -> None:
+    """DeepSpeed's pipeline engine refuses ZeRO-2/3 (it asserts deep inside); say so up front."""
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if pp > 1 and zero > 1:
+        raise ConfigError(f"--pp {pp} with ZeRO stage {zero} (--ds_config {config_path}): DeepSpeed's pipeline "
+                          "engine allows ZeRO stage 0 or 1 only (stages 2/3 partition gradients/weights, which "
+                          "conflicts with gradients accumulated over the pipeline's micro-batches); "
+                          "use --ds_config ds_configs/zero1.json, or --pp 1 with ZeRO-2/3")
+
+
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW created by us, so every group keeps its own lr. With optimizer offload DeepSpeed requires its
@@ -124,10 +137,11 @@ def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], devi
 
 
 def initialize(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any],
-               device_type: str) -> Any:
-    """`deepspeed.initialize` with our optimizer; returns the engine. Checks no group was dropped."""
+               device_type: str, mpu: Any = None) -> Any:
+    """`deepspeed.initialize` with our optimizer; returns the engine. Checks no group was dropped.
+    `mpu` (a `ghostvis.parallel.Topology`) under tensor parallelism; a pipeline module brings its own."""
     optimizer = make_optimizer(groups, ds_config, device_type)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     got = [g.get("name") for g in engine.optimizer.param_groups]
     if sorted(got) != sorted(g["name"] for g in groups):
         raise RuntimeError(f"DeepSpeed changed the parameter groups: built {[g['name'] for g in groups]}, got {got}")

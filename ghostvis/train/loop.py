@@ -1,14 +1,17 @@
 """The one training loop. Every stage runs through `run(args)`; what differs between stages is data:
 the `Stage` spec (stages.py) and the data builder and loss registered for its kinds below.
 
-Seams for stages to come: `DATA_BUILDERS[kind]` and `LOSSES[kind]` are "module:function" paths resolved
-on use, so a new data kind or loss plugs in by writing that function in its own module:
+Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]` are "module:function" paths resolved on use, so a new
+data kind or loss plugs in by writing that function in its own module:
 
 - data builder `f(req: DataRequest) -> batches`: an iterable with `state_dict()` / `load_state_dict()`
   yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
   `image_features` (passed to the model) and `num_tokens`; with `req.eval_mode` it is finite and
   restarts at each `iter()`.
-- loss `f(engine, batch) -> scalar tensor` (mean over the micro-batch's counted tokens).
+- loss builder `f(req: LossRequest) -> loss`, called once before the engine exists (it may refuse a
+  setting, or build what the loss keeps, e.g. GRPO's frozen reference model); the loss
+  `loss(engine, batch)` returns a scalar tensor (mean over the micro-batch's counted tokens), or
+  `(scalar, {name: float})` whose extra metrics are averaged over micro-batches and ranks and logged.
 A stage whose builder or loss can't be imported yet fails at start with a "not available yet" error.
 """
 
@@ -19,7 +22,7 @@ import importlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +32,27 @@ import torch.distributed as dist
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.text import TokenRowLoader, token_bytes
+from ghostvis.model.gpt import flops_per_token
+from ghostvis.parallel import Topology
+from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
-from ghostvis.train.stages import Stage, get_stage
+from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
 
 DATA_BUILDERS = {
     "text-tokens": "ghostvis.train.loop:text_batches",
     "image-text": "ghostvis.data.multimodal:caption_batches",
     "conversation": "ghostvis.data.multimodal:conversation_batches",
+    "prompts": "ghostvis.data.rl:prompt_batches",
 }
 LOSSES = {
-    "lm": "ghostvis.train.loop:lm_loss",
-    "grpo": "ghostvis.train.grpo:grpo_loss",
+    "lm": "ghostvis.train.loop:make_lm_loss",
+    "grpo": "ghostvis.train.grpo:make_grpo_loss",
 }
+SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
+                 "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
 
 
 @dataclass
@@ -61,6 +70,19 @@ class DataRequest:
     device: torch.device
     eval_mode: bool
     model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
+
+
+@dataclass
+class LossRequest:
+    """What a loss builder is given: the resolved stage settings and how to rebuild the starting model."""
+
+    stage: Stage
+    settings: dict[str, Any]
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: str  # resolved: bf16 | fp32
+    ds_config: dict[str, Any]
+    initial_model: Callable[[], torch.nn.Module]  # a fresh copy of the weights training starts from
 
 
 def text_batches(req: DataRequest) -> TokenRowLoader:
@@ -89,6 +111,10 @@ def lm_loss(engine: Any, batch: tuple | dict) -> torch.Tensor:
     return engine(idx, targets, **kwargs)
 
 
+def make_lm_loss(req: LossRequest) -> Callable:
+    return lm_loss
+
+
 def _resolve(table: dict[str, str], kind: str, stage: Stage) -> Callable:
     module_name, attr = table[kind].split(":")
     try:
@@ -105,9 +131,14 @@ def check_available(stage: Stage) -> tuple[Callable, Callable]:
 
 # ---- settings ------------------------------------------------------------------------------------
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
     """Stage defaults overridden by every flag the user gave (flags default to None = "stage default";
-    `--lr` sets every learning rate the stage uses that has no flag of its own)."""
+    `--lr` sets every learning rate the stage uses that has no flag of its own). `--encoder-lr` unfreezes
+    the encoder; a group named in an explicit `--freeze` refuses the flags that would train it."""
     settings = dict(stage.defaults)
     for name in stage.lr_names:
         given = getattr(args, name, None)
@@ -116,15 +147,30 @@ def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
         if given is not None:
             settings[name] = given
         if name not in settings:
-            raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass --{name.replace('_', '-')}")
-    for key in ("weight_decay", "warmup", "schedule", "warmdown", "sft_layers"):
+            raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass {_flag(name)}")
+    for key in SETTING_FLAGS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
+    freeze = tuple(settings.get("freeze", ()))
+    unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
+    if unknown:
+        raise ds_engine.ConfigError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
+    if getattr(args, "freeze", None) is not None:
+        given = {r.lr: r.group for r in stage.trainable if getattr(args, r.lr, None) is not None}
+        if getattr(args, "train_llm_layers", None):
+            given["train_llm_layers"] = "llm"
+        for key, group in given.items():
+            if group in freeze:
+                raise ds_engine.ConfigError(f"{_flag(key)} trains the {group} but --freeze lists it; drop one")
+    elif getattr(args, "encoder_lr", None) is not None:
+        freeze = tuple(g for g in freeze if g != "encoder")
+    settings["freeze"] = freeze
     return settings
 
 
-def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded."""
+def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
+    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded. A trained
+    encoder (not in `settings["freeze"]`) is built unfrozen: a frozen one runs under no_grad."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -139,6 +185,9 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer) ->
             raise ds_engine.ConfigError(f"--stage {stage.name} needs a vision model; pick a vlm_* --model")
         if vision_cfg is None:  # a text export grows a fresh tower from the preset
             _, vision_cfg = get_preset(args.model, args.depth)
+        elif args.init_from and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file():
+            vision_cfg.pretrained_path = None  # the tower's weights come from the export's vision.safetensors
+        vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
         from ghostvis.model.vlm import VLM
 
         model_cfg.image_token_id = tokenizer.image_token_id
@@ -164,6 +213,7 @@ class StepResult:
     grad_norm: float | None
     applied: bool  # False when DeepSpeed skipped the update (inf/NaN gradients in bf16/fp16)
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # a loss's own metrics, mean over micro-batches and ranks
 
 
 def train_step(engine: Any, batches: Iterator, loss_fn: Callable, grad_accum: int) -> StepResult:
@@ -172,17 +222,66 @@ def train_step(engine: Any, batches: Iterator, loss_fn: Callable, grad_accum: in
     t0 = time.perf_counter()
     total = torch.zeros((), device=engine.device)
     tokens = 0
+    extra: dict[str, float] = {}
     for _ in range(grad_accum):
         batch = next(batches)
         loss = loss_fn(engine, batch)
+        if isinstance(loss, tuple):
+            loss, metrics = loss
+            for key, value in metrics.items():
+                extra[key] = extra.get(key, 0.0) + value / grad_accum
         engine.backward(loss)
         engine.step()
         total += loss.detach()
-        tokens += batch_tokens(batch)
+        tokens += batch_tokens(batch)  # after the loss: a batch may learn its size there (RL rollouts)
     loss_value = total.item() / grad_accum  # .item() waits for the GPU, so the timing below is real
     norm = engine.get_global_grad_norm()
     norm = None if norm is None else float(norm)
-    return StepResult(loss_value, tokens, norm, engine.was_step_applied(), time.perf_counter() - t0)
+    return StepResult(loss_value, tokens, norm, engine.was_step_applied(), time.perf_counter() - t0,
+                      _mean_over_ranks(extra, engine.device))
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Every rank runs the same loss, so every rank has the same keys: one all-reduce averages them."""
+    if not metrics:
+        return {}
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
+
+
+def pipeline_step(engine: Any, batches: Iterator, loss_fn: Callable, grad_accum: int) -> StepResult:
+    """`train_step` under pipeline parallelism: DeepSpeed's `train_batch` pulls grad_accum micro-batches
+    (the first stage takes the inputs, the last the targets), interleaves forward and backward across the
+    stages and steps the optimizer. The loss is the model's own last layer (`loss_fn` is not used); it comes
+    back averaged over micro-batches and data-parallel replicas and broadcast to every stage."""
+    t0 = time.perf_counter()
+    tokens = 0
+
+    def micro_batches() -> Iterator[tuple[Any, torch.Tensor]]:
+        nonlocal tokens
+        while True:
+            batch = next(batches)
+            tokens += batch_tokens(batch)
+            idx, targets, kwargs = split_batch(batch)
+            yield ((idx, *kwargs.values()) if kwargs else idx), targets
+
+    loss = engine.train_batch(data_iter=micro_batches())
+    norm = engine.get_global_grad_norm()
+    return StepResult(float(loss), tokens, None if norm is None else float(norm), engine.was_step_applied(),
+                      time.perf_counter() - t0)
+
+
+def check_pipeline(stage: Stage, args: argparse.Namespace, ds_config: dict[str, Any]) -> None:
+    """What `--pp > 1` can't do (yet), said before anything starts."""
+    ds_engine.check_pipeline_zero(ds_config, args.pp, args.ds_config)
+    if stage.loss != "lm":
+        raise ds_engine.ConfigError(f"--stage {stage.name} (loss {stage.loss!r}) runs its own forwards outside the "
+                                    "pipeline schedule; run it with --pp 1")
+    if args.eval_every > 0:
+        raise ds_engine.ConfigError(f"--pp {args.pp}: validation bits-per-byte needs per-token losses, which the "
+                                    "pipeline engine does not return; pass --eval-every 0 (or evaluate the export)")
 
 
 @torch.no_grad()
@@ -213,28 +312,45 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
     stage = get_stage(args.stage)
-    data_builder, loss_fn = check_available(stage)
+    data_builder, loss_builder = check_available(stage)
     settings = stage_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
+    topo = Topology(args.tp, args.pp)
+    dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
     tokenizer = Tokenizer.load(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
 
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = build_model(args, stage, tokenizer)
+    def initial_model() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
+            return build_model(args, stage, tokenizer, settings)
+
+    # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
+    model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
+    torch.manual_seed(args.seed)
     model_cfg: ModelConfig = model.config
     groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
                                           settings["weight_decay"], settings, model_cfg.n_layer)
-    grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, world)
+    grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
+    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp}
+    # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
+    universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
-                                          grad_accum=grad_accum, world_size=world, grad_clip=args.grad_clip,
-                                          dtype=dtype, universal=args.universal)
-    engine = ds_engine.initialize(model, groups, ds_config, device.type)
+                                          grad_accum=grad_accum, world_size=dp, grad_clip=args.grad_clip, dtype=dtype,
+                                          universal=universal)
+    loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
+    if topo.pp_size > 1:
+        check_pipeline(stage, args, ds_config)
+    engine = ds_engine.initialize(model, groups, ds_config, device.type,
+                                  mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
+    step_fn = pipeline_step if topo.pp_size > 1 else train_step
     if args.compile:
         engine.compile()  # compiles inside the engine: parameter and checkpoint names stay the same
 
     def request(split: str, eval_mode: bool) -> DataRequest:
-        return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, rank, world, args.seed,
+        # every TP rank and pipeline stage of a replica reads the same batches
+        return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
                            tokenizer, device, eval_mode, model)
 
     train_data = data_builder(request("train", False))
@@ -242,25 +358,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     start_step, skipped, tokens_seen = 0, 0, 0
     if args.resume == "auto":
-        state = checkpoint.load(engine, out, universal=args.universal)
+        state = checkpoint.load(engine, out, universal=universal)
         if state is not None:
-            if state["stage"] != stage.name or state["model"] != model_cfg.to_dict():
+            if state["stage"] != stage.name or _shape(state["model"]) != _shape(model_cfg.to_dict()):
                 raise checkpoint.CheckpointError(f"{out / 'ckpt'} holds a {state['stage']} run of another model "
                                                  "shape; use a new --out (or --resume none to start over there)")
             start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
             train_data.load_state_dict(state["data"])
 
-    flops = model.llm.flops_per_token(args.seq_len) if hasattr(model, "llm") else model.flops_per_token(args.seq_len)
+    flops = flops_per_token(model_cfg, args.seq_len)
     peak = args.peak_flops if device.type == "cuda" else None
     n_train = sum(p.numel() for g in groups for p in g["params"])
     log = RunLogger(out_dir=out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
                     wandb_mode=args.wandb, run_config=_jsonable(vars(args)),
-                    header=f"stage `{stage.name}`, {world} rank(s), {dtype}, {n_train:,} trainable parameters, "
+                    header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, {n_train:,} trainable parameters, "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
     def client_state(step: int) -> dict[str, Any]:
         return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
-                "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args))}
+                "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
     byte_counts = token_bytes(tokenizer)
     batches = iter(train_data)
@@ -271,16 +387,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mult = lr_multiplier(step, total=args.steps, warmup=settings["warmup"], schedule=settings["schedule"],
                              warmdown=settings.get("warmdown", 0.2))
         apply_lr(engine.optimizer.param_groups, mult)
-        result = train_step(engine, batches, loss_fn, grad_accum)
+        result = step_fn(engine, batches, loss_fn, grad_accum)
         step += 1
-        step_tokens = result.tokens * world  # ranks see equal shapes for text; close enough for padded batches
+        step_tokens = result.tokens * dp  # replicas see equal shapes for text; close enough for padded batches
         tokens_seen += step_tokens
         if not result.applied:
             skipped += 1
             log.note(f"step {step}: update skipped (non-finite gradients), {skipped} so far")
         tps = step_tokens / result.seconds
         metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
-                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped}
+                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, **result.extra}
         if val_data is not None and (step % args.eval_every == 0 or step == end):
             metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
         log.step(step, metrics)
@@ -290,10 +406,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path = checkpoint.save(engine, out, step, client_state(step), args.keep)
             log.note(f"step {step}: checkpoint {path}")
     checkpoint_io.export(model, out, tokenizer=tokenizer, extra={"stage": stage.name, "step": step},
-                         is_writer=rank == 0)
+                         is_writer=rank == 0, topology=topo)
     log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
     log.close()
     return metrics
+
+
+def _shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A model config without the settings that may change between a run and its resume."""
+    return {k: v for k, v in model_cfg.items() if k != "activation_checkpointing"}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

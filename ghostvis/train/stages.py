@@ -12,12 +12,11 @@ Parameter names follow docs/architecture.md. A VLM holds the GPT under `llm.` an
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-DATA_KINDS = ("text-tokens", "image-text", "conversation")
+DATA_KINDS = ("text-tokens", "image-text", "conversation", "prompts")  # prompts: conversation shards read for RL
 LOSS_KINDS = ("lm", "grpo")
 
 # The LLM's decoder blocks, with or without the VLM's `llm.` prefix; group 1 = the block index.
@@ -28,23 +27,25 @@ _BLOCK = r"(?:llm\.)?blocks\.(\d+)\."
 class ParamRule:
     """Parameters whose name matches `pattern` (re.match, i.e. anchored at the start) train at the learning
     rate named `lr` (a key of the stage's resolved lrs, set by the `--<lr>` flag), with weight decay on or
-    off. `last_layers` names a setting K: the rule then covers only the LLM's last K blocks, and non-block
-    parameters only when K <= 0 (= the whole LLM).
+    off. `group` (llm | encoder | connector) is what `--freeze` names: a rule of a frozen group matches
+    nothing. `last_layers` names a setting K (`--train-llm-layers`): the rule then covers only the LLM's
+    last K blocks (K = 0: none), and every LLM weight, embeddings and head included, when K < 0 (= all).
     """
 
     pattern: str
     lr: str
     weight_decay: bool
+    group: str = "llm"
     last_layers: str | None = None
 
     def matches(self, name: str, n_layer: int, settings: dict[str, Any]) -> bool:
-        if re.match(self.pattern, name) is None:
+        if self.group in settings.get("freeze", ()) or re.match(self.pattern, name) is None:
             return False
         if self.last_layers is None:
             return True
         k = int(settings[self.last_layers])
         block = re.match(_BLOCK, name)
-        return k <= 0 or (block is not None and int(block.group(1)) >= n_layer - k)
+        return k < 0 or (k > 0 and block is not None and int(block.group(1)) >= n_layer - k)
 
 
 @dataclass(frozen=True)
@@ -79,20 +80,30 @@ class Stage:
 _GAINS = r"(?:.*norm.*|.*\.bias$)"
 _LLM = r"(?:llm\.)?"
 _CONNECTOR = r"vision\.(?:resampler|projector)\."
+_ENCODER = r"vision\.encoder\."
+FREEZE_GROUPS = ("llm", "encoder", "connector")
+ALL_LAYERS = -1  # --train-llm-layers all
 
-_LLM_RULES = (
-    ParamRule(_LLM + r"wte\.", "embed_lr", weight_decay=False),
-    ParamRule(_LLM + r"lm_head\.", "head_lr", weight_decay=True),
-    ParamRule(_LLM + r"(?:norm_f\.|blocks\.\d+\." + _GAINS + ")", "llm_lr", weight_decay=False),
-    ParamRule(_LLM + r"blocks\.", "llm_lr", weight_decay=True),
+# Every LLM rule is limited by --train-llm-layers K (embeddings, head and final norm train only with `all`).
+_LLM_RULES = tuple(ParamRule(p, lr, weight_decay=wd, group="llm", last_layers="train_llm_layers") for p, lr, wd in (
+    (_LLM + r"wte\.", "embed_lr", False),
+    (_LLM + r"lm_head\.", "head_lr", True),
+    (_LLM + r"(?:norm_f\.|blocks\.\d+\." + _GAINS + ")", "llm_lr", False),
+    (_LLM + r"blocks\.", "llm_lr", True),
+))
+# The vision tower: connector (resampler + projector) at --vision-lr, encoder at --encoder-lr. The
+# encoder's group is in every vision stage's default --freeze: it trains only when --encoder-lr is given
+# or an explicit --freeze leaves it out.
+_VISION_RULES = (
+    ParamRule(_CONNECTOR + _GAINS, "vision_lr", weight_decay=False, group="connector"),
+    ParamRule(_CONNECTOR, "vision_lr", weight_decay=True, group="connector"),
+    ParamRule(_ENCODER + _GAINS, "encoder_lr", weight_decay=False, group="encoder"),
+    ParamRule(_ENCODER, "encoder_lr", weight_decay=True, group="encoder"),
 )
-_CONNECTOR_RULES = (
-    ParamRule(_CONNECTOR + _GAINS, "connector_lr", weight_decay=False),
-    ParamRule(_CONNECTOR, "connector_lr", weight_decay=True),
-)
-# SFT: the LLM rules limited to the last `--sft-layers` blocks (embeddings, head and final norm train only
-# when it is 0 = all).
-_SFT_LLM_RULES = tuple(dataclasses.replace(r, last_layers="sft_layers") for r in _LLM_RULES)
+_VISION_DEFAULTS = {"freeze": ("encoder",), "encoder_lr": 1e-5}
+# GRPO (ghostvis/train/grpo.py): completions per prompt, their length cap, sampling temperature, KL
+# penalty against the frozen starting model (0 = off), PPO clip range of the per-token ratio.
+_GRPO_DEFAULTS = {"group_size": 8, "rl_max_new_tokens": 64, "temperature": 1.0, "kl_coef": 0.0, "clip_eps": 0.2}
 
 STAGES: dict[str, Stage] = {
     "base": Stage(
@@ -100,37 +111,39 @@ STAGES: dict[str, Stage] = {
         data_kind="text-tokens",
         loss="lm",
         trainable=_LLM_RULES,
-        defaults={"embed_lr": 3e-3, "head_lr": 3e-4, "llm_lr": 3e-4, "weight_decay": 0.1,
-                  "warmup": 100, "schedule": "warmdown", "warmdown": 0.2},
+        defaults={"embed_lr": 3e-3, "head_lr": 3e-4, "llm_lr": 3e-4, "weight_decay": 0.1, "freeze": (),
+                  "train_llm_layers": ALL_LAYERS, "warmup": 100, "schedule": "warmdown", "warmdown": 0.2},
         description="text pretraining: every LLM weight trains",
     ),
     "vision_pretrain": Stage(
         name="vision_pretrain",
         data_kind="image-text",
         loss="lm",
-        trainable=_CONNECTOR_RULES,
+        trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={"connector_lr": 1e-3, "weight_decay": 0.0, "warmup": 50, "schedule": "cosine"},
+        defaults={**_VISION_DEFAULTS, "vision_lr": 1e-3, "embed_lr": 1e-5, "head_lr": 1e-5, "llm_lr": 1e-5,
+                  "train_llm_layers": 0, "weight_decay": 0.0, "warmup": 50, "schedule": "cosine"},
         description="alignment: resampler + projector train; LLM and encoder frozen",
     ),
     "sft": Stage(
         name="sft",
         data_kind="conversation",
         loss="lm",
-        trainable=_CONNECTOR_RULES + _SFT_LLM_RULES,
+        trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={"connector_lr": 2e-5, "llm_lr": 2e-5, "embed_lr": 2e-5, "head_lr": 2e-5, "sft_layers": 0, "weight_decay": 0.0,
-                  "warmup": 20, "schedule": "cosine"},
-        description="instruction tuning: connector + the last --sft-layers LLM blocks (0 = all)",
+        defaults={**_VISION_DEFAULTS, "vision_lr": 2e-5, "llm_lr": 2e-5, "embed_lr": 2e-5, "head_lr": 2e-5,
+                  "train_llm_layers": ALL_LAYERS, "weight_decay": 0.0, "warmup": 20, "schedule": "cosine"},
+        description="instruction tuning: connector + the last --train-llm-layers LLM blocks (default all)",
     ),
     "rl": Stage(
         name="rl",
-        data_kind="conversation",
+        data_kind="prompts",
         loss="grpo",
-        trainable=_LLM_RULES,
+        trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={"embed_lr": 1e-6, "head_lr": 1e-6, "llm_lr": 1e-6, "weight_decay": 0.0,
-                  "warmup": 0, "schedule": "constant"},
+        defaults={**_VISION_DEFAULTS, **_GRPO_DEFAULTS, "vision_lr": 1e-6, "embed_lr": 1e-6, "head_lr": 1e-6,
+                  "llm_lr": 1e-6, "train_llm_layers": ALL_LAYERS, "weight_decay": 0.0, "warmup": 0,
+                  "schedule": "constant"},
         description="GRPO on verifiable rewards (reference answers in the conversation shards)",
     ),
 }

@@ -1,0 +1,94 @@
+"""Prompt batches for RL (`--stage rl`): what GRPO samples completions for and checks them against.
+
+Reads conversation shards whose samples carry a reference `"answer"` (docs/architecture.md, "Data"), from
+one directory or a `mixture.json` (the same mixing as sft). Each sample becomes
+
+    prompt   the conversation up to its last user turn, rendered for completion
+             (`Tokenizer.render_for_completion`: ends with <|assistant_start|>, images expanded)
+    images   its images, preprocessed for the model's encoder ([3, S, S] each)
+    answer   the reference answer, compared after `normalize_answer` (ghostvis/eval/vqa.py)
+    type     the question type ("other" when the sample names none)
+
+and a batch is `{"prompts": [[ids]], "images": [[tensor]], "answers": [str], "types": [str],
+"num_tokens": int}` of `req.batch_size` prompts. A sample without an answer or with unreadable images is
+skipped and counted as corrupt in its stream; a prompt of `req.seq_len` tokens or more (no room to answer)
+is skipped and counted in `skipped_long`.
+
+The state is the source's position after the last emitted batch, so resume is exact. In `eval_mode` (the
+loop's validation) the builder returns the ordinary conversation batches of the val split instead: the
+loop measures bits per byte of the reference replies there, a check that RL doesn't wreck the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ghostvis.data.multimodal import SampleSource, _streams, conversation_batches
+from ghostvis.eval.vqa import Unreadable, parse_sample
+from ghostvis.tokenizer import Tokenizer
+from ghostvis.vision.transforms import image_transform
+
+
+class PromptBatches:
+    """Batches of RL prompts with their reference answers (see the module doc)."""
+
+    def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_prompt_len: int,
+                 num_vision_tokens: int, transform: Any, device: torch.device | str = "cpu") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.source, self.tok = source, tokenizer
+        self.batch_size, self.max_prompt_len = batch_size, max_prompt_len
+        self.n_vis, self.transform = num_vision_tokens, transform
+        self.device = torch.device(device)
+        self.skipped_long = 0
+
+    def _prompt(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """One sample as a prompt, or None (counted) when it can't be used."""
+        try:
+            sample = parse_sample(raw)
+            if sample.images and self.transform is None:
+                raise Unreadable("a sample has images but the model has no vision tower")
+            ids = self.tok.render_for_completion(sample.record, self.n_vis)
+        except (Unreadable, ValueError, TypeError, KeyError):
+            self.source.mark_corrupt()
+            return None
+        if len(ids) >= self.max_prompt_len:
+            self.skipped_long += 1
+            return None
+        return {"prompt": ids, "images": [self.transform(im).to(self.device) for im in sample.images],
+                "answer": sample.answer, "type": sample.qtype}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for raw in self.source:
+            row = self._prompt(raw)
+            if row is None:
+                continue
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield {"prompts": [r["prompt"] for r in rows], "images": [r["images"] for r in rows],
+                       "answers": [r["answer"] for r in rows], "types": [r["type"] for r in rows],
+                       "num_tokens": sum(len(r["prompt"]) for r in rows)}
+                rows = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict(), "skipped_long": self.skipped_long}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state["source"])
+        self.skipped_long = int(state["skipped_long"])
+
+
+def prompt_batches(req: Any) -> PromptBatches | Any:
+    """The rl data builder (`req` is a ghostvis.train.loop.DataRequest); see the module doc for eval_mode."""
+    if req.eval_mode:
+        return conversation_batches(req)
+    vision_cfg = getattr(req.model, "vision_config", None)
+    return PromptBatches(_streams(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
+                         max_prompt_len=req.seq_len,
+                         num_vision_tokens=req.model.num_vision_tokens if vision_cfg is not None else 0,
+                         transform=image_transform(vision_cfg) if vision_cfg is not None else None,
+                         device=req.device)

@@ -1,0 +1,179 @@
+"""The model as a DeepSpeed `PipelineModule` of `LayerSpec`s (DESIGN.md §7, docs/parallelism.md).
+
+Layers, in order:
+
+    [PipeVision]        VLMs only: images (pixels or cached features) -> (idx, vision tokens)
+    PipeEmbed           token embedding + the image splice (GPT.embed's own code)
+    PipeBlock × L       the GPT's blocks (RoPE tables shared by the blocks of a stage)
+    PipeNorm            final norm
+    PipeLMHead          this rank's vocabulary shard of the logits (the embedding table when tied:
+                        a `TiedLayerSpec`, whose gradients DeepSpeed sums across the two stages)
+    loss                `PipeLoss`: vocab-parallel cross-entropy, mean over counted tokens
+
+Stages are cut by layer count (`type:PipeBlock` = equal blocks per stage, or `uniform`), never by
+`parameters`, which counts only trainable weights and skews with a frozen tower. Each layer keeps the
+plain model's attribute names, so `canonical_named_parameters()` yields exactly the names of the GPT / VLM
+(docs/architecture.md) and weights move between layouts by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import ProcessTopology
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.model.gpt import GPT, IGNORE_INDEX, Block
+from ghostvis.model.layers import RMSNorm, RotaryEmbedding
+from ghostvis.model.parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from ghostvis.vision.tower import VisionTower
+
+PARTITIONS = ("type:PipeBlock", "uniform")
+
+
+class PipeVision(nn.Module):
+    """(idx, images) -> (idx, vision tokens); images are pixels [N, 3, S, S] or cached features [N, P, D]."""
+
+    def __init__(self, vision_cfg: VisionConfig, llm_dim: int) -> None:
+        super().__init__()
+        self.vision = VisionTower(vision_cfg, llm_dim)
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_tensor(inputs) or len(inputs) == 1:  # a text-only micro-batch
+            return inputs
+        idx, images = inputs
+        images = images.detach()  # the pipeline engine marks float inputs as requiring grad; pixels need none
+        embeds = self.vision(images) if images.dim() == 4 else self.vision.forward_features(images)
+        return idx, embeds
+
+
+class PipeEmbed(nn.Module):
+    """idx or (idx, vision tokens) -> embeddings with the vision tokens spliced in (GPT's own methods)."""
+
+    embed = GPT.embed
+    _splice_images = GPT._splice_images
+
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.n_embd, tp_group)
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if torch.is_tensor(inputs):
+            return self.embed(inputs)
+        return self.embed(*inputs)
+
+
+class PipeBlock(Block):
+    def __init__(self, config: ModelConfig, layer_idx: int, tp_group: dist.ProcessGroup | None,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__(config, layer_idx, tp_group)
+        self.rotary = rotary  # one table per stage, shared (non-persistent buffers: not in checkpoints)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(0, x.shape[1])
+        return super().forward(x, cos, sin)
+
+
+class PipeNorm(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_f(x)
+
+
+class PipeLMHead(nn.Module):
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.lm_head = ColumnParallelLinear(config.n_embd, config.padded_vocab_size, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
+
+
+def _tied_head(module: PipeEmbed, x: torch.Tensor) -> torch.Tensor:
+    return module.wte(x, as_head=True)
+
+
+class PipeLoss:
+    """Mean cross-entropy over counted targets from this rank's logits shard (what `GPT.head` computes)."""
+
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
+        self.config, self.tp_group = config, tp_group
+        self.softcap = GPT._softcap.__get__(self)  # GPT's soft-cap, reading self.config
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.config.image_token_id is not None:
+            targets = targets.masked_fill(targets == self.config.image_token_id, IGNORE_INDEX)
+        loss = vocab_parallel_cross_entropy(self.softcap(logits.float()), targets, self.tp_group,
+                                            self.config.vocab_size, IGNORE_INDEX)
+        return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class GPTPipe(PipelineModule):
+    """The GPT (or VLM) cut into pipeline stages; this rank holds only its stage's layers."""
+
+    def __init__(self, config: ModelConfig, vision_cfg: VisionConfig | None, topology: ProcessTopology,
+                 tp_group: dist.ProcessGroup | None, *, partition: str = "type:PipeBlock",
+                 activation_checkpointing: bool = False, num_vision_tokens: int = 0) -> None:
+        if partition not in PARTITIONS:
+            raise ValueError(f"pipeline partition {partition!r}; choose one of {PARTITIONS} (DESIGN.md §7: "
+                             "'parameters' balances trainable weights only and skews with a frozen tower)")
+        llm = "llm." if vision_cfg is not None else ""
+        rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        specs: list[LayerSpec] = []
+        self._prefixes: list[str] = []  # layer index -> the plain model's name prefix of its parameters
+        if vision_cfg is not None:
+            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd))
+            self._prefixes.append("")
+        embed = (partial(TiedLayerSpec, "wte", tied_weight_attr=["wte.weight"]) if config.tie_embeddings
+                 else LayerSpec)
+        specs.append(embed(PipeEmbed, config, tp_group))
+        self._prefixes.append(llm)
+        for i in range(config.n_layer):
+            specs.append(LayerSpec(PipeBlock, config, i, tp_group, rotary))
+            self._prefixes.append(f"{llm}blocks.{i}.")
+        specs.append(LayerSpec(PipeNorm, config))
+        if config.tie_embeddings:
+            specs.append(TiedLayerSpec("wte", PipeEmbed, config, tp_group, forward_fn=_tied_head,
+                                       tied_weight_attr=["wte.weight"]))
+        else:
+            specs.append(LayerSpec(PipeLMHead, config, tp_group))
+        self._prefixes += [llm, llm]
+        super().__init__(specs, topology=topology, loss_fn=PipeLoss(config, tp_group), partition_method=partition,
+                         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                         activation_checkpoint_func=partial(checkpoint, use_reentrant=False),
+                         checkpointable_layers=["PipeBlock"])
+        self.config, self.vision_config = config, vision_cfg
+        self.num_vision_tokens = num_vision_tokens  # what the data builders ask a VLM for
+        self._llm_prefix = llm
+
+    def canonical_name(self, name: str) -> str:
+        """`3.attn.q_proj.weight` -> `blocks.1.attn.q_proj.weight` (`llm.`-prefixed in a VLM)."""
+        tied = re.match(r"tied_modules\.wte\.(.+)", name)
+        if tied:
+            return self._llm_prefix + tied.group(1)
+        layer, rest = name.split(".", 1)
+        return self._prefixes[int(layer)] + rest
+
+    def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This stage's parameters under the plain model's names (the tied table appears once per stage)."""
+        for name, param in self.named_parameters():
+            yield self.canonical_name(name), param
+
+    def load_canonical(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy this stage's parameters from a plain-model state dict (already TP-sharded if tp > 1)."""
+        with torch.no_grad():
+            for name, param in self.canonical_named_parameters():
+                if name not in state:
+                    raise KeyError(f"pipeline parameter {name} is missing from the source state dict")
+                param.copy_(state[name])
