@@ -1,9 +1,9 @@
 """GRPO (--stage rl): group-normalized advantages, the policy loss's masks and clipping, the prompt
 batches, and a short real run through the one loop whose mean reward rises.
 
-The run's task is learnable in seconds by a tiny model: four prompts, four answers. SFT first teaches the
-answer format with every answer equally likely for every prompt (reward ≈ 1/4 when sampling); the RL data
-then names one right answer per prompt, which only the reward can teach.
+The run's task is learnable in seconds by a tiny model: SFT first teaches the answer format with four
+answers equally likely for every prompt (reward ≈ 1/4 when sampling); the RL data then names one of them as
+the right answer for every prompt, which only the reward can teach.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ghostvis.train.engine import ConfigError
 from ghostvis.train.grpo import GRPOSettings, completion_targets, group_advantages, policy_loss, token_logp
 from ghostvis.train.stages import STAGES
 
-ANSWERS = {"pick a": "red", "pick b": "blue", "pick c": "green", "pick d": "fox"}
+PROMPTS, ANSWERS = ("pick a", "pick b", "pick c", "pick d"), ("red", "blue", "green", "fox")
 
 
 def test_group_advantages_by_hand():
@@ -109,10 +109,10 @@ def write_split(d: Path, records: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def pick_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pick")
-    # sft: every prompt with every answer (the format, not the mapping); rl: the one right answer
-    write_split(root / "sft" / "train", [conversation(p, a, None) for _ in range(4) for p in ANSWERS
-                                         for a in ANSWERS.values()])
-    rl = [conversation(p, a, a) for _ in range(8) for p, a in ANSWERS.items()]
+    # sft: every prompt with every answer (the format); rl: "red" is right, whatever the prompt
+    write_split(root / "sft" / "train", [conversation(p, a, None) for _ in range(4) for p in PROMPTS
+                                         for a in ANSWERS])
+    rl = [conversation(p, "red", "red") for _ in range(8) for p in PROMPTS]
     write_split(root / "rl" / "train", rl)
     write_split(root / "bad", rl + [conversation("pick a", "red", None)])  # no answer: skipped and counted
     return root
@@ -127,7 +127,7 @@ def test_prompt_batches(pick_data, tiny_tokenizer):
     prompt = first["prompts"][0]
     assert prompt == tiny_tokenizer.render_for_completion(conversation("pick a", "red", None))
     assert prompt[-1] == tiny_tokenizer.special_id("<|assistant_start|>") and first["answers"][0] == "red"
-    assert first["types"][0] == "pick" and first["images"][0] == []
+    assert first["types"][0] == "pick" and first["images"][0] == [] and first["num_tokens"] == 11 * len(prompt)
 
 
 def test_grpo_run_raises_mean_reward(tmp_path, pick_data, tiny_tokenizer_dir, world1):
@@ -136,9 +136,9 @@ def test_grpo_run_raises_mean_reward(tmp_path, pick_data, tiny_tokenizer_dir, wo
               "--out", sft, "--micro-batch", "16", "--seq-len", "32", "--steps", "40", "--lr", "1e-2")
     records = run_stage("--stage", "rl", "--init-from", sft, "--data", pick_data / "rl", "--tokenizer",
                         tiny_tokenizer_dir, "--out", rl, "--micro-batch", "4", "--seq-len", "32", "--steps", "30",
-                        "--lr", "3e-3", "--group-size", "8", "--rl-max-new-tokens", "6", "--seed", "1")
+                        "--lr", "1e-3", "--group-size", "8", "--rl-max-new-tokens", "6", "--seed", "1")
     reward = [r["reward"] for r in records]
     assert len(reward) == 30 and all("completion_tokens" in r and r["tokens_per_s"] > 0 for r in records)
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    assert 0.1 < first < 0.5  # the format is learned, the mapping isn't
+    assert 0.1 < first < 0.5  # the format is learned, which answer is right isn't
     assert last > first + 0.3, reward

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
 from conftest import tiny_corpus
@@ -40,7 +41,7 @@ def world1():
     saved = dict(os.environ)
     os.environ["DS_ACCELERATOR"] = "cpu"
     yield ds_engine.init_distributed()
-    torch.distributed.destroy_process_group()
+    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later world can start
     os.environ.clear()
     os.environ.update(saved)
 

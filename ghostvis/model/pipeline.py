@@ -45,7 +45,7 @@ class PipeVision(nn.Module):
         super().__init__()
         self.vision = VisionTower(vision_cfg, llm_dim)
 
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if torch.is_tensor(inputs) or len(inputs) == 1:  # a text-only micro-batch
             return inputs
         idx, images = inputs

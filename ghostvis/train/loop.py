@@ -371,7 +371,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_train = sum(p.numel() for g in groups for p in g["params"])
     log = RunLogger(out_dir=out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
                     wandb_mode=args.wandb, run_config=_jsonable(vars(args)),
-                    header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, {n_train:,} trainable parameters, "
+                    header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, "
+                           f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
     def client_state(step: int) -> dict[str, Any]:

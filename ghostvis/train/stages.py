@@ -43,7 +43,7 @@ class ParamRule:
             return False
         if self.last_layers is None:
             return True
-        k = int(settings[self.last_layers])
+        k = int(settings.get(self.last_layers, ALL_LAYERS))  # unset: no limit
         block = re.match(_BLOCK, name)
         return k < 0 or (k > 0 and block is not None and int(block.group(1)) >= n_layer - k)
 

@@ -1,0 +1,149 @@
+"""Training throughput of one (tp, pp, dp) layout through the trainer's own pieces (docs/parallelism.md).
+
+    # 2 × H100: tensor parallel, then pipeline parallel (d20 shape, seq 2048, bf16)
+    TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 2 bench/parallel_throughput.py --tp 2
+    TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 2 bench/parallel_throughput.py --pp 2 --grad-accum 8
+    # 4 × H100: one 7B VLM ZeRO-3 configuration
+    TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 4 bench/parallel_throughput.py --model vlm_7b \\
+        --ds_config ds_configs/zero3.json --seq-len 4096 --micro-batch 1 --activation-checkpointing
+    # CPU check of the script (tiny model; add torchrun --nproc_per_node 2 and --tp 2 / --pp 2)
+    DS_ACCELERATOR=cpu python bench/parallel_throughput.py --smoke --out /tmp/bench.md
+
+The model is built as launch/train.py builds it (full init, `parallelize`, the stage's parameter groups,
+`deepspeed.initialize` with the topology as mpu) and stepped by the loop's own `train_step` /
+`pipeline_step` on random tokens (throughput does not depend on the data; a VLM also gets one random
+image per sequence). Prints tokens/s, MFU (LLM FLOPs only: the vision tower's are not counted) and peak
+memory (max over ranks of torch.cuda.max_memory_allocated); rank 0 appends a block with the card's name
+to --out (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from ghostvis.config import get_preset
+from ghostvis.model.gpt import GPT, count_params, flops_per_token
+from ghostvis.parallel import Topology
+from ghostvis.parallel.layout import parallelize
+from ghostvis.train import engine as ds_engine
+from ghostvis.train.logging import H100_BF16_PEAK, mfu
+from ghostvis.train.loop import lm_loss, pipeline_step, train_step
+from ghostvis.train.schedule import apply_lr
+from ghostvis.train.stages import STAGES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The plain model (full weights, seed 0) and the stage whose trainable rules it takes."""
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset(args.model, args.depth)
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
+    if vision_cfg is None:
+        return GPT(model_cfg), "base"
+    from ghostvis.model.vlm import VLM
+
+    model_cfg.image_token_id = model_cfg.vocab_size - 1
+    return VLM(model_cfg, vision_cfg), "sft"  # sft: connector + whole LLM train, the encoder is frozen
+
+
+def batches(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> Iterator[dict | tuple]:
+    """Random token rows; a VLM's rows start with one image's placeholder tokens and come with its pixels."""
+    cfg = model.config
+    n_img = getattr(model, "num_vision_tokens", 0)
+    g = torch.Generator(device=device).manual_seed(0)
+    while True:
+        rows = torch.randint(0, cfg.vocab_size - 1, (args.micro_batch, args.seq_len + 1), device=device, generator=g)
+        if not n_img:
+            yield rows[:, :-1], rows[:, 1:]
+            continue
+        rows[:, 1:1 + n_img] = cfg.image_token_id
+        size = model.vision_config.image_size
+        pixels = torch.randn(args.micro_batch, 3, size, size, device=device, generator=g)
+        yield {"input_ids": rows[:, :-1], "targets": rows[:, 1:], "pixel_values": pixels}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model, seq 64, few steps (CPU check of the script)")
+    p.add_argument("--model", default="small")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ds_config", default=None, help="default: zero1.json with --pp > 1, else zero2.json")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per data-parallel replica per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (= pipeline micro-batches)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file rank 0 appends to")
+    args = p.parse_args()
+    if args.smoke:
+        args.model, args.depth, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", None, 64, 2, 3, 1
+    if args.model not in ("small", "vlm_small"):
+        args.depth = None  # fixed-shape presets
+    args.ds_config = args.ds_config or str(REPO / "ds_configs" / ("zero1.json" if args.pp > 1 else "zero2.json"))
+
+    rank, world, device = ds_engine.init_distributed()
+    on_gpu = device.type == "cuda"
+    topo = Topology(args.tp, args.pp)
+    plain, stage_name = build(args)
+    data = batches(plain, args, device)
+    model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing)  # deepspeed moves it
+    del plain
+    stage, dtype = STAGES[stage_name], "bf16" if on_gpu else "fp32"
+    lrs = {name: 1e-4 for name in stage.lr_names}
+    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, stage.defaults, model.config.n_layer)
+    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
+                                          grad_accum=args.grad_accum, world_size=topo.dp_size, grad_clip=1.0,
+                                          dtype=dtype)
+    ds_engine.check_pipeline_zero(ds_config, topo.pp_size, args.ds_config)
+    engine = ds_engine.initialize(model, groups, ds_config, device.type,
+                                  mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
+    step_fn = pipeline_step if topo.pp_size > 1 else train_step
+
+    def step() -> None:
+        apply_lr(engine.optimizer.param_groups, 1.0)
+        step_fn(engine, data, lm_loss, args.grad_accum)  # reads the loss back: the step has finished
+
+    for _ in range(args.warmup):
+        step()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    tokens = args.micro_batch * args.grad_accum * topo.dp_size * args.seq_len
+    tps = tokens / seconds
+    m = mfu(flops_per_token(model.config, args.seq_len), tps / world, args.peak_flops if on_gpu else None)
+    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    line = (f"{tps:,.0f} tokens/s, MFU {'n/a' if m is None else f'{100 * m:.1f}%'}, "
+            f"peak {peak.item():.1f} GiB per GPU")
+    if rank == 0:
+        print(f"{topo} on {world} × {card}: {line}", flush=True)
+        shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
+                 f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
+                 f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
+                 f"{Path(args.ds_config).stem}{', activation checkpointing' if args.activation_checkpointing else ''}")
+        with Path(args.out).open("a") as f:
+            f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
+                    f"tp {topo.tp_size}, pp {topo.pp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "
+                    f"deepspeed {deepspeed.__version__}\n\n**{line}**\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
