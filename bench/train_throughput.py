@@ -76,13 +76,13 @@ class Variant:
 
 _AUTOCAST = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
 VARIANTS = {
-    "zero1": Variant("ds_configs/zero1.json as shipped (bf16 params, fp32 master in ZeRO-1)"),
+    "zero1": Variant("ds_configs/zero1.json as shipped (bf16 params, fp32 gradient accumulation: BF16_Optimizer)"),
     "zero1+timers": Variant("DeepSpeed's throughput timer on (its default: 2 device syncs per step)",
                             overrides={"timers": {"throughput": {"enabled": True}}}),
     "zero1-nocheck": Variant("bf16.check_grad_overflow off (no inf/NaN scan, no .item() in the step)",
                              overrides={"bf16": {"check_grad_overflow": False}}),
-    "zero1-fp32acc": Variant("data_types.grad_accum_dtype fp32 (DeepSpeed then uses its BF16_Optimizer)",
-                             overrides={"data_types": {"grad_accum_dtype": "fp32"}}),
+    "zero1-bf16acc": Variant("data_types.grad_accum_dtype bf16 (ZeRO-1 optimizer, overflow scan every step)",
+                             overrides={"data_types": {"grad_accum_dtype": "bf16"}}),
     "zero1-noncontig": Variant("contiguous_gradients off (no copy into the 5e8-element bucket)",
                                overrides={"zero_optimization": {"contiguous_gradients": False}}),
     "zero1-precompile": Variant("module.compile() before deepspeed.initialize", compile_first=True),

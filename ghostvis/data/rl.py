@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ghostvis.data.multimodal import SampleSource, _streams, conversation_batches
+from ghostvis.data.multimodal import ConversationBatches, SampleSource, _streams, conversation_batches
 from ghostvis.eval.vqa import Unreadable, parse_sample
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
@@ -82,7 +82,7 @@ class PromptBatches:
         self.skipped_long = int(state["skipped_long"])
 
 
-def prompt_batches(req: Any) -> PromptBatches | Any:
+def prompt_batches(req: Any) -> PromptBatches | ConversationBatches:
     """The rl data builder (`req` is a ghostvis.train.loop.DataRequest); see the module doc for eval_mode."""
     if req.eval_mode:
         return conversation_batches(req)
