@@ -1,4 +1,4 @@
-"""Vision-alignment throughput vs text-only training of the same LLM, in one run (issue 4, item 7).
+"""Vision-alignment throughput vs text-only training of the same LLM, in one run.
 
 Three timed loops at the same LLM tokens per step (batch x seq_len):
   text       base training: every LLM weight trainable (AdamW), no images;
