@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?=
 STAMP  := $(VENV)/.ghostvis-setup
 
-.PHONY: setup demo test bench-cpu clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 

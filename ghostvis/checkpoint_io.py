@@ -10,6 +10,7 @@ Files are written under a temporary name and renamed, so a reader never sees hal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -131,14 +132,14 @@ def load_weights(module: torch.nn.Module, file: str | Path) -> None:
                          "the file does not belong to this config")
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, ModelConfig]:
-    """(model in eval mode on `device`, tokenizer, model config) from an export directory."""
-    path = Path(path)
-    model_cfg, vision_cfg, raw = read_config(path)
-    tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
-    if tokenizer.fingerprint != raw["tokenizer"]["fingerprint"]:
-        raise ValueError(f"{path / TOKENIZER_DIR} is not the tokenizer this model was trained with "
-                         f"(fingerprint {tokenizer.fingerprint[:12]} != {raw['tokenizer']['fingerprint'][:12]} in {CONFIG_FILE})")
+def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights_dir: str | Path | None = None, *,
+                device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A GPT (no `vision_cfg`) or a VLM on `device`, with an export's weights when `weights_dir` is given:
+    llm.safetensors always, vision.safetensors when it is there. A tower from vision.safetensors does not
+    read `vision_cfg.pretrained_path` (the caller's config is left as it is); without that file (a text
+    export growing a tower) the tower is new: `pretrained_path`'s encoder weights, else random. On the meta
+    device only the architecture is built (nothing to load into)."""
+    tower_saved = weights_dir is not None and (Path(weights_dir) / VISION_FILE).is_file()
     with torch.device(device):
         if vision_cfg is None:
             from ghostvis.model.gpt import GPT
@@ -147,8 +148,31 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
         else:
             from ghostvis.model.vlm import VLM
 
-            vision_cfg.pretrained_path = None  # the trained tower's weights come from vision.safetensors
+            if tower_saved:
+                vision_cfg = dataclasses.replace(vision_cfg, pretrained_path=None)
             model = VLM(model_cfg, vision_cfg)
-    for file_name, module in module_files(model).items():
-        load_weights(module, path / file_name)
-    return model.eval(), tokenizer, model_cfg
+    if weights_dir is not None and torch.device(device).type != "meta":
+        for file_name, module in module_files(model).items():
+            if file_name == LLM_FILE or tower_saved:
+                load_weights(module, Path(weights_dir) / file_name)
+    return model
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, dict[str, Any]]:
+    """(model in eval mode on `device`, tokenizer, the whole config.json: stage, step, ...) of an export directory."""
+    path = Path(path)
+    model_cfg, vision_cfg, raw = read_config(path)
+    tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
+    if tokenizer.fingerprint != raw["tokenizer"]["fingerprint"]:
+        raise ValueError(f"{path / TOKENIZER_DIR} is not the tokenizer this model was trained with "
+                         f"(fingerprint {tokenizer.fingerprint[:12]} != {raw['tokenizer']['fingerprint'][:12]} in {CONFIG_FILE})")
+    if vision_cfg is not None and not (path / VISION_FILE).is_file():
+        raise FileNotFoundError(f"{path / VISION_FILE} not found: {CONFIG_FILE} describes a VLM, whose export "
+                                "holds the vision tower's weights there")
+    return build_model(model_cfg, vision_cfg, path, device=device).eval(), tokenizer, raw
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, ModelConfig]:
+    """(model in eval mode on `device`, tokenizer, model config) from an export directory."""
+    model, tokenizer, _ = load_export(path, device)
+    return model, tokenizer, model.config

@@ -23,7 +23,7 @@ import base64
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ SPECIAL_TOKENS = (
 )
 RANKS_FILE = "ranks.tiktoken"
 META_FILE = "tokenizer.json"
+# An imported Hugging Face tokenizer's directory holds this file (ghostvis/interop/hf_tokenizer.py);
+# `Tokenizer.load` looks for it here, so the name lives beside ours.
+HF_MARKER_FILE = "ghostvis_hf.json"
 FORMAT = "ghostvis-tokenizer/1"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
@@ -70,7 +73,7 @@ class Tokenizer:
             mergeable_ranks=self.mergeable_ranks,
             special_tokens=self.special_tokens,
         )
-        self.fingerprint = hashlib.sha256(self._ranks_text().encode() + self._meta_text().encode()).hexdigest()
+        self.fingerprint = self._fingerprint()
 
     # ---------------------------------------------------------------- training / files
     @classmethod
@@ -106,17 +109,26 @@ class Tokenizer:
                 "vocab_size": self.vocab_size}
         return json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
+    def _files(self) -> dict[str, str]:
+        """File name -> text of what ``save`` writes: ``ranks.tiktoken`` (base64 token + id per line) and
+        ``tokenizer.json``. Subclasses with other files override this (and ``load``)."""
+        return {RANKS_FILE: self._ranks_text(), META_FILE: self._meta_text()}
+
+    def _fingerprint(self) -> str:
+        """sha256 of the saved files' text: equal fingerprints = identical tokenizers."""
+        return hashlib.sha256("".join(self._files().values()).encode()).hexdigest()
+
     def save(self, directory: str | Path) -> None:
-        """Write ``ranks.tiktoken`` (base64 token + id per line) and ``tokenizer.json``."""
+        """Write the tokenizer's files (``_files``) into ``directory``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / RANKS_FILE).write_text(self._ranks_text(), encoding="utf-8")
-        (d / META_FILE).write_text(self._meta_text(), encoding="utf-8")
+        for name, text in self._files().items():
+            (d / name).write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         d = Path(directory)
-        if (d / "ghostvis_hf.json").is_file():  # an imported Hugging Face tokenizer (ghostvis/interop)
+        if (d / HF_MARKER_FILE).is_file():  # an imported Hugging Face tokenizer (ghostvis/interop)
             from ghostvis.interop.hf_tokenizer import HFTokenizer
 
             return HFTokenizer.load(d)
@@ -254,6 +266,14 @@ class Tokenizer:
         return ids, mask, spans
 
 
+def message_images(message: dict[str, Any]) -> int:
+    """Images in one message: ``<|image|>`` placeholders in string content, ``{"type": "image"}`` parts in a list."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content.count(IMAGE_PLACEHOLDER)
+    return sum(isinstance(p, dict) and p.get("type") == "image" for p in content)
+
+
 def _messages(conversation: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
     if not isinstance(messages, list) or not messages:
@@ -306,6 +326,12 @@ def _parts(msg: dict[str, Any], i: int) -> list[tuple[str, str]]:
         else:
             out.append((kind, text))
     return out
+
+
+def bytes_per_token(encode_batch: Callable[[list[str]], list[list[int]]], texts: Sequence[str]) -> float:
+    """UTF-8 bytes per token of ``texts`` under ``encode_batch(texts) -> list[list[int]]`` (compression)."""
+    n_tokens = sum(len(ids) for ids in encode_batch(list(texts)))
+    return sum(len(t.encode("utf-8")) for t in texts) / max(n_tokens, 1)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ghostvis.checkpoint_io import load_pretrained, read_config
+from ghostvis.checkpoint_io import load_export
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from ghostvis.eval import caption_loss, evaluate_vqa, text_bpb, write_report
 from ghostvis.eval.report import METRICS_FILE, results_table
@@ -123,8 +123,7 @@ def evaluate(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        _, _, raw = read_config(args.ckpt)
-        model, tokenizer, _ = load_pretrained(args.ckpt, device=args.device)
+        model, tokenizer, raw = load_export(args.ckpt, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: cannot load --ckpt {args.ckpt}: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="small", help="preset name (ghostvis/config.py), e.g. tiny, small, qwen25_0.5b")
     g.add_argument("--depth", type=int, default=None, help="depth of the `small` family (width = 64·depth)")
     g.add_argument("--init-from", default=None, help="start from an exported model directory (llm.safetensors ...)")
+    g.add_argument("--encoder-weights", default=None, metavar="PATH",
+                   help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
+                        "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
@@ -111,11 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from ghostvis.data.manifest import DataError
+    from ghostvis.train.checkpoint import CheckpointError
+    from ghostvis.train.engine import ConfigError
     from ghostvis.train.loop import run
 
-    run(args)
+    try:
+        run(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        # a mistake in flags, data or the run directory: say what and how to fix it, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
     # all ranks leave together, then tear gloo/nccl down explicitly (an implicit teardown at interpreter
-    # exit can abort a rank). After an exception we just exit: the launcher stops the other ranks.
+    # exit can abort a rank). After an unexpected exception we just exit: the launcher stops the other ranks.
     dist.barrier()
     dist.destroy_process_group()
 

@@ -158,6 +158,23 @@ def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer,
     checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)  # a good save clears the failed leftovers
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step-00000001", "step-00000003"]
 
+    # saving step 3 again (e.g. `--resume none` into the same --out) sets the old copy aside first; a crash
+    # before the new copy is in place must not lose the checkpoint `latest` names
+    real_replace = os.replace
+
+    def crash_on_new_copy(src, dst):
+        if Path(src).name.startswith("tmp-"):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", crash_on_new_copy)
+        with pytest.raises(checkpoint.CheckpointError, match="publishing"):
+            checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)
+    assert not (tmp_path / "ckpt" / "step-00000003").exists()
+    assert checkpoint.read_latest(tmp_path) == "step-00000003"  # restored from the set-aside copy
+    assert checkpoint.load(engine, tmp_path)["step"] == 3
+
 
 def test_batch_settings_must_match_world_size():
     assert ds_engine.batch_sizes(4, None, 32, 2) == (4, 32)

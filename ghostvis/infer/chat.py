@@ -21,6 +21,7 @@ from PIL import Image
 
 from ghostvis.checkpoint_io import load_pretrained
 from ghostvis.infer.engine import Engine
+from ghostvis.tokenizer import message_images
 from ghostvis.vision.transforms import DEFAULT_MAX_PIXELS, image_transform, preprocess
 
 # what the reader sees around a calculator call: "[calc: 2+3 = 5]"
@@ -39,11 +40,6 @@ def user_message(text: str, n_images: int = 0) -> dict[str, Any]:
     return {"role": "user", "content": parts}
 
 
-def count_images(message: dict[str, Any]) -> int:
-    content = message["content"]
-    return sum(1 for p in content if p.get("type") == "image") if isinstance(content, list) else 0
-
-
 def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torch.Tensor],
                reply_tokens: int) -> tuple[list[int], list[torch.Tensor], int]:
     """Prompt ids and images for `messages` (ending with a user turn), dropping the oldest
@@ -52,8 +48,8 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
     Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
     user message alone does not fit.
     """
-    if sum(count_images(m) for m in messages) != len(images):
-        raise ValueError(f"the conversation has {sum(count_images(m) for m in messages)} image parts "
+    if sum(message_images(m) for m in messages) != len(images):
+        raise ValueError(f"the conversation has {sum(message_images(m) for m in messages)} image parts "
                          f"but {len(images)} images were given")
     budget = engine.max_seq_len - min(reply_tokens, engine.max_seq_len // 2)
     start, first_image = 0, 0
@@ -66,7 +62,7 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
                 f"the message is {len(ids)} tokens long but the model's context holds {engine.max_seq_len} "
                 f"with {engine.max_seq_len - budget} kept for the reply; send a shorter message or fewer images"
             )
-        first_image += count_images(messages[start]) + count_images(messages[start + 1])
+        first_image += message_images(messages[start]) + message_images(messages[start + 1])
         start += 2  # one user + assistant pair
 
 

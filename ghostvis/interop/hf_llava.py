@@ -92,8 +92,6 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     ``AutoProcessor.from_pretrained`` open. Raises InteropError (with the reason) for other connectors."""
     from transformers import LlavaConfig
 
-    from ghostvis.vision.encoder import VisionEncoder
-
     ckpt = Path(ckpt_dir)
     model_cfg, vision_cfg, _ = checkpoint_io.read_config(ckpt)
     if vision_cfg is None:
@@ -104,9 +102,8 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
     text_cfg, llm_state = hf_llm_state(ckpt, model_cfg, tok, dtype)
     store_dtype = llm_state["model.norm.weight"].dtype
-    vision_cfg.pretrained_path = None  # the trained weights come from vision.safetensors
-    with torch.device("meta"):  # the architecture only: shapes, activation, eps, kept blocks
-        encoder = VisionEncoder(vision_cfg)
+    # the architecture only (shapes, activation, eps, kept blocks); the weights are read from the files below
+    encoder = checkpoint_io.build_model(model_cfg, vision_cfg, ckpt, device="meta").vision.encoder
     vision_hf = hf_vision_config_from_timm(encoder.model, vision_cfg.image_size, store_dtype)
     family = timm_family(encoder.model)
     config = LlavaConfig(

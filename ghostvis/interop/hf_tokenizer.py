@@ -14,17 +14,15 @@ hands the directory to ``HFTokenizer.load``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
-from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import HF_MARKER_FILE, SPECIAL_TOKENS, Tokenizer
 
 HF_TOKENIZER_FILE = "tokenizer.json"
-MARKER_FILE = "ghostvis_hf.json"
 FORMAT = "ghostvis-hf-tokenizer/1"
 
 
@@ -69,7 +67,7 @@ class HFTokenizer(Tokenizer):
         bad = {k: v for k, v in special_tokens.items() if not 0 <= v < n}
         if bad:
             raise ValueError(f"HFTokenizer: special ids {bad} are outside the vocabulary of {n}")
-        self.fingerprint = hashlib.sha256(self._hf_text().encode() + self._marker_text().encode()).hexdigest()
+        self.fingerprint = self._fingerprint()
 
     # ---------------------------------------------------------------- building / files
     @classmethod
@@ -116,28 +114,25 @@ class HFTokenizer(Tokenizer):
                 "vocab_size": self.vocab_size}
         return json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
-    def save(self, directory: str | Path) -> None:
-        """Write the HF ``tokenizer.json`` (added tokens included) and ``ghostvis_hf.json``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / HF_TOKENIZER_FILE).write_text(self._hf_text(), encoding="utf-8")
-        (d / MARKER_FILE).write_text(self._marker_text(), encoding="utf-8")
+    def _files(self) -> dict[str, str]:
+        """What ``save`` writes: the HF ``tokenizer.json`` (added tokens included) and ``ghostvis_hf.json``."""
+        return {HF_TOKENIZER_FILE: self._hf_text(), HF_MARKER_FILE: self._marker_text()}
 
     @classmethod
     def load(cls, directory: str | Path) -> HFTokenizer:
         d = Path(directory)
-        for name in (HF_TOKENIZER_FILE, MARKER_FILE):
+        for name in (HF_TOKENIZER_FILE, HF_MARKER_FILE):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"tokenizer directory {d} has no {name}; point to a directory written by "
                                         "launch/import_hf.py")
-        meta = json.loads((d / MARKER_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((d / HF_MARKER_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{d / MARKER_FILE}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{d / HF_MARKER_FILE}: format is {meta.get('format')!r}, expected {FORMAT!r}")
         # round-trip through the same text save() wrote, so the fingerprint is stable
         raw = RawTokenizer.from_str((d / HF_TOKENIZER_FILE).read_text(encoding="utf-8"))
         tok = cls(raw, meta["special_tokens"], meta["base_vocab_size"])
         if meta.get("vocab_size") != tok.vocab_size:
-            raise ValueError(f"{d / MARKER_FILE}: vocab_size {meta.get('vocab_size')} != {tok.vocab_size} in "
+            raise ValueError(f"{d / HF_MARKER_FILE}: vocab_size {meta.get('vocab_size')} != {tok.vocab_size} in "
                              f"{HF_TOKENIZER_FILE}")
         return tok
 

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 LATEST = "latest"
+PREVIOUS = ".previous"  # suffix of a checkpoint set aside while the same step is published again
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 
 
@@ -126,14 +127,17 @@ def _publish(ckpt_dir: Path, tmp: Path, tag: str) -> None:
             _fsync(f)
     _fsync(tmp)
     final = ckpt_dir / tag
-    if final.exists():  # the same step saved again (a resumed run); the old copy is not `latest`'s target
-        shutil.rmtree(final)
+    previous = ckpt_dir / (tag + PREVIOUS)
+    if final.exists():  # the same step saved again (e.g. --resume none into the same --out): keep the old
+        shutil.rmtree(previous, ignore_errors=True)  # copy aside until the new one is in place, since
+        os.replace(final, previous)  # `latest` may name it; read_latest falls back to it meanwhile
     os.replace(tmp, final)
     latest_tmp = ckpt_dir / f"{LATEST}.tmp"
     latest_tmp.write_text(tag)
     _fsync(latest_tmp)
     os.replace(latest_tmp, ckpt_dir / LATEST)
     _fsync(ckpt_dir)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
@@ -153,9 +157,20 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 # ---- resume --------------------------------------------------------------------------------------
 
 def read_latest(out_dir: str | Path) -> str | None:
-    """Tag named by `<out>/ckpt/latest`, or None when there is no checkpoint yet."""
-    path = Path(out_dir) / "ckpt" / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    """Tag named by `<out>/ckpt/latest`, or None when there is no checkpoint yet. If a crash interrupted the
+    re-publishing of that same tag, its previous copy (set aside by `_publish`) is restored first."""
+    ckpt_dir = Path(out_dir) / "ckpt"
+    path = ckpt_dir / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    previous = ckpt_dir / (tag + PREVIOUS)
+    if not (ckpt_dir / tag).exists() and previous.exists():
+        try:
+            os.replace(previous, ckpt_dir / tag)
+        except FileNotFoundError:  # another rank restored it first
+            pass
+    return tag
 
 
 def _saved_layout(state: dict[str, Any]) -> dict[str, int]:

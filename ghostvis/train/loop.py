@@ -169,8 +169,10 @@ def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
-    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded. A trained
-    encoder (not in `settings["freeze"]`) is built unfrozen: a frozen one runs under no_grad."""
+    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded. A vision
+    stage on a text export grows a new tower from the `--model` preset; a new tower's encoder weights come
+    from `--encoder-weights`. A trained encoder (not in `settings["freeze"]`) is built unfrozen: a frozen
+    one runs under no_grad."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -180,28 +182,46 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
     else:
         model_cfg, vision_cfg = get_preset(args.model, args.depth, vocab_size=tokenizer.vocab_size)
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
-    if stage.needs_vision:
-        if vision_cfg is None and not args.init_from:
-            raise ds_engine.ConfigError(f"--stage {stage.name} needs a vision model; pick a vlm_* --model")
-        if vision_cfg is None:  # a text export grows a fresh tower from the preset
-            _, vision_cfg = get_preset(args.model, args.depth)
-        elif args.init_from and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file():
-            vision_cfg.pretrained_path = None  # the tower's weights come from the export's vision.safetensors
-        vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
-        from ghostvis.model.vlm import VLM
+    encoder_weights = args.encoder_weights
+    if not stage.needs_vision:
+        if encoder_weights:
+            raise ds_engine.ConfigError(f"--encoder-weights: --stage {stage.name} trains no vision tower; drop it")
+        return checkpoint_io.build_model(model_cfg, None, args.init_from)
+    if vision_cfg is None and args.init_from:  # a text export grows a new tower from the preset
+        vision_cfg = get_preset(args.model, args.depth)[1]
+        if vision_cfg is None:
+            raise ds_engine.ConfigError(f"--init-from {args.init_from} is a text-only model: pick a vlm_* --model "
+                                        "for the vision tower (e.g. vlm_tiny)")
+    if vision_cfg is None:
+        raise ds_engine.ConfigError(f"--stage {stage.name} needs a vision model; pick a vlm_* --model")
+    if encoder_weights:
+        if tower_saved(args):
+            raise ds_engine.ConfigError(f"--encoder-weights: --init-from {args.init_from} already holds the vision "
+                                        f"tower ({checkpoint_io.VISION_FILE}); drop --encoder-weights")
+        if not Path(encoder_weights).exists():
+            raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights} does not exist: give a local timm "
+                                        ".safetensors file or a Hugging Face SigLIP/CLIP folder")
+        vision_cfg.pretrained_path = str(encoder_weights)
+    vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
+    model_cfg.image_token_id = tokenizer.image_token_id
+    return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from)
 
-        model_cfg.image_token_id = tokenizer.image_token_id
-        model: torch.nn.Module = VLM(model_cfg, vision_cfg)
-    else:
-        from ghostvis.model.gpt import GPT
 
-        model = GPT(model_cfg)
-    if args.init_from:
-        for file_name, module in checkpoint_io.module_files(model).items():
-            path = Path(args.init_from) / file_name
-            if path.is_file():
-                checkpoint_io.load_weights(module, path)
-    return model
+def tower_saved(args: argparse.Namespace) -> bool:
+    """Whether the `--init-from` export holds a trained vision tower (vision.safetensors)."""
+    return bool(args.init_from) and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file()
+
+
+def random_encoder_warning(args: argparse.Namespace, stage: Stage, model: torch.nn.Module) -> str | None:
+    """The warning for a vision stage whose frozen encoder starts from random weights (it would never
+    learn to see), or None."""
+    vision_cfg = getattr(model, "vision_config", None)
+    if vision_cfg is None or not vision_cfg.freeze_encoder or vision_cfg.pretrained_path or tower_saved(args):
+        return None
+    return (f"WARNING: --stage {stage.name} starts with a randomly initialised, frozen vision encoder "
+            f"({vision_cfg.encoder}): its features carry little about the images and will not improve. Pass "
+            "--encoder-weights (a timm .safetensors file or a Hugging Face SigLIP/CLIP folder), or --encoder-lr "
+            "to train it")
 
 
 # ---- one optimizer step --------------------------------------------------------------------------
@@ -374,6 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, "
                            f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
+
+    warning = random_encoder_warning(args, stage, model)
+    if warning:
+        log.note(warning)  # rank 0 only, like every note
 
     def client_state(step: int) -> dict[str, Any]:
         return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
