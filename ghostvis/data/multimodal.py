@@ -30,7 +30,9 @@ Cached features: with `use_features=True` the batcher reads `<key>.feat.npy` (ca
 For an image-free batch the empty tensor needs `feature_shape=(num_patches, dim)` until one was seen.
 
 The training loop gets its batchers from `caption_batches(req)` / `conversation_batches(req)` at the
-end of this file (a `mixture.json` in the data directory mixes several datasets by weight).
+end of this file (a `mixture.json` in the data directory mixes several datasets by weight). With
+`req.cached_features` (launch/train.py --cached-features) they read cached features, after
+`ghostvis.data.features.check_features` has matched every dataset's manifest against the model's encoder.
 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
 batches (emitted in a seeded random order), so little compute goes to padding.
@@ -53,14 +55,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ghostvis.data.features import FEATURES_KEY, check_features
 from ghostvis.data.shards import ShardStream
-from ghostvis.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
+from ghostvis.tokenizer import Tokenizer, message_images
 from ghostvis.vision.transforms import BadImage, image_transform, load_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Batch = dict[str, Any]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_CONV_IMAGE = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+_CONV_IMAGE = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_EXTS)})$")  # a conversation's i-th image
 
 
 class SampleSource(Protocol):
@@ -237,32 +240,42 @@ class ConversationBatches(_Batcher):
     """Conversation shards -> rendered chats (loss on assistant tokens), images `<key>.<i>.<ext>`."""
 
     def _row(self, sample: dict[str, Any]) -> Row:
-        try:
-            record = json.loads(sample["json"])
-        except (KeyError, ValueError) as e:
-            raise Unusable(f"conversation JSON missing or invalid: {e}") from e
-        found = sorted((int(m.group(1)), k) for k in sample if (m := _CONV_IMAGE.match(k)))
-        stems = [str(i) for i, _ in found]
-        if stems != [str(i) for i in range(len(found))]:
-            raise Unusable(f"image members are not numbered 0..n-1: {[k for _, k in found]}")
+        record, image_keys = read_conversation(sample)
         try:
             ids, mask = self.tok.render_conversation(record, self.max_len, self.n_vis)
-            expected = count_images(record)
         except (ValueError, TypeError, KeyError) as e:
             raise Unusable(f"conversation not renderable: {e}") from e
-        if expected != len(found):
-            raise Unusable(f"{expected} image placeholders but {len(found)} images")
         kept = ids.count(self.tok.image_token_id) // self.n_vis if self.n_vis else 0  # truncation drops tail images
-        return Row(ids, mask, [self._image(sample, s) for s in stems[:kept]])
+        return Row(ids, mask, [self._image(sample, str(i)) for i in range(min(kept, len(image_keys)))])
 
 
 def count_images(record: dict[str, Any]) -> int:
-    """Image placeholders in a stored conversation: `<|image|>` in string content, image parts in lists."""
-    n = 0
-    for m in record["messages"]:
-        c = m["content"]
-        n += c.count(IMAGE_PLACEHOLDER) if isinstance(c, str) else sum(isinstance(p, dict) and p.get("type") == "image" for p in c)
-    return n
+    """Image placeholders in a stored conversation (the sum of `message_images` over its messages)."""
+    return sum(message_images(m) for m in record["messages"])
+
+
+def read_conversation(sample: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A conversation sample's JSON record and its image members' keys in order (`0.png`, `1.jpg`, ...).
+
+    Raises Unusable (the caller counts the sample as corrupt) when the JSON is missing or invalid, the
+    images are not numbered 0..n-1, or their number differs from the conversation's image placeholders.
+    """
+    try:
+        record = json.loads(sample["json"])
+    except (KeyError, ValueError) as e:
+        raise Unusable(f"conversation JSON missing or invalid: {e}") from e
+    if not isinstance(record, dict):
+        raise Unusable(f"conversation JSON is a {type(record).__name__}, expected an object with 'messages'")
+    found = sorted((int(m.group(1)), k) for k in sample if (m := _CONV_IMAGE.match(k)))
+    if [i for i, _ in found] != list(range(len(found))):
+        raise Unusable(f"image members are not numbered 0..n-1: {[k for _, k in found]}")
+    try:
+        expected = count_images(record)
+    except (KeyError, TypeError) as e:
+        raise Unusable(f"malformed messages: {e!r}") from e
+    if expected != len(found):
+        raise Unusable(f"{expected} image placeholders but {len(found)} images")
+    return record, [k for _, k in found]
 
 
 class MixtureBatches:
@@ -332,7 +345,7 @@ class MixtureBatches:
 MIXTURE_FILE = "mixture.json"
 
 
-def _streams(req: Any, kind: str) -> SampleSource:
+def sample_source(req: Any, kind: str) -> SampleSource:
     """The split's ShardStream, or a weighted MixtureBatches when `data_dir/mixture.json` lists datasets:
     {"datasets": [{"dir": "../vqa", "weight": 3}, {"dir": "../arith", "weight": 1}]} (dirs relative to the
     file, each holding train/ and val/ like a plain data directory)."""
@@ -351,21 +364,29 @@ def _streams(req: Any, kind: str) -> SampleSource:
                            for i, e in enumerate(entries)], seed=req.seed)
 
 
-def _batcher_args(req: Any) -> dict[str, Any]:
-    """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only)."""
+def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
+    """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only); with
+    `req.cached_features`, the checked cached features instead of the preprocessing."""
     vision_cfg = getattr(req.model, "vision_config", None)
-    return {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
+    args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
             "restart": req.eval_mode,
             "num_vision_tokens": req.model.num_vision_tokens if vision_cfg is not None else 0,
             "transform": image_transform(vision_cfg) if vision_cfg is not None else None}
+    if getattr(req, "cached_features", False):
+        streams = getattr(source, "sources", [source])  # a MixtureBatches' ShardStreams, or the one stream
+        shape = check_features({str(s.data_dir): s.manifest.extra.get(FEATURES_KEY) for s in streams}, req.model)
+        args.update(transform=None, use_features=True, feature_shape=shape)
+    return args
 
 
 def caption_batches(req: Any) -> CaptionBatches:
     """vision_pretrain data: `req` is a ghostvis.train.loop.DataRequest."""
-    return CaptionBatches(_streams(req, "image-text"), req.tokenizer, **_batcher_args(req))
+    source = _streams(req, "image-text")
+    return CaptionBatches(source, req.tokenizer, **_batcher_args(req, source))
 
 
 def conversation_batches(req: Any) -> ConversationBatches:
     """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
-    return ConversationBatches(_streams(req, "conversation"), req.tokenizer,
-                               group_batches=1 if req.eval_mode else 8, **_batcher_args(req))
+    source = _streams(req, "conversation")
+    return ConversationBatches(source, req.tokenizer, group_batches=1 if req.eval_mode else 8,
+                               **_batcher_args(req, source))
