@@ -1,4 +1,4 @@
-"""Generate the embedded default data (DESIGN.md §9): shape scenes, their captions and questions,
+"""Generate the embedded default data (docs/datasets.md): shape scenes, their captions and questions,
 a small text corpus and an arithmetic set for the calculator-tool RL task.
 
     python -m data_prep.synth --out data/synth            # defaults: the `make demo` sizes

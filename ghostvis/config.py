@@ -1,4 +1,4 @@
-"""Model and vision configuration dataclasses and the named presets (DESIGN.md §2)."""
+"""Model and vision configuration dataclasses and the named presets (docs/model.md, docs/vision.md)."""
 
 from __future__ import annotations
 

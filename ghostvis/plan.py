@@ -3,7 +3,7 @@ activations for a preset under a (ZeRO, TP, PP, DP) layout, and whether it fits 
 
 Parameters are counted exactly from the model built on the meta device (no memory, no formulas), each
 one's TP share from the same sharding table the model uses (`tp_split_dim`), its trainability from the
-same stage rules the trainer uses (`build_param_groups`). Activations come from formulas over the shapes
+same stage rules and `--freeze` groups the trainer uses (`build_param_groups`). Activations come from formulas over the shapes
 (what autograd keeps for backward in our blocks); fixed costs (CUDA context, NCCL, allocator slack) are
 one stated constant.
 """
@@ -21,12 +21,12 @@ import torch
 
 from ghostvis.config import ModelConfig, VisionConfig, get_preset
 from ghostvis.model.parallel import check_tp, tp_split_dim
+from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
 
 GIB = 1024**3
 # CUDA context (~0.5 GiB on H100), cuBLAS/cuDNN workspaces, NCCL communicator buffers and caching-allocator
 # slack: memory the process holds that no tensor accounts for.
 CUDA_OVERHEAD_BYTES = 2 * GIB
-FROZEN_PARTS = ("llm", "encoder", "connector")
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,49 +136,53 @@ def build_meta_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None) ->
         return VLM(model_cfg, vision_cfg)
 
 
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-
-
 def classify(name: str) -> tuple[str, int | None]:
-    """(part, block index) of a parameter name of a GPT or VLM."""
+    """(part, block index) of a parameter name of a GPT or VLM: what decides its pipeline stage."""
     if name.startswith("vision."):
         return ("encoder" if name.startswith("vision.encoder.") else "connector"), None
+    block = re.match(LLM_BLOCK, name)
+    if block:
+        return "block", int(block.group(1))
     name = name.removeprefix("llm.")
     if name.startswith("wte."):
         return "embedding", None
     if name.startswith("lm_head."):
         return "head", None
-    block = _BLOCK.match(name)
-    if block:
-        return "block", int(block.group(1))
     return "final_norm", None
 
 
-def parameters(model: torch.nn.Module, tp: int, frozen: tuple[str, ...] = (), stage: str | None = None) -> list[Param]:
+def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
+               freeze: tuple[str, ...] | None = None) -> list[Param]:
     """Every parameter with its per-TP-rank size and whether it trains. Trainability: the stage's rules
-    (exactly as the trainer builds its groups) when `stage` is given, else the model's own requires_grad
-    (the vision encoder is frozen by default); then every part named in `frozen` is frozen too."""
-    unknown = sorted(set(frozen) - set(FROZEN_PARTS))
-    if unknown:
-        raise PlanError(f"--frozen {','.join(unknown)}: choose among {','.join(FROZEN_PARTS)}")
+    with `freeze` (the trainer's `--freeze` groups; None = the stage's default) exactly as the trainer
+    builds its groups when `stage` is given, else the model's own requires_grad (the vision encoder is
+    frozen by default)."""
+    if stage is None and freeze is not None:
+        raise PlanError("--freeze needs --stage: the groups it freezes are those of the stage's rules")
     if stage is not None:
-        from ghostvis.train.engine import build_param_groups
+        from ghostvis.train.engine import ConfigError, build_param_groups
         from ghostvis.train.stages import get_stage
 
         spec = get_stage(stage)
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
-        build_param_groups(model, spec, {k: spec.defaults[k] for k in spec.lr_names}, 0.0, spec.defaults,
-                           model.config.n_layer)  # sets requires_grad from the stage's rules
+        settings = dict(spec.defaults)
+        if freeze is not None:
+            unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
+            if unknown:
+                raise PlanError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
+            settings["freeze"] = tuple(freeze)
+        try:  # sets requires_grad from the stage's rules
+            build_param_groups(model, spec, {k: settings[k] for k in spec.lr_names}, 0.0, settings,
+                               model.config.n_layer)
+        except ConfigError as err:
+            raise PlanError(f"--stage {stage} --freeze {','.join(settings['freeze']) or 'none'}: {err}") from err
     out = []
     for name, p in model.named_parameters():
         part, block = classify(name)
-        llm_part = part not in ("encoder", "connector")
         # the vision tower is replicated on every TP rank; LLM weights split as the model splits them
-        split = llm_part and tp_split_dim(name.removeprefix("llm.")) is not None
-        is_frozen = ("llm" in frozen and llm_part) or part in frozen
-        out.append(Param(name, p.numel() // tp if split else p.numel(), p.numel(), part, block,
-                         p.requires_grad and not is_frozen))
+        split = part not in ("encoder", "connector") and tp_split_dim(name.removeprefix("llm.")) is not None
+        out.append(Param(name, p.numel() // tp if split else p.numel(), p.numel(), part, block, p.requires_grad))
     return out
 
 
@@ -328,9 +332,10 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
             "prefetch_bucket_size": int(z.get("stage3_prefetch_bucket_size", 5e7)) if zero >= 3 else 0}
 
 
-def plan(model_name: str, layout: Layout, *, depth: int | None = None, frozen: tuple[str, ...] = (),
-         stage: str | None = None, model: torch.nn.Module | None = None, **overrides: Any) -> Plan:
-    """The plan for the heaviest pipeline stage. `model` (a meta or real model) skips building the preset."""
+def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: str | None = None,
+         freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, **overrides: Any) -> Plan:
+    """The plan for the heaviest pipeline stage. `stage` and `freeze` decide what trains as the trainer's
+    `--stage` and `--freeze` do; `model` (a meta or real model) skips building the preset."""
     layout.check()
     if model is None:
         model = build_meta_model(*get_preset(model_name, depth, **overrides))
@@ -339,7 +344,7 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, frozen: t
         check_tp(cfg, layout.tp)
     except ValueError as err:
         raise PlanError(f"--tp {layout.tp}: {err}") from err
-    params = parameters(model, layout.tp, frozen, stage)
+    params = parameters(model, layout.tp, stage, freeze)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
         gpu, host = stage_plan(model, params, layout, s, blocks)

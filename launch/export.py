@@ -14,13 +14,10 @@ model. See docs/interop.md.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
-from ghostvis.checkpoint_io import read_config  # noqa: E402
-from ghostvis.interop.hf_llava import export_llava, llava_refusal  # noqa: E402
-from ghostvis.interop.hf_llm import DTYPES, export_llm  # noqa: E402
+from ghostvis.checkpoint_io import read_config
+from ghostvis.interop.hf_llava import export_llava, llava_refusal
+from ghostvis.interop.hf_llm import DTYPES, export_llm
 
 
 def main(argv: list[str] | None = None) -> None:

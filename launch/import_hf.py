@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
-from ghostvis.interop.hf_llm import DTYPES, import_llm  # noqa: E402
-from ghostvis.interop.hf_vision import timm_spec_from_hf, timm_state_dict_from_hf  # noqa: E402
+from ghostvis.interop.hf_llm import DTYPES, import_llm
+from ghostvis.interop.hf_vision import timm_spec_from_hf, timm_state_dict_from_hf
 
 
 def parse_aliases(items: list[str]) -> dict[str, str]:

@@ -3,6 +3,7 @@
     python launch/plan.py --model vlm_7b --gpus 8 --zero 3 --tp 1 --pp 1 --micro-batch 1 --seq 4096
     python launch/plan.py --model qwen25_7b --gpus 8 --nodes 2 --zero 1 --tp 2 --pp 2 --activation-checkpointing
     python launch/plan.py --model vlm_7b --stage vision_pretrain --gpus 4 --zero 2 --json
+    python launch/plan.py --model vlm_7b --stage sft --freeze none --gpus 8 --zero 3   # the encoder trains too
 
 Prints per-GPU bytes of weights, fp32 master weights, gradients, Adam states, ZeRO buffers, activations and
 a fixed CUDA overhead, then "fits / does not fit on a <N> GiB card" with the headroom. Exit status 0 when
@@ -14,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root when run as a script
-from ghostvis.config import PRESETS, get_preset  # noqa: E402
-from ghostvis.plan import (FROZEN_PARTS, GIB, Layout, PlanError, ds_bucket_settings, format_plan,  # noqa: E402
-                           measure_activations, plan)
-from ghostvis.train.stages import STAGES  # noqa: E402
+from ghostvis.config import PRESETS, get_preset
+from ghostvis.plan import GIB, Layout, PlanError, ds_bucket_settings, format_plan, measure_activations, plan
+from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--stage", default=None, choices=sorted(STAGES),
                    help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
-    p.add_argument("--frozen", default="", help=f"comma-separated parts to freeze as well: {','.join(FROZEN_PARTS)}")
+    p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
+                   help=f"as launch/train.py's: comma list among {','.join(FREEZE_GROUPS)} to freeze ('none' = "
+                        "nothing; default: the stage's, encoder for vision stages); needs --stage")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON for bucket sizes (default: ds_configs/zero{N}[_offload].json)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one card in GiB")
@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    frozen = tuple(x.strip() for x in args.frozen.split(",") if x.strip())
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     try:
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, zero=args.zero,
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         activation_checkpointing=args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
-        result = plan(args.model, layout, depth=args.depth, frozen=frozen, stage=args.stage, **overrides)
+        result = plan(args.model, layout, depth=args.depth, stage=args.stage, freeze=args.freeze, **overrides)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import random
-import sys
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root (data_prep/, launch/) when run as a script
-from data_prep.readers import iter_documents  # noqa: E402
-from ghostvis.tokenizer import Tokenizer  # noqa: E402
+from data_prep.readers import iter_documents
+from ghostvis.tokenizer import Tokenizer, bytes_per_token
 
 NON_LATIN = [
     "天空是蓝色的，草是绿色的。我们今天去公园散步，看到了很多花。",
@@ -46,12 +43,6 @@ def eval_texts() -> dict[str, list[str]]:
                   for _ in range(100)),
     ]
     return {"prose": prose, "code": code, "numbers": numbers, "non-latin": NON_LATIN * 20}
-
-
-def bytes_per_token(encode_batch, texts: Sequence[str]) -> float:
-    """UTF-8 bytes per token of ``texts`` under ``encode_batch(texts) -> list[list[int]]``."""
-    n_tokens = sum(len(ids) for ids in encode_batch(list(texts)))
-    return sum(len(t.encode("utf-8")) for t in texts) / max(n_tokens, 1)
 
 
 def train_hf_bpe(texts: Iterable[str], vocab_size: int, pattern: str):

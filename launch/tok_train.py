@@ -13,14 +13,11 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root (data_prep/, launch/) when run as a script
-from data_prep.readers import iter_documents  # noqa: E402
-from ghostvis.tokenizer import MIN_VOCAB_SIZE, Tokenizer  # noqa: E402
-from launch.tok_eval import bytes_per_token  # noqa: E402
+from data_prep.readers import iter_documents
+from ghostvis.tokenizer import MIN_VOCAB_SIZE, Tokenizer, bytes_per_token
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
+    g.add_argument("--cached-features", action="store_true",
+                   help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
+                        "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
     g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp))")

@@ -1,13 +1,22 @@
-"""Shared fixtures: a tiny real tokenizer (trained by rustbpe) that every stage's tests can use."""
+"""Shared fixtures and helpers: a tiny real tokenizer (trained by rustbpe) and a byte tokenizer, tiny
+models and checkpoints, text shards, a one-rank process group, shard writing and the trainer's CLI in
+this process. Heavy imports (torch models, DeepSpeed, the trainer) happen inside the helpers that need them."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import os
 import random
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+from dist_utils import REPO
 
-from ghostvis.tokenizer import Tokenizer, train_tokenizer
+from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 TINY_VOCAB_SIZE = 512
 
@@ -50,3 +59,152 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_tokenizer(tiny_tokenizer_dir: Path) -> Tokenizer:
     """The tiny tokenizer, loaded from ``tiny_tokenizer_dir`` (so save/load is exercised too)."""
     return Tokenizer.load(tiny_tokenizer_dir)
+
+
+# ---- a byte tokenizer and tiny random models ---------------------------------------------------------
+
+def byte_tokenizer() -> Tokenizer:
+    """A real tokenizer with no merges: ids 0-255 are bytes, then the specials."""
+    ranks = {bytes([i]): i for i in range(256)}
+    return Tokenizer(ranks, r"\S+|\s+", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+
+
+TOK = byte_tokenizer()
+
+
+def tiny_gpt(seed: int = 0, **overrides: Any) -> Any:
+    import torch
+
+    from ghostvis.config import get_preset
+    from ghostvis.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    cfg, _ = get_preset("tiny", vocab_size=TOK.vocab_size, **overrides)
+    return GPT(cfg).eval()
+
+
+def tiny_vlm(seed: int = 0) -> Any:
+    import torch
+
+    from ghostvis.config import get_preset
+    from ghostvis.model.vlm import VLM
+
+    torch.manual_seed(seed)
+    cfg, vcfg = get_preset("vlm_tiny", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    return VLM(cfg, vcfg).eval()
+
+
+def tiny_checkpoint(out_dir: str | Path, vision: bool = True) -> str:
+    """An exported checkpoint directory of a tiny random model, as training writes it."""
+    from ghostvis.checkpoint_io import export
+
+    export(tiny_vlm() if vision else tiny_gpt(), out_dir, tokenizer=TOK)
+    return str(out_dir)
+
+
+def bigram_gpt(chain: list[int]) -> Any:
+    """A GPT whose weights make it a bigram model following `chain` (each token predicts the next):
+    zeroed residual branches leave the embedding as the final hidden state, so one-hot embeddings and
+    a matching head pick the successor."""
+    import torch
+
+    model = tiny_gpt(seed=4)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in sd.items():
+            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+                tensor.zero_()
+        sd["lm_head.weight"].zero_()
+        for i, (cur, nxt) in enumerate(zip(chain, chain[1:])):
+            sd["wte.weight"][cur] = torch.nn.functional.one_hot(torch.tensor(i), model.config.n_embd).float()
+            sd["lm_head.weight"][nxt, i] = 10.0
+    return model
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+def write_shards(d: Path, kind: str, samples: list[dict], per_shard: int = 4) -> Path:
+    """Raw samples as webdataset tars with a manifest of `kind`, `per_shard` samples a shard."""
+    import webdataset as wds
+
+    from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
+
+    d.mkdir(parents=True)
+    shards = []
+    for i in range(0, len(samples), per_shard):
+        name = f"data-{i // per_shard:06d}.tar"
+        with wds.TarWriter(str(d / name), encoder=False) as w:
+            for s in samples[i: i + per_shard]:
+                w.write(s)
+        shards.append(ShardInfo(name, len(samples[i: i + per_shard])))
+    write_manifest(d, Manifest(kind=kind, shards=shards))
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """train/ and val/ text-tokens shards of the tiny corpus, made by data_prep/text_shards.py."""
+    from data_prep import text_shards
+
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(1500, seed=1)))
+    text_shards.main(["--input", str(corpus), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(root / "data"),
+                      "--docs-per-shard", "150", "--val-docs", "100", "--workers", "1"])
+    return root / "data"
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+TRAIN = REPO / "launch" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def world1():
+    """A real one-rank process group (gloo) in this process, for in-process DeepSpeed engines."""
+    import deepspeed
+
+    from ghostvis.train import engine as ds_engine
+
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield ds_engine.init_distributed()
+    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later world can start
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def train_args(data: Path, tok: Path, out: Path, ds_config: str, *extra: str) -> list[str]:
+    """launch/train.py flags of a short tiny-model run on `data` (for run_ranks)."""
+    return ["--model", "tiny", "--data", data, "--tokenizer", tok, "--out", out, "--ds_config",
+            REPO / "ds_configs" / ds_config, "--micro-batch", "4", "--seq-len", "64", "--lr", "3e-3",
+            "--warmup", "2", "--eval-every", "0", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    """The training losses a run wrote to metrics.jsonl, in step order."""
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@functools.cache
+def train_cli() -> ModuleType:
+    """launch/train.py as a module (it is a script, not part of the package); loaded once, on first use."""
+    spec = importlib.util.spec_from_file_location("ghostvis_train_cli", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(*argv: Any) -> Any:
+    """launch/train.py's parsed arguments for `argv` (paths may be Path objects)."""
+    return train_cli().build_parser().parse_args([str(a) for a in argv])
+
+
+def run_stage(*argv: Any) -> list[dict]:
+    """launch/train.py's run in this process; returns the run's metrics.jsonl records."""
+    from ghostvis.train import loop
+
+    args = parse(*argv, "--ds_config", REPO / "ds_configs" / "zero2.json", "--eval-every", "0",
+                 "--save-every", "0", "--warmup", "2", "--schedule", "constant")
+    loop.run(args)
+    return [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_infer import tiny_checkpoint
+from conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

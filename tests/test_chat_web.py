@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_infer import tiny_checkpoint
+from conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT_MB = 0.05  # 52 428 bytes: small, so the 413 test needs no big body

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from conftest import TOK, bigram_gpt, tiny_gpt, tiny_vlm
 
 from data_prep import text_shards
 from data_prep.synth import generate, vqa_sample
@@ -25,7 +26,6 @@ from ghostvis.eval.vqa import aggregate, blank_like, reply_text
 from ghostvis.infer.engine import Engine
 from ghostvis.model.vlm import VLM
 from ghostvis.train.logging import RunLogger
-from test_infer import TOK, bigram_gpt, tiny_gpt, tiny_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TEST = 12  # vqa/test samples: question types take turns, so 3 of each

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_multimodal import write_shards
-from test_sft import run_stage, world1  # noqa: F401  (world1: a one-rank gloo process group in this process)
+from conftest import run_stage, write_shards
 
 from ghostvis.config import get_preset
 from ghostvis.data.rl import PromptBatches
@@ -93,7 +92,7 @@ def test_settings_refused_clearly():
     req = loop.LossRequest(STAGES["rl"], dict(STAGES["rl"].defaults), None, torch.device("cpu"), "fp32",
                            {"zero_optimization": {"stage": 3}}, lambda: None)
     with pytest.raises(ConfigError, match="ZeRO-3.*zero2.json"):
-        loop.check_available(STAGES["rl"])[1](req)
+        loop.LOSSES[STAGES["rl"].loss](req)
 
 
 def conversation(prompt: str, reply: str, answer: str | None) -> dict:

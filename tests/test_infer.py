@@ -4,42 +4,10 @@ force-fed into the sequence."""
 
 import pytest
 import torch
+from conftest import TOK, bigram_gpt, tiny_gpt, tiny_vlm
 
-from ghostvis.config import get_preset
 from ghostvis.infer.chat import ReplyStream, fit_prompt, user_message, ContextTooLong
 from ghostvis.infer.engine import Engine, ToolUse, sample
-from ghostvis.model.gpt import GPT
-from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
-
-
-def byte_tokenizer() -> Tokenizer:
-    """A real tokenizer with no merges: ids 0-255 are bytes, then the specials."""
-    ranks = {bytes([i]): i for i in range(256)}
-    return Tokenizer(ranks, r"\S+|\s+", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
-
-
-TOK = byte_tokenizer()
-
-
-def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    cfg, _ = get_preset("tiny", vocab_size=TOK.vocab_size, **overrides)
-    return GPT(cfg).eval()
-
-
-def tiny_vlm(seed: int = 0) -> VLM:
-    torch.manual_seed(seed)
-    cfg, vcfg = get_preset("vlm_tiny", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
-    return VLM(cfg, vcfg).eval()
-
-
-def tiny_checkpoint(out_dir, vision: bool = True) -> str:
-    """An exported checkpoint directory of a tiny random model, as training writes it."""
-    from ghostvis.checkpoint_io import export
-
-    export(tiny_vlm() if vision else tiny_gpt(), out_dir, tokenizer=TOK)
-    return str(out_dir)
 
 
 def greedy_without_cache(model, prompt, n, pixel_values=None):
@@ -124,23 +92,6 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     draws = {int(sample(logits, 1.0, None, 0.7, gen)) for _ in range(300)}
     assert draws == {0, 1}
     assert {int(sample(logits, 1.0, 2, None, gen)) for _ in range(300)} == {0, 1}
-
-
-def bigram_gpt(chain: list[int]) -> GPT:
-    """A GPT whose weights make it a bigram model following `chain` (each token predicts the next):
-    zeroed residual branches leave the embedding as the final hidden state, so one-hot embeddings and
-    a matching head pick the successor."""
-    model = tiny_gpt(seed=4)
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in sd.items():
-            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
-                tensor.zero_()
-        sd["lm_head.weight"].zero_()
-        for i, (cur, nxt) in enumerate(zip(chain, chain[1:])):
-            sd["wte.weight"][cur] = torch.nn.functional.one_hot(torch.tensor(i), model.config.n_embd).float()
-            sd["lm_head.weight"][nxt, i] = 10.0
-    return model
 
 
 def test_tool_call_output_is_force_fed():

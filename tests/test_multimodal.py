@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
+from conftest import write_shards
 
 from data_prep import synth
-from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, MixtureBatches, shift_targets
 from ghostvis.data.shards import ShardStream
 
@@ -31,19 +30,6 @@ def png(colour: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 12), colour).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_shards(d: Path, kind: str, samples: list[dict], per_shard: int = 4) -> Path:
-    d.mkdir(parents=True)
-    shards = []
-    for i in range(0, len(samples), per_shard):
-        name = f"data-{i // per_shard:06d}.tar"
-        with wds.TarWriter(str(d / name), encoder=False) as w:
-            for s in samples[i: i + per_shard]:
-                w.write(s)
-        shards.append(ShardInfo(name, len(samples[i: i + per_shard])))
-    write_manifest(d, Manifest(kind=kind, shards=shards))
-    return d
 
 
 def conv(user: str, answer: str) -> bytes:

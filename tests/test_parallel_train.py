@@ -12,7 +12,7 @@ import pytest
 import torch
 from dist_utils import REPO, run_ranks
 from safetensors.torch import load_file
-from test_train import TRAIN, losses, text_data, train_args, world1  # noqa: F401 (module fixtures)
+from conftest import TRAIN, losses, train_args
 
 import ghostvis
 from ghostvis.config import get_preset

@@ -74,9 +74,13 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     assert p.gpu["gradients (fp32)"] == nbytes(t.grad for t in trained)
     assert p.gpu["optimizer states (Adam m, v fp32)"] == adam_state_bytes(opt)
     assert p.gpu["weights (fp32)"] == nbytes(model.parameters())
-    # --frozen connector on top leaves nothing to train: no gradient or optimizer bytes at all
-    none = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain", frozen=("connector",))
-    assert none.params_trainable == 0 and none.gpu["optimizer states (Adam m, v fp32)"] == 0
+    # --freeze replaces the stage's default as in the trainer: `none` trains the encoder too
+    enc = sum(t.numel() for t in model.vision.encoder.parameters())
+    unfrozen = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain", freeze=())
+    assert unfrozen.params_trainable == p.params_trainable + enc
+    # freezing the connector as well leaves nothing to train: refused, as the trainer refuses it
+    with pytest.raises(PlanError, match="--freeze encoder,connector"):
+        plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain", freeze=("encoder", "connector"))
 
 
 @pytest.mark.slow
@@ -145,8 +149,10 @@ def test_bad_layouts_name_the_flag():
         plan("tiny", Layout(gpus=3, tp=3))
     with pytest.raises(PlanError, match="not divisible by --tp 2"):
         plan("tiny", Layout(gpus=3, tp=2))
-    with pytest.raises(PlanError, match="--frozen"):
-        plan("tiny", Layout(), frozen=("decoder",))
+    with pytest.raises(PlanError, match="--freeze decoder"):
+        plan("tiny", Layout(), stage="base", freeze=("decoder",))
+    with pytest.raises(PlanError, match="--freeze needs --stage"):
+        plan("tiny", Layout(), freeze=("llm",))
 
 
 def test_cli_json_and_exit_status(capsys):
@@ -158,6 +164,13 @@ def test_cli_json_and_exit_status(capsys):
     assert out["fits"] and out["layout"]["dp"] == 2 and out["gpu_total_bytes"] == sum(out["gpu_bytes"].values())
     assert plan_cli.main(["--model", "qwen25_7b", "--gpus", "1", "--zero", "0", "--gpu-mem-gib", "80"]) == 1
     assert "does not fit on a 80 GiB card" in capsys.readouterr().out
+    # --freeze takes launch/train.py's syntax and feeds the trainer's rules
+    assert plan_cli.main(["--model", "vlm_tiny", "--stage", "sft", "--freeze", "llm,encoder", "--json"]) == 0
+    connector_only = json.loads(capsys.readouterr().out)["params_trainable"]
+    assert plan_cli.main(["--model", "vlm_tiny", "--stage", "sft", "--freeze", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_trainable"] > connector_only > 0
+    assert plan_cli.main(["--model", "tiny", "--stage", "base", "--freeze", "decoder"]) == 2
+    assert "--freeze decoder: choose among llm,encoder,connector" in capsys.readouterr().err
     assert plan_cli.main(["--model", "tiny", "--pp", "2", "--gpus", "2", "--zero", "2"]) == 2
 
 

@@ -5,45 +5,21 @@ conversation batches' loss masks and length grouping."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import REPO
 from safetensors.torch import load_file
-from test_train import world1  # noqa: F401  (fixture: a one-rank gloo process group in this process)
+from conftest import parse, run_stage
 
 from data_prep import synth
 from ghostvis.checkpoint_io import export
 from ghostvis.config import get_preset
-from ghostvis.data.multimodal import ConversationBatches, _streams
+from ghostvis.data.multimodal import ConversationBatches, sample_source
 from ghostvis.model.vlm import VLM
 from ghostvis.train import engine as ds_engine, loop
 from ghostvis.train.stages import ALL_LAYERS, STAGES
-
-
-def _train_cli():
-    spec = importlib.util.spec_from_file_location("ghostvis_train_cli", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN_CLI = _train_cli()
-
-
-def parse(*argv) -> object:
-    return TRAIN_CLI.build_parser().parse_args([str(a) for a in argv])
-
-
-def run_stage(*argv) -> list[dict]:
-    """launch/train.py's run in this process; returns the run's metrics.jsonl records."""
-    args = parse(*argv, "--ds_config", REPO / "ds_configs" / "zero2.json", "--eval-every", "0",
-                 "--save-every", "0", "--warmup", "2", "--schedule", "constant")
-    loop.run(args)
-    return [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_vlm_export(out: Path, tokenizer, stage: str = "vision_pretrain") -> Path:
@@ -121,7 +97,7 @@ def test_conversation_loss_only_on_assistant_tokens(sft_data, tiny_tokenizer):
     user, image, tool-output or padding token; every such token is counted (nothing truncated here)."""
     tok = tiny_tokenizer
     cfg, vcfg = get_preset("vlm_tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
-    builder, _ = loop.check_available(STAGES["sft"])
+    builder = loop.DATA_BUILDERS[STAGES["sft"].data_kind]
     batches = iter(builder(request(sft_data, tok, VLM(cfg, vcfg))))
     start, end = tok.special_id("<|assistant_start|>"), tok.special_id("<|assistant_end|>")
     out_start, out_end = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
@@ -146,12 +122,53 @@ def test_sft_batches_are_length_grouped(sft_data, tiny_tokenizer):
     same samples batched in stream order."""
     cfg, vcfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size, image_token_id=tiny_tokenizer.image_token_id)
     req = request(sft_data, tiny_tokenizer, VLM(cfg, vcfg))
-    builder, _ = loop.check_available(STAGES["sft"])
+    builder = loop.DATA_BUILDERS[STAGES["sft"].data_kind]
 
     def padding(batches) -> int:
         it = iter(batches)
         return sum(b["input_ids"].numel() - b["num_tokens"] for b in (next(it) for _ in range(8)))
 
-    plain = ConversationBatches(_streams(req, "conversation"), tiny_tokenizer, batch_size=8, max_len=96,
+    plain = ConversationBatches(sample_source(req, "conversation"), tiny_tokenizer, batch_size=8, max_len=96,
                                 num_vision_tokens=16, transform=lambda im: torch.zeros(3, 64, 64), seed=0)
     assert padding(builder(req)) < 0.5 * padding(plain)
+
+
+def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tokenizer):
+    """--encoder-weights fills a new tower's encoder (preset or text export); a tower from the export's
+    vision.safetensors refuses it; a text export needs a vlm_* preset; a random frozen encoder warns."""
+    import timm
+    from safetensors.torch import save_file
+
+    from ghostvis.model.gpt import GPT
+
+    stage = STAGES["vision_pretrain"]
+    vcfg = get_preset("vlm_tiny")[1]
+    timm_model = timm.create_model(vcfg.encoder, num_classes=0, img_size=vcfg.image_size, **vcfg.encoder_kwargs)
+    weights = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(weights))
+    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)[0]
+    text = tmp_path / "text"
+    export(GPT(cfg), text, tokenizer=tiny_tokenizer, extra={"stage": "base", "step": 1})
+    vlm_export = tiny_vlm_export(tmp_path / "vlm", tiny_tokenizer)
+
+    def build(*argv):
+        args = parse("--stage", "vision_pretrain", "--data", "x", "--out", "x", "--seq-len", "64", *argv)
+        model = loop.build_model(args, stage, tiny_tokenizer, loop.stage_settings(stage, args))
+        return model, loop.random_encoder_warning(args, stage, model)
+
+    for start in (("--model", "vlm_tiny"), ("--model", "vlm_tiny", "--init-from", text)):
+        model, warning = build(*start, "--encoder-weights", weights)
+        key = "blocks.0.attn.qkv.weight"  # a kept block (feature layer -2 of 2)
+        assert torch.equal(model.vision.encoder.model.state_dict()[key], timm_model.state_dict()[key])
+        assert warning is None
+        model, warning = build(*start)
+        assert not torch.equal(model.vision.encoder.model.state_dict()[key], timm_model.state_dict()[key])
+        assert "randomly initialised, frozen vision encoder" in warning and "--encoder-weights" in warning
+    assert build("--init-from", vlm_export)[1] is None  # the export's trained tower
+    assert build("--model", "vlm_tiny", "--encoder-lr", "1e-5")[1] is None  # it trains
+    with pytest.raises(ds_engine.ConfigError, match="already holds the vision tower.*drop --encoder-weights"):
+        build("--init-from", vlm_export, "--encoder-weights", weights)
+    with pytest.raises(ds_engine.ConfigError, match="--encoder-weights .*missing.safetensors does not exist"):
+        build("--model", "vlm_tiny", "--encoder-weights", tmp_path / "missing.safetensors")
+    with pytest.raises(ds_engine.ConfigError, match=r"--init-from .*text is a text-only model: pick a vlm_\* --model"):
+        build("--init-from", text)  # --model defaults to small

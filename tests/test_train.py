@@ -6,54 +6,18 @@ import json
 import os
 from pathlib import Path
 
-import deepspeed
 import pytest
 import torch
-from conftest import tiny_corpus
+from conftest import TRAIN, losses, train_args
 from dist_utils import REPO, run_ranks
 from safetensors.torch import load_file
 
 import ghostvis
-from data_prep import text_shards
 from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
 from ghostvis.train import checkpoint, engine as ds_engine, loop
 from ghostvis.train.schedule import lr_multiplier
-from ghostvis.train.stages import STAGES, ParamRule, Stage
-
-TRAIN = REPO / "launch" / "train.py"
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """train/ and val/ text-tokens shards of the tiny corpus, made by data_prep/text_shards.py."""
-    root = tmp_path_factory.mktemp("text")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(1500, seed=1)))
-    text_shards.main(["--input", str(corpus), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(root / "data"),
-                      "--docs-per-shard", "150", "--val-docs", "100", "--workers", "1"])
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def world1():
-    """A real one-rank process group (gloo) in this process, for in-process DeepSpeed engines."""
-    saved = dict(os.environ)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    yield ds_engine.init_distributed()
-    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later world can start
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def train_args(data: Path, tok: Path, out: Path, ds_config: str, *extra: str) -> list[str]:
-    return ["--model", "tiny", "--data", data, "--tokenizer", tok, "--out", out, "--ds_config",
-            REPO / "ds_configs" / ds_config, "--micro-batch", "4", "--seq-len", "64", "--lr", "3e-3",
-            "--warmup", "2", "--eval-every", "0", *extra]
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+from ghostvis.train.stages import DATA_KINDS, LOSS_KINDS, STAGES, ParamRule, Stage
 
 
 def test_zero2_two_ranks_learns_and_resumes_exactly(tmp_path, text_data, tiny_tokenizer_dir, world1):
@@ -199,12 +163,8 @@ def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):
     assert cfg["checkpoint"]["load_universal"] is True
 
 
-def test_stage_missing_pieces_are_named(monkeypatch):
-    assert loop.check_available(STAGES["base"])
-    monkeypatch.setitem(loop.DATA_BUILDERS, "conversation", "ghostvis.train.loop:text_batches")
-    monkeypatch.setitem(loop.LOSSES, "grpo", "ghostvis.train.grpo_not_written:grpo_loss")
-    with pytest.raises(NotImplementedError, match="--stage rl is not available yet.*grpo_not_written"):
-        loop.check_available(STAGES["rl"])
+def test_every_data_kind_and_loss_has_a_builder():
+    assert set(loop.DATA_BUILDERS) == set(DATA_KINDS) and set(loop.LOSSES) == set(LOSS_KINDS)
 
 
 def test_lr_schedule_shapes():

@@ -1,7 +1,7 @@
 """Data: webdataset shards with a manifest, read as a deterministic, resumable, rank-split stream.
 
 manifest.py  manifest.json read/write/validation (DataError for bad input)
-shards.py    ShardStream: raw samples (ext -> bytes) in seeded order, split by rank/worker, resumable
+shards.py    ShardStream: raw samples (ext -> bytes) in seeded order, split by rank, resumable
 text.py      TokenRowLoader: BOS-packed token rows from text-tokens shards; token_bytes for bits per byte
 See docs/data.md.
 """

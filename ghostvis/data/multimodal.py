@@ -240,13 +240,13 @@ class ConversationBatches(_Batcher):
     """Conversation shards -> rendered chats (loss on assistant tokens), images `<key>.<i>.<ext>`."""
 
     def _row(self, sample: dict[str, Any]) -> Row:
-        record, image_keys = read_conversation(sample)
+        record, _ = read_conversation(sample)  # images are read by index below (or their cached features)
         try:
             ids, mask = self.tok.render_conversation(record, self.max_len, self.n_vis)
         except (ValueError, TypeError, KeyError) as e:
             raise Unusable(f"conversation not renderable: {e}") from e
         kept = ids.count(self.tok.image_token_id) // self.n_vis if self.n_vis else 0  # truncation drops tail images
-        return Row(ids, mask, [self._image(sample, str(i)) for i in range(min(kept, len(image_keys)))])
+        return Row(ids, mask, [self._image(sample, str(i)) for i in range(kept)])  # keys numbered 0..n-1
 
 
 def count_images(record: dict[str, Any]) -> int:
@@ -381,12 +381,12 @@ def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
 
 def caption_batches(req: Any) -> CaptionBatches:
     """vision_pretrain data: `req` is a ghostvis.train.loop.DataRequest."""
-    source = _streams(req, "image-text")
+    source = sample_source(req, "image-text")
     return CaptionBatches(source, req.tokenizer, **_batcher_args(req, source))
 
 
 def conversation_batches(req: Any) -> ConversationBatches:
     """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
-    source = _streams(req, "conversation")
+    source = sample_source(req, "conversation")
     return ConversationBatches(source, req.tokenizer, group_batches=1 if req.eval_mode else 8,
                                **_batcher_args(req, source))

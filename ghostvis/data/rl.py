@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from ghostvis.data.multimodal import ConversationBatches, SampleSource, _streams, conversation_batches
-from ghostvis.eval.vqa import Unreadable, parse_sample
+from ghostvis.data.multimodal import (ConversationBatches, SampleSource, Unusable, conversation_batches,
+                                      sample_source)
+from ghostvis.eval.vqa import PromptTooLong, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
 
@@ -50,13 +51,13 @@ class PromptBatches:
         try:
             sample = parse_sample(raw)
             if sample.images and self.transform is None:
-                raise Unreadable("a sample has images but the model has no vision tower")
-            ids = self.tok.render_for_completion(sample.record, self.n_vis)
-        except (Unreadable, ValueError, TypeError, KeyError):
-            self.source.mark_corrupt()
-            return None
-        if len(ids) >= self.max_prompt_len:
+                raise Unusable("a sample has images but the model has no vision tower")
+            ids = qa_prompt(sample, self.tok, self.n_vis, self.max_prompt_len)
+        except PromptTooLong:
             self.skipped_long += 1
+            return None
+        except Unusable:
+            self.source.mark_corrupt()
             return None
         return {"prompt": ids, "images": [self.transform(im).to(self.device) for im in sample.images],
                 "answer": sample.answer, "type": sample.qtype}
@@ -87,7 +88,7 @@ def prompt_batches(req: Any) -> PromptBatches | ConversationBatches:
     if req.eval_mode:
         return conversation_batches(req)
     vision_cfg = getattr(req.model, "vision_config", None)
-    return PromptBatches(_streams(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
+    return PromptBatches(sample_source(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
                          max_prompt_len=req.seq_len,
                          num_vision_tokens=req.model.num_vision_tokens if vision_cfg is not None else 0,
                          transform=image_transform(vision_cfg) if vision_cfg is not None else None,

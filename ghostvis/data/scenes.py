@@ -1,4 +1,4 @@
-"""Rendered shape scenes: the embedded default data (DESIGN.md §9).
+"""Rendered shape scenes: the embedded default data (docs/datasets.md).
 
 A scene is 1-4 coloured shapes on a plain background. From a scene come an image, a caption and
 question/answer pairs whose one-word answers make exact-match accuracy meaningful. Everything is a

@@ -26,13 +26,6 @@ samples it didn't deliver as corrupt; a bad sample (duplicate member, rejected b
 `mark_corrupt()`) counts as one. `stats` = {"seen": n, "corrupt": n, "by_shard": {name: n}} (this rank's
 samples only). Once at least `min_count` samples were seen (and at each epoch end), a corrupt fraction
 above `max_corrupt_fraction` raises `DataError` naming the worst shards.
-
-Workers. `worker_split(num_workers, worker_id)` returns a copy that keeps only every num_workers-th of
-this rank's samples (rank-local index j goes to worker j % num_workers), for use inside a torch
-`IterableDataset.__iter__` with `torch.utils.data.get_worker_info()`. Exact resume is the main-process
-path (num_workers=0). With workers, the main process can't see the workers' streams: record each
-consumed sample's `__epoch__`/`__index__`, and on resume give every worker the smallest (epoch,
-index + 1) over the workers' last consumed samples: samples still in flight are repeated, none skipped.
 """
 
 from __future__ import annotations
@@ -56,8 +49,8 @@ _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 class ShardStream:
-    """Raw samples of one shard directory for one rank (see the module docstring for order, state,
-    corruption and workers). Iterate it once at a time: the stream object holds the position."""
+    """Raw samples of one shard directory for one rank (see the module docstring for order, state
+    and corruption). Iterate it once at a time: the stream object holds the position."""
 
     def __init__(
         self,
@@ -82,8 +75,6 @@ class ShardStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.loop, self.shuffle, self.validate = loop, shuffle, validate
         self.max_corrupt_fraction, self.min_count = max_corrupt_fraction, min_count
-        # This reader owns global indices i with i % stride == offset (rank split, then worker split).
-        self._stride, self._offset = world_size, rank
         self.epoch, self.position = 0, 0
         self.stats: dict[str, Any] = {"seen": 0, "corrupt": 0, "by_shard": {}}
         self._last_shard: str | None = None  # shard of the last yielded sample, for mark_corrupt()
@@ -98,20 +89,10 @@ class ShardStream:
             random.Random(f"ghostvis-shards:{self.seed}:{epoch}").shuffle(order)
         return order
 
-    def worker_split(self, num_workers: int, worker_id: int) -> "ShardStream":
-        """A copy that yields only DataLoader worker `worker_id`'s share of this rank's samples."""
-        if not 0 <= worker_id < num_workers:
-            raise ValueError(f"worker_id {worker_id} is not in [0, num_workers={num_workers})")
-        other = copy.copy(self)
-        other._offset = self._offset + self._stride * worker_id
-        other._stride = self._stride * num_workers
-        other.stats = {"seen": 0, "corrupt": 0, "by_shard": {}}
-        return other
-
     def _count_mine(self, lo: int, hi: int) -> int:
         """How many global indices in [lo, hi) belong to this reader."""
         def below(x: int) -> int:
-            return max(0, (x - self._offset + self._stride - 1) // self._stride)
+            return max(0, (x - self.rank + self.world_size - 1) // self.world_size)
         return below(hi) - below(lo) if hi > lo else 0
 
     # ---- state -----------------------------------------------------------------------------------
@@ -176,7 +157,7 @@ class ShardStream:
                 return
             if delivered == 0 and began == 0:
                 raise DataError(f"rank {self.rank} got no readable samples from {self.data_dir} in a whole "
-                                f"epoch ({self.manifest.num_samples} samples for {self._stride} readers)")
+                                f"epoch ({self.manifest.num_samples} samples for {self.world_size} readers)")
             self.epoch, self.position = self.epoch + 1, 0
 
     def _iter_epoch(self) -> Iterator[Sample]:
@@ -237,7 +218,7 @@ class ShardStream:
                 cur["base"], cur["k"] = base, cur["k"] + 1
             k = cur["k"]
             # Samples past the manifest's count are ignored: positions are defined by the manifest.
-            return first <= k < count and (start + k) % self._stride == self._offset
+            return first <= k < count and (start + k) % self.world_size == self.rank
 
         pending: Sample | None = None
         pk = -1

@@ -178,3 +178,11 @@ def token_bytes(tokenizer: Any) -> torch.Tensor:
     for piece, i in tokenizer.mergeable_ranks.items():
         out[i] = len(piece)
     return out
+
+
+def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, byte_counts: torch.Tensor) -> torch.Tensor:
+    """float64 [nats, bytes] of one batch: per-token `losses` and `token_bytes` summed over the counted
+    targets (>= 0). Sum these over the data, then bpb = nats / (ln 2 * bytes)."""
+    counted = targets >= 0
+    return torch.stack([losses[counted].double().sum(),
+                        byte_counts.to(targets.device)[targets[counted]].double().sum()])

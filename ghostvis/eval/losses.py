@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ghostvis.data.multimodal import CaptionBatches
 from ghostvis.data.shards import ShardStream
-from ghostvis.data.text import TokenRowLoader, token_bytes
+from ghostvis.data.text import TokenRowLoader, bpb_sums, token_bytes
 from ghostvis.eval.vqa import check_model, evaluating
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
@@ -75,10 +75,10 @@ def text_bpb(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path,
                                                 disable=not progress)):
             if limit is not None and i >= limit:
                 break
-            losses = llm(idx, targets, reduction="none")
+            batch_nats, batch_bytes = bpb_sums(llm(idx, targets, reduction="none"), targets, byte_counts).tolist()
+            nats += batch_nats
+            nbytes += int(batch_bytes)
             counted = targets >= 0
-            nats += losses[counted].double().sum().item()
-            nbytes += int(byte_counts[targets[counted]].sum())
             tokens += int(counted.sum())
             rows += int(counted.any(dim=1).sum())
     if nbytes == 0:

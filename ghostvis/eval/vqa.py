@@ -13,9 +13,7 @@ does not change.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ghostvis.data.multimodal import IMAGE_EXTS, count_images
+from ghostvis.data.multimodal import Unusable, read_conversation
 from ghostvis.data.scenes import BACKGROUND, chance_accuracy
 from ghostvis.data.shards import ShardStream
 from ghostvis.infer.chat import ReplyStream
@@ -36,7 +34,6 @@ from ghostvis.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 from ghostvis.vision.transforms import BadImage, image_transform, load_image
 
 OTHER = "other"  # the question type of samples that name none
-_IMAGE_MEMBER = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_EXTS)})$")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -84,31 +81,33 @@ class QASample:
         return " ".join(str(content).replace(IMAGE_PLACEHOLDER, " ").split())
 
 
-class Unreadable(ValueError):
-    pass
+class PromptTooLong(Unusable):
+    """A prompt that leaves no room for the answer in the context."""
 
 
 def parse_sample(sample: dict[str, Any]) -> QASample:
-    """A raw shard sample -> QASample; raises Unreadable (the caller counts it) when it can't be used."""
+    """A raw shard sample -> QASample; raises Unusable (the caller counts it) when it can't be used."""
+    record, image_keys = read_conversation(sample)
+    if "answer" not in record:
+        raise Unusable("no reference 'answer' field")
     try:
-        record = json.loads(sample["json"])
-    except (KeyError, ValueError) as e:
-        raise Unreadable(f"conversation JSON missing or invalid: {e}") from e
-    if not isinstance(record, dict) or "answer" not in record:
-        raise Unreadable("no reference 'answer' field")
-    members = sorted((int(m.group(1)), k) for k in sample if (m := _IMAGE_MEMBER.match(k)))
-    if [i for i, _ in members] != list(range(len(members))):
-        raise Unreadable(f"image members are not numbered 0..n-1: {[k for _, k in members]}")
-    try:
-        expected = count_images(record)
-        images = [load_image(sample[k]) for _, k in members]
-    except (KeyError, TypeError) as e:
-        raise Unreadable(f"malformed messages: {e}") from e
+        images = [load_image(sample[k]) for k in image_keys]
     except BadImage as e:
-        raise Unreadable(e.reason) from e
-    if expected != len(images):
-        raise Unreadable(f"{expected} image placeholders but {len(images)} images")
+        raise Unusable(e.reason) from e
     return QASample(str(sample["__key__"]), record, images)
+
+
+def qa_prompt(sample: QASample, tokenizer: Tokenizer, num_vision_tokens: int, max_len: int) -> list[int]:
+    """Ids that prime the model for the sample's answer: the conversation up to its last user turn, images
+    expanded, then <|assistant_start|> (`Tokenizer.render_for_completion`). Raises Unusable when it can't
+    be rendered and PromptTooLong when it is `max_len` tokens or more (no room left to answer)."""
+    try:
+        ids = tokenizer.render_for_completion(sample.record, num_vision_tokens)
+    except (ValueError, TypeError, KeyError) as e:
+        raise Unusable(f"sample {sample.key}: conversation not renderable: {e}") from e
+    if len(ids) >= max_len:
+        raise PromptTooLong(f"sample {sample.key}: {len(ids)} prompt tokens leave no room in {max_len}")
+    return ids
 
 
 def blank_like(image: Image.Image) -> Image.Image:
@@ -149,7 +148,7 @@ def iter_samples(data_dir: str | Path, max_samples: int | None) -> tuple[ShardSt
                 return
             try:
                 sample = parse_sample(raw)
-            except Unreadable:
+            except Unusable:
                 stream.mark_corrupt()
                 continue
             taken += 1
@@ -217,14 +216,6 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
     bar = tqdm(total=total, desc=f"vqa{' (blanked)' if blank_images else ''}", leave=False,
                disable=not progress)
 
-    def prompt(s: QASample) -> list[int] | None:
-        check_model(model, bool(s.images), f"{data_dir} sample {s.key}")
-        try:
-            ids = tokenizer.render_for_completion(s.record, engine.num_vision_tokens)
-        except (ValueError, TypeError, KeyError):
-            return None
-        return ids if len(ids) < engine.max_seq_len else None
-
     def run(window: list[tuple[list[int], QASample]]) -> None:
         window.sort(key=lambda item: len(item[0]))
         for start in range(0, len(window), batch_size):
@@ -242,8 +233,10 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
 
     window: list[tuple[list[int], QASample]] = []
     for sample in samples:
-        ids = prompt(sample)
-        if ids is None:
+        check_model(model, bool(sample.images), f"{data_dir} sample {sample.key}")
+        try:
+            ids = qa_prompt(sample, tokenizer, engine.num_vision_tokens, engine.max_seq_len)
+        except Unusable:
             unusable += 1
             bar.update(1)
             continue

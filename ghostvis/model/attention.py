@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads and the attention-kernel dispatch (DESIGN.md §2).
+"""Causal self-attention with grouped-query heads and the attention-kernel dispatch (docs/model.md).
 
 Dispatch, first match wins:
 1. `flash_attn` (FA3's `flash_attn_interface` or FA2) when importable, on CUDA, in bf16/fp16. Its

@@ -56,12 +56,35 @@ def count_params(config: ModelConfig, non_embedding: bool = True) -> int:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6·N + 12·L·n_head·head_dim·T (DESIGN.md §6), where N counts every
+    """Training FLOPs per token: 6·N + 12·L·n_head·head_dim·T (docs/model.md), where N counts every
     matmul weight, i.e. the non-embedding parameters plus the output head even when it is tied."""
     n = count_params(config, non_embedding=True)
     if config.tie_embeddings:
         n += config.padded_vocab_size * config.n_embd
     return 6 * n + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, config: ModelConfig,
+            tp_group: dist.ProcessGroup | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of this rank's vocabulary shard of the logits against `targets` (-1 = ignored; image
+    placeholders are ignored too): per-token losses `[B, T]` ("none"), their sum ("sum"), or the mean over
+    counted tokens ("mean"). `GPT.head` and the pipeline's last stage both end here."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if config.image_token_id is not None:  # predicting a placeholder teaches nothing
+        targets = targets.masked_fill(targets == config.image_token_id, IGNORE_INDEX)
+    # fp32 logits for the loss: bf16 log-softmax over a large vocabulary loses precision
+    loss = vocab_parallel_cross_entropy(softcap(logits.float(), config.logit_softcap), targets, tp_group,
+                                        config.vocab_size, IGNORE_INDEX)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class GPT(nn.Module):
@@ -127,26 +150,11 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         x = self.norm_f(x)
         logits = self.wte(x, as_head=True) if self.lm_head is None else self.lm_head(x)  # this rank's vocab shard
         if targets is None:
-            return self._softcap(gather_from_tp(logits, self.tp_group)[..., :self.config.vocab_size])
-        if self.config.image_token_id is not None:  # predicting a placeholder teaches nothing
-            targets = targets.masked_fill(targets == self.config.image_token_id, IGNORE_INDEX)
-        # fp32 logits for the loss: bf16 log-softmax over a large vocabulary loses precision
-        loss = vocab_parallel_cross_entropy(self._softcap(logits.float()), targets, self.tp_group,
-                                            self.config.vocab_size, IGNORE_INDEX)
-        if reduction == "none":
-            return loss
-        if reduction == "sum":
-            return loss.sum()
-        return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        cap = self.config.logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+            return softcap(gather_from_tp(logits, self.tp_group)[..., :self.config.vocab_size], self.config.logit_softcap)
+        return lm_loss(logits, targets, self.config, self.tp_group, reduction)
 
     def _splice_images(self, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Overwrite, in order (row-major over batch then time), the embeddings at image-token

@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism (DESIGN.md §7).
+"""Megatron-style tensor parallelism (docs/model.md, docs/parallelism.md).
 
 Column-parallel layers split the output dim across ranks, row-parallel ones the input dim; a
 column -> row pair costs one all-reduce forward (in the row layer) and one backward (in the

@@ -1,4 +1,4 @@
-"""The model as a DeepSpeed `PipelineModule` of `LayerSpec`s (DESIGN.md §7, docs/parallelism.md).
+"""The model as a DeepSpeed `PipelineModule` of `LayerSpec`s (docs/parallelism.md).
 
 Layers, in order:
 
@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.model.gpt import GPT, IGNORE_INDEX, Block
+from ghostvis.model.gpt import GPT, Block, lm_loss
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding
-from ghostvis.model.parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from ghostvis.model.parallel import ColumnParallelLinear, VocabParallelEmbedding
 from ghostvis.vision.tower import VisionTower
 
 PARTITIONS = ("type:PipeBlock", "uniform")
@@ -105,18 +105,13 @@ def _tied_head(module: PipeEmbed, x: torch.Tensor) -> torch.Tensor:
 
 
 class PipeLoss:
-    """Mean cross-entropy over counted targets from this rank's logits shard (what `GPT.head` computes)."""
+    """Mean cross-entropy over counted targets from this rank's logits shard (`lm_loss`, as `GPT.head`)."""
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
         self.config, self.tp_group = config, tp_group
-        self.softcap = GPT._softcap.__get__(self)  # GPT's soft-cap, reading self.config
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.config.image_token_id is not None:
-            targets = targets.masked_fill(targets == self.config.image_token_id, IGNORE_INDEX)
-        loss = vocab_parallel_cross_entropy(self.softcap(logits.float()), targets, self.tp_group,
-                                            self.config.vocab_size, IGNORE_INDEX)
-        return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return lm_loss(logits, targets, self.config, self.tp_group)
 
 
 class GPTPipe(PipelineModule):
@@ -126,7 +121,7 @@ class GPTPipe(PipelineModule):
                  tp_group: dist.ProcessGroup | None, *, partition: str = "type:PipeBlock",
                  activation_checkpointing: bool = False, num_vision_tokens: int = 0) -> None:
         if partition not in PARTITIONS:
-            raise ValueError(f"pipeline partition {partition!r}; choose one of {PARTITIONS} (DESIGN.md §7: "
+            raise ValueError(f"pipeline partition {partition!r}; choose one of {PARTITIONS} ("
                              "'parameters' balances trainable weights only and skews with a frozen tower)")
         llm = "llm." if vision_cfg is not None else ""
         rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)

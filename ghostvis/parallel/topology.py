@@ -1,4 +1,4 @@
-"""Process groups for a (pp, dp, tp) layout and the `mpu` object DeepSpeed reads them from (DESIGN.md §7).
+"""Process groups for a (pp, dp, tp) layout and the `mpu` object DeepSpeed reads them from (docs/parallelism.md).
 
 Ranks are laid out as DeepSpeed's `PipeModelDataParallelTopology` lays them out (axes pipe, data, model;
 model fastest): rank = (pp_rank · dp + dp_rank) · tp + tp_rank. So the ranks of one tensor-parallel group
@@ -62,14 +62,6 @@ class Topology:
     def tp_group(self) -> dist.ProcessGroup | None:
         """The group the model's TP layers take; None at tp=1 (plain layers, no communication)."""
         return self._tp_group if self.tp_size > 1 else None
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
 
     # ---- the mpu interface (Megatron names, as DeepSpeed calls them) ----
     def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:

@@ -1,4 +1,4 @@
-"""Resumable checkpoints: DeepSpeed state + our client state, published atomically (DESIGN.md §6).
+"""Resumable checkpoints: DeepSpeed state + our client state, published atomically (docs/training.md).
 
 Layout under `<out>/ckpt/`:
 

@@ -1,5 +1,5 @@
 """DeepSpeed wiring: the ds_config from file + CLI, parameter groups from a stage spec, the optimizer and
-`deepspeed.initialize` (DESIGN.md §6, §8)."""
+`deepspeed.initialize` (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, floa
     """One group per (lr name, decay) the stage's rules produce, from trainable parameters only.
 
     Parameters no rule matches get requires_grad=False and join no group: ZeRO-1/2 crash on a group of
-    frozen parameters and DeepSpeed drops empty groups (DESIGN.md §8), so groups are keyed by "name",
+    frozen parameters and DeepSpeed drops empty groups, so groups are keyed by "name",
     never by position, and carry their own "base_lr" for the client-side schedule."""
     groups: dict[str, dict[str, Any]] = {}
     for name, param in canonical_named_parameters(model):  # a pipeline stage's too, under the plain names

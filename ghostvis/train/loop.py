@@ -1,8 +1,8 @@
 """The one training loop. Every stage runs through `run(args)`; what differs between stages is data:
 the `Stage` spec (stages.py) and the data builder and loss registered for its kinds below.
 
-Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]` are "module:function" paths resolved on use, so a new
-data kind or loss plugs in by writing that function in its own module:
+Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]`; a new data kind or loss plugs in by writing its function
+in its own module and registering it there:
 
 - data builder `f(req: DataRequest) -> batches`: an iterable with `state_dict()` / `load_state_dict()`
   yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
@@ -12,13 +12,11 @@ data kind or loss plugs in by writing that function in its own module:
   setting, or build what the loss keeps, e.g. GRPO's frozen reference model); the loss
   `loss(engine, batch)` returns a scalar tensor (mean over the micro-batch's counted tokens), or
   `(scalar, {name: float})` whose extra metrics are averaged over micro-batches and ranks and logged.
-A stage whose builder or loss can't be imported yet fails at start with a "not available yet" error.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -31,26 +29,19 @@ import torch.distributed as dist
 
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, get_preset
-from ghostvis.data.text import TokenRowLoader, token_bytes
+from ghostvis.data.multimodal import caption_batches, conversation_batches
+from ghostvis.data.rl import prompt_batches
+from ghostvis.data.text import TokenRowLoader, bpb_sums, token_bytes
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
+from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
 from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
 
-DATA_BUILDERS = {
-    "text-tokens": "ghostvis.train.loop:text_batches",
-    "image-text": "ghostvis.data.multimodal:caption_batches",
-    "conversation": "ghostvis.data.multimodal:conversation_batches",
-    "prompts": "ghostvis.data.rl:prompt_batches",
-}
-LOSSES = {
-    "lm": "ghostvis.train.loop:make_lm_loss",
-    "grpo": "ghostvis.train.grpo:make_grpo_loss",
-}
 SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
                  "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
 
@@ -70,6 +61,7 @@ class DataRequest:
     device: torch.device
     eval_mode: bool
     model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
+    cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
 
 
 @dataclass
@@ -115,18 +107,14 @@ def make_lm_loss(req: LossRequest) -> Callable:
     return lm_loss
 
 
-def _resolve(table: dict[str, str], kind: str, stage: Stage) -> Callable:
-    module_name, attr = table[kind].split(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise NotImplementedError(f"--stage {stage.name} is not available yet: it needs {table[kind]} for "
-                                  f"'{kind}' ({err})") from err
-
-
-def check_available(stage: Stage) -> tuple[Callable, Callable]:
-    """(data builder, loss) of a stage, or NotImplementedError naming the missing piece."""
-    return _resolve(DATA_BUILDERS, stage.data_kind, stage), _resolve(LOSSES, stage.loss, stage)
+# the builders of each stage's data kind and loss (stages.DATA_KINDS, stages.LOSS_KINDS)
+DATA_BUILDERS: dict[str, Callable[[DataRequest], Any]] = {
+    "text-tokens": text_batches,
+    "image-text": caption_batches,
+    "conversation": conversation_batches,
+    "prompts": prompt_batches,
+}
+LOSSES: dict[str, Callable[[LossRequest], Callable]] = {"lm": make_lm_loss, "grpo": make_grpo_loss}
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -318,10 +306,7 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
         if more.item() == 0:
             break
         idx, targets, kwargs = split_batch(batch)
-        losses = engine(idx, targets, reduction="none", **kwargs)
-        counted = targets >= 0
-        sums[0] += losses[counted].double().sum()
-        sums[1] += byte_counts.to(targets.device)[targets[counted]].double().sum()
+        sums += bpb_sums(engine(idx, targets, reduction="none", **kwargs), targets, byte_counts)
     dist.all_reduce(sums)
     engine.train()
     return (sums[0] / (math.log(2) * sums[1].clamp(min=1))).item()
@@ -332,7 +317,7 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
     stage = get_stage(args.stage)
-    data_builder, loss_builder = check_available(stage)
+    data_builder, loss_builder = DATA_BUILDERS[stage.data_kind], LOSSES[stage.loss]
     settings = stage_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
     topo = Topology(args.tp, args.pp)
@@ -371,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, model)
+                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False))
 
     train_data = data_builder(request("train", False))
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
@@ -403,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
                 "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
-    byte_counts = token_bytes(tokenizer)
+    byte_counts = token_bytes(tokenizer).to(device)
     batches = iter(train_data)
     metrics: dict[str, Any] = {}
     step = start_step

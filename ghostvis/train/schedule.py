@@ -1,4 +1,4 @@
-"""Client-side learning-rate schedule (DESIGN.md §6).
+"""Client-side learning-rate schedule (docs/training.md).
 
 DeepSpeed's built-in schedulers write one lr into every group, which erases per-group rates, so we never
 use them: each step the loop sets `group["lr"] = group["base_lr"] * lr_multiplier(step, ...)` itself.

@@ -1,4 +1,4 @@
-"""Stage specs: what trains, on which data, with which loss (DESIGN.md §6).
+"""Stage specs: what trains, on which data, with which loss (docs/training.md).
 
 A stage is data, not code: the one loop in `loop.py` reads a `Stage` and builds parameter groups from its
 `trainable` rules, a batch source for its `data_kind` and a loss for its `loss`. Adding a stage means
@@ -20,7 +20,7 @@ DATA_KINDS = ("text-tokens", "image-text", "conversation", "prompts")  # prompts
 LOSS_KINDS = ("lm", "grpo")
 
 # The LLM's decoder blocks, with or without the VLM's `llm.` prefix; group 1 = the block index.
-_BLOCK = r"(?:llm\.)?blocks\.(\d+)\."
+LLM_BLOCK = r"(?:llm\.)?blocks\.(\d+)\."
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ParamRule:
         if self.last_layers is None:
             return True
         k = int(settings.get(self.last_layers, ALL_LAYERS))  # unset: no limit
-        block = re.match(_BLOCK, name)
+        block = re.match(LLM_BLOCK, name)
         return k < 0 or (k > 0 and block is not None and int(block.group(1)) >= n_layer - k)
 
 
@@ -101,6 +101,13 @@ _VISION_RULES = (
     ParamRule(_ENCODER, "encoder_lr", weight_decay=True, group="encoder"),
 )
 _VISION_DEFAULTS = {"freeze": ("encoder",), "encoder_lr": 1e-5}
+
+
+def _llm_lrs(lr: float) -> dict[str, float]:
+    """One learning rate for every LLM part: embedding, head and blocks."""
+    return {"embed_lr": lr, "head_lr": lr, "llm_lr": lr}
+
+
 # GRPO (ghostvis/train/grpo.py): completions per prompt, their length cap, sampling temperature, KL
 # penalty against the frozen starting model (0 = off), PPO clip range of the per-token ratio.
 _GRPO_DEFAULTS = {"group_size": 8, "rl_max_new_tokens": 64, "temperature": 1.0, "kl_coef": 0.0, "clip_eps": 0.2}
@@ -121,8 +128,8 @@ STAGES: dict[str, Stage] = {
         loss="lm",
         trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={**_VISION_DEFAULTS, "vision_lr": 1e-3, "embed_lr": 1e-5, "head_lr": 1e-5, "llm_lr": 1e-5,
-                  "train_llm_layers": 0, "weight_decay": 0.0, "warmup": 50, "schedule": "cosine"},
+        defaults={**_VISION_DEFAULTS, "vision_lr": 1e-3, **_llm_lrs(1e-5), "train_llm_layers": 0,
+                  "weight_decay": 0.0, "warmup": 50, "schedule": "cosine"},
         description="alignment: resampler + projector train; LLM and encoder frozen",
     ),
     "sft": Stage(
@@ -131,8 +138,8 @@ STAGES: dict[str, Stage] = {
         loss="lm",
         trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={**_VISION_DEFAULTS, "vision_lr": 2e-5, "llm_lr": 2e-5, "embed_lr": 2e-5, "head_lr": 2e-5,
-                  "train_llm_layers": ALL_LAYERS, "weight_decay": 0.0, "warmup": 20, "schedule": "cosine"},
+        defaults={**_VISION_DEFAULTS, "vision_lr": 2e-5, **_llm_lrs(2e-5), "train_llm_layers": ALL_LAYERS,
+                  "weight_decay": 0.0, "warmup": 20, "schedule": "cosine"},
         description="instruction tuning: connector + the last --train-llm-layers LLM blocks (default all)",
     ),
     "rl": Stage(
@@ -141,12 +148,17 @@ STAGES: dict[str, Stage] = {
         loss="grpo",
         trainable=_VISION_RULES + _LLM_RULES,
         needs_vision=True,
-        defaults={**_VISION_DEFAULTS, **_GRPO_DEFAULTS, "vision_lr": 1e-6, "embed_lr": 1e-6, "head_lr": 1e-6,
-                  "llm_lr": 1e-6, "train_llm_layers": ALL_LAYERS, "weight_decay": 0.0, "warmup": 0,
-                  "schedule": "constant"},
+        defaults={**_VISION_DEFAULTS, **_GRPO_DEFAULTS, "vision_lr": 1e-6, **_llm_lrs(1e-6),
+                  "train_llm_layers": ALL_LAYERS, "weight_decay": 0.0, "warmup": 0, "schedule": "constant"},
         description="GRPO on verifiable rewards (reference answers in the conversation shards)",
     ),
 }
+
+
+def parse_freeze(text: str) -> tuple[str, ...]:
+    """A `--freeze` value: comma list of FREEZE_GROUPS, `none` (or empty) = freeze nothing. Names are
+    checked by the caller, whose error names its own flag."""
+    return tuple(g.strip() for g in text.split(",") if g.strip() and g.strip() != "none")
 
 
 def get_stage(name: str) -> Stage:

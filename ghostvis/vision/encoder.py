@@ -1,4 +1,4 @@
-"""Image encoder: any timm ViT by name, patch features from an inner block (DESIGN.md §3).
+"""Image encoder: any timm ViT by name, patch features from an inner block (docs/vision.md).
 
 Nothing is downloaded: the model is built with `pretrained=False` and weights come from a local
 timm-format `.safetensors` file or a Hugging Face SigLIP/CLIP folder (ghostvis/interop/hf_vision.py).

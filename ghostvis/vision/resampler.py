@@ -1,4 +1,4 @@
-"""Resamplers: patch features [N, num_patches, in_dim] -> [N, num_tokens, out_dim] (DESIGN.md §3).
+"""Resamplers: patch features [N, num_patches, in_dim] -> [N, num_tokens, out_dim] (docs/vision.md).
 
 - `perceiver`: learned latents cross-attend to the patches (Flamingo/IDEFICS style); depth/heads set.
 - `avgpool`: 2D adaptive average pooling of the patch grid to k x k tokens; no parameters.
