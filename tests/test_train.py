@@ -174,3 +174,31 @@ def test_lr_schedule_shapes():
     assert lr_multiplier(79, schedule="warmdown", warmdown=0.2, **kw) == 1.0
     assert lr_multiplier(90, schedule="warmdown", warmdown=0.2, **kw) == pytest.approx(0.5)
     assert lr_multiplier(99, schedule="cosine", **kw) < 0.01 < lr_multiplier(55, schedule="cosine", **kw) == pytest.approx(0.5)
+
+
+def test_micro_batches_weigh_by_loss_tokens(world1, tiny_tokenizer):
+    """Conversation batches of different lengths: the step's loss is the mean over all loss tokens, not the
+    mean of the micro-batch means (which would overweight the short one)."""
+    torch.manual_seed(0)
+    cfg, _ = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)
+    model = GPT(cfg)
+    stage = STAGES["base"]
+    groups = ds_engine.build_param_groups(model, stage, {"embed_lr": 0.0, "head_lr": 0.0, "llm_lr": 0.0}, 0.0,
+                                          dict(stage.defaults), cfg.n_layer)
+    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json"),
+                                          micro_batch=2, grad_accum=2, world_size=1, grad_clip=1.0, dtype="fp32")
+    engine = ds_engine.initialize(model, groups, ds_config, "cpu")
+    g = torch.Generator().manual_seed(1)
+    micro = []
+    for n_loss in (3, 29):  # a short and a long answer
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        targets = torch.full((2, 16), -1)
+        targets.view(-1)[:n_loss] = torch.randint(0, cfg.vocab_size, (n_loss,), generator=g)
+        micro.append({"input_ids": ids, "targets": targets, "num_tokens": 32, "num_loss_tokens": n_loss})
+    assert loop.loss_token_weights(engine, micro) == pytest.approx([2 * 3 / 32, 2 * 29 / 32])
+    with torch.no_grad():
+        sums = [float(model(b["input_ids"], b["targets"], reduction="sum")) for b in micro]
+    result = loop.train_step(engine, iter(micro), loop.lm_loss, 2)
+    assert result.loss == pytest.approx(sum(sums) / 32, rel=1e-5)
+    means = [s / n for s, n in zip(sums, (3, 29))]
+    assert abs(result.loss - sum(means) / 2) > 0.01  # the unweighted mean would differ

@@ -224,24 +224,40 @@ class StepResult:
     extra: dict[str, float] = field(default_factory=dict)  # a loss's own metrics, mean over micro-batches and ranks
 
 
+def loss_token_weights(engine: Any, micro_batches: list) -> list[float]:
+    """Per-micro-batch loss weights that turn DeepSpeed's plain average over micro-batches and data-parallel
+    ranks into a mean over every loss token of the step, so a short conversation's tokens don't weigh more
+    than a long one's. Only batches that count their loss tokens (`num_loss_tokens`: padded conversation and
+    caption batches) are reweighted; fixed-size text rows and RL prompt batches keep weight 1."""
+    counts = [b.get("num_loss_tokens") if isinstance(b, dict) else None for b in micro_batches]
+    if any(c is None for c in counts):
+        return [1.0] * len(micro_batches)
+    total = torch.tensor(float(sum(counts)), dtype=torch.float64, device=engine.device)
+    dist.all_reduce(total, group=engine.data_parallel_group)
+    scale = len(counts) * engine.dp_world_size / max(total.item(), 1.0)
+    return [c * scale for c in counts]
+
+
 def train_step(engine: Any, batches: Iterator, loss_fn: Callable, grad_accum: int) -> StepResult:
     """grad_accum micro-batches (forward → engine.backward → engine.step); DeepSpeed applies the update
     on the last one and scales the loss by 1/grad_accum itself."""
     t0 = time.perf_counter()
+    micro_batches = [next(batches) for _ in range(grad_accum)]
+    weights = loss_token_weights(engine, micro_batches)
     total = torch.zeros((), device=engine.device)
     tokens = 0
     extra: dict[str, float] = {}
-    for _ in range(grad_accum):
-        batch = next(batches)
+    for batch, weight in zip(micro_batches, weights):
         loss = loss_fn(engine, batch)
         if isinstance(loss, tuple):
             loss, metrics = loss
             for key, value in metrics.items():
                 extra[key] = extra.get(key, 0.0) + value / grad_accum
-        engine.backward(loss)
+        engine.backward(loss * weight if weight != 1.0 else loss)
         engine.step()
-        total += loss.detach()
+        total += loss.detach() * weight
         tokens += batch_tokens(batch)  # after the loss: a batch may learn its size there (RL rollouts)
+    # with weights: this rank's term of the step's token mean (the mean of it over ranks is exact)
     loss_value = total.item() / grad_accum  # .item() waits for the GPU, so the timing below is real
     norm = engine.get_global_grad_norm()
     norm = None if norm is None else float(norm)
