@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
-from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES
+from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,11 +28,6 @@ def _layers(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
     return int(text)
-
-
-def _groups(text: str) -> tuple[str, ...]:
-    """--freeze: comma list of module groups; `none` (or empty) = freeze nothing."""
-    return tuple(g.strip() for g in text.split(",") if g.strip() and g.strip() != "none")  # checked by the loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-llm-layers", type=_layers, default=None, metavar="K|all",
                    help="train the LLM's last K blocks; 0 = none, all = every LLM weight incl. embeddings and "
                         "head (defaults: vision_pretrain 0, others all)")
-    g.add_argument("--freeze", type=_groups, default=None, metavar="GROUPS",
+    g.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
                    help=f"comma list among {','.join(FREEZE_GROUPS)} to freeze whatever the other flags say "
                         "('none' = nothing; default: encoder for vision stages)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay for matrices")
