@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_corpus
-from dist_utils import REPO, free_port
+from conftest import REPO, free_port, tiny_corpus
 
 from data_prep import text_shards
 from ghostvis.train import checkpoint

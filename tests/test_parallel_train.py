@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import REPO, run_ranks
+from conftest import REPO, run_ranks
 from safetensors.torch import load_file
 from conftest import TRAIN, losses, train_args
 

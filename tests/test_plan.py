@@ -85,7 +85,7 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
 
 @pytest.mark.slow
 def test_two_rank_deepspeed_zero_shards_match_plan(tmp_path):
-    from dist_utils import run_ranks
+    from conftest import run_ranks
 
     run_ranks(Path(__file__), [tmp_path], nproc=2, timeout=120)
     for rank in (0, 1):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, losses, train_args
-from dist_utils import REPO, run_ranks
+from conftest import REPO, TRAIN, losses, run_ranks, train_args
 from safetensors.torch import load_file
 
 import ghostvis
