@@ -69,7 +69,7 @@ vision_pretrain() {
 
 sft() {
   train --stage sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft" \
-    --seq-len 96 --micro-batch 32 --steps 600 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
+    --seq-len 96 --micro-batch 32 --steps 1200 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
   evaluate "$OUT/sft" --no-report
 }
 
