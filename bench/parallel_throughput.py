@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per data-parallel replica per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (= pipeline micro-batches)")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile inside the engine, as train.py --compile")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
@@ -109,6 +110,8 @@ def main() -> None:
     ds_engine.check_pipeline_zero(ds_config, topo.pp_size, args.ds_config)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
+    if args.compile:
+        engine.compile()
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
 
     def step() -> None:
@@ -136,7 +139,8 @@ def main() -> None:
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
                  f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
                  f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
-                 f"{Path(args.ds_config).stem}{', activation checkpointing' if args.activation_checkpointing else ''}")
+                 f"{Path(args.ds_config).stem}{', activation checkpointing' if args.activation_checkpointing else ''}, "
+                 f"{'compiled' if args.compile else 'eager'}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
                     f"tp {topo.tp_size}, pp {topo.pp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "

@@ -5,6 +5,7 @@ SwiGLU MLP, RoPE, RMSNorm, optional tied head and logit soft-cap, vision tokens 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -15,17 +16,17 @@ from ghostvis.config import ModelConfig
 from ghostvis.model.attention import CausalSelfAttention
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from ghostvis.model.linear_ce import IGNORE_INDEX
 from ghostvis.model.parallel import (
     ColumnParallelLinear,
+    ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
     check_tp,
     gather_from_tp,
     tp_size_rank,
-    vocab_parallel_cross_entropy,
 )
 
-IGNORE_INDEX = -1
 
 
 class Block(nn.Module):
@@ -68,23 +69,22 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, config: ModelConfig,
-            tp_group: dist.ProcessGroup | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of this rank's vocabulary shard of the logits against `targets` (-1 = ignored; image
-    placeholders are ignored too): per-token losses `[B, T]` ("none"), their sum ("sum"), or the mean over
-    counted tokens ("mean"). `GPT.head` and the pipeline's last stage both end here."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if config.image_token_id is not None:  # predicting a placeholder teaches nothing
-        targets = targets.masked_fill(targets == config.image_token_id, IGNORE_INDEX)
-    # fp32 logits for the loss: bf16 log-softmax over a large vocabulary loses precision
-    loss = vocab_parallel_cross_entropy(softcap(logits.float(), config.logit_softcap), targets, tp_group,
-                                        config.vocab_size, IGNORE_INDEX)
+def lm_targets(targets: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Targets with image placeholders ignored: predicting a placeholder teaches nothing."""
+    if config.image_token_id is None:
+        return targets
+    return targets.masked_fill(targets == config.image_token_id, IGNORE_INDEX)
+
+
+def reduce_loss(loss: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-token losses `[B, T]` ("none"), their sum ("sum"), or the mean over counted tokens ("mean")."""
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if reduction == "mean":
+        return loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 class GPT(nn.Module):
@@ -98,7 +98,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, tp_group) for i in range(config.n_layer))
         self.norm_f = RMSNorm(d, config.norm_eps)
         # tied: the head is wte's table, used through wte.forward(as_head=True)
-        self.lm_head = None if config.tie_embeddings else ColumnParallelLinear(d, config.padded_vocab_size, tp_group=tp_group)
+        self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.init_weights()
 
@@ -150,11 +150,14 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
-        x = self.norm_f(x)
-        logits = self.wte(x, as_head=True) if self.lm_head is None else self.lm_head(x)  # this rank's vocab shard
-        if targets is None:
-            return softcap(gather_from_tp(logits, self.tp_group)[..., :self.config.vocab_size], self.config.logit_softcap)
-        return lm_loss(logits, targets, self.config, self.tp_group, reduction)
+        x, cfg = self.norm_f(x), self.config
+        head = partial(self.wte, as_head=True) if self.lm_head is None else self.lm_head
+        if targets is None:  # this rank's vocabulary shard, gathered
+            return softcap(gather_from_tp(head(x), self.tp_group)[..., :cfg.vocab_size], cfg.logit_softcap)
+        targets = lm_targets(targets, cfg)
+        # the loss without materializing the logits (ghostvis/model/linear_ce.py)
+        loss = head(x, targets=targets, vocab_size=cfg.vocab_size, softcap=cfg.logit_softcap)
+        return reduce_loss(loss, targets, reduction)
 
     def _splice_images(self, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Overwrite, in order (row-major over batch then time), the embeddings at image-token

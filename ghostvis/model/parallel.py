@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ghostvis.config import ModelConfig
+from ghostvis.model.linear_ce import linear_cross_entropy
 
 
 def tp_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -143,9 +144,36 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class ParallelLMHead(ColumnParallelLinear):
+    """The untied output head, split by vocabulary rows: `forward(x)` gives this rank's logits shard,
+    `forward(x, targets, ...)` the per-token loss (`output_head`). The loss is computed inside forward so
+    ZeRO-3 has gathered the weight."""
+
+    def __init__(self, in_features: int, vocab_rows: int, tp_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(in_features, vocab_rows, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, vocab_size: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+        return output_head(x, self.weight, self.tp_group, targets, vocab_size, softcap)
+
+
+def output_head(x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup | None,
+                targets: torch.Tensor | None = None, vocab_size: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+    """Raw logits of this rank's vocabulary rows `weight` without targets; with targets (-1 = ignored) the
+    per-token fp32 cross-entropy of the soft-capped logits over the first `vocab_size` global columns (all
+    by default), computed chunk by chunk without holding the logits (`linear_cross_entropy`)."""
+    x = copy_to_tp(x, group)
+    if targets is None:
+        return F.linear(x, weight)
+    vocab_size = weight.shape[0] * tp_size_rank(group)[0] if vocab_size is None else vocab_size
+    return linear_cross_entropy(x, weight, targets, vocab_size=vocab_size, softcap=softcap, tp_group=group)
+
+
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows. `forward(x, as_head=True)` uses the same table as a
-    column-parallel output head (tied embeddings); going through forward lets ZeRO-3 gather it."""
+    """Embedding table split by vocabulary rows. `forward(x, as_head=True, ...)` uses the same table as
+    the output head (tied embeddings; arguments as `output_head`); going through forward lets ZeRO-3
+    gather it."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
@@ -156,60 +184,16 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.local_rows, embedding_dim))
         _mark_parallel(self.weight, 0, tp_size)
 
-    def forward(self, x: torch.Tensor, *, as_head: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, as_head: bool = False, targets: torch.Tensor | None = None,
+                vocab_size: int | None = None, softcap: float | None = None) -> torch.Tensor:
         if as_head:
-            return F.linear(copy_to_tp(x, self.tp_group), self.weight)
+            return output_head(x, self.weight, self.tp_group, targets, vocab_size, softcap)
         if tp_size_rank(self.tp_group)[0] == 1:
             return F.embedding(x, self.weight)
         outside = (x < self.row_start) | (x >= self.row_start + self.local_rows)
         local_ids = (x - self.row_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.tp_group)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over logits split by vocabulary (Megatron): global max, target logit and
-    sum-exp are all-reduced; no rank ever holds the full logits."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, group, ignore_index):
-        local = logits.shape[-1]
-        start = tp_size_rank(group)[1] * local
-        logits_max = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
-        in_range = (targets >= start) & (targets < start + local)
-        local_targets = (targets - start).clamp(0, local - 1)
-        picked = shifted.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1)
-        picked = _all_reduce(torch.where(in_range, picked, torch.zeros_like(picked)), group)
-        exp = shifted.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), group)
-        ignored = targets == ignore_index
-        loss = (sum_exp.log() - picked).masked_fill(ignored, 0.0)
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_targets, in_range, ignored)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local_targets, in_range, ignored = ctx.saved_tensors
-        grad = softmax.clone()
-        grad.scatter_add_(-1, local_targets.unsqueeze(-1), -in_range.to(grad.dtype).unsqueeze(-1))
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp_group: dist.ProcessGroup | None,
-                                 vocab_size: int, ignore_index: int = -1) -> torch.Tensor:
-    """Per-token loss (fp32, shape of `targets`, 0 at ignored) from this rank's logits shard
-    `[..., padded_vocab/tp]`. Padding columns (global index >= vocab_size) never take probability."""
-    tp_size, tp_rank = tp_size_rank(tp_group)
-    if tp_size == 1:
-        flat = logits[..., :vocab_size].float().reshape(-1, vocab_size)
-        loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="none")
-        return loss.view(targets.shape)
-    local = logits.shape[-1]
-    cols = torch.arange(tp_rank * local, (tp_rank + 1) * local, device=logits.device)
-    logits = logits.float().masked_fill(cols >= vocab_size, float("-inf"))
-    return _VocabParallelCrossEntropy.apply(logits, targets, tp_group, ignore_index)
 
 
 # How each parameter is split for TP: name suffix -> dim (0 = column-parallel rows, 1 = row-parallel

@@ -6,9 +6,10 @@ Layers, in order:
     PipeEmbed           token embedding + the image splice (GPT.embed's own code)
     PipeBlock × L       the GPT's blocks (RoPE tables shared by the blocks of a stage)
     PipeNorm            final norm
-    PipeLMHead          this rank's vocabulary shard of the logits (the embedding table when tied:
-                        a `TiedLayerSpec`, whose gradients DeepSpeed sums across the two stages)
-    loss                `PipeLoss`: vocab-parallel cross-entropy, mean over counted tokens
+    PipeLMHead          holds the output head (the embedding table when tied: a `TiedLayerSpec`, whose
+                        gradients DeepSpeed sums across the two stages) and passes the hidden states on
+    loss                `PipeLoss`: the head and its cross-entropy in one step (DeepSpeed gives the
+                        targets only to the loss), mean over counted tokens, without full logits
 
 Stages are cut by layer count (`type:PipeBlock` = equal blocks per stage, or `uniform`), never by
 `parameters`, which counts only trainable weights and skews with a frozen tower. Each layer keeps the
@@ -19,7 +20,7 @@ plain model's attribute names, so `canonical_named_parameters()` yields exactly 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -30,9 +31,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.model.gpt import GPT, Block, lm_loss
+from ghostvis.model.gpt import GPT, Block, lm_targets, reduce_loss
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding
-from ghostvis.model.parallel import ColumnParallelLinear, VocabParallelEmbedding
+from ghostvis.model.parallel import ParallelLMHead, VocabParallelEmbedding
 from ghostvis.vision.tower import VisionTower
 
 PARTITIONS = ("type:PipeBlock", "uniform")
@@ -94,24 +95,26 @@ class PipeNorm(nn.Module):
 class PipeLMHead(nn.Module):
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
         super().__init__()
-        self.lm_head = ColumnParallelLinear(config.n_embd, config.padded_vocab_size, tp_group=tp_group)
+        self.lm_head = ParallelLMHead(config.n_embd, config.padded_vocab_size, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)
+        return x  # the head runs inside PipeLoss, fused with the cross-entropy
 
 
 def _tied_head(module: PipeEmbed, x: torch.Tensor) -> torch.Tensor:
-    return module.wte(x, as_head=True)
+    return x  # as PipeLMHead
 
 
 class PipeLoss:
-    """Mean cross-entropy over counted targets from this rank's logits shard (`lm_loss`, as `GPT.head`)."""
+    """Mean cross-entropy over counted targets of the last stage's head (as `GPT.head`)."""
 
-    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
-        self.config, self.tp_group = config, tp_group
+    def __init__(self, config: ModelConfig, head: Callable[..., torch.Tensor]) -> None:
+        self.config, self.head = config, head
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, targets, self.config, self.tp_group)
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = lm_targets(targets, self.config)
+        loss = self.head(x, targets=targets, vocab_size=self.config.vocab_size, softcap=self.config.logit_softcap)
+        return reduce_loss(loss, targets, "mean")
 
 
 class GPTPipe(PipelineModule):
@@ -144,11 +147,15 @@ class GPTPipe(PipelineModule):
         else:
             specs.append(LayerSpec(PipeLMHead, config, tp_group))
         self._prefixes += [llm, llm]
-        super().__init__(specs, topology=topology, loss_fn=PipeLoss(config, tp_group), partition_method=partition,
+        super().__init__(specs, topology=topology, partition_method=partition,
                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
                          activation_checkpoint_func=partial(checkpoint, use_reentrant=False),
                          checkpointable_layers=["PipeBlock"])
         self.config, self.vision_config = config, vision_cfg
+        if self.stage_id == self.num_stages - 1:  # the head is built now: hand it to the loss
+            head = (partial(self.tied_modules["wte"].wte, as_head=True) if config.tie_embeddings
+                    else next(m for m in self.modules() if isinstance(m, ParallelLMHead)))
+            self.loss_fn = PipeLoss(config, head)
         self.num_vision_tokens = num_vision_tokens  # what the data builders ask a VLM for
         self._llm_prefix = llm
 

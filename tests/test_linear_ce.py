@@ -1,0 +1,75 @@
+"""The chunked head + cross-entropy equals full logits + F.cross_entropy, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ghostvis.config import get_preset
+from ghostvis.model import GPT
+from ghostvis.model.linear_ce import linear_cross_entropy
+
+VOCAB, PADDED, D = 50, 64, 16  # columns 50..63 are padding
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = (x @ w.t()).float()[..., :VOCAB]
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-1,
+                           reduction="none").view(targets.shape)
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, D, generator=g)
+    w = torch.randn(PADDED, D, generator=g) * 0.5
+    targets = torch.randint(0, VOCAB, (3, 7), generator=g)
+    targets[0, :3] = -1
+    return x, w, targets
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+@pytest.mark.parametrize("chunk_elements", [PADDED * 4, PADDED * 1000])  # 6 uneven chunks of 4 rows; one chunk
+def test_matches_full_logits_loss_and_gradients(cap, chunk_elements):
+    x, w, targets = inputs()
+    upstream = torch.rand(3, 7)  # per-token weights: the "none" reduction GRPO uses
+    ours_x, ours_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(ours_x, ours_w, targets, vocab_size=VOCAB, softcap=cap, chunk_elements=chunk_elements)
+    ref = reference(ref_x, ref_w, targets, cap)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert loss.dtype == torch.float32 and (loss[0, :3] == 0).all() and (loss[1] > 0).all()
+    (loss * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+    assert ours_w.grad[VOCAB:].abs().max() == 0  # padding rows never take probability
+
+
+def test_frozen_head_gets_no_gradient_and_autocast_keeps_input_dtypes():
+    x, w, targets = inputs(1)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, targets, vocab_size=VOCAB)
+        ref = reference(x, w, targets, None)  # autocast runs its matmul in bf16 too
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    loss.sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad is None
+
+
+def test_gpt_loss_equals_cross_entropy_of_its_logits():
+    cfg = get_preset("tiny", vocab_size=500, image_token_id=450, logit_softcap=4.0)[0]
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    idx = torch.randint(0, 400, (2, 12))
+    targets = torch.roll(idx, -1, dims=1)
+    targets[0, 4:6] = 450  # image placeholders are not predicted
+    loss = model(idx, targets)
+    logits = model(idx)
+    counted = targets.masked_fill(targets == 450, -1)
+    expected = F.cross_entropy(logits.reshape(-1, 500), counted.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 12) and (per_token[0, 4:6] == 0).all()
+    with pytest.raises(ValueError, match="reduction must be"):
+        model(idx, targets, reduction="avg")
