@@ -32,6 +32,7 @@ from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT, count_params, flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
+from ghostvis.plan import ac_words
 from ghostvis.train import engine as ds_engine
 from ghostvis.train.logging import H100_BF16_PEAK, mfu
 from ghostvis.train.loop import lm_loss, pipeline_step, train_step
@@ -81,7 +82,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per data-parallel replica per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (= pipeline micro-batches)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+                   help="recompute every block in backward; with N, only the first N blocks")
     p.add_argument("--compile", action="store_true", help="torch.compile inside the engine, as train.py --compile")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
@@ -139,7 +141,7 @@ def main() -> None:
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
                  f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
                  f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
-                 f"{Path(args.ds_config).stem}{', activation checkpointing' if args.activation_checkpointing else ''}, "
+                 f"{Path(args.ds_config).stem}{ac_words(args.activation_checkpointing)}, "
                  f"{'compiled' if args.compile else 'eager'}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"

@@ -31,7 +31,7 @@ class ModelConfig:
     logit_softcap: float | None = None
     image_token_id: int | None = None
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False  # True: every block; N: the first N blocks (docs/training.md)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "max_seq_len"):
@@ -53,6 +53,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"ModelConfig: logit_softcap must be positive or None, got {self.logit_softcap}")
+        self.checkpointed_blocks  # validates activation_checkpointing
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many blocks (the first ones) recompute their activations in backward."""
+        ac = self.activation_checkpointing
+        n = self.n_layer if ac is True else int(ac)
+        if not 0 <= n <= self.n_layer:
+            raise ValueError(f"activation checkpointing of {n} blocks: the model has {self.n_layer}; "
+                             f"give 0..{self.n_layer}, or the flag alone for every block")
+        return n
 
     @property
     def padded_vocab_size(self) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig, get_preset
+from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
 from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
 
@@ -48,7 +49,7 @@ class Layout:
     seq_len: int = 2048
     dtype: str = "bf16"
     offload: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False  # True: every block; N: the first N
     images_per_sample: int = 1
     reduce_bucket_size: int = 0  # elements; 0 = no gradient buckets (as without DeepSpeed)
     overlap_comm: bool = False
@@ -229,10 +230,12 @@ def llm_layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, weights_t
 
 
 def loss_bytes(cfg: ModelConfig, tokens: int, tp: int) -> int:
-    """Peak at the loss, at the start of backward: the fp32 log-probabilities, their gradient and the
-    logits' gradient (12 bytes a logit; the forward's bf16 logits + fp32 copy + log-probs are 10).
-    Measured on an H100 within 1% (docs/planner.md)."""
-    return tokens * (cfg.padded_vocab_size // tp) * 12
+    """Peak of the fused head + cross-entropy (ghostvis/model/linear_ce.py), in its backward: one chunk's
+    fp32 logits, their softmax and bf16 gradient (10 bytes a logit), the head's fp32 gradient accumulator
+    with one chunk's product (10 bytes a weight), and the hidden states' gradient."""
+    vocab = cfg.padded_vocab_size // tp
+    chunk_logits = min(tokens, max(1, CHUNK_ELEMENTS // vocab)) * vocab
+    return chunk_logits * 10 + vocab * cfg.n_embd * 10 + tokens * cfg.n_embd * 2
 
 
 def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains: bool, connector_trains: bool,
@@ -300,10 +303,10 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     train_blocks = {p.block for p in held if p.part == "block" and p.trainable}
     per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) for b in blocks]
     # kept until backward, plus the largest transient: a block recomputed (checkpointing) or the loss
-    if lay.activation_checkpointing:  # block inputs only
-        act, transient = len(blocks) * tokens * cfg.n_embd * act_bytes * in_flight, max(per_layer, default=0)
-    else:
-        act, transient = sum(per_layer) * in_flight, 0
+    ckpt = [lay.activation_checkpointing is True or b < int(lay.activation_checkpointing) for b in blocks]
+    kept = [tokens * cfg.n_embd * act_bytes if c else a for c, a in zip(ckpt, per_layer)]  # checkpointed: input only
+    act = sum(kept) * in_flight
+    transient = max((a for c, a in zip(ckpt, per_layer) if c), default=0)
     if s == lay.pp - 1:  # final norm's input and output, then the loss
         act += 2 * tokens * cfg.n_embd * act_bytes
         transient = max(transient, loss_bytes(cfg, tokens, lay.tp))
@@ -344,6 +347,9 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
         check_tp(cfg, layout.tp)
     except ValueError as err:
         raise PlanError(f"--tp {layout.tp}: {err}") from err
+    ac = layout.activation_checkpointing
+    if ac is not True and not 0 <= int(ac) <= cfg.n_layer:
+        raise PlanError(f"--activation-checkpointing {ac}: {model_name} has {cfg.n_layer} blocks; give 0..{cfg.n_layer}")
     params = parameters(model, layout.tp, stage, freeze)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
@@ -365,13 +371,20 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
 
 # ---- output --------------------------------------------------------------------------------------
 
+def ac_words(activation_checkpointing: bool | int) -> str:
+    """", activation checkpointing" (every block), ", activation checkpointing of N blocks", or nothing."""
+    if activation_checkpointing is True:
+        return ", activation checkpointing"
+    return f", activation checkpointing of {activation_checkpointing} blocks" if activation_checkpointing else ""
+
+
 def format_plan(p: Plan, gpu_mem_gib: float) -> str:
     lay = p.layout
     lines = [
         f"model {p.model}: {p.params_total:,} parameters, {p.params_trainable:,} trainable",
         f"layout: {lay.world} GPUs ({lay.nodes} node(s) × {lay.gpus}) = tp {lay.tp} × pp {lay.pp} × dp {lay.dp}, "
         f"ZeRO-{lay.zero}{' + offload' if lay.offload else ''}, {lay.dtype}, micro-batch {lay.micro_batch} × "
-        f"seq {lay.seq_len}{', activation checkpointing' if lay.activation_checkpointing else ''}",
+        f"seq {lay.seq_len}{ac_words(lay.activation_checkpointing)}",
         f"per GPU (pipeline stage {p.stage_index}, {p.params_on_gpu:,} parameters before ZeRO-3 sharding):",
     ]
     width = max(len(k) for k in [*p.gpu, *p.host])

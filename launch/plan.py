@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision")
     p.add_argument("--offload", action="store_true",
                    help="ZeRO-Offload: optimizer state (and with --zero 3 the weights) in host memory")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+                   help="recompute each block in backward; with N, only the first N blocks")
     p.add_argument("--stage", default=None, choices=sorted(STAGES),
                    help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp))")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (splits heads, KV groups, FFN, vocabulary)")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages (ZeRO <= 1 only: ds_configs/zero1.json)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward (less memory, ~1/3 more compute)")
+    g.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+                   help="recompute each block's activations in backward (less memory, ~1/3 more compute); with N, "
+                        "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py)")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per forward")

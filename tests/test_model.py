@@ -267,3 +267,33 @@ def test_matches_hugging_face_qwen2():
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
 
+
+
+def _saved_bytes_and_grads(model: GPT, idx: torch.Tensor) -> tuple[int, dict]:
+    """Bytes autograd keeps for backward over one training forward, and the gradients after it."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, torch.roll(idx, -1, dims=1))
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_of_the_first_blocks_saves_memory_not_math():
+    model = make_model(n_layer=4)
+    idx = torch.randint(0, 500, (2, 32))
+    results = {}
+    for ac in (False, 2, True):
+        model.config.activation_checkpointing = ac
+        results[ac] = _saved_bytes_and_grads(model, idx)
+    assert results[True][0] < results[2][0] < results[False][0]
+    for ac in (2, True):
+        for name, grad in results[False][1].items():
+            torch.testing.assert_close(results[ac][1][name], grad, msg=name)
+    with pytest.raises(ValueError, match="activation checkpointing of 5 blocks: the model has 4"):
+        tiny(n_layer=4, activation_checkpointing=5)

@@ -117,3 +117,8 @@ def test_layout_errors_name_the_flag(world1):
     with pytest.raises(ds_engine.ConfigError, match="--pp 2 with ZeRO stage 2.*ZeRO stage 0 or 1.*zero1.json"):
         ds_engine.check_pipeline_zero(cfg, 2, "ds_configs/zero2.json")
     ds_engine.check_pipeline_zero(cfg, 1, "ds_configs/zero2.json")  # ZeRO-2 without pipeline stages is fine
+    from ghostvis.model.pipeline import GPTPipe
+
+    tiny = get_preset("tiny")[0]
+    with pytest.raises(ValueError, match="--activation-checkpointing 2: a block count is for --pp 1"):
+        GPTPipe(tiny, None, topo.grid, None, activation_checkpointing=2)

@@ -128,6 +128,12 @@ def test_sharding_scales_with_data_parallel_size():
     ckpt = plan("vlm_7b", Layout(gpus=8, zero=3, seq_len=4096, activation_checkpointing=True), model=model)
     full = plan("vlm_7b", Layout(gpus=8, zero=3, seq_len=4096), model=model)
     assert ckpt.gpu["activations"] < full.gpu["activations"] / 2
+    # checkpointing the first N of 28 blocks lands in between, growing as N falls
+    part = [plan("vlm_7b", Layout(gpus=8, zero=3, seq_len=4096, activation_checkpointing=n), model=model)
+            for n in (24, 20)]
+    assert ckpt.gpu["activations"] < part[0].gpu["activations"] < part[1].gpu["activations"] < full.gpu["activations"]
+    with pytest.raises(PlanError, match="--activation-checkpointing 29: vlm_7b has 28 blocks"):
+        plan("vlm_7b", Layout(gpus=8, zero=3, activation_checkpointing=29), model=model)
 
 
 def test_pipeline_stages_match_deepspeed_partition():

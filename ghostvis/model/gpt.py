@@ -137,9 +137,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx, image_embeds)
         cos, sin = self.rotary(offset, T)
-        ckpt = self.config.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if ckpt else block(x, cos, sin, kv_cache)
+        training = self.training and kv_cache is None and torch.is_grad_enabled()
+        n_ckpt = self.config.checkpointed_blocks if training else 0
+        for i, block in enumerate(self.blocks):
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if i < n_ckpt else block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.head(x, targets, reduction)

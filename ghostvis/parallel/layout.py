@@ -20,7 +20,7 @@ def _llm(model: nn.Module) -> GPT:
     return model.llm if hasattr(model, "llm") else model
 
 
-def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: bool | int = False) -> nn.Module:
     """The plain GPT/VLM `model` (full weights, same on every rank) laid out for `topo`: itself at
     tp = pp = 1; its LLM swapped for a tensor-parallel GPT holding this rank's shards at tp > 1; a
     `GPTPipe` holding this stage's layers at pp > 1. The vision tower is never split: every TP rank runs
