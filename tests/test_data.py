@@ -119,6 +119,23 @@ def test_rank_split_disjoint_and_complete(shard_dir, world):
     assert all(order[i] == per_rank[i % world][i // world] for i in range(47))
 
 
+def _bytes_read() -> int:
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="byte counts from Linux /proc")
+def test_each_rank_reads_only_its_share_of_the_bytes(tmp_path, tiny_tokenizer):
+    """Other ranks' samples are seeked over, not read: I/O per rank falls with the world size."""
+    big = [np.random.default_rng(i).integers(0, 256, size=60_000) for i in range(40)]  # ~120 KB a sample
+    data = write_token_shards(tmp_path / "big", big, [20, 20], tiny_tokenizer)
+    total = sum(f.stat().st_size for f in data.glob("*.tar"))
+    before = _bytes_read()
+    got = keys(ShardStream(data, seed=0, rank=1, world_size=4, loop=False))
+    read = _bytes_read() - before
+    assert len(got) == 10
+    assert read < 0.35 * total, f"rank 1 of 4 read {read} of {total} bytes"  # was all of them: 0.998
+
+
 def test_stream_resume_exact_across_epochs(shard_dir):
     straight = keys(ShardStream(shard_dir, seed=5, rank=1, world_size=2), 60)
     for k in (0, 1, 9, 23, 24, 40):  # 23-24: around the end of epoch 0 (24 samples for rank 1)
