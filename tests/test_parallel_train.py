@@ -117,6 +117,11 @@ def test_layout_errors_name_the_flag(world1):
     with pytest.raises(ds_engine.ConfigError, match="--pp 2 with ZeRO stage 2.*ZeRO stage 0 or 1.*zero1.json"):
         ds_engine.check_pipeline_zero(cfg, 2, "ds_configs/zero2.json")
     ds_engine.check_pipeline_zero(cfg, 1, "ds_configs/zero2.json")  # ZeRO-2 without pipeline stages is fine
+    z3 = ds_engine.load_ds_config(REPO / "ds_configs" / "zero3.json")
+    with pytest.raises(ds_engine.ConfigError, match="--compile with ZeRO stage 3.*drop --compile"):
+        ds_engine.check_compile_zero(z3, True, True, "ds_configs/zero3.json")
+    ds_engine.check_compile_zero(z3, True, False, "ds_configs/zero3.json")  # a text model may try
+    ds_engine.check_compile_zero(cfg, True, True, "ds_configs/zero2.json")
     from ghostvis.model.pipeline import GPTPipe
 
     tiny = get_preset("tiny")[0]

@@ -124,6 +124,17 @@ def check_pipeline_zero(ds_config: dict[str, Any], pp: int, config_path: str | P
                           "use --ds_config ds_configs/zero1.json, or --pp 1 with ZeRO-2/3")
 
 
+def check_compile_zero(ds_config: dict[str, Any], compile_model: bool, has_vision: bool,
+                       config_path: str | Path) -> None:
+    """`engine.compile()` under ZeRO-3 fails inside torch.compile on a VLM (torch 2.11, DeepSpeed 0.19.8:
+    dynamo traces the timm encoder's partitioned, size-0 position embedding); say so before the engine."""
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if compile_model and has_vision and zero >= 3:
+        raise ConfigError(f"--compile with ZeRO stage 3 (--ds_config {config_path}) and a vision tower fails "
+                          "inside torch.compile (it traces the encoder's partitioned weights); drop --compile, or "
+                          "use ZeRO-1/2 (ds_configs/zero2.json) where the model fits")
+
+
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW created by us, so every group keeps its own lr. With optimizer offload DeepSpeed requires its

@@ -363,6 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
+    ds_engine.check_compile_zero(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
+                                 args.ds_config)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
