@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
+from ghostvis.data.prefetch import Prefetch
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.text import TokenRowLoader, bpb_sums, token_bytes
 from ghostvis.model.gpt import flops_per_token
@@ -377,6 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            tokenizer, device, eval_mode, model, getattr(args, "cached_features", False))
 
     train_data = data_builder(request("train", False))
+    if args.prefetch:
+        train_data = Prefetch(train_data, args.prefetch)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
 
     start_step, skipped, tokens_seen = 0, 0, 0
