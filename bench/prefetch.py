@@ -29,7 +29,9 @@ def run(args: argparse.Namespace, prefetch: int, out: Path) -> float:
            "--data", args.data, "--tokenizer", args.tokenizer, "--out", str(out), "--ds_config",
            str(REPO / "ds_configs" / "zero1.json"), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
            "--seq-len", "64", "--save-every", "0", "--eval-every", "0", "--prefetch", str(prefetch)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    if done.returncode:
+        sys.exit(f"launch/train.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
     rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(rates[args.skip:])
 
