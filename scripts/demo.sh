@@ -43,10 +43,15 @@ prepare_data() {
   python -m data_prep.synth --out "$DATA"
   python launch/tok_train.py --input "$DATA/text" --vocab-size 1024 --out "$TOK"
   python -m data_prep.text_shards --input "$DATA/text" --tokenizer "$TOK" --out "$OUT/tokens" --val-docs 200
-  # SFT mixes visual QA with captions-as-chat and calculator arithmetic (against forgetting); RL on the QA.
-  mkdir -p "$OUT/sft_mix"
+  # Against forgetting, the LLM's own text stays in the mix (text-tokens rows, one batch in five or
+  # eleven): vision alignment mixes captions with it; SFT mixes visual QA with captions-as-chat,
+  # calculator arithmetic and text. RL runs on the QA.
+  mkdir -p "$OUT/vp_mix" "$OUT/sft_mix"
+  echo '{"datasets": [{"dir": "../data/captions", "weight": 4}, {"dir": "../tokens", "weight": 1}]}' \
+    > "$OUT/vp_mix/mixture.json"
   echo '{"datasets": [{"dir": "../data/vqa", "weight": 8}, {"dir": "../data/capchat", "weight": 1},
-                      {"dir": "../data/arith", "weight": 1}]}' > "$OUT/sft_mix/mixture.json"
+                      {"dir": "../data/arith", "weight": 1}, {"dir": "../tokens", "weight": 1}]}' \
+    > "$OUT/sft_mix/mixture.json"
 }
 
 base() {
@@ -61,15 +66,15 @@ vision_pretrain() {
   # A fresh vlm_tiny tower on the base LLM. The encoder has no pretrained weights offline, so it trains
   # too (--encoder-lr), and so does the small LLM: captions name every colour, shape and the left-to-right
   # order, ~15 supervised tokens per image, the cheapest way on CPU to learn to look.
-  train --stage vision_pretrain --model vlm_tiny --init-from "$OUT/base" --data "$DATA/captions" \
-    --out "$OUT/vision_pretrain" --seq-len 64 --micro-batch 32 --steps 400 --warmup 10 \
+  train --stage vision_pretrain --model vlm_tiny --init-from "$OUT/base" --data "$OUT/vp_mix" \
+    --out "$OUT/vision_pretrain" --seq-len 64 --micro-batch 32 --steps 500 --warmup 10 \
     --vision-lr 3e-3 --encoder-lr 1e-3 --train-llm-layers all --llm-lr 1e-3 --embed-lr 1e-3 --head-lr 1e-3
   evaluate "$OUT/vision_pretrain" --no-report
 }
 
 sft() {
   train --stage sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft" \
-    --seq-len 96 --micro-batch 32 --steps 1200 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
+    --seq-len 96 --micro-batch 32 --steps 1320 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
   evaluate "$OUT/sft" --no-report
 }
 

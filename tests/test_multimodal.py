@@ -155,7 +155,8 @@ def _take(it, n: int) -> list[dict]:
 
 def _same(a: list[dict], b: list[dict]) -> bool:
     return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["targets"], y["targets"])
-               and torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b, strict=True))
+               and x.keys() == y.keys() and torch.equal(x.get("pixel_values", x["targets"]), y.get("pixel_values", y["targets"]))
+               for x, y in zip(a, b, strict=True))
 
 
 def test_length_grouping_and_exact_resume(synth_dir: Path, tiny_tokenizer) -> None:
@@ -243,3 +244,40 @@ def test_loop_builders_with_a_real_vlm(synth_dir: Path, tmp_path: Path, tiny_tok
     n_images = int((batch["input_ids"] == tiny_tokenizer.image_token_id).sum()) // model.num_vision_tokens
     assert batch["pixel_values"].shape[0] == n_images
     assert torch.isfinite(model(batch["input_ids"], batch["targets"], pixel_values=batch["pixel_values"]))
+
+
+def test_text_rows_mixed_into_a_stage_by_weight_and_resumed(synth_dir: Path, text_data: Path, tmp_path: Path,
+                                                              tiny_tokenizer) -> None:
+    """A text-tokens dataset in mixture.json is mixed in per batch (against forgetting), training only."""
+    from ghostvis.config import get_preset
+    from ghostvis.data.multimodal import caption_batches, conversation_batches
+    from ghostvis.model.vlm import VLM
+    from ghostvis.train.loop import DataRequest
+
+    model = VLM(*get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
+                            image_token_id=tiny_tokenizer.image_token_id))
+
+    def req(eval_mode: bool = False) -> DataRequest:
+        return DataRequest(tmp_path, "val" if eval_mode else "train", 64, 4, 0, 1, 0, tiny_tokenizer,
+                           torch.device("cpu"), eval_mode, model)
+
+    (tmp_path / "mixture.json").write_text(json.dumps(
+        {"datasets": [{"dir": str(synth_dir / "captions"), "weight": 3}, {"dir": str(text_data), "weight": 1}]}))
+    mix = caption_batches(req())
+    it = iter(mix)
+    drawn = _take(it, 200)
+    text = [b for b in drawn if "pixel_values" not in b]
+    assert 0.17 < len(text) / 200 < 0.33  # weight 1 of 4
+    row = text[0]
+    assert row["input_ids"].shape == (4, 64) and row["num_loss_tokens"] == int((row["targets"] >= 0).sum()) > 0
+    assert torch.isfinite(model(row["input_ids"], row["targets"]))  # a text-only batch through the VLM
+    state = json.loads(json.dumps(mix.state_dict()))
+    after = _take(it, 20)
+    again = caption_batches(req())
+    again.load_state_dict(state)
+    assert _same(_take(iter(again), 20), after)
+    assert all("pixel_values" in b for b in caption_batches(req(eval_mode=True)))  # validation: captions only
+
+    (tmp_path / "mixture.json").write_text(json.dumps({"datasets": [{"dir": str(text_data), "weight": 1}]}))
+    with pytest.raises(ValueError, match="every dataset is text-tokens; this stage needs at least one conversation"):
+        conversation_batches(req())

@@ -56,7 +56,9 @@ import torch
 from PIL import Image
 
 from ghostvis.data.features import FEATURES_KEY, check_features
+from ghostvis.data.manifest import read_manifest
 from ghostvis.data.shards import ShardStream
+from ghostvis.data.text import TokenRowLoader
 from ghostvis.tokenizer import Tokenizer, message_images
 from ghostvis.vision.transforms import BadImage, image_transform, load_image
 
@@ -286,19 +288,19 @@ class MixtureBatches:
     draw count, the exhausted set (non-looping sources drop out) and each source's state.
     """
 
-    def __init__(self, sources: Iterable[tuple[Any, float]], seed: int) -> None:
+    def __init__(self, sources: Iterable[tuple[Any, float]], seed: int, name: str = "mix") -> None:
         pairs = list(sources)
         self.sources = [s for s, _ in pairs]
         self.weights = [float(w) for _, w in pairs]
         if not pairs or any(w <= 0 for w in self.weights):
             raise ValueError(f"MixtureBatches needs at least one (source, weight > 0) pair, got weights {self.weights}")
-        self.seed, self.step = seed, 0
+        self.seed, self.step, self.name = seed, 0, name  # name: independent draws for nested mixtures
         self.exhausted: set[int] = set()
         self._last: int | None = None
 
     def _pick(self) -> int:
         live = [i for i in range(len(self.sources)) if i not in self.exhausted]
-        u = random.Random(f"ghostvis-mix:{self.seed}:{self.step}").random() * sum(self.weights[i] for i in live)
+        u = random.Random(f"ghostvis-{self.name}:{self.seed}:{self.step}").random() * sum(self.weights[i] for i in live)
         for i in live:
             u -= self.weights[i]
             if u < 0:
@@ -345,23 +347,70 @@ class MixtureBatches:
 MIXTURE_FILE = "mixture.json"
 
 
-def sample_source(req: Any, kind: str) -> SampleSource:
-    """The split's ShardStream, or a weighted MixtureBatches when `data_dir/mixture.json` lists datasets:
+def mixture_entries(data_dir: Path) -> list[tuple[Path, float]] | None:
+    """The datasets of `data_dir/mixture.json` with their weights, or None without that file:
     {"datasets": [{"dir": "../vqa", "weight": 3}, {"dir": "../arith", "weight": 1}]} (dirs relative to the
     file, each holding train/ and val/ like a plain data directory)."""
-    def stream(d: Path, seed: int) -> ShardStream:
-        return ShardStream(d / req.split, seed=seed, rank=req.rank, world_size=req.world_size,
-                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
-
-    spec_path = Path(req.data_dir) / MIXTURE_FILE
+    spec_path = Path(data_dir) / MIXTURE_FILE
     if not spec_path.is_file():
-        return stream(Path(req.data_dir), req.seed)
+        return None
     spec = json.loads(spec_path.read_text())
     entries = spec.get("datasets") if isinstance(spec, dict) else None
     if not entries or not all(isinstance(e, dict) and "dir" in e and "weight" in e for e in entries):
         raise ValueError(f'{spec_path}: expected {{"datasets": [{{"dir": "...", "weight": 1.0}}, ...]}}')
-    return MixtureBatches([(stream(spec_path.parent / e["dir"], req.seed + i), float(e["weight"]))
-                           for i, e in enumerate(entries)], seed=req.seed)
+    return [(spec_path.parent / e["dir"], float(e["weight"])) for e in entries]
+
+
+def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None = None) -> SampleSource:
+    """The split's ShardStream of `req.data_dir`, or a weighted MixtureBatches of the `entries` datasets
+    (default: those of `req.data_dir/mixture.json` where it exists)."""
+    def stream(d: Path, seed: int) -> ShardStream:
+        return ShardStream(d / req.split, seed=seed, rank=req.rank, world_size=req.world_size,
+                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
+
+    entries = mixture_entries(req.data_dir) if entries is None else entries
+    if entries is None:
+        return stream(Path(req.data_dir), req.seed)
+    return MixtureBatches([(stream(d, req.seed + i), w) for i, (d, w) in enumerate(entries)], seed=req.seed)
+
+
+class TextRows:
+    """Packed plain-text rows (`TokenRowLoader`) as dict batches, mixed into a multimodal stage so the LLM
+    keeps modelling the text it was pretrained on (without it, text bits per byte degrade ~10× in the demo)."""
+
+    def __init__(self, loader: TokenRowLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for x, y in self.loader:
+            yield {"input_ids": x, "targets": y, "num_tokens": x.numel(), "num_loss_tokens": int((y >= 0).sum())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any]) -> Any:
+    """`make(source)` over the stage's data; when a mixture.json lists text-tokens datasets as well, their
+    rows are mixed in per batch by weight (training only: validation measures the stage's own data)."""
+    entries = mixture_entries(req.data_dir)
+    if entries is None:
+        return make(sample_source(req, kind))
+    is_text = [read_manifest(d / req.split).kind == "text-tokens" for d, _ in entries]
+    own = [e for e, t in zip(entries, is_text) if not t]
+    if not own:
+        raise ValueError(f"{Path(req.data_dir) / MIXTURE_FILE}: every dataset is text-tokens; this stage needs "
+                         f"at least one {kind} dataset")
+    main = make(sample_source(req, kind, own))
+    text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]
+    if not text or req.eval_mode:
+        return main
+    rows = [(TextRows(TokenRowLoader(d / req.split, seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
+                                     world_size=req.world_size, seed=req.seed + i, tokenizer=req.tokenizer,
+                                     device=req.device)), w) for i, (d, w) in text]
+    return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.seed, name="text-mix")
 
 
 def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
@@ -379,14 +428,13 @@ def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
     return args
 
 
-def caption_batches(req: Any) -> CaptionBatches:
+def caption_batches(req: Any) -> CaptionBatches | MixtureBatches:
     """vision_pretrain data: `req` is a ghostvis.train.loop.DataRequest."""
-    source = sample_source(req, "image-text")
-    return CaptionBatches(source, req.tokenizer, **_batcher_args(req, source))
+    return multimodal_batches(req, "image-text", lambda source: CaptionBatches(
+        source, req.tokenizer, **_batcher_args(req, source)))
 
 
-def conversation_batches(req: Any) -> ConversationBatches:
+def conversation_batches(req: Any) -> ConversationBatches | MixtureBatches:
     """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
-    source = sample_source(req, "conversation")
-    return ConversationBatches(source, req.tokenizer, group_batches=1 if req.eval_mode else 8,
-                               **_batcher_args(req, source))
+    return multimodal_batches(req, "conversation", lambda source: ConversationBatches(
+        source, req.tokenizer, group_batches=1 if req.eval_mode else 8, **_batcher_args(req, source)))
