@@ -43,15 +43,14 @@ prepare_data() {
   python -m data_prep.synth --out "$DATA"
   python launch/tok_train.py --input "$DATA/text" --vocab-size 1024 --out "$TOK"
   python -m data_prep.text_shards --input "$DATA/text" --tokenizer "$TOK" --out "$OUT/tokens" --val-docs 200
-  # Against forgetting, the LLM's own text stays in the mix (text-tokens rows, one batch in five or
-  # eleven): vision alignment mixes captions with it; SFT mixes visual QA with captions-as-chat,
-  # calculator arithmetic and text. RL runs on the QA.
+  # Vision alignment trains the whole small LLM on captions; one batch in five is the base model's own
+  # text (text-tokens rows) so it keeps modelling language. SFT mixes visual QA with captions-as-chat and
+  # calculator arithmetic (docs/demo.md says why not text there). RL runs on the QA.
   mkdir -p "$OUT/vp_mix" "$OUT/sft_mix"
   echo '{"datasets": [{"dir": "../data/captions", "weight": 4}, {"dir": "../tokens", "weight": 1}]}' \
     > "$OUT/vp_mix/mixture.json"
   echo '{"datasets": [{"dir": "../data/vqa", "weight": 8}, {"dir": "../data/capchat", "weight": 1},
-                      {"dir": "../data/arith", "weight": 1}, {"dir": "../tokens", "weight": 1}]}' \
-    > "$OUT/sft_mix/mixture.json"
+                      {"dir": "../data/arith", "weight": 1}]}' > "$OUT/sft_mix/mixture.json"
 }
 
 base() {
@@ -74,7 +73,7 @@ vision_pretrain() {
 
 sft() {
   train --stage sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft" \
-    --seq-len 96 --micro-batch 32 --steps 1320 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
+    --seq-len 96 --micro-batch 32 --steps 1200 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
   evaluate "$OUT/sft" --no-report
 }
 

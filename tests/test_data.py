@@ -173,6 +173,14 @@ def test_corrupt_shard_skipped_and_counted(shard_dir):
     assert len(keys(s)) == 47 - lost - 6 and s.stats["by_shard"]["train-000005.tar"] == 6
 
 
+def test_gzip_compressed_shards_still_read(shard_dir):
+    """A shard gzipped under its .tar name (some tools write them) is read whole, just not seeked."""
+    path = shard_dir / "train-000001.tar"
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    s = ShardStream(shard_dir, seed=0, loop=False)
+    assert len(keys(s)) == 47 and s.stats["corrupt"] == 0
+
+
 def test_fail_past_corrupt_fraction(shard_dir):
     truncate_middle(shard_dir / "train-000002.tar")
     with pytest.raises(DataError, match=r"corrupt .*max_corrupt_fraction 1\.0%.*train-000002\.tar"):

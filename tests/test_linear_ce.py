@@ -73,3 +73,36 @@ def test_gpt_loss_equals_cross_entropy_of_its_logits():
     assert per_token.shape == (2, 12) and (per_token[0, 4:6] == 0).all()
     with pytest.raises(ValueError, match="reduction must be"):
         model(idx, targets, reduction="avg")
+
+
+def _tp_worker(rank: int, world: int, init_file: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(9, D, generator=g), torch.randn(64, D, generator=g)  # vocab 30: rank 1 holds only padding
+        targets = torch.randint(0, 30, (9,), generator=g)
+        targets[2] = -1
+        shard = w.chunk(world)[rank].clone().requires_grad_()
+        loss = linear_cross_entropy(x, shard, targets, vocab_size=30, softcap=3.0, tp_group=dist.group.WORLD,
+                                    chunk_elements=32 * 4)
+        logits = 3.0 * torch.tanh((x @ w.t())[:, :30] / 3.0)
+        ref_w = w.clone().requires_grad_()
+        ref = F.cross_entropy(3.0 * torch.tanh((x @ ref_w.t())[:, :30] / 3.0), targets, ignore_index=-1, reduction="none")
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(logits).all()
+        loss.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(shard.grad, ref_w.grad.chunk(world)[rank], rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_with_a_shard_of_only_padding(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

@@ -125,5 +125,5 @@ def test_layout_errors_name_the_flag(world1):
     from ghostvis.model.pipeline import GPTPipe
 
     tiny = get_preset("tiny")[0]
-    with pytest.raises(ValueError, match="--activation-checkpointing 2: a block count is for --pp 1"):
-        GPTPipe(tiny, None, topo.grid, None, activation_checkpointing=2)
+    with pytest.raises(ValueError, match="--activation-checkpointing 1: a block count is for --pp 1"):
+        GPTPipe(tiny, None, topo.grid, None, activation_checkpointing=1)

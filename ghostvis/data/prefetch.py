@@ -28,10 +28,13 @@ class Prefetch:
     """Wraps a batch source with `state_dict()` / `load_state_dict()` (every data builder's result)."""
 
     def __init__(self, source: Any, depth: int = 2) -> None:
+        """`depth` batches wait in the queue (one more may be built meanwhile). Iterate once: the thread
+        consumes the source, so a second pass would skip what it had read ahead."""
         if depth < 1:
             raise ValueError(f"--prefetch {depth}: give the number of batches to build ahead (>= 1), or 0 for none")
         self.source, self.depth = source, depth
         self._state: dict[str, Any] | None = None  # None: nothing taken yet, the source's own state holds
+        self._iterated = False
 
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._state) if self._state is not None else self.source.state_dict()
@@ -41,6 +44,9 @@ class Prefetch:
         self._state = None
 
     def __iter__(self) -> Iterator[Any]:
+        if self._iterated:
+            raise RuntimeError("a Prefetch is iterated once (its thread has read ahead of the loop)")
+        self._iterated = True
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 

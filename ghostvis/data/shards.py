@@ -205,7 +205,7 @@ class ShardStream:
         """(index in shard, sample) for this reader's samples at or after `self.position`.
 
         The tar is opened seekable, so only member headers and this reader's members are read: the other
-        readers' bytes are seeked over (each rank reads ~1/world of the data, not all of it). Stops quietly
+        readers' bytes of an uncompressed tar are seeked over (each rank reads ~1/world of the data, not all of it). Stops quietly
         at a read error; the caller counts what didn't arrive.
         """
         first = self.position - start
@@ -213,7 +213,7 @@ class ShardStream:
         pending: Sample | None = None
         pk = -1
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with tarfile.open(path, mode="r:*") as tar:  # compressed shards read too (streamed, not seeked)
                 for member in tar:
                     base, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
                     if base is None:

@@ -52,7 +52,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             m = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
             sum_exp = _all_reduce_((z - m.unsqueeze(-1)).exp_().sum(dim=-1), group)
             lse[s:s + chunk] = m + sum_exp.log()
-            picked = _all_reduce_(z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * in_range, group)
+            # where, not a product: a shard of only padding gathers -inf, and -inf * 0 is NaN
+            picked = _all_reduce_(torch.where(in_range.bool(), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0),
+                                  group)
             loss[s:s + chunk] = lse[s:s + chunk] - picked
         ignored = targets == IGNORE_INDEX
         ctx.save_for_backward(x, w, targets, lse)
@@ -73,8 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dz = z.sub_(lse[s:s + ctx.chunk].unsqueeze(-1)).exp_()  # softmax; padding columns are exp(-inf) = 0
             dz.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.unsqueeze(-1))
             dz.mul_(g[s:s + ctx.chunk].unsqueeze(-1))
-            if t is not None:  # d(cap·tanh(z/cap))/dz
-                dz.mul_(1.0 - t * t)
+            if t is not None:  # d(cap·tanh(z/cap))/dz, in place: no extra chunk-sized buffers
+                dz.mul_(t.square_().neg_().add_(1.0))
             dz = dz.to(w.dtype)
             if want_x:
                 grad_x[s:s + ctx.chunk] = dz @ w

@@ -123,7 +123,7 @@ class GPTPipe(PipelineModule):
     def __init__(self, config: ModelConfig, vision_cfg: VisionConfig | None, topology: ProcessTopology,
                  tp_group: dist.ProcessGroup | None, *, partition: str = "type:PipeBlock",
                  activation_checkpointing: bool | int = False, num_vision_tokens: int = 0) -> None:
-        if activation_checkpointing not in (True, False):
+        if not isinstance(activation_checkpointing, bool):  # an int N (even 1) is a block count
             raise ValueError(f"--activation-checkpointing {activation_checkpointing}: a block count is for --pp 1; "
                              "with pipeline stages give the flag alone (every block is recomputed)")
         if partition not in PARTITIONS:

@@ -30,6 +30,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     llm = _llm(model)
     config = llm.config
     config.activation_checkpointing = activation_checkpointing
+    config.checkpointed_blocks  # a block count outside 0..n_layer fails now, not at the first forward
     if not topo.model_parallel:
         return model
     prefix = "" if llm is model else LLM_PREFIX  # a VLM's LLM names start with "llm."
