@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ghostvis.config import ModelConfig, VisionConfig
@@ -124,9 +123,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, VisionConfig | None, dic
 
 def load_weights(module: torch.nn.Module, file: str | Path) -> None:
     """Copy a safetensors file into `module` (strict: missing or extra names raise, naming them)."""
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing, unexpected = module.load_state_dict(load_file(str(file)), strict=False)
     if missing or unexpected:
         raise ValueError(f"{file}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} parameters; "
                          "the file does not belong to this config")

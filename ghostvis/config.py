@@ -58,12 +58,7 @@ class ModelConfig:
     @property
     def checkpointed_blocks(self) -> int:
         """How many blocks (the first ones) recompute their activations in backward."""
-        ac = self.activation_checkpointing
-        n = self.n_layer if ac is True else int(ac)
-        if not 0 <= n <= self.n_layer:
-            raise ValueError(f"activation checkpointing of {n} blocks: the model has {self.n_layer}; "
-                             f"give 0..{self.n_layer}, or the flag alone for every block")
-        return n
+        return checkpointed_blocks(self.activation_checkpointing, self.n_layer)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -77,6 +72,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, d)
+
+
+def checkpointed_blocks(activation_checkpointing: bool | int, n_layer: int) -> int:
+    """Blocks recomputed in backward: all for True, none for False, else the first N (0..n_layer)."""
+    n = n_layer if activation_checkpointing is True else int(activation_checkpointing)
+    if not 0 <= n <= n_layer:
+        raise ValueError(f"activation checkpointing of {n} blocks: the model has {n_layer}; "
+                         f"give 0..{n_layer}, or the flag alone for every block")
+    return n
 
 
 @dataclass

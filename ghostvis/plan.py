@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ghostvis.config import ModelConfig, VisionConfig, get_preset
+from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
 from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
@@ -303,7 +303,8 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     train_blocks = {p.block for p in held if p.part == "block" and p.trainable}
     per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) for b in blocks]
     # kept until backward, plus the largest transient: a block recomputed (checkpointing) or the loss
-    ckpt = [lay.activation_checkpointing is True or b < int(lay.activation_checkpointing) for b in blocks]
+    n_ckpt = checkpointed_blocks(lay.activation_checkpointing, cfg.n_layer)
+    ckpt = [b < n_ckpt for b in blocks]
     kept = [tokens * cfg.n_embd * act_bytes if c else a for c, a in zip(ckpt, per_layer)]  # checkpointed: input only
     act = sum(kept) * in_flight
     transient = max((a for c, a in zip(ckpt, per_layer) if c), default=0)
@@ -347,9 +348,11 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
         check_tp(cfg, layout.tp)
     except ValueError as err:
         raise PlanError(f"--tp {layout.tp}: {err}") from err
-    ac = layout.activation_checkpointing
-    if ac is not True and not 0 <= int(ac) <= cfg.n_layer:
-        raise PlanError(f"--activation-checkpointing {ac}: {model_name} has {cfg.n_layer} blocks; give 0..{cfg.n_layer}")
+    try:
+        checkpointed_blocks(layout.activation_checkpointing, cfg.n_layer)
+    except ValueError:
+        raise PlanError(f"--activation-checkpointing {layout.activation_checkpointing}: {model_name} has "
+                        f"{cfg.n_layer} blocks; give 0..{cfg.n_layer}") from None
     params = parameters(model, layout.tp, stage, freeze)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):

@@ -43,6 +43,7 @@ batches already emitted from it; `load_state_dict` re-reads that group and skips
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -58,7 +59,7 @@ from PIL import Image
 from ghostvis.data.features import FEATURES_KEY, check_features
 from ghostvis.data.manifest import read_manifest
 from ghostvis.data.shards import ShardStream
-from ghostvis.data.text import TokenRowLoader
+from ghostvis.data.text import TokenRowLoader, text_batches
 from ghostvis.tokenizer import Tokenizer, message_images
 from ghostvis.vision.transforms import BadImage, image_transform, load_image
 
@@ -407,9 +408,7 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]
     if not text or req.eval_mode:
         return main
-    rows = [(TextRows(TokenRowLoader(d / req.split, seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
-                                     world_size=req.world_size, seed=req.seed + i, tokenizer=req.tokenizer,
-                                     device=req.device)), w) for i, (d, w) in text]
+    rows = [(TextRows(text_batches(dataclasses.replace(req, data_dir=d, seed=req.seed + i))), w) for i, (d, w) in text]
     return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.seed, name="text-mix")
 
 

@@ -205,8 +205,8 @@ class ShardStream:
         """(index in shard, sample) for this reader's samples at or after `self.position`.
 
         The tar is opened seekable, so only member headers and this reader's members are read: the other
-        readers' bytes of an uncompressed tar are seeked over (each rank reads ~1/world of the data, not all of it). Stops quietly
-        at a read error; the caller counts what didn't arrive.
+        readers' bytes of an uncompressed tar are seeked over (each rank reads ~1/world of the data, not
+        all of it). Stops quietly at a read error; the caller counts what didn't arrive.
         """
         first = self.position - start
         k, prev_base = -1, None  # index in the shard of the sample whose members are being read

@@ -169,6 +169,13 @@ class TokenRowLoader:
         return ids
 
 
+def text_batches(req: Any) -> TokenRowLoader:
+    """The text-tokens data builder (`req` is a ghostvis.train.loop.DataRequest): `req.data_dir/req.split`."""
+    return TokenRowLoader(req.data_dir / req.split, seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
+                          world_size=req.world_size, seed=req.seed, tokenizer=req.tokenizer, device=req.device,
+                          eval_mode=req.eval_mode)
+
+
 def token_bytes(tokenizer: Any) -> torch.Tensor:
     """Byte length of each token id (0 for special tokens), for bits per byte:
 

@@ -28,7 +28,6 @@ from ghostvis.model.parallel import (
 )
 
 
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, tp_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
 from ghostvis.data.prefetch import Prefetch
 from ghostvis.data.rl import prompt_batches
-from ghostvis.data.text import TokenRowLoader, bpb_sums, token_bytes
+from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
@@ -76,12 +76,6 @@ class LossRequest:
     dtype: str  # resolved: bf16 | fp32
     ds_config: dict[str, Any]
     initial_model: Callable[[], torch.nn.Module]  # a fresh copy of the weights training starts from
-
-
-def text_batches(req: DataRequest) -> TokenRowLoader:
-    return TokenRowLoader(req.data_dir / req.split, seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
-                          world_size=req.world_size, seed=req.seed, tokenizer=req.tokenizer, device=req.device,
-                          eval_mode=req.eval_mode)
 
 
 MODEL_INPUTS = ("pixel_values", "image_features")  # batch keys forwarded to the model
@@ -409,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
                 "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
-    byte_counts = token_bytes(tokenizer).to(device)
+    byte_counts = token_bytes(tokenizer).to(device) if val_data is not None else None
     batches = iter(train_data)
     metrics: dict[str, Any] = {}
     step = start_step
