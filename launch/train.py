@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ghostvis.model.attention import ATTENTION_CHOICES
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
@@ -89,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmdown", type=float, default=None, help="fraction of --steps decaying linearly to 0 (warmdown)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model inside the engine (ZeRO 0-2; refused with --tp/--pp > 1, and with "
+                        "ZeRO-3 and a vision tower)")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel for training on a GPU: auto takes the first of fa4, cudnn, fa3, fa2, "
+                        "sdpa_flash, expand that is installed and passes its correctness probe; a named one that "
+                        "cannot run is an error. CPU and fp32 always use expand. The run log names the kernel")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
 
     g = p.add_argument_group("rl (GRPO, ghostvis/train/grpo.py; --micro-batch counts prompts)")

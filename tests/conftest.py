@@ -220,11 +220,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node nproc script args...` from the repo root; raises with the output on failure."""
+def _child_env() -> dict[str, str]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a world
         env.pop(var, None)
+    return env
+
+
+def run_one(script: str | Path, args: list[Any], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python script args...` as one fresh process from the repo root (no inherited process group);
+    the caller checks the exit code and output."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO, env=_child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc script args...` from the repo root; raises with the output on failure."""
+    env = _child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -33,6 +33,7 @@ from ghostvis.data.multimodal import caption_batches, conversation_batches
 from ghostvis.data.prefetch import Prefetch
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
+from ghostvis.model.attention import AttentionError, select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
@@ -358,8 +359,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
-    ds_engine.check_compile_zero(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
-                                 args.ds_config)
+    ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
+                            args.ds_config, args.tp, args.pp)
+    try:
+        attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], model_cfg.head_dim)
+    except AttentionError as err:
+        raise ds_engine.ConfigError(str(err)) from None
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
@@ -395,6 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
+    log.note(f"attention: {attention.describe()}")
     warning = random_encoder_warning(args, stage, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
