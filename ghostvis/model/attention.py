@@ -66,6 +66,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention under an explicit boolean mask (True = visible), broadcastable to [B, Hq, Tq, Tk]:
+    decode over rows of different lengths. SDPA takes no native GQA with a mask, so K/V are expanded."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class CausalSelfAttention(nn.Module):
     """GQA self-attention: column-parallel q/k/v (each rank holds n_head/tp query heads and the
     n_kv_head/tp KV heads they use), optional QK-norm (Qwen3-style, before RoPE), row-parallel output."""
@@ -100,5 +109,6 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
+        y = (attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
