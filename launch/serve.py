@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-preset", choices=PRESETS, default=None,
                    help="serve a randomly initialized model of this preset instead of --ckpt (load tests)")
     p.add_argument("--random-depth", type=int, default=None, help="depth of --random-preset (depth-scaled presets)")
+    p.add_argument("--random-vision", choices=PRESETS, default=None,
+                   help="give the random model the vision tower of this preset (e.g. vlm_tiny)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and KV cache dtype")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt is not None:
         chat = load_or_exit(args)
     else:
-        chat = random_chat_model(args.random_preset, args.random_depth, args.device)
+        chat = random_chat_model(args.random_preset, args.random_depth, args.device,
+                                 vision_preset=args.random_vision)
     chat.engine.model.to(DTYPES[args.dtype])
     batcher = Batcher(chat.engine, max_batch=args.max_batch, max_queue=args.max_queue)
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else f"random-{args.random_preset}")

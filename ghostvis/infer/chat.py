@@ -188,9 +188,11 @@ def load_chat_model(ckpt: str | Path, device: str = "cpu") -> ChatModel:
     return ChatModel(Engine(model, tokenizer, device), transform, str(ckpt))
 
 
-def random_chat_model(preset: str, depth: int | None = None, device: str = "cpu", seed: int = 0) -> ChatModel:
+def random_chat_model(preset: str, depth: int | None = None, device: str = "cpu", seed: int = 0,
+                      vision_preset: str | None = None) -> ChatModel:
     """A randomly initialized model shaped like `preset` (and `depth`) with a byte-level tokenizer: a
-    stand-in for load tests where only the shape matters, needing no checkpoint."""
+    stand-in for load tests where only the shape matters, needing no checkpoint. `vision_preset` takes
+    the vision tower from another preset (the demo is `vlm_small` depth 4 with `vlm_tiny`'s tower)."""
     from ghostvis.config import get_preset
     from ghostvis.model.gpt import GPT
     from ghostvis.model.vlm import VLM
@@ -201,9 +203,13 @@ def random_chat_model(preset: str, depth: int | None = None, device: str = "cpu"
     torch.manual_seed(seed)
     cfg, vision_cfg = get_preset(preset, depth, vocab_size=tokenizer.vocab_size,
                                  image_token_id=tokenizer.image_token_id)
+    if vision_preset is not None:
+        vision_cfg = get_preset(vision_preset)[1]
+        if vision_cfg is None:
+            raise ValueError(f"preset {vision_preset!r} has no vision tower to borrow")
     model = (GPT(cfg) if vision_cfg is None else VLM(cfg, vision_cfg)).to(device).eval()
     transform = image_transform(vision_cfg) if vision_cfg is not None else None
-    return ChatModel(Engine(model, tokenizer, device), transform, f"random {preset}")
+    return ChatModel(Engine(model, tokenizer, device), transform, f"random {preset} (depth {depth})")
 
 
 def add_chat_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
