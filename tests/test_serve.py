@@ -194,8 +194,18 @@ def test_bad_input_is_400_in_openai_error_shape(server, body, param, message):
 
 
 def test_oversized_body_is_413(server):
-    status, answer, _ = post(server.base, b'{"messages": "' + b"x" * 600_000 + b'"}')
-    assert status == 413 and "--max-body-mb" in answer["error"]["message"]
+    """Refused from the declared length, before the body is read (so only the head is sent here)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 600000\r\n\r\n{")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and "--max-body-mb" in json.loads(body)["error"]["message"]
 
 
 def test_stop_strings_cut_the_reply(client):
