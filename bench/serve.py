@@ -41,11 +41,12 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    rows = max(args.levels + ([8] if args.rss else []))  # every client gets a row: nobody is refused
     model = ["--ckpt", args.ckpt] if args.ckpt else ["--random-preset", args.preset] + (
         ["--random-depth", str(args.random_depth)] if args.random_depth else []) + (
         ["--random-vision", args.vision] if args.vision else [])
     cmd = [sys.executable, str(REPO / "launch" / "serve.py"), *model, "--port", str(port), "--device", args.device,
-           "--dtype", args.dtype, "--max-batch", str(max(args.levels)), "--max-queue", str(max(args.levels)),
+           "--dtype", args.dtype, "--max-batch", str(rows), "--max-queue", str(rows),
            "--temperature", "0", "--max-new-tokens", str(args.max_tokens), "--request-timeout", str(args.timeout)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
@@ -124,6 +125,19 @@ def run_level(port: int, n: int, args: argparse.Namespace, image: str | None) ->
             "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else float("nan")}
 
 
+def rss_growth(port: int, args: argparse.Namespace, image: str | None) -> list[tuple[int, int]]:
+    """The server's RSS after the first and the last of args.rss = (FIRST, LAST) short chats."""
+    out, sent = [], 0
+    with ThreadPoolExecutor(8) as pool:
+        for target in args.rss:
+            results = list(pool.map(lambda i: chat(port, i, image, 16, args.timeout), range(sent, target)))
+            if not all(ok for ok, _, _ in results):
+                sys.exit(f"{sum(not ok for ok, _, _ in results)} of the memory-check chats failed")
+            sent = target
+            out.append((target, health(port)["rss_bytes"]))
+    return out
+
+
 def machine(args: argparse.Namespace) -> str:
     if args.device.startswith("cuda"):
         import torch
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="longest reply")
     p.add_argument("--no-image", action="store_true", help="text-only chats")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one chat may take")
+    p.add_argument("--rss", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="also send LAST chats (8 at a time, 16 tokens) and compare the server's RSS after FIRST and LAST")
     p.add_argument("--append", action="store_true", help="append the table to --out")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = p.parse_args(argv)
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         image = png_data_url() if info["vision"] and not args.no_image else None
         run_level(port, 1, argparse.Namespace(**{**vars(args), "per_client": 1}), image)  # warm-up
         rows = [run_level(port, n, args, image) for n in sorted(set(args.levels))]
+        memory = rss_growth(port, args, image) if args.rss else None
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -174,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['level']} | {r['requests']} | {r['errors']} | {r['tok_s']:,.1f} | "
                      f"{r['tok_s'] / base['tok_s']:.2f} | {r['p50']:.2f} s | {r['p50'] / base['p50']:.2f} | "
                      f"{r['p95']:.2f} s | {r['p95'] / base['p95']:.2f} |")
+    if memory is not None:
+        (first, rss_first), (last, rss_last) = memory
+        lines += ["", f"Server RSS after {first} chats: {rss_first / 2**20:,.0f} MiB; after {last}: "
+                  f"{rss_last / 2**20:,.0f} MiB ({(rss_last / rss_first - 1) * 100:+.1f}%)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.append:

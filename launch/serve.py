@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV-cache positions per request, prompt + reply (default: the model's context); the cache "
+                        "holds --max-batch x --max-context positions, so lower this for long-context models")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row (503 beyond)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take, queue included (504)")
     p.add_argument("--image-root", type=Path, default=None,
@@ -50,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --ckpt DIR (a checkpoint) or --random-preset NAME (a random model for load tests)")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
+    if args.max_context is not None and args.max_context < 2:
+        p.error(f"--max-context must be >= 2, got {args.max_context}")
     for flag in ("max_batch", "request_timeout", "max_body_mb", "max_image_mb"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         chat = random_chat_model(args.random_preset, args.random_depth, args.device,
                                  vision_preset=args.random_vision)
     chat.engine.model.to(DTYPES[args.dtype])
-    batcher = Batcher(chat.engine, max_batch=args.max_batch, max_queue=args.max_queue)
+    batcher = Batcher(chat.engine, max_batch=args.max_batch, max_queue=args.max_queue, cache_len=args.max_context)
     name = args.model_name or (Path(args.ckpt).resolve().name if args.ckpt else f"random-{args.random_preset}")
     app = create_app(chat, batcher, model_name=name, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -41,10 +41,10 @@ def user_message(text: str, n_images: int = 0) -> dict[str, Any]:
 
 
 def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torch.Tensor],
-               reply_tokens: int) -> tuple[list[int], list[torch.Tensor], int]:
+               reply_tokens: int, context: int | None = None) -> tuple[list[int], list[torch.Tensor], int]:
     """Prompt ids and images for `messages` ([system], then user/assistant pairs, ending with a user
     turn), dropping the oldest pairs (with their images) until the prompt leaves `reply_tokens` of
-    context. A system message is kept. Every message is tokenized about once, so this is linear in
+    context (`context` positions, default the model's). A system message is kept. Every message is tokenized about once, so this is linear in
     the request.
 
     Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
@@ -54,7 +54,8 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
         raise ValueError(f"the conversation has {sum(message_images(m) for m in messages)} image parts "
                          f"but {len(images)} images were given")
     tok, n_vis = engine.tokenizer, engine.num_vision_tokens
-    budget = engine.max_seq_len - min(reply_tokens, engine.max_seq_len // 2)
+    context = engine.max_seq_len if context is None else context
+    budget = context - min(reply_tokens, context // 2)
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
     turns = messages[len(system):]
     if len(turns) % 2 == 0:
@@ -74,8 +75,8 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
             break
         if first == len(pair_cost):
             raise ContextTooLong(
-                f"the message is {len(ids)} tokens long but the model's context holds {engine.max_seq_len} "
-                f"with {engine.max_seq_len - budget} kept for the reply; send a shorter message or fewer images"
+                f"the message is {len(ids)} tokens long but the context holds {context} "
+                f"with {context - budget} kept for the reply; send a shorter message or fewer images"
             )
         first += 1
     head = sum(message_images(m) for m in system)

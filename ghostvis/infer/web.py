@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +32,6 @@ from ghostvis.infer.chat import ChatModel, ContextTooLong, ReplyStream, fit_prom
 from ghostvis.infer.openai_api import (APIError, ChatRequest, Completion, StopText, load_images, parse_chat_request,
                                        parse_json)
 
-log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER_S = 1
 
@@ -52,6 +51,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for watching memory under load."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -65,7 +72,7 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     app = FastAPI(title="GhostVis", docs_url=None, redoc_url=None)
     engine = chat.engine
     root = image_root.resolve() if image_root is not None else None
-    max_images = engine.max_seq_len // engine.num_vision_tokens if engine.num_vision_tokens else 0
+    max_images = batcher.cache_len // engine.num_vision_tokens if engine.num_vision_tokens else 0
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -78,7 +85,8 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "checkpoint": chat.ckpt, "vision": chat.transform is not None,
-                "max_seq_len": engine.max_seq_len, "max_body_bytes": max_body_bytes, **batcher.load()}
+                "max_seq_len": engine.max_seq_len, "max_context": batcher.cache_len, "max_body_bytes": max_body_bytes, "rss_bytes": rss_bytes(),
+                **batcher.load()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -88,7 +96,7 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
         """Images decoded and the prompt fitted: blocking work, run in a worker thread."""
         images = load_images(req, chat.preprocess, root, max_image_bytes, max_images)
         try:
-            ids, images, _ = fit_prompt(engine, req.messages, images, req.max_tokens)
+            ids, images, _ = fit_prompt(engine, req.messages, images, req.max_tokens, batcher.cache_len)
         except ContextTooLong as e:
             raise APIError(400, str(e), "messages") from None
         except ValueError as e:  # the tokenizer refused the conversation
@@ -137,7 +145,7 @@ class Reply:
         while True:
             try:
                 update: Update = await asyncio.wait_for(self.updates.get(), None if request is None else 1.0)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                 if await request.is_disconnected():
                     self.gen.cancelled = True
                     return
