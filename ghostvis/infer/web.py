@@ -118,7 +118,7 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e}; retry later", type="server_busy",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        reply = Reply(engine, req, gen, updates, len(ids), Completion(model_name))
+        reply = APIReply(engine, req, gen, updates, len(ids), Completion(model_name))
         if req.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -130,7 +130,7 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     return app
 
 
-class Reply:
+class APIReply:
     """One request's updates turned into text (tool calls displayed as in the chat), stop strings applied."""
 
     def __init__(self, engine: Any, req: ChatRequest, gen: Generation, updates: asyncio.Queue, prompt_tokens: int,
