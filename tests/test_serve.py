@@ -3,6 +3,7 @@ continuous batching, bad input (400 in OpenAI's error shape, 413), disconnects, 
 SIGTERM. A tiny random VLM (context 256, 16 vision tokens per image) and greedy decoding."""
 
 import base64
+import contextlib
 import io
 import json
 import random
@@ -257,8 +258,10 @@ def test_disconnects_free_their_rows(server, client):
     assert json.loads(urllib.request.urlopen(server.base + "/health").read())["running"] == 0
 
 
-def test_full_queue_is_503_with_retry_after(ckpt):
-    """In process, with the batcher not yet started, so the queue's state is exact (no timing)."""
+@contextlib.contextmanager
+def held_server(ckpt, max_queue: int, **app_kw):
+    """The app in this process with its batcher not yet started, so what waits in the queue is exact
+    (no timing); yields (openai client, batcher). The caller may start the batcher."""
     import uvicorn
 
     from ghostvis.infer.batching import Batcher
@@ -266,31 +269,44 @@ def test_full_queue_is_503_with_retry_after(ckpt):
     from ghostvis.infer.web import create_app
 
     chat = load_chat_model(ckpt)
-    batcher = Batcher(chat.engine, max_batch=1, max_queue=1)
-    app = create_app(chat, batcher, model_name="tiny", max_tokens=MAX_TOKENS, temperature=0.0)
+    batcher = Batcher(chat.engine, max_batch=1, max_queue=max_queue)
+    app = create_app(chat, batcher, model_name="tiny", max_tokens=MAX_TOKENS, temperature=0.0, **app_kw)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(complete, client, user("first"))
-            while batcher.load()["waiting"] < 1:  # the first request is queued (nothing runs yet)
-                time.sleep(0.02)
-            with pytest.raises(openai.APIStatusError) as busy:
-                complete(client, user("second"))
-            assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "1"
-            assert "busy" in busy.value.body["message"]
-            batcher.start()
-            assert first.result().choices[0].message.content is not None
-        assert complete(client, user("third")).choices[0].finish_reason in ("stop", "length")
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60), batcher
     finally:
         batcher.stop()
         srv.should_exit = True
         thread.join(30)
+
+
+def test_full_queue_is_503_with_retry_after(ckpt):
+    with held_server(ckpt, max_queue=1) as (client, batcher), ThreadPoolExecutor(1) as pool:
+        first = pool.submit(complete, client, user("first"))
+        while batcher.load()["waiting"] < 1:  # the first request is queued (nothing runs yet)
+            time.sleep(0.02)
+        with pytest.raises(openai.APIStatusError) as busy:
+            complete(client, user("second"))
+        assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "1"
+        assert "busy" in busy.value.body["message"]
+        batcher.start()
+        assert first.result().choices[0].message.content is not None
+        assert complete(client, user("third")).choices[0].finish_reason in ("stop", "length")
+
+
+def test_request_timeout_is_504(ckpt):
+    with held_server(ckpt, max_queue=4, request_timeout=0.5) as (client, batcher):
+        with pytest.raises(openai.APIStatusError) as late:  # nothing runs: the request can only time out
+            complete(client, user("anyone there?"))
+        assert late.value.status_code == 504 and "--request-timeout" in late.value.body["message"]
+        text_chunks = complete(client, user("anyone there?"), stream=True)
+        with pytest.raises(openai.APIError, match="--request-timeout"):
+            list(text_chunks)
 
 
 def test_sigterm_ends_streams_cleanly_and_exits(server):

@@ -108,6 +108,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue:  # requests whose clients left hold no place
+                self._queue = deque(r for r in self._queue if not r.cancelled)
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting already (the queue holds {self.max_queue})")
             self._queue.append(request)

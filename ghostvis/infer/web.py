@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,7 +73,8 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     app = FastAPI(title="GhostVis", docs_url=None, redoc_url=None)
     engine = chat.engine
     root = image_root.resolve() if image_root is not None else None
-    max_images = batcher.cache_len // engine.num_vision_tokens if engine.num_vision_tokens else 0
+    # a text-only model takes any count here, so that decoding the first image says why it cannot
+    max_images = batcher.cache_len // engine.num_vision_tokens if engine.num_vision_tokens else sys.maxsize
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -143,10 +145,15 @@ class APIReply:
         """(text, finish) pairs; the last has the finish reason. Raises APIError for timeout / shutdown /
         error. Given the `request` (non-streaming), ends early when its client disconnects."""
         while True:
-            try:
-                update: Update = await asyncio.wait_for(self.updates.get(), None if request is None else 1.0)
+            remaining = self.gen.deadline - time.monotonic()
+            try:  # the deadline holds here too, for a request still waiting in the queue
+                update: Update = await asyncio.wait_for(self.updates.get(),
+                                                        max(0.0, remaining if request is None else min(1.0, remaining)))
             except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
-                if await request.is_disconnected():
+                if time.monotonic() >= self.gen.deadline:
+                    self.gen.cancelled = True
+                    raise APIError(504, "the request ran past the server's --request-timeout", type="timeout") from None
+                if request is not None and await request.is_disconnected():
                     self.gen.cancelled = True
                     return
                 continue
