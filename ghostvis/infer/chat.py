@@ -44,8 +44,8 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
                reply_tokens: int, context: int | None = None) -> tuple[list[int], list[torch.Tensor], int]:
     """Prompt ids and images for `messages` ([system], then user/assistant pairs, ending with a user
     turn), dropping the oldest pairs (with their images) until the prompt leaves `reply_tokens` of
-    context (`context` positions, default the model's). A system message is kept. Every message is tokenized about once, so this is linear in
-    the request.
+    context (`context` positions, default the model's). A system message is kept. Every message is
+    tokenized about once, so this is linear in the request.
 
     Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
     user message alone does not fit.

@@ -104,10 +104,12 @@ def _messages(raw: Any) -> tuple[list[dict[str, Any]], list[str]]:
             raise APIError(400, f"{where}.role must be 'system', 'user' or 'assistant', got {role!r:.40}",
                            f"{where}.role")
         role = "system" if role == "developer" else role
-        expected = "system" if i == 0 and role == "system" else ("user", "assistant")[(len(messages) - _has_system(messages)) % 2]
+        turn = len(messages) - _has_system(messages)  # user turns are even, assistant turns odd
+        expected = "system" if i == 0 and role == "system" else ("user", "assistant")[turn % 2]
         if role != expected:
             raise APIError(400, f"{where}: a {role} message here is out of order; messages are an optional system "
-                           "message, then user and assistant turns alternating, ending with a user turn", f"{where}.role")
+                           "message, then user and assistant turns alternating, ending with a user turn",
+                           f"{where}.role")
         parts = _content(m.get("content"), role, where, urls)
         messages.append({"role": role, "content": parts})
     if messages[-1]["role"] != "user":

@@ -87,8 +87,8 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "checkpoint": chat.ckpt, "vision": chat.transform is not None,
-                "max_seq_len": engine.max_seq_len, "max_context": batcher.cache_len, "max_body_bytes": max_body_bytes, "rss_bytes": rss_bytes(),
-                **batcher.load()}
+                "max_seq_len": engine.max_seq_len, "max_context": batcher.cache_len, "max_body_bytes": max_body_bytes,
+                "rss_bytes": rss_bytes(), **batcher.load()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -110,5 +110,6 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
-        y = (attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)

@@ -136,7 +136,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx, image_embeds)
         rows = getattr(kv_cache, "positions", None)  # a RaggedKVCache: each row at its own position
-        cos, sin = self.rotary(offset, T) if rows is None else self.rotary.at(rows + torch.arange(T, device=idx.device))
+        if rows is None:
+            cos, sin = self.rotary(offset, T)
+        else:
+            cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.config.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
