@@ -12,6 +12,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -103,6 +104,12 @@ def tiny_checkpoint(out_dir: str | Path, vision: bool = True) -> str:
 
     export(tiny_vlm() if vision else tiny_gpt(), out_dir, tokenizer=TOK)
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One exported tiny VLM checkpoint for the whole session (an export costs a DeepSpeed import)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_vlm_ckpt"))
 
 
 def bigram_gpt(chain: list[int]) -> Any:
@@ -244,3 +251,39 @@ def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: floa
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+# ---- the server (launch/serve.py) in a subprocess ------------------------------------------------------
+
+class ServerProcess:
+    """launch/serve.py running on a free port; `base` is its URL."""
+
+    def __init__(self, script: str, ckpt: str, *flags: str) -> None:
+        import urllib.request
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / script), "--ckpt", ckpt, "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        deadline = time.monotonic() + 120  # readiness wait for the model to load, not a timing assertion
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{script} exited early:\n{self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"{script} did not answer /health:\n{self.proc.stdout.read()}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

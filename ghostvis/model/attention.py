@@ -200,14 +200,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _selected[1](q, k, v)
     if q_len == kv_len:
         return _expand(q, k, v)
+    # SDPA's is_causal is top-left aligned when Tq != Tk, so spell the offset mask out (decode needs none)
+    offset = kv_len - q_len
+    mask = None if q_len == 1 else (
+        torch.arange(kv_len, device=q.device) <= (torch.arange(q_len, device=q.device) + offset).unsqueeze(-1))
+    return attend_masked(q, k, v, mask)
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention under an explicit boolean mask (True = visible; None = all), broadcastable to
+    [B, Hq, Tq, Tk]: chunked prefill, and decode over rows of different lengths. SDPA has no native GQA
+    with a mask, so K/V are expanded."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if q_len == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    # SDPA's is_causal is top-left aligned when Tq != Tk, so spell the offset mask out
-    offset = kv_len - q_len
-    mask = torch.arange(kv_len, device=q.device) <= (torch.arange(q_len, device=q.device) + offset).unsqueeze(-1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -245,5 +251,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
+        y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
