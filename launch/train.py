@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
-    g.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="training batches built ahead in a background thread, overlapping the step (0 = none)")
+    g.add_argument("--data-workers", type=int, default=None, metavar="N",
+                   help="processes building training batches (decode, resize, tokenize) ahead of the step, each on "
+                        "its own share of the samples; 0 = in the training process; a checkpoint resumes with the "
+                        "same N (default: min(4, CPU cores per rank - 1); docs/data.md)")
     g.add_argument("--cached-features", action="store_true",
                    help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
