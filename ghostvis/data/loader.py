@@ -80,7 +80,8 @@ class WorkerBatches:
         self._next = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shares": self.shares, "next": self._next, "states": copy.deepcopy(self._states)}
+        return {"shares": self.shares, "next": self._next, "states": copy.deepcopy(self._states),
+                "stats": copy.deepcopy(self._stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("shares", 1)
@@ -88,8 +89,9 @@ class WorkerBatches:
             raise DataError(f"the checkpoint's data position was saved with --data-workers {saved} (each worker "
                             f"reads its own share of the samples); resume with --data-workers {saved}")
         if "shares" not in state:  # a batcher's own state, saved before worker shares existed
-            state = {"shares": 1, "next": 0, "states": [state]}
-        self._states, self._next = copy.deepcopy(state["states"]), int(state["next"])
+            state = {"shares": 1, "next": 0, "states": [state], "stats": [None]}
+        self._states, self._stats = copy.deepcopy(state["states"]), copy.deepcopy(state["stats"])
+        self._next = int(state["next"])
 
     @property
     def stats(self) -> dict[str, Any]:
