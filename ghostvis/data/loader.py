@@ -74,6 +74,9 @@ class WorkerBatches:
             raise ValueError(f"--data-workers {workers}: give the number of worker processes (0 = build batches "
                              "in the training process)")
         self.build, self.req, self.workers, self.device = build, req, workers, torch.device(device)
+        # built once here (cheap: manifests, no samples read) so a bad data directory or a refused mixture
+        # fails in the training process before any worker starts
+        build(dataclasses.replace(req, device=torch.device("cpu")))
         self.shares = max(workers, 1)
         self._states: list[Any] = [None] * self.shares  # None: the share has not given the loop a batch yet
         self._stats: list[Any] = [None] * self.shares
