@@ -79,6 +79,9 @@ def test_worker_shares_order_and_exact_resume(synth_dir, tiny_tokenizer, vlm, wo
     other = WorkerBatches(caption_batches, req, 3, CPU)
     with pytest.raises(DataError, match=f"resume with --data-workers {shares}"):
         other.load_state_dict(state)
+    default = WorkerBatches(caption_batches, req, None, CPU)  # no --data-workers: the checkpoint's number
+    default.load_state_dict(state)
+    assert default.shares == shares and all(same(a, b) for a, b in zip(expected, take(iter(default), 5)))
 
 
 def png(colour: tuple[int, int, int]) -> bytes:

@@ -10,7 +10,7 @@ batches in the training process itself, in the same order as N = 1.
 Exact resume. Every batch travels with its worker's state right after it. The loader's state is, per
 worker, the state of the last batch the *loop* took, plus which worker is next: batches the workers had
 built ahead are built again after a resume. A checkpoint resumes with the same N (another N splits the
-samples differently and is refused).
+samples differently and is refused; without --data-workers, the checkpoint's N is taken).
 
 Corrupt samples. Each worker's streams count their own and enforce the corrupt-fraction limit (the
 worker's DataError is raised in the loop); `stats` sums the counts of every worker as of its last batch
@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ghostvis.data.manifest import DataError
 
-MAX_DEFAULT_WORKERS = 4
+MAX_DEFAULT_WORKERS = 8  # ~5 ms per image on one core (docs/data.md): 8 workers make ~1,700 images/s
 
 
 def default_workers() -> int:
-    """min(4, this rank's share of the CPU cores minus one for the training process itself)."""
+    """min(8, this rank's share of the CPU cores minus one for the training process itself)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(MAX_DEFAULT_WORKERS, per_rank - 1))
@@ -69,7 +69,10 @@ class WorkerBatches:
     """The training batches of `build(req)` from `workers` processes; `state_dict()` / `load_state_dict()`
     give the loop's position (module docstring). Iterate once per run."""
 
-    def __init__(self, build: Callable[[Any], Any], req: Any, workers: int, device: torch.device) -> None:
+    def __init__(self, build: Callable[[Any], Any], req: Any, workers: int | None, device: torch.device) -> None:
+        """`workers` None: `default_workers()`, and a resume takes the checkpoint's number instead."""
+        self.adopt = workers is None
+        workers = default_workers() if workers is None else workers
         if workers < 0:
             raise ValueError(f"--data-workers {workers}: give the number of worker processes (0 = build batches "
                              "in the training process)")
@@ -88,6 +91,8 @@ class WorkerBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("shares", 1)
+        if saved != self.shares and self.adopt:  # the default differs between machines; the split must not
+            self.workers = self.shares = saved
         if saved != self.shares:
             raise DataError(f"the checkpoint's data position was saved with --data-workers {saved} (each worker "
                             f"reads its own share of the samples); resume with --data-workers {saved}")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
-from ghostvis.data.loader import WorkerBatches, default_workers
+from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.gpt import flops_per_token
@@ -395,8 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
                            tokenizer, device, eval_mode, model, getattr(args, "cached_features", False))
 
-    workers = default_workers() if getattr(args, "data_workers", None) is None else args.data_workers
-    train_data = WorkerBatches(data_builder, request("train", False), workers, device)
+    train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
 
     start_step, skipped, tokens_seen = 0, 0, 0
