@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         "sft": ["--stage", "sft", "--init-from", out / "vision_pretrain", "--data", paths["sft_mix"],
                 "--seq-len", size["seq_len"]],
     }
+    for name, extra in (("base", args.base_args), ("vision_pretrain", args.vp_args), ("sft", args.sft_args)):
+        stages[name] += shlex.split(extra)
     results = {}
     for name, flags in stages.items():
         run_dir = out / name
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
     p.add_argument("--data-workers", type=int, default=None, help="launch/train.py --data-workers (default: its own)")
     p.add_argument("--ds-config", default="zero1.json", help="a file of ds_configs/")
+    p.add_argument("--base-args", default="", help="more launch/train.py flags for base (one string)")
+    p.add_argument("--vp-args", default="", help="... for vision_pretrain, e.g. \"--encoder-lr 1e-3\" (the stage "
+                   "defaults keep the encoder frozen, and offline it has random weights: docs/demo.md)")
+    p.add_argument("--sft-args", default="", help="... for sft")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     results, vqa = run(args)

@@ -5,7 +5,8 @@ yield dict batches:
 
     input_ids     [B, T] long   right-padded with <|pad|> to the longest row (T <= max_len)
     targets       [B, T] long   targets[b, t] = input_ids[b, t + 1] where that token carries loss, else -1
-    pixel_values  [N, 3, H, W]  every image of the batch in order of appearance (N may be 0)
+    pixel_values  [N, 3, H, W]  uint8, every image of the batch in order of appearance (N may be 0; the
+                                encoder normalises them on its device)
     image_features [N, P, d]    instead of pixel_values when `use_features=True` (cached encoder output)
     num_tokens    int           real (non-padding) input tokens, for throughput
     num_loss_tokens int         targets != -1, for loss normalisation across micro-batches
