@@ -31,6 +31,14 @@ def _layers(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    """--data-workers: a process count, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of worker processes (0 = build batches in the "
+                                         "training process)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="base", choices=sorted(STAGES), help="what to train (ghostvis/train/stages.py)")
@@ -47,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
-    g.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="training batches built ahead in a background thread, overlapping the step (0 = none)")
+    g.add_argument("--data-workers", type=_workers, default=None, metavar="N",
+                   help="processes building training batches (decode, resize, tokenize) ahead of the step, each on "
+                        "its own share of the samples; 0 = in the training process; a checkpoint resumes with the "
+                        "same N (default: the checkpoint's, else min(8, CPU cores per rank - 1); docs/data.md)")
     g.add_argument("--cached-features", action="store_true",
                    help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")

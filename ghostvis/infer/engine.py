@@ -185,8 +185,7 @@ class Engine:
         pixels = [im for row in images for im in row]
         image_embeds = None
         if pixels:
-            dtype = next(self.vision.parameters()).dtype
-            image_embeds = self.vision(torch.stack(pixels).to(self.device, dtype))
+            image_embeds = self.vision(torch.stack(pixels).to(self.device))  # the encoder casts (and normalises uint8)
         return self.llm(idx, image_embeds=image_embeds, kv_cache=cache)[:, -1, :]
 
     def _generate_group(self, rows: list[int], prompts: list[list[int]], images: list[list[torch.Tensor]],
