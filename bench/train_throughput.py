@@ -290,7 +290,8 @@ def main() -> None:
     _, _, device = ds_engine.init_distributed()
     on_gpu = device.type == "cuda"
     dtype = "bf16" if on_gpu else "fp32"
-    choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32)
+    choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
+                              get_preset(args.model, args.depth, max_seq_len=args.seq_len)[0].head_dim)
     args.attention_used = choice.kernel
     print(f"attention: {choice.describe()}", flush=True)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"

@@ -12,7 +12,7 @@ this measures the model, not the data loader (bench/pipeline.py measures the who
 Learning is checked on the same steps (bench/learning.py): every mode's loss must fall (5% for text,
 1% for the connector-only modes, whose frozen LLM limits how far a caption's loss can move), the vision
 modes start from the same connector weights, and cached must track live. A mode that fails prints
-FAILED and is not recorded.
+FAILED and its row says FAILED in place of its numbers.
 
     python bench/vision_throughput.py                 # H100: CLIP ViT-L/14-336 + qwen25_0.5b shape
     python bench/vision_throughput.py --smoke         # CPU: tiny shapes, checks the script runs

@@ -16,7 +16,6 @@ def test_learnable_batches_are_deterministic_shifted_and_learnable():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert torch.equal(xa[:, 1:], ya[:, :-1])  # targets are the inputs shifted by one
         assert int(xa.max()) < 250  # a quarter of the vocabulary: the unigram part is learnable at once
-        assert torch.equal(xa[:, :10], xa[:, 64:74] if xa.shape[1] > 74 else xa[:, :10])
     x, _ = next(learnable_batches(1000, 2, 200, "cpu"))
     assert torch.equal(x[:, :64], x[:, 64:128])  # each row repeats its segment
 

@@ -330,3 +330,12 @@ def test_sigterm_ends_streams_cleanly_and_exits(server):
     # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is -SIGTERM
     assert server.proc.wait(timeout=15) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.proc.stdout.read()
+
+
+@pytest.mark.parametrize("url", ["a\x00b.png", "x" * 5000 + ".png", "../outside.png", "missing.png"])
+def test_image_paths_that_cannot_be_read_are_400_not_500(tmp_path, url):
+    from ghostvis.infer.openai_api import APIError, image_bytes
+
+    with pytest.raises(APIError) as err:
+        image_bytes(url, tmp_path.resolve(), 1 << 20, "image 0")
+    assert err.value.status == 400 and err.value.param == "image 0"

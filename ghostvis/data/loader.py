@@ -39,7 +39,9 @@ MAX_DEFAULT_WORKERS = 8  # ~5 ms per image on one core (docs/data.md): 8 workers
 def default_workers() -> int:
     """min(8, this rank's share of the CPU cores minus one for the training process itself)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    per_rank = cores // max(1, int(local))
     return max(0, min(MAX_DEFAULT_WORKERS, per_rank - 1))
 
 

@@ -140,7 +140,8 @@ class _Batcher:
                 raise ValueError("a batch without images in use_features mode needs feature_shape="
                                  "(num_patches, dim) to build its empty image_features tensor")
             # the transform's output shape, from a dummy image
-            self._empty = torch.zeros((0, *self.transform(Image.new("RGB", (8, 8))).shape))
+            pixels = self.transform(Image.new("RGB", (8, 8)))
+            self._empty = torch.zeros((0, *pixels.shape), dtype=pixels.dtype)
         return self._empty
 
     # ---- rows and batches ------------------------------------------------------------------------

@@ -157,7 +157,9 @@ class Batcher:
         try:
             one = KVCache.for_model(self.engine.llm.config, 1, len(request.prompt), dtype=self.dtype,
                                     device=self.engine.device)
-            logits = self.engine.prefill([request.prompt], [request.images], one)[0]
+            # the last position only, copied: a view would keep the whole [T, vocab] prefill logits alive
+            # until the row's first decode step, for every request admitted in one round
+            logits = self.engine.prefill([request.prompt], [request.images], one)[0].clone()
             self.cache.put_row(len(self._rows), one)
         except Exception as e:
             log.exception("prefill failed")

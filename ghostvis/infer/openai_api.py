@@ -189,12 +189,16 @@ def image_bytes(url: str, image_root: Path | None, max_bytes: int, param: str) -
     if image_root is None:
         raise APIError(400, "image paths are refused: the server was started without --image-root; "
                        "send the image as a data:image/...;base64 URL", param)
-    path = (image_root / url.removeprefix("file://")).resolve()
-    if not path.is_relative_to(image_root) or not path.is_file():
-        raise APIError(400, f"{url!r:.200} is not a file under the server's --image-root", param)
-    if path.stat().st_size > max_bytes:
-        raise APIError(400, f"{url!r:.200} is over the image limit of {max_bytes} bytes", param)
-    return path.read_bytes()
+    try:  # a NUL byte, an over-long name or an unreadable file is the client's problem, not a 500
+        path = (image_root / url.removeprefix("file://")).resolve()
+        if not path.is_relative_to(image_root) or not path.is_file():
+            raise APIError(400, f"{url!r:.200} is not a file under the server's --image-root", param)
+        if path.stat().st_size > max_bytes:
+            raise APIError(400, f"{url!r:.200} is over the image limit of {max_bytes} bytes", param)
+        return path.read_bytes()
+    except (OSError, ValueError) as e:
+        raise APIError(400, f"{url!r:.200} cannot be read under the server's --image-root "
+                       f"({type(e).__name__})", param) from None
 
 
 def load_images(request: ChatRequest, preprocess: Any, image_root: Path | None, max_bytes: int,

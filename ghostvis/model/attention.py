@@ -6,9 +6,9 @@ imports and passes a forward + backward probe against SDPA's math backend in fp3
 
     fa4 (flash-attn-4, CuTe DSL)  >  cudnn (SDPA, native GQA)  >  fa3  >  fa2  >  sdpa_flash  >  expand
 
-The order is what one H200 measured (`bench/attention.py`, BENCHMARKS.md): cuDNN ran 1.7-1.9x SDPA's
-flash backend, flash-attn-4 about 1.1x cuDNN; SDPA's flash backend has no native GQA path in the
-backward that matches cuDNN's. A kernel asked for by name that is missing or fails its probe is an
+The order follows one H200's measurements (torch 2.11, causal GQA, D=128, fwd+bwd): cuDNN ran 1.7-1.9x
+SDPA's flash backend; flash-attn-4 is put first as the Hopper-tuned kernel, expected above cuDNN.
+`bench/attention.py` re-measures every installed kernel on a card; change AUTO_ORDER if it disagrees. A kernel asked for by name that is missing or fails its probe is an
 error, never a silent slower fallback. `expand` (K/V heads repeated, then SDPA with any backend) is
 correct everywhere and is the only choice on CPU and in fp32: `enable_gqa` there silently falls back to
 the slow math kernel.
@@ -111,23 +111,27 @@ _selected: tuple[str, Callable] | None = None  # (name, fn) once select_attentio
 
 def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None if `fn`'s causal GQA forward and gradients match SDPA math in fp32 within bf16 tolerance,
-    else what went wrong."""
+    else what went wrong. The inputs and the incoming gradient have the strides training gives them
+    (q/k/v are transposed views of [B, T, H, D]; the gradient comes back through transpose + reshape):
+    kernels have been wrong on exactly such non-contiguous layouts while right on contiguous ones."""
     g = torch.Generator(device=device).manual_seed(0)
-    shape_q, shape_kv = (2, 4, 256, head_dim), (2, 2, 256, head_dim)
-    q, k, v = (torch.randn(s, device=device, generator=g) for s in (shape_q, shape_kv, shape_kv))
-    grad = torch.randn(shape_q, device=device, generator=g)
+    B, T, H, KV = 2, 256, 4, 2
+    q, k, v = (torch.randn(B, T, h, head_dim, device=device, generator=g) for h in (H, KV, KV))
+    grad = torch.randn(B, T, H * head_dim, device=device, generator=g)
 
     def run(f: Callable, dt: torch.dtype) -> list[torch.Tensor]:
         ins = [t.detach().to(dt, copy=True).requires_grad_(True) for t in (q, k, v)]
-        out = f(*ins)
+        out = f(*(t.transpose(1, 2) for t in ins)).transpose(1, 2).reshape(B, T, H * head_dim)
         out.backward(grad.to(dt))
         # a gradient that never arrived counts as zero: relative error 1
-        return [out.float()] + [torch.zeros_like(t, dtype=torch.float32) if t.grad is None else t.grad.float() for t in ins]
+        return [out.float()] + [torch.zeros_like(t, dtype=torch.float32) if t.grad is None else t.grad.float()
+                                for t in ins]
 
     try:
         from torch.nn.attention import SDPBackend
-        ref = run(lambda a, b, c: _sdpa_pinned(SDPBackend.MATH, a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1)),
-                  torch.float32)
+        groups = H // KV
+        ref = run(lambda a, b, c: _sdpa_pinned(SDPBackend.MATH, a, b.repeat_interleave(groups, 1),
+                                               c.repeat_interleave(groups, 1)), torch.float32)
         got = run(fn, dtype)
     except Exception as err:  # noqa: BLE001 - any failure means this kernel can't run here
         return f"failed its probe ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
