@@ -22,6 +22,7 @@ import torch
 from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
+from ghostvis.shipped import shipped_dir
 from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
 
 GIB = 1024**3
@@ -29,7 +30,6 @@ GIB = 1024**3
 # slack: memory the process holds that no tensor accounts for.
 CUDA_OVERHEAD_BYTES = 2 * GIB
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-REPO = Path(__file__).resolve().parent.parent
 
 
 class PlanError(ValueError):
@@ -326,7 +326,7 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
     is a checkout; DeepSpeed's own defaults otherwise)."""
     if zero == 0:
         return {}
-    shipped = REPO / "ds_configs" / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
+    shipped = shipped_dir("ds_configs") / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
     path = Path(ds_config) if ds_config else shipped
     if ds_config and not path.is_file():
         raise PlanError(f"--ds-config {path}: no such file")

@@ -9,16 +9,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from ghostvis import recipes
+from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _layers(text: str) -> int:
@@ -32,8 +33,10 @@ def _layers(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="RECIPE", help="a TOML recipe of these flags' values (a file, or a shipped name "
+                   "such as demo_sft); flags given here override it. OUT/run_config.toml is one (docs/training.md)")
     p.add_argument("--stage", default="base", choices=sorted(STAGES), help="what to train (ghostvis/train/stages.py)")
-    p.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
+    p.add_argument("--ds_config", "--ds-config", default=str(shipped_dir("ds_configs") / "zero2.json"),
                    help="DeepSpeed JSON with ZeRO/precision/comm settings only (default: ds_configs/zero2.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help="set by the deepspeed launcher")
 
@@ -115,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args, argv = recipes.parse_args(parser)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recipes.write_resolved(parser, argv, Path(args.out))
     from ghostvis.data.manifest import DataError
     from ghostvis.train.checkpoint import CheckpointError
     from ghostvis.train.engine import ConfigError
