@@ -96,7 +96,8 @@ class VisionConfig:
     num_vision_tokens: int = 64
     resampler_depth: int = 2
     resampler_heads: int = 8
-    projector_hidden: int = 2048
+    projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's)
+    feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
     freeze_encoder: bool = True
 

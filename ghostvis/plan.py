@@ -254,7 +254,10 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
         res, proj = model.vision.resampler, model.vision.projector
         n_tok, depth = res.num_tokens, len(getattr(res, "blocks", ()))
         conn = depth * (patches * 3 * dim + n_tok * 14 * dim)  # K/V of the patches, the latents' block
-        conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        if hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
+            conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        else:  # linear: its input
+            conn += n_tok * proj.proj.in_features
     return enc_bytes + images * act_bytes * conn
 
 
