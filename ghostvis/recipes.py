@@ -70,6 +70,8 @@ def _tokens(action: argparse.Action, key: str, value: Any, source: Path) -> list
             return [flag] if value else []
         raise RecipeError(f"{source}: key {key!r} takes a value, not true/false")
     if isinstance(value, list):
+        if isinstance(action, argparse._AppendAction):  # a repeatable flag: once per value
+            return [t for v in value for t in (flag, str(v))]
         return [flag, *map(str, value)]
     return [flag, str(value)]
 

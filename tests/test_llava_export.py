@@ -5,14 +5,19 @@ SigLIP-like and a CLIP-like timm encoder and resampler "none" are exported and m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_stage
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
+import ghostvis
+from data_prep import synth
 from ghostvis import checkpoint_io
-from ghostvis.config import VisionConfig, get_preset
+from ghostvis.config import VisionConfig, get_preset, parse_vision_override
 from ghostvis.interop.hf_llm import InteropError
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.resampler import build_resampler
@@ -106,6 +111,31 @@ def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
         ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
         theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits  # [batch, images, 3, S, S]
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_train_an_exportable_connector_with_vision_flags(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, world1):
+    """The user's path: --vision turns a preset's connector into Idefics3's; the trained export loads in transformers."""
+    root = tmp_path / "synth"
+    synth.generate(root, seed=1, num_captions=32, num_vqa=8, num_val=4, num_test=4, num_arith=4, num_arith_test=4,
+                   num_text_docs=2, shard_size=16)
+    encoder = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": 8, "mlp_ratio": 2.0, "act_layer": "gelu_tanh"}
+    vision = ["encoder=vit_base_patch16_siglip_224", f"encoder_kwargs={json.dumps(encoder)}",
+              "resampler=pixel_shuffle", "num_vision_tokens=16", "projector_hidden=0", "feature_norm=true"]
+    out = tmp_path / "vp"
+    records = run_stage("--stage", "vision_pretrain", "--model", "vlm_tiny", "--data", root / "captions",
+                        "--tokenizer", tiny_tokenizer_dir, "--out", out, "--micro-batch", "4", "--seq-len", "64",
+                        "--steps", "2", *[a for v in vision for a in ("--vision", v)])
+    assert len(records) == 2
+    export_cli.main(["--ckpt", str(out), "--out", str(tmp_path / "hf")])
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    vlm = ghostvis.load_pretrained(out)[0]
+    ids = torch.tensor([tiny_tokenizer.render_conversation(CONV, num_vision_tokens=16)[0]])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits,
+                                   vlm(ids, pixel_values=pixels)[..., :tiny_tokenizer.vocab_size], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'feature_nrom'.*did you mean 'feature_norm'"):
+        parse_vision_override("feature_nrom=true")
 
 
 def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):

@@ -28,10 +28,12 @@ def test_flags_override_recipe_and_converted_values_round_trip(tmp_path):
     parser = train_cli().build_parser()
     recipe = tmp_path / "r.toml"
     recipe.write_text('stage = "sft"\nmicro_batch = 3\ntrain-llm-layers = "all"\nfreeze = "encoder,connector"\n'
-                      'compile = true\nactivation-checkpointing = 2\nlr = 1e-5\ndata = "d"\nout = "o"\n')
+                      'compile = true\nactivation-checkpointing = 2\nlr = 1e-5\ndata = "d"\nout = "o"\n'
+                      'vision = ["resampler=pixel_shuffle", "feature_norm=true"]\n')
     args, argv = recipes.parse_args(parser, ["--config", str(recipe), "--micro-batch", "5"])
     assert (args.stage, args.micro_batch, args.train_llm_layers, args.freeze, args.compile,
             args.activation_checkpointing, args.lr) == ("sft", 5, ALL_LAYERS, ("encoder", "connector"), True, 2, 1e-5)
+    assert args.vision == [("resampler", "pixel_shuffle"), ("feature_norm", True)]
     resolved = recipes.write_resolved(parser, argv, tmp_path / "run")
     again, _ = recipes.parse_args(parser, ["--config", str(resolved)])
     assert {**vars(again), "config": None} == {**vars(args), "config": None}

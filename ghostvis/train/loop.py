@@ -17,6 +17,7 @@ in its own module and registering it there:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -177,6 +178,14 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
                                         "for the vision tower (e.g. vlm_tiny)")
     if vision_cfg is None:
         raise ds_engine.ConfigError(f"--stage {stage.name} needs a vision model; pick a vlm_* --model")
+    if args.vision:
+        if tower_saved(args):
+            raise ds_engine.ConfigError(f"--vision: --init-from {args.init_from} already holds a trained vision tower, "
+                                        "whose configuration is fixed; drop --vision")
+        try:
+            vision_cfg = dataclasses.replace(vision_cfg, **dict(args.vision))
+        except (TypeError, ValueError) as e:
+            raise ds_engine.ConfigError(f"--vision: {e}") from e
     if encoder_weights:
         if tower_saved(args):
             raise ds_engine.ConfigError(f"--encoder-weights: --init-from {args.init_from} already holds the vision "
