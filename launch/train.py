@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ghostvis import recipes
 from ghostvis.config import parse_vision_override
+from ghostvis.lora import DEFAULT_TARGETS
 from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
@@ -106,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+
+    g = p.add_argument_group("lora (docs/training.md#lora; --tp 1 --pp 1)")
+    g.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="train rank-R adapters on the LLM's linear layers instead of its weights (0 = off); the "
+                        "export is merged, the adapter alone is OUT/adapter.safetensors")
+    g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale = alpha / rank (default: rank)")
+    g.add_argument("--lora-targets", default=DEFAULT_TARGETS, metavar="REGEX,...",
+                   help="comma list of regexes searched in module names, e.g. 'attn\\.' (default: every attention "
+                        "and MLP projection)")
 
     g = p.add_argument_group("rl (GRPO, ghostvis/train/grpo.py; --micro-batch counts prompts)")
     g.add_argument("--group-size", type=int, default=None, help="completions sampled per prompt (default 8)")
