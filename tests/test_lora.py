@@ -1,12 +1,13 @@
 """LoRA (ghostvis/lora.py) through launch/train.py's run, in this process (one rank, gloo, ZeRO-2 on CPU): a
 run learns with only the adapters training, the adapter file reproduces the merged export's logits, a
-stopped and resumed run is exact, a target pattern that matches nothing is refused."""
+stopped and resumed run is exact, a target pattern that matches nothing is refused; and a 2-rank ZeRO-3 run
+(torchrun) whose partitioned adapters are gathered and merged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, losses, parse
+from conftest import REPO, TRAIN, losses, parse, run_ranks, train_args
 from safetensors.torch import load_file
 
 import ghostvis
@@ -72,6 +73,21 @@ def test_lora_resume_is_exact(tmp_path, base_export, text_data, tiny_tokenizer_d
     for name in ("llm.safetensors", lora.ADAPTER_FILE):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_lora_zero3_two_ranks_merges_the_gathered_adapter(tmp_path, base_export, text_data, tiny_tokenizer_dir):
+    out = tmp_path / "z3"
+    run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, out, "zero3.json", "--init-from", base_export,
+                                "--steps", "4", "--save-every", "0", "--lr", "1e-2", "--lora-rank", "4"))
+    adapter = load_file(str(out / lora.ADAPTER_FILE))
+    assert all(v.norm() > 0 for k, v in adapter.items() if k.endswith("lora_B"))  # trained, whole (gathered)
+    model = ghostvis.load_pretrained(base_export)[0]
+    lora.add_lora(model, 4, 4)
+    lora.load_adapter(model, out)
+    ids = torch.randint(0, 200, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ghostvis.load_pretrained(out)[0](ids), model(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_target_matching_nothing_is_refused(tmp_path, base_export, text_data, tiny_tokenizer_dir, world1):
