@@ -153,13 +153,15 @@ def classify(name: str) -> tuple[str, int | None]:
 
 
 def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
-               freeze: tuple[str, ...] | None = None) -> list[Param]:
+               freeze: tuple[str, ...] | None = None, lora_rank: int = 0, lora_targets: str | None = None) -> list[Param]:
     """Every parameter with its per-TP-rank size and whether it trains. Trainability: the stage's rules
     with `freeze` (the trainer's `--freeze` groups; None = the stage's default) exactly as the trainer
     builds its groups when `stage` is given, else the model's own requires_grad (the vision encoder is
-    frozen by default)."""
+    frozen by default). `lora_rank` > 0 adds the trainer's adapters and trains them instead of the LLM."""
     if stage is None and freeze is not None:
         raise PlanError("--freeze needs --stage: the groups it freezes are those of the stage's rules")
+    if stage is None and lora_rank:
+        raise PlanError("--lora-rank needs --stage: the adapters replace the stage's LLM rules")
     if stage is not None:
         from ghostvis.train.engine import ConfigError, build_param_groups
         from ghostvis.train.stages import get_stage
@@ -168,6 +170,16 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
         settings = dict(spec.defaults)
+        if lora_rank:
+            from ghostvis import lora
+
+            if tp > 1:
+                raise PlanError("--lora-rank: LoRA runs with --tp 1 --pp 1")
+            try:
+                lora.add_lora(model, lora_rank, lora_rank, lora_targets or lora.DEFAULT_TARGETS)
+            except lora.LoRAError as err:
+                raise PlanError(str(err)) from err
+            spec, settings = lora.lora_stage(spec, settings)
         if freeze is not None:
             unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
             if unknown:
@@ -340,7 +352,8 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
 
 
 def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: str | None = None,
-         freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, **overrides: Any) -> Plan:
+         freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, lora_rank: int = 0,
+         lora_targets: str | None = None, **overrides: Any) -> Plan:
     """The plan for the heaviest pipeline stage. `stage` and `freeze` decide what trains as the trainer's
     `--stage` and `--freeze` do; `model` (a meta or real model) skips building the preset."""
     layout.check()
@@ -356,7 +369,9 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
     except ValueError:
         raise PlanError(f"--activation-checkpointing {layout.activation_checkpointing}: {model_name} has "
                         f"{cfg.n_layer} blocks; give 0..{cfg.n_layer}") from None
-    params = parameters(model, layout.tp, stage, freeze)
+    if lora_rank and layout.pp > 1:
+        raise PlanError("--lora-rank: LoRA runs with --tp 1 --pp 1")
+    params = parameters(model, layout.tp, stage, freeze, lora_rank, lora_targets)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
         gpu, host = stage_plan(model, params, layout, s, blocks)
