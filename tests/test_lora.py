@@ -60,7 +60,7 @@ def test_lora_learns_saves_adapter_and_merges(tmp_path, base_export, text_data, 
     merged = ghostvis.load_pretrained(out)[0]
     ids = torch.randint(0, 200, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids), model(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(ids), model(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_lora_resume_is_exact(tmp_path, base_export, text_data, tiny_tokenizer_dir, world1):
@@ -87,7 +87,7 @@ def test_lora_zero3_two_ranks_merges_the_gathered_adapter(tmp_path, base_export,
     lora.load_adapter(model, out)
     ids = torch.randint(0, 200, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(ghostvis.load_pretrained(out)[0](ids), model(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ghostvis.load_pretrained(out)[0](ids), model(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_lora_target_matching_nothing_is_refused(tmp_path, base_export, text_data, tiny_tokenizer_dir, world1):
