@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.ghostvis-setup
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml rustbpe/Cargo.toml rustbpe/src/lib.rs scripts/setup.sh scripts/build_rustbpe.sh
+$(STAMP): pyproject.toml setup.py rustbpe/Cargo.toml rustbpe/src/lib.rs scripts/setup.sh scripts/build_rustbpe.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/setup.sh
 	touch $@
 

@@ -6,6 +6,7 @@
     # 4 × H100: one 7B VLM ZeRO-3 configuration
     TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 4 bench/parallel_throughput.py --model vlm_7b \\
         --ds_config ds_configs/zero3.json --seq-len 4096 --micro-batch 1 --activation-checkpointing
+    # LoRA's memory: the same 7B VLM line with --lora-rank 16 beside the one without
     # CPU check of the script (tiny model; add torchrun --nproc_per_node 2 and --tp 2 / --pp 2)
     DS_ACCELERATOR=cpu python bench/parallel_throughput.py --smoke --out /tmp/bench.md
 
@@ -31,6 +32,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ghostvis import lora
 from ghostvis.config import get_preset
 from ghostvis.model.attention import ATTENTION_CHOICES, select_attention
 from ghostvis.model.gpt import GPT, count_params, flops_per_token
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
                    help="recompute every block in backward; with N, only the first N blocks")
     p.add_argument("--compile", action="store_true", help="torch.compile inside the engine, as train.py --compile")
+    p.add_argument("--lora-rank", type=int, default=0, help="as launch/train.py's: adapters train, not the LLM")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every group (constant)")
@@ -119,8 +122,12 @@ def main() -> None:
     model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing)  # deepspeed moves it
     del plain
     stage, dtype = STAGES[stage_name], "bf16" if on_gpu else "fp32"
+    settings = stage.defaults
+    if args.lora_rank:
+        lora.add_lora(model, args.lora_rank, args.lora_rank)
+        stage, settings = lora.lora_stage(stage, settings)
     lrs = {name: args.lr for name in stage.lr_names}
-    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, stage.defaults, model.config.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, settings, model.config.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
                                           grad_accum=args.grad_accum, world_size=topo.dp_size, grad_clip=1.0,
                                           dtype=dtype)
@@ -161,7 +168,8 @@ def main() -> None:
                  f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
                  f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
                  f"{Path(args.ds_config).stem}{ac_words(args.activation_checkpointing)}, "
-                 f"{'compiled' if args.compile else 'eager'}, attention {choice.kernel}")
+                 f"{'compiled' if args.compile else 'eager'}, attention {choice.kernel}"
+                 f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
                     f"tp {topo.tp_size}, pp {topo.pp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "

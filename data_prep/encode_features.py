@@ -30,6 +30,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from data_prep import console_script
 from data_prep.image_shards import _finish, _load_record, _save_record, tar_samples
 from ghostvis import checkpoint_io
 from ghostvis.config import get_preset
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[Manifest]:
     return [encode_dir(a.data / d, a.out / d, tower, batch_size=a.batch_size, device=device)
             for d in shard_dirs(a.data)]
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from data_prep import console_script
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.data.multimodal import IMAGE_EXTS, count_images
 from ghostvis.tokenizer import IMAGE_PLACEHOLDER
@@ -474,6 +475,8 @@ def main(argv: list[str] | None = None) -> Manifest:
     rows, total, kind = hf_items(a.path, a.split, a.image_column, a.text_column, a.images)
     return write_shards(rows, a.out, kind=kind, total=total, **opts)
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import tar_file_iterator
 
+from data_prep import console_script
 from data_prep.readers import iter_documents
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.tokenizer import Tokenizer
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     return summary
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

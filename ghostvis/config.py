@@ -96,7 +96,8 @@ class VisionConfig:
     num_vision_tokens: int = 64
     resampler_depth: int = 2
     resampler_heads: int = 8
-    projector_hidden: int = 2048
+    projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's)
+    feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
     freeze_encoder: bool = True
 
@@ -115,6 +116,26 @@ class VisionConfig:
 
 
 RESAMPLERS = ("perceiver", "avgpool", "pixel_shuffle", "none")
+
+
+def parse_vision_override(text: str) -> tuple[str, Any]:
+    """A `--vision KEY=VALUE` flag: a VisionConfig field and its value (JSON: numbers, true/false, lists;
+    anything else is text)."""
+    import difflib
+    import json
+
+    key, sep, value = text.partition("=")
+    fields = [f.name for f in dataclasses.fields(VisionConfig)]
+    if not sep:
+        raise ValueError(f"{text!r}: give KEY=VALUE with KEY a VisionConfig field ({', '.join(fields)})")
+    if key not in fields:
+        near = difflib.get_close_matches(key, fields, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"fields: {', '.join(fields)}"
+        raise ValueError(f"{key!r} is not a VisionConfig field; {hint}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:

@@ -22,6 +22,7 @@ import torch
 from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
+from ghostvis.shipped import shipped_dir
 from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
 
 GIB = 1024**3
@@ -29,7 +30,6 @@ GIB = 1024**3
 # slack: memory the process holds that no tensor accounts for.
 CUDA_OVERHEAD_BYTES = 2 * GIB
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-REPO = Path(__file__).resolve().parent.parent
 
 
 class PlanError(ValueError):
@@ -153,13 +153,15 @@ def classify(name: str) -> tuple[str, int | None]:
 
 
 def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
-               freeze: tuple[str, ...] | None = None) -> list[Param]:
+               freeze: tuple[str, ...] | None = None, lora_rank: int = 0, lora_targets: str | None = None) -> list[Param]:
     """Every parameter with its per-TP-rank size and whether it trains. Trainability: the stage's rules
     with `freeze` (the trainer's `--freeze` groups; None = the stage's default) exactly as the trainer
     builds its groups when `stage` is given, else the model's own requires_grad (the vision encoder is
-    frozen by default)."""
+    frozen by default). `lora_rank` > 0 adds the trainer's adapters and trains them instead of the LLM."""
     if stage is None and freeze is not None:
         raise PlanError("--freeze needs --stage: the groups it freezes are those of the stage's rules")
+    if stage is None and lora_rank:
+        raise PlanError("--lora-rank needs --stage: the adapters replace the stage's LLM rules")
     if stage is not None:
         from ghostvis.train.engine import ConfigError, build_param_groups
         from ghostvis.train.stages import get_stage
@@ -168,6 +170,16 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
         settings = dict(spec.defaults)
+        if lora_rank:
+            from ghostvis import lora
+
+            if tp > 1:
+                raise PlanError("--lora-rank: LoRA runs with --tp 1 --pp 1")
+            try:
+                lora.add_lora(model, lora_rank, lora_rank, lora_targets or lora.DEFAULT_TARGETS)
+            except lora.LoRAError as err:
+                raise PlanError(str(err)) from err
+            spec, settings = lora.lora_stage(spec, settings)
         if freeze is not None:
             unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
             if unknown:
@@ -254,7 +266,10 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
         res, proj = model.vision.resampler, model.vision.projector
         n_tok, depth = res.num_tokens, len(getattr(res, "blocks", ()))
         conn = depth * (patches * 3 * dim + n_tok * 14 * dim)  # K/V of the patches, the latents' block
-        conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        if hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
+            conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        else:  # linear: its input
+            conn += n_tok * proj.proj.in_features
     return enc_bytes + images * act_bytes * conn
 
 
@@ -326,7 +341,7 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
     is a checkout; DeepSpeed's own defaults otherwise)."""
     if zero == 0:
         return {}
-    shipped = REPO / "ds_configs" / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
+    shipped = shipped_dir("ds_configs") / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
     path = Path(ds_config) if ds_config else shipped
     if ds_config and not path.is_file():
         raise PlanError(f"--ds-config {path}: no such file")
@@ -337,7 +352,8 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
 
 
 def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: str | None = None,
-         freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, **overrides: Any) -> Plan:
+         freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, lora_rank: int = 0,
+         lora_targets: str | None = None, **overrides: Any) -> Plan:
     """The plan for the heaviest pipeline stage. `stage` and `freeze` decide what trains as the trainer's
     `--stage` and `--freeze` do; `model` (a meta or real model) skips building the preset."""
     layout.check()
@@ -353,7 +369,9 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
     except ValueError:
         raise PlanError(f"--activation-checkpointing {layout.activation_checkpointing}: {model_name} has "
                         f"{cfg.n_layer} blocks; give 0..{cfg.n_layer}") from None
-    params = parameters(model, layout.tp, stage, freeze)
+    if lora_rank and layout.pp > 1:
+        raise PlanError("--lora-rank: LoRA runs with --tp 1 --pp 1")
+    params = parameters(model, layout.tp, stage, freeze, lora_rank, lora_targets)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
         gpu, host = stage_plan(model, params, layout, s, blocks)

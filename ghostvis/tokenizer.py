@@ -81,7 +81,11 @@ class Tokenizer:
         cls, texts: Iterable[str], vocab_size: int, *, pattern: str | None = None, buffer_size: int = 8192
     ) -> Tokenizer:
         """Train with rustbpe. ``vocab_size`` counts bytes (256) + merges + special tokens."""
-        import rustbpe  # the compiled trainer (scripts/build_rustbpe.sh); only training needs it
+        try:
+            import rustbpe  # the compiled trainer; only training needs it
+        except ImportError as e:  # a ValueError so launch/tok_train.py prints it as a one-line error
+            raise ValueError("the rustbpe trainer is not installed: run scripts/build_rustbpe.sh from a GhostVis "
+                             "checkout (needs Rust), or `pip install ./rustbpe`") from e
 
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(

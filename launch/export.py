@@ -4,11 +4,13 @@
 
 The language model becomes a transformers Qwen2 folder (q/k/v biases) or a Llama folder (otherwise) that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open; padding rows of the vocabulary
-are cut and the chat template renders like GhostVis. A VLM with LLaVA-1.5's connector (resampler "none": the
-MLP projector over every patch token) becomes a `LlavaForConditionalGeneration` folder with its processor.
-Other connectors (perceiver / avgpool / pixel_shuffle resampler + MLP) have no transformers equivalent: their
-directory is already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language
-model. See docs/interop.md.
+are cut and the chat template renders like GhostVis. A VLM becomes, by its connector:
+  - resampler "none" + MLP of the LLM's width (LLaVA-1.5): `LlavaForConditionalGeneration`, with its processor;
+  - resampler "pixel_shuffle" + linear (projector_hidden 0), feature_norm, SigLIP encoder (SmolVLM):
+    `Idefics3ForConditionalGeneration`.
+Other connectors (perceiver, avgpool, pixel_shuffle + MLP) have no transformers equivalent: their directory is
+already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language model. Train an
+exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from ghostvis.checkpoint_io import read_config
+from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
 from ghostvis.interop.hf_llava import export_llava, llava_refusal
 from ghostvis.interop.hf_llm import DTYPES, export_llm
 
@@ -31,13 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg, vision_cfg, _ = read_config(args.ckpt)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if vision_cfg is not None and not args.llm_only:
-        reason = llava_refusal(model_cfg, vision_cfg)
-        if reason:
-            p.error(f"--ckpt {args.ckpt} is a VLM that cannot be exported as a transformers LLaVA: {reason}. Its "
-                    "directory is already its own format (llm.safetensors + vision.safetensors + config.json + "
-                    "tokenizer/, opened by ghostvis.load_pretrained); --llm-only exports its language model "
-                    "as a transformers folder.")
-        config = export_llava(args.ckpt, args.out, dtype=dtype)
+        exporters = {"LLaVA": (llava_refusal, export_llava), "Idefics3": (idefics3_refusal, export_idefics3)}
+        reasons = {name: refusal(model_cfg, vision_cfg) for name, (refusal, _) in exporters.items()}
+        fits = [name for name, reason in reasons.items() if reason is None]
+        if not fits:
+            p.error(f"--ckpt {args.ckpt} is a VLM whose connector has no transformers equivalent ("
+                    + "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+                    + "). Exportable connectors: resampler=none + an MLP of the LLM's width (LLaVA), "
+                    "resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3). Its directory is "
+                    "already its own format (llm.safetensors + vision.safetensors + config.json + tokenizer/, "
+                    "opened by ghostvis.load_pretrained); --llm-only exports its language model as a transformers "
+                    "folder.")
+        config = exporters[fits[0]][1](args.ckpt, args.out, dtype=dtype)
         print(f"wrote {args.out}: transformers {config.architectures[0]} "
               f"({config.text_config.model_type} + {config.vision_config.model_type})")
         return

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
                    help=f"as launch/train.py's: comma list among {','.join(FREEZE_GROUPS)} to freeze ('none' = "
                         "nothing; default: the stage's, encoder for vision stages); needs --stage")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="as launch/train.py's: rank-R adapters train instead of the LLM's weights; needs --stage")
+    p.add_argument("--lora-targets", default=None, metavar="REGEX,...",
+                   help="as launch/train.py's (default: every attention and MLP projection)")
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON for bucket sizes (default: ds_configs/zero{N}[_offload].json)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one card in GiB")
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         activation_checkpointing=args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
-        result = plan(args.model, layout, depth=args.depth, stage=args.stage, freeze=args.freeze, **overrides)
+        result = plan(args.model, layout, depth=args.depth, stage=args.stage, freeze=args.freeze,
+                      lora_rank=args.lora_rank, lora_targets=args.lora_targets, **overrides)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)

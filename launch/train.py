@@ -9,17 +9,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from ghostvis import recipes
+from ghostvis.config import parse_vision_override
+from ghostvis.lora import DEFAULT_TARGETS
 from ghostvis.model.attention import ATTENTION_CHOICES
+from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _layers(text: str) -> int:
@@ -29,6 +32,13 @@ def _layers(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
     return int(text)
+
+
+def _vision_override(text: str) -> tuple[str, object]:
+    try:
+        return parse_vision_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _workers(text: str) -> int:
@@ -41,8 +51,10 @@ def _workers(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="RECIPE", help="a TOML recipe of these flags' values (a file, or a shipped name "
+                   "such as demo_sft); flags given here override it. OUT/run_config.toml is one (docs/training.md)")
     p.add_argument("--stage", default="base", choices=sorted(STAGES), help="what to train (ghostvis/train/stages.py)")
-    p.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
+    p.add_argument("--ds_config", "--ds-config", default=str(shipped_dir("ds_configs") / "zero2.json"),
                    help="DeepSpeed JSON with ZeRO/precision/comm settings only (default: ds_configs/zero2.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help="set by the deepspeed launcher")
 
@@ -53,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-weights", default=None, metavar="PATH",
                    help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
+    g.add_argument("--vision", type=_vision_override, action="append", metavar="KEY=VALUE",
+                   help="set a field of the new vision tower's VisionConfig (ghostvis/config.py), repeatable; e.g. "
+                        "an exportable Idefics3 connector: --vision resampler=pixel_shuffle --vision "
+                        "num_vision_tokens=N --vision projector_hidden=0 --vision feature_norm=true (docs/interop.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
     g.add_argument("--data-workers", type=_workers, default=None, metavar="N",
@@ -109,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot run is an error. CPU and fp32 always use expand. The run log names the kernel")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
 
+    g = p.add_argument_group("lora (docs/training.md#lora; --tp 1 --pp 1)")
+    g.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="train rank-R adapters on the LLM's linear layers instead of its weights (0 = off); the "
+                        "export is merged, the adapter alone is OUT/adapter.safetensors")
+    g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale = alpha / rank (default: rank)")
+    g.add_argument("--lora-targets", default=DEFAULT_TARGETS, metavar="REGEX,...",
+                   help="comma list of regexes searched in module names, e.g. 'attn\\.' (default: every attention "
+                        "and MLP projection)")
+
     g = p.add_argument_group("rl (GRPO, ghostvis/train/grpo.py; --micro-batch counts prompts)")
     g.add_argument("--group-size", type=int, default=None, help="completions sampled per prompt (default 8)")
     g.add_argument("--rl-max-new-tokens", type=int, default=None, help="cap on a completion's length (default 64)")
@@ -132,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args, argv = recipes.parse_args(parser)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recipes.write_resolved(parser, argv, Path(args.out))
     from ghostvis.data.manifest import DataError
     from ghostvis.train.checkpoint import CheckpointError
     from ghostvis.train.engine import ConfigError

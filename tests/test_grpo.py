@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import run_stage, write_shards
 
+import ghostvis
+
 from ghostvis.config import get_preset
 from ghostvis.data.rl import PromptBatches
 from ghostvis.data.shards import ShardStream
@@ -141,3 +143,11 @@ def test_grpo_run_raises_mean_reward(tmp_path, pick_data, tiny_tokenizer_dir, wo
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     assert 0.1 < first < 0.5  # the format is learned, which answer is right isn't
     assert last > first + 0.3, reward
+
+    # LoRA under GRPO, with the KL reference (the base model, without adapters): runs, saves, merges
+    run_stage("--stage", "rl", "--init-from", sft, "--data", pick_data / "rl", "--tokenizer", tiny_tokenizer_dir,
+              "--out", tmp_path / "rl_lora", "--micro-batch", "4", "--seq-len", "32", "--steps", "2", "--lr", "1e-3",
+              "--group-size", "4", "--rl-max-new-tokens", "6", "--kl-coef", "0.1", "--lora-rank", "4")
+    assert (tmp_path / "rl_lora" / "adapter.safetensors").is_file()
+    merged = ghostvis.load_pretrained(tmp_path / "rl_lora")[0]
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -1,17 +1,23 @@
-"""LLaVA export against transformers itself (no downloads, CPU, float32): tiny random GhostVis VLMs with a
+"""VLM export against transformers itself (no downloads, CPU, float32): tiny random GhostVis VLMs with a
 SigLIP-like and a CLIP-like timm encoder and resampler "none" are exported and must give the same logits as
-`LlavaForConditionalGeneration`; other connectors are refused."""
+`LlavaForConditionalGeneration`; with pixel_shuffle + a linear projector, as `Idefics3ForConditionalGeneration`
+(through AutoModelForImageTextToText); other connectors are refused."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_stage
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
+import ghostvis
+from data_prep import synth
 from ghostvis import checkpoint_io
-from ghostvis.config import VisionConfig, get_preset
+from ghostvis.config import VisionConfig, get_preset, parse_vision_override
 from ghostvis.interop.hf_llm import InteropError
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.resampler import build_resampler
@@ -30,17 +36,20 @@ ENCODERS = {
 }
 
 
-def _vlm(tok, family: str, resampler: str = "none", num_vision_tokens: int = PATCHES) -> VLM:
+def _vlm(tok, family: str, resampler: str = "none", num_vision_tokens: int = PATCHES, projector_hidden: int = 64,
+         feature_norm: bool = False, llama: bool | None = None) -> VLM:
     torch.manual_seed(0)
     name, act = ENCODERS[family]
     vision_cfg = VisionConfig(
         encoder=name, image_size=IMAGE_SIZE, feature_layer=-2, resampler=resampler,
-        num_vision_tokens=num_vision_tokens, resampler_heads=4, projector_hidden=64,
+        num_vision_tokens=num_vision_tokens, resampler_heads=4, projector_hidden=projector_hidden,
+        feature_norm=feature_norm,
         encoder_kwargs={"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH, "mlp_ratio": 2.0,
                         "act_layer": act})
-    # SigLIP case: Qwen2-style LLM (q/k/v bias, untied); CLIP case: Llama-style (no bias, tied head)
+    # Qwen2-style LLM (q/k/v bias, untied) or Llama-style (no bias, tied head); by default the CLIP case is Llama
+    llama = family == "clip" if llama is None else llama
     model_cfg, _ = get_preset("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                              qkv_bias=family == "siglip", tie_embeddings=family == "clip")
+                              qkv_bias=not llama, tie_embeddings=llama)
     vlm = VLM(model_cfg, vision_cfg)
     with torch.no_grad():  # perturb everything, norms included, so a swapped or skipped tensor shows
         for p in vlm.parameters():
@@ -82,6 +91,54 @@ def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255
 
 
+@pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])
+def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    tokens = PATCHES // 4  # pixel shuffle r = 2
+    vlm = _vlm(tok, "siglip", resampler="pixel_shuffle", num_vision_tokens=tokens, projector_hidden=0,
+               feature_norm=True, llama=llama)
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
+    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+
+    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           output_loading_info=True)
+    assert type(hf).__name__ == "Idefics3ForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    assert hf.config.scale_factor == 2 and hf.config.text_config.model_type == ("llama" if llama else "qwen2")
+    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
+        theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits  # [batch, images, 3, S, S]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_train_an_exportable_connector_with_vision_flags(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, world1):
+    """The user's path: --vision turns a preset's connector into Idefics3's; the trained export loads in transformers."""
+    root = tmp_path / "synth"
+    synth.generate(root, seed=1, num_captions=32, num_vqa=8, num_val=4, num_test=4, num_arith=4, num_arith_test=4,
+                   num_text_docs=2, shard_size=16)
+    encoder = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": 8, "mlp_ratio": 2.0, "act_layer": "gelu_tanh"}
+    vision = ["encoder=vit_base_patch16_siglip_224", f"encoder_kwargs={json.dumps(encoder)}",
+              "resampler=pixel_shuffle", "num_vision_tokens=16", "projector_hidden=0", "feature_norm=true"]
+    out = tmp_path / "vp"
+    records = run_stage("--stage", "vision_pretrain", "--model", "vlm_tiny", "--data", root / "captions",
+                        "--tokenizer", tiny_tokenizer_dir, "--out", out, "--micro-batch", "4", "--seq-len", "64",
+                        "--steps", "2", *[a for v in vision for a in ("--vision", v)])
+    assert len(records) == 2
+    export_cli.main(["--ckpt", str(out), "--out", str(tmp_path / "hf")])
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    vlm = ghostvis.load_pretrained(out)[0]
+    ids = torch.tensor([tiny_tokenizer.render_conversation(CONV, num_vision_tokens=16)[0]])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits,
+                                   vlm(ids, pixel_values=pixels)[..., :tiny_tokenizer.vocab_size], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'feature_nrom'.*did you mean 'feature_norm'"):
+        parse_vision_override("feature_nrom=true")
+
+
 def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):
     vlm = _vlm(tiny_tokenizer, "siglip", resampler="perceiver", num_vision_tokens=4)
     checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
@@ -89,6 +146,7 @@ def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):
         export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert "'perceiver'" in err and "ghostvis.load_pretrained" in err and "--llm-only" in err
+    assert "Exportable connectors: resampler=none" in err and "pixel_shuffle + projector_hidden=0" in err
     assert not (tmp_path / "hf").exists()
     with pytest.raises(ValueError, match=f"set num_vision_tokens={PATCHES}"):
         build_resampler(VisionConfig(resampler="none", num_vision_tokens=4), in_dim=64, num_patches=PATCHES)

@@ -217,3 +217,21 @@ def _measure(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     _measure(Path(sys.argv[1]))
+
+
+def test_lora_rank_trains_the_adapters_and_the_connector():
+    full = plan("vlm_tiny", Layout(zero=1), stage="sft")
+    adapted = plan("vlm_tiny", Layout(zero=1), stage="sft", lora_rank=4)
+    model = build_meta_model(*get_preset("vlm_tiny"))
+    projections = [m for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"))]
+    adapters = sum(4 * (m.weight.shape[0] + m.weight.shape[1]) for m in projections)
+    connector = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision.resampler.",
+                                                                                      "vision.projector.")))
+    assert adapted.params_trainable == adapters + connector
+    assert adapted.params_total == full.params_total + adapters
+    assert adapted.gpu["optimizer states (Adam m, v fp32)"] < full.gpu["optimizer states (Adam m, v fp32)"] / 2
+    with pytest.raises(PlanError, match="--lora-rank needs --stage"):
+        plan("vlm_tiny", Layout(zero=1), lora_rank=4)
+    with pytest.raises(PlanError, match="matches no linear layer"):
+        plan("vlm_tiny", Layout(zero=1), stage="sft", lora_rank=4, lora_targets="nothing_here")

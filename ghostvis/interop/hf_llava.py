@@ -13,6 +13,8 @@ the last block's output before ``post_layernorm`` (which LLaVA never applies), t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +38,83 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
     if vision_cfg.resampler != "none":
         return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
                 "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
+    if vision_cfg.feature_norm:
+        return "its encoder applies its final norm to the features (feature_norm), which LLaVA never does"
     if vision_cfg.projector_hidden != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
                 f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd}")
     return None
 
 
-def _vision_tensors(ckpt: Path, family: str, width: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """model.vision_tower.* and model.multi_modal_projector.* tensors of vision.safetensors."""
-    path = ckpt / checkpoint_io.VISION_FILE
+@dataclass
+class VLMExport:
+    """What every VLM export starts from: the checkpoint's configs, tokenizer, the language model in HF names,
+    the encoder's architecture (meta tensors) and its HF vision config."""
+
+    ckpt: Path
+    model_cfg: ModelConfig
+    vision_cfg: VisionConfig
+    tok: Tokenizer
+    text_cfg: Any
+    llm_state: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    encoder: Any
+    vision_hf: Any
+    family: str
+
+
+def read_vlm(ckpt_dir: str | Path, dtype: torch.dtype | None, refusal: Callable[[ModelConfig, VisionConfig], str | None],
+             target: str) -> VLMExport:
+    """Read a GhostVis VLM export for `target` (a transformers class name); InteropError if it is text-only
+    or `refusal` gives a reason."""
+    ckpt = Path(ckpt_dir)
+    model_cfg, vision_cfg, _ = checkpoint_io.read_config(ckpt)
+    if vision_cfg is None:
+        raise InteropError(f"{ckpt} holds a language model only; export it with export_llm")
+    reason = refusal(model_cfg, vision_cfg)
+    if reason:
+        raise InteropError(f"{ckpt}: this VLM cannot be exported as a transformers {target}: {reason}")
+    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    text_cfg, llm_state = hf_llm_state(ckpt, model_cfg, tok, dtype)
+    store_dtype = llm_state["model.norm.weight"].dtype
+    # the architecture only (shapes, activation, eps, kept blocks); the weights are read from the files
+    encoder = checkpoint_io.build_model(model_cfg, vision_cfg, ckpt, device="meta").vision.encoder
+    vision_hf = hf_vision_config_from_timm(encoder.model, vision_cfg.image_size, store_dtype)
+    return VLMExport(ckpt, model_cfg, vision_cfg, tok, text_cfg, llm_state, store_dtype, encoder, vision_hf,
+                     timm_family(encoder.model))
+
+
+def vision_tensors(vlm: VLMExport, tower: str, projector: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The encoder's tensors of vision.safetensors as HF SigLIP/CLIP names under `tower` (a prefix), and the
+    projector's renamed by `projector` (ours -> theirs, without .weight/.bias), cast to the export dtype."""
+    path = vlm.ckpt / checkpoint_io.VISION_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     timm_state = {k[len(_ENCODER):]: v for k, v in stored.items() if k.startswith(_ENCODER)}
-    hf = hf_state_dict_from_timm(timm_state, family, where=str(path))
-    hf.setdefault("post_layernorm.weight", torch.ones(width))  # pruned by our encoder; LLaVA never applies it
-    hf.setdefault("post_layernorm.bias", torch.zeros(width))
-    out = {f"model.vision_tower.vision_model.{k}": v for k, v in hf.items()}
-    for ours, theirs in _PROJECTOR.items():
+    hf = hf_state_dict_from_timm(timm_state, vlm.family, where=str(path))
+    hf.setdefault("post_layernorm.weight", torch.ones(vlm.encoder.dim))  # pruned: written as 1/0 (LLaVA never
+    hf.setdefault("post_layernorm.bias", torch.zeros(vlm.encoder.dim))  # applies it; Idefics3 needs the real one)
+    out = {f"{tower}.{k}": v for k, v in hf.items()}
+    for ours, theirs in projector.items():
         for p in ("weight", "bias"):
-            out[f"{theirs}.{p}"] = stored[f"{ours}.{p}"]
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+            if f"{ours}.{p}" in stored:
+                out[f"{theirs}.{p}"] = stored[f"{ours}.{p}"]
+    return {k: v.to(vlm.dtype).contiguous() for k, v in out.items()}
 
 
-def _language_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Qwen2/Llama names -> LlavaForConditionalGeneration's (model.language_model.*, lm_head)."""
-    return {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-            for k, v in state.items()}
+def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: dict[str, torch.Tensor]) -> Path:
+    """model.safetensors, config.json, generation_config.json and the tokenizer files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
+    config.save_pretrained(str(out))
+    write_generation_and_tokenizer(vlm.text_cfg, vlm.tok, out)
+    return out
+
+
+def language_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Qwen2/Llama names -> the VLM's: `model.*` under `prefix` (LLaVA: model.language_model), lm_head kept."""
+    return {(f"{prefix}." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
 
 
 def _save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int) -> None:
@@ -92,32 +145,16 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     ``AutoProcessor.from_pretrained`` open. Raises InteropError (with the reason) for other connectors."""
     from transformers import LlavaConfig
 
-    ckpt = Path(ckpt_dir)
-    model_cfg, vision_cfg, _ = checkpoint_io.read_config(ckpt)
-    if vision_cfg is None:
-        raise InteropError(f"{ckpt} holds a language model only; export it with export_llm")
-    reason = llava_refusal(model_cfg, vision_cfg)
-    if reason:
-        raise InteropError(f"{ckpt}: this VLM cannot be exported as a transformers LLaVA: {reason}")
-    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
-    text_cfg, llm_state = hf_llm_state(ckpt, model_cfg, tok, dtype)
-    store_dtype = llm_state["model.norm.weight"].dtype
-    # the architecture only (shapes, activation, eps, kept blocks); the weights are read from the files below
-    encoder = checkpoint_io.build_model(model_cfg, vision_cfg, ckpt, device="meta").vision.encoder
-    vision_hf = hf_vision_config_from_timm(encoder.model, vision_cfg.image_size, store_dtype)
-    family = timm_family(encoder.model)
+    vlm = read_vlm(ckpt_dir, dtype, llava_refusal, "LLaVA")
     config = LlavaConfig(
-        text_config=text_cfg, vision_config=vision_hf, image_token_index=tok.image_token_id,
-        image_seq_length=encoder.num_patches, projector_hidden_act="gelu",  # exact GELU, like our nn.GELU()
+        text_config=vlm.text_cfg, vision_config=vlm.vision_hf, image_token_index=vlm.tok.image_token_id,
+        image_seq_length=vlm.encoder.num_patches, projector_hidden_act="gelu",  # exact GELU, like our nn.GELU()
         vision_feature_layer=-1,  # the kept blocks end at our feature layer (module docstring)
-        vision_feature_select_strategy="default" if family == "clip" else "full",  # "default" drops CLS
-        multimodal_projector_bias=True, tie_word_embeddings=model_cfg.tie_embeddings, dtype=store_dtype,
+        vision_feature_select_strategy="default" if vlm.family == "clip" else "full",  # "default" drops CLS
+        multimodal_projector_bias=True, tie_word_embeddings=vlm.model_cfg.tie_embeddings, dtype=vlm.dtype,
         architectures=["LlavaForConditionalGeneration"])
-    state = {**_language_tensors(llm_state), **_vision_tensors(ckpt, family, encoder.dim, store_dtype)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
-    config.save_pretrained(str(out))
-    write_generation_and_tokenizer(text_cfg, tok, out)
-    _save_processor(out, vision_cfg, family, vision_hf.patch_size)
+    state = {**language_tensors(vlm.llm_state, "model.language_model"),
+             **vision_tensors(vlm, "model.vision_tower.vision_model", _PROJECTOR)}
+    out = write_vlm_folder(vlm, out_dir, config, state)
+    _save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
     return config

@@ -17,6 +17,7 @@ in its own module and registering it there:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ghostvis import checkpoint_io
+from ghostvis import checkpoint_io, lora
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
 from ghostvis.data.loader import WorkerBatches
@@ -178,6 +179,14 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
                                         "for the vision tower (e.g. vlm_tiny)")
     if vision_cfg is None:
         raise ds_engine.ConfigError(f"--stage {stage.name} needs a vision model; pick a vlm_* --model")
+    if args.vision:
+        if tower_saved(args):
+            raise ds_engine.ConfigError(f"--vision: --init-from {args.init_from} already holds a trained vision tower, "
+                                        "whose configuration is fixed; drop --vision")
+        try:
+            vision_cfg = dataclasses.replace(vision_cfg, **dict(args.vision))
+        except (TypeError, ValueError) as e:
+            raise ds_engine.ConfigError(f"--vision: {e}") from e
     if encoder_weights:
         if tower_saved(args):
             raise ds_engine.ConfigError(f"--encoder-weights: --init-from {args.init_from} already holds the vision "
@@ -369,6 +378,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
     model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
+    if args.lora_rank:
+        if topo.tp_size > 1 or topo.pp_size > 1:
+            raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
+        lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
+        stage, settings = lora.lora_stage(stage, settings)
     model_cfg: ModelConfig = model.config
     groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
                                           settings["weight_decay"], settings, model_cfg.n_layer)
@@ -463,6 +477,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_every > 0 and (step % args.save_every == 0 or step == end):
             path = checkpoint.save(engine, out, step, client_state(step), args.keep)
             log.note(f"step {step}: checkpoint {path}")
+    if args.lora_rank:  # the adapter on its own, then the merged model as the run's export
+        lora.save_adapter(model, out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                                       "targets": args.lora_targets, "base": args.init_from}, rank == 0)
+        lora.merge(model)
     checkpoint_io.export(model, out, tokenizer=tokenizer, extra={"stage": stage.name, "step": step},
                          is_writer=rank == 0, topology=topo)
     log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")

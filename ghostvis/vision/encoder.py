@@ -93,7 +93,8 @@ class VisionEncoder(nn.Module):
         full_keys = set(model.state_dict())
         if cfg.pretrained_path:
             self._load_full(read_timm_state_dict(cfg.pretrained_path, model), cfg.pretrained_path)
-        model.prune_intermediate_layers([layer], prune_norm=True, prune_head=True)
+        self.feature_norm = cfg.feature_norm
+        model.prune_intermediate_layers([layer], prune_norm=not cfg.feature_norm, prune_head=True)
         # keys a full timm checkpoint has but the pruned encoder doesn't: tolerated when loading
         self._pruned_keys = full_keys - set(model.state_dict())
         self.dim: int = model.embed_dim
@@ -146,7 +147,7 @@ class VisionEncoder(nn.Module):
                     else contextlib.nullcontext())
         with grad, autocast:
             (features,) = self.model.forward_intermediates(
-                pixel_values.to(self.model.patch_embed.proj.weight.dtype), indices=[self.layer], norm=False,
+                pixel_values.to(self.model.patch_embed.proj.weight.dtype), indices=[self.layer], norm=self.feature_norm,
                 output_fmt="NLC", intermediates_only=True, stop_early=True,
             )
         return features

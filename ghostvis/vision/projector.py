@@ -1,4 +1,4 @@
-"""Projector: resampled vision tokens -> LLM embedding width (LLaVA-1.5's two-layer MLP)."""
+"""Projector: resampled vision tokens -> LLM embedding width (LLaVA-1.5's two-layer MLP, or SmolVLM's linear)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,19 @@ class MLPProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class LinearProjector(nn.Module):
+    """One bias-free linear layer, [N, T, in_dim] -> [N, T, out_dim] (Idefics3/SmolVLM's modality projection)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def build_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    """VisionConfig.projector_hidden: > 0 the MLP of that width, 0 the linear layer."""
+    return LinearProjector(in_dim, out_dim) if hidden == 0 else MLPProjector(in_dim, hidden, out_dim)

@@ -7,19 +7,19 @@ from torch import nn
 
 from ghostvis.config import VisionConfig
 from ghostvis.vision.encoder import VisionEncoder
-from ghostvis.vision.projector import MLPProjector
+from ghostvis.vision.projector import build_projector
 from ghostvis.vision.resampler import build_resampler
 
 
 class VisionTower(nn.Module):
-    """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*`."""
+    """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP) or `projector.proj.*` (linear)."""
 
     def __init__(self, vision_cfg: VisionConfig, llm_dim: int):
         super().__init__()
         self.config = vision_cfg
         self.encoder = VisionEncoder(vision_cfg)
         self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
-        self.projector = MLPProjector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
+        self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
 
     @property
     def num_vision_tokens(self) -> int:
@@ -48,7 +48,7 @@ class VisionTower(nn.Module):
                 "(were the cached features made with a different VisionConfig?)"
             )
         # a bf16-autocast encoder returns bf16; the trainable part runs in its own parameter dtype
-        features = features.to(self.projector.fc1.weight.dtype)
+        features = features.to(next(self.projector.parameters()).dtype)
         return self.projector(self.resampler(features))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

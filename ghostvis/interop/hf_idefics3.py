@@ -1,0 +1,60 @@
+"""GhostVis VLM -> transformers ``Idefics3ForConditionalGeneration`` folder (SmolVLM's architecture; docs/interop.md).
+
+Idefics3's connector is our ``pixel_shuffle`` resampler (the same space-to-depth order: token (i, j) holds the
+r x r patches below and right of (r·i, r·j), row by row, each patch's features contiguous) followed by one
+bias-free linear layer (``VisionConfig.projector_hidden = 0``). Its vision tower is SigLIP's (no class token)
+and applies ``post_layernorm`` to the last block's output, so the encoder must keep and apply its final norm
+(``VisionConfig.feature_norm = true``); the kept blocks end at our feature layer. Our image token becomes
+``image_token_id``; a prompt holds ``num_vision_tokens`` of them per image, as in our own rendering.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.interop.hf_llava import language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llm import InteropError
+
+
+def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
+    """Why this VLM cannot be a transformers Idefics3 (None when it can; the encoder family is checked on export)."""
+    if vision_cfg.resampler != "pixel_shuffle":
+        return f"its resampler is {vision_cfg.resampler!r}, Idefics3's is pixel_shuffle"
+    if vision_cfg.projector_hidden != 0:
+        return (f"its projector is an MLP (projector_hidden={vision_cfg.projector_hidden}), Idefics3's one bias-free "
+                "linear layer: train with projector_hidden=0")
+    if not vision_cfg.feature_norm:
+        return "its features skip the encoder's final norm, which Idefics3 applies: train with feature_norm=true"
+    return None
+
+
+def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+    """GhostVis VLM export directory -> transformers Idefics3 folder (config.json, model.safetensors, tokenizer
+    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens. Pixels are our
+    transform's (``ghostvis.vision.transforms.image_transform``): no processor is written. Raises InteropError
+    (with the reason) for other connectors and for an encoder with a class token."""
+    from transformers import Idefics3Config, Idefics3VisionConfig
+
+    vlm = read_vlm(ckpt_dir, dtype, idefics3_refusal, "Idefics3")
+    if vlm.family != "siglip":
+        raise InteropError(f"{vlm.ckpt}: Idefics3's vision tower is SigLIP's, without a class token; this encoder "
+                           f"({vlm.vision_cfg.encoder}) has one")
+    v = vlm.vision_hf
+    vision = Idefics3VisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+    scale = math.isqrt(vlm.encoder.num_patches // vlm.vision_cfg.num_vision_tokens)
+    config = Idefics3Config(
+        vision_config=vision.to_dict(), text_config=vlm.text_cfg.to_dict(), scale_factor=scale,
+        image_token_id=vlm.tok.image_token_id, tie_word_embeddings=vlm.model_cfg.tie_embeddings, dtype=vlm.dtype,
+        architectures=["Idefics3ForConditionalGeneration"])
+    state = {**language_tensors(vlm.llm_state, "model.text_model"),
+             **vision_tensors(vlm, "model.vision_model", {"projector.proj": "model.connector.modality_projection.proj"})}
+    write_vlm_folder(vlm, out_dir, config, state)
+    return config

@@ -1,0 +1,1 @@
+"""Command-line entry points (`ghostvis-*` console scripts once installed; `python launch/NAME.py` in a checkout)."""
