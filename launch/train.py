@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-weights", default=None, metavar="PATH",
                    help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
-    g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
+    g.add_argument("--data", required=True,
+                   help="data directory with train/ and val/ shard subdirectories, one shard directory (trains on "
+                        "it, no validation), or a directory with a mixture.json")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
     g.add_argument("--prefetch", type=int, default=2, metavar="N",
                    help="training batches built ahead in a background thread, overlapping the step (0 = none)")
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--universal", action="store_true",
                    help="load OUT/ckpt/<latest>_universal (made by ds_to_universal); automatic when the "
                         "data-parallel size changed (docs/parallelism.md)")
-    g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte interval (0 = never)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validation bits-per-byte interval (0 = never; default 250, or never when --data has no val/)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per rank")
     g.add_argument("--wandb", default="off", choices=WANDB_MODES, help="Weights & Biases logging")
     g.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="per-GPU peak FLOP/s for MFU")
