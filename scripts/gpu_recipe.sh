@@ -10,6 +10,7 @@ OUT=${RECIPE_OUT:-runs/gpu_recipe}
 DATA=$OUT/data
 TOK=$OUT/tokenizer
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+TOWER=${RECIPE_TOWER:-vlm_tiny_cnn}  # RECIPE_TOWER=vlm_tiny: the 2-block ViT instead, for comparison
 
 rm -rf "$OUT"
 mkdir -p "$OUT/logs"
@@ -60,7 +61,7 @@ base() {
 vision_pretrain() {
   # A small CNN tower trained from scratch (vlm_tiny_cnn: ResNet-10t at stride 8, 16 layout-keeping
   # tokens) on the base LLM; the LLM trains too, at a lower rate.
-  train --stage vision_pretrain --model vlm_tiny_cnn --init-from "$OUT/base" --data "$OUT/vp_mix" \
+  train --stage vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" \
     --out "$OUT/vision_pretrain" --seq-len 96 --micro-batch 128 --steps 800 --warmup 40 \
     --vision-lr 2e-3 --encoder-lr 2e-3 --train-llm-layers all --llm-lr 5e-4 --embed-lr 5e-4 --head-lr 5e-4
 }
