@@ -119,7 +119,7 @@ def test_bad_input_gets_one_line_errors(user_data, tmp_path, tiny_tokenizer_dir,
         train("--stage", "vision_pretrain", "--data", caps, "--eval-every", "5", *common)
     mix = tmp_path / "mix"
     mix.mkdir()
-    for text, why in (("{not json", "not valid JSON"), ('{"datasets": []}', "'datasets' is missing or empty"),
+    for text, why in (("{not json", "not valid JSON"), ('{"datasets": []}', "field 'datasets' is missing or empty"),
                       ('{"datasets": [{"dir": "../caps", "weight": -1}]}', r"datasets\[0\]")):
         (mix / "mixture.json").write_text(text)
         with pytest.raises(DataError, match=f"mixture.json: {why}"):
