@@ -54,6 +54,8 @@ class RunLogger:
                 "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
         if metrics.get("mfu") is not None:
             post["MFU"] = f"{100 * metrics['mfu']:.1f}%"
+        if metrics.get("data_wait_frac") is not None:
+            post["data wait"] = f"{100 * metrics['data_wait_frac']:.0f}%"
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
         with self.metrics_path.open("a") as f:
