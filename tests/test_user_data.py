@@ -57,7 +57,7 @@ def user_data(tmp_path_factory) -> Path:
 def train(*argv) -> None:
     """launch/train.py in this process, with the run's defaults for --eval-every (unlike conftest.run_stage)."""
     loop.run(parse(*argv, "--ds_config", Path(__file__).parent.parent / "ds_configs" / "zero2.json",
-                   "--save-every", "0", "--warmup", "5"))
+                   "--save-every", "0", "--warmup", "5", "--data-workers", "0"))  # 2 cores: no loader process
 
 
 def test_val_fraction_is_a_deterministic_split(user_data, tmp_path):
