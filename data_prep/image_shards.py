@@ -10,6 +10,12 @@ corrupt, missing or too large, whose caption is missing, or whose `<|image|>` pl
 images is skipped and listed in OUT/skipped.jsonl (one {"key", "source", "reason"} per line). Original
 JPEG/PNG/WebP bytes are kept as they are; other formats, and images over --max-side, are re-encoded.
 
+Splits: without --val-fraction OUT is one shard directory, which `launch/train.py --data OUT` trains on
+(without validation) and `launch/eval.py --data OUT` evaluates. `--val-fraction F` writes OUT/train/ and
+OUT/val/ instead: a sample goes to val/ when a hash of its source (file name, LLaVA id, tar:key, HF row)
+falls below F, so about a fraction F goes there, the same samples on every run, and conversations about
+the same LLaVA id stay together.
+
 Resumable: input item i goes to shard i // --shard-size, and a finished shard is recorded in
 OUT/.progress/; a re-run keeps every recorded shard whose inputs and settings are unchanged.
 """
@@ -28,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
@@ -302,7 +308,9 @@ def llava_items(json_path: Path, images: Path | None) -> list[Item]:
             item.problem = "entry has images but no --images folder was given"
         item.images = [str((images or Path(".")) / f) for f in files]
         try:
-            item.record = {"messages": llava_messages(e.get("conversations")), "id": e.get("id")}
+            # the entry's other fields (an `answer`, a `type`, ...) are kept beside the messages
+            extra = {k: v for k, v in e.items() if k not in ("conversations", "image", "messages")}
+            item.record = {**extra, "messages": llava_messages(e.get("conversations")), "id": e.get("id")}
         except Skip as s:
             item.problem = str(s)
         items.append(item)
@@ -378,7 +386,7 @@ def img2dataset_items(input_dir: Path) -> Iterator[Item]:
 
 
 def hf_items(path: Path, split: str | None, image_column: str, text_column: str,
-             images: Path | None) -> tuple[Iterator[Item], int, str]:
+             images: Path | None) -> tuple[Callable[[], Iterator[Item]], int, str]:
     """Rows of a `datasets.save_to_disk` folder. A string text column gives image-text samples; a list of
     messages ({"role", "content"} or LLaVA's {"from", "value"}) gives conversations."""
     import datasets
@@ -409,7 +417,7 @@ def hf_items(path: Path, split: str | None, image_column: str, text_column: str,
             return [s for x in v for s in image_source(x)]
         return []
 
-    def rows() -> Iterator[Item]:
+    def rows() -> Iterator[Item]:  # a function: --val-fraction reads the rows once per split
         for n, row in enumerate(ds):
             item = Item(key=f"{n:09d}", source=f"row {n}", images=image_source(row[image_column]))
             if kind == "image-text":
@@ -421,7 +429,26 @@ def hf_items(path: Path, split: str | None, image_column: str, text_column: str,
                     item.problem = str(s)
             yield item
 
-    return rows(), len(ds), kind
+    return rows, len(ds), kind
+
+
+def in_val(item: Item, fraction: float) -> bool:
+    """Whether `item` belongs to the val split: a hash of its source, so the split is the same on every run."""
+    h = int.from_bytes(hashlib.sha256(f"ghostvis-split:{item.source}".encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def write_splits(items: Callable[[], Iterable[Item]], out: Path, val_fraction: float | None, *, kind: str,
+                 total: int | None, **opts: Any) -> Manifest:
+    """`write_shards` into `out`, or into out/train and out/val by `in_val` (the train manifest is returned)."""
+    if val_fraction is None:
+        return write_shards(items(), out, kind=kind, total=total, **opts)
+    val = write_shards((it for it in items() if in_val(it, val_fraction)), out / "val", kind=kind, **opts)
+    train = write_shards((it for it in items() if not in_val(it, val_fraction)), out / "train", kind=kind, **opts)
+    if not val.num_samples or not train.num_samples:
+        raise SystemExit(f"--val-fraction {val_fraction}: {val.num_samples} val and {train.num_samples} train "
+                         f"samples in {out}; choose a fraction that leaves both splits some samples")
+    return train
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -435,6 +462,9 @@ def main(argv: list[str] | None = None) -> Manifest:
     common.add_argument("--shard-size", type=int, default=1000, help="input samples per shard")
     common.add_argument("--prefix", default="shard", help="shard names: <prefix>-%%06d.tar")
     common.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                        help="write OUT/train and OUT/val (about a fraction F, chosen by a hash of each sample's "
+                             "source) instead of one shard directory")
     f = sub.add_parser("folder", parents=[common], help="image folder + captions jsonl/csv")
     f.add_argument("--images", type=Path, required=True)
     f.add_argument("--captions", type=Path, required=True, help="jsonl or csv with file|image and caption|text")
@@ -456,7 +486,11 @@ def main(argv: list[str] | None = None) -> Manifest:
         v = getattr(a, flag, None)
         if v is not None and not v.exists():
             p.error(f"--{flag} {v}: no such file or directory")
+    if a.val_fraction is not None and not 0 < a.val_fraction < 1:
+        p.error(f"--val-fraction {a.val_fraction}: give a fraction between 0 and 1, e.g. 0.05")
     if a.format == "img2dataset" and not a.rewrite:
+        if a.val_fraction is not None:
+            p.error("--val-fraction writes new train/ and val/ shards: add --rewrite --out OUT")
         if a.max_side is not None or (a.out is not None and a.out.resolve() != a.input.resolve()):
             p.error("img2dataset without --rewrite indexes the tars in place (manifest written into --input); "
                     "add --rewrite to write resized/filtered shards to --out")
@@ -464,16 +498,15 @@ def main(argv: list[str] | None = None) -> Manifest:
     if a.out is None:
         p.error("--out is required")
     opts = dict(shard_size=a.shard_size, prefix=a.prefix, max_side=a.max_side, workers=a.workers)
-    if a.format == "folder":
-        items = folder_items(a.images, a.captions)
-        return write_shards(items, a.out, kind="image-text", total=len(items), **opts)
-    if a.format == "llava":
-        items = llava_items(a.json, a.images)
-        return write_shards(items, a.out, kind="conversation", total=len(items), **opts)
+    if a.format in ("folder", "llava"):
+        items = folder_items(a.images, a.captions) if a.format == "folder" else llava_items(a.json, a.images)
+        kind = "image-text" if a.format == "folder" else "conversation"
+        return write_splits(lambda: items, a.out, a.val_fraction, kind=kind, total=len(items), **opts)
     if a.format == "img2dataset":
-        return write_shards(img2dataset_items(a.input), a.out, kind="image-text", **opts)
+        return write_splits(lambda: img2dataset_items(a.input), a.out, a.val_fraction, kind="image-text",
+                            total=None, **opts)
     rows, total, kind = hf_items(a.path, a.split, a.image_column, a.text_column, a.images)
-    return write_shards(rows, a.out, kind=kind, total=total, **opts)
+    return write_splits(rows, a.out, a.val_fraction, kind=kind, total=total, **opts)
 
 
 cli = console_script(main)

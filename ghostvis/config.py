@@ -193,6 +193,13 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
                      resampler="avgpool", num_vision_tokens=16, resampler_depth=1, resampler_heads=2,
                      projector_hidden=128),
     ),
+    # the same LLM with a small CNN (ResNet-10t, from scratch) read at its stride-8 stage: an 8 x 8 map,
+    # pixel-shuffled 2 x 2 into 16 tokens that keep the layout (docs/demo.md, "Learning to look")
+    "vlm_tiny_cnn": (
+        lambda depth: _tiny(),
+        VisionConfig(encoder="resnet10t", image_size=64, feature_layer=2, resampler="pixel_shuffle",
+                     num_vision_tokens=16, projector_hidden=128),
+    ),
     "vlm_small": (
         lambda depth: small_config(12 if depth is None else depth),
         VisionConfig(encoder="vit_small_patch16_224", image_size=224, resampler="perceiver", num_vision_tokens=64,

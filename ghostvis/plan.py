@@ -256,6 +256,8 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
     block's transient tensors); a training encoder keeps per block its two norms' inputs, q/k/v, the
     attention output and the MLP hidden twice. A perceiver keeps the patches' K/V per block."""
     enc = model.vision.encoder
+    if not enc.is_vit:
+        raise ValueError(f"the planner estimates ViT encoders only; {model.vision.config.encoder!r} is a CNN")
     patches, dim = enc.num_patches, enc.dim
     hidden = enc.model.blocks[0].mlp.fc1.out_features
     per_block = patches * (7 * dim + 2 * hidden)

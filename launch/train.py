@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a field of the new vision tower's VisionConfig (ghostvis/config.py), repeatable; e.g. "
                         "an exportable Idefics3 connector: --vision resampler=pixel_shuffle --vision "
                         "num_vision_tokens=N --vision projector_hidden=0 --vision feature_norm=true (docs/interop.md)")
-    g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
+    g.add_argument("--data", required=True,
+                   help="data directory with train/ and val/ shard subdirectories, one shard directory (trains on "
+                        "it, no validation), or a directory with a mixture.json")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
     g.add_argument("--data-workers", type=_workers, default=None, metavar="N",
                    help="processes building training batches (decode, resize, tokenize) ahead of the step, each on "
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--universal", action="store_true",
                    help="load OUT/ckpt/<latest>_universal (made by ds_to_universal); automatic when the "
                         "data-parallel size changed (docs/parallelism.md)")
-    g.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte interval (0 = never)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validation bits-per-byte interval (0 = never; default 250, or never when --data has no val/)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per rank")
     g.add_argument("--wandb", default="off", choices=WANDB_MODES, help="Weights & Biases logging")
     g.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="per-GPU peak FLOP/s for MFU")

@@ -10,6 +10,9 @@ OUT=${DEMO_OUT:-runs/demo}
 DATA=$OUT/data
 TOK=$OUT/tokenizer
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+# The vision tower grown on the base model: a small CNN learns shapes from scratch far faster than the
+# 2-block ViT of vlm_tiny (docs/demo.md, "Learning to look"); DEMO_TOWER=vlm_tiny gives the ViT.
+TOWER=${DEMO_TOWER:-vlm_tiny_cnn}
 
 rm -rf "$OUT"
 mkdir -p "$OUT/logs"
@@ -62,10 +65,10 @@ base() {
 }
 
 vision_pretrain() {
-  # A fresh vlm_tiny tower on the base LLM. The encoder has no pretrained weights offline, so it trains
+  # A fresh $TOWER tower on the base LLM. The encoder has no pretrained weights offline, so it trains
   # too (--encoder-lr), and so does the small LLM: captions name every colour, shape and the left-to-right
   # order, ~15 supervised tokens per image, the cheapest way on CPU to learn to look.
-  train --stage vision_pretrain --model vlm_tiny --init-from "$OUT/base" --data "$OUT/vp_mix" \
+  train --stage vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" \
     --out "$OUT/vision_pretrain" --seq-len 64 --micro-batch 32 --steps 500 --warmup 10 \
     --vision-lr 3e-3 --encoder-lr 1e-3 --train-llm-layers all --llm-lr 1e-3 --embed-lr 1e-3 --head-lr 1e-3
   evaluate "$OUT/vision_pretrain" --no-report

@@ -107,7 +107,7 @@ def test_blanked_images_reach_the_model_as_one_constant_image(setup):
     out = evaluate_vqa(model, TOK, test_dir, max_samples=8, batch_size=4, blank_images=True,
                        num_examples=8, progress=False)
     assert model.training  # restored for the loop
-    assert out["blank_images"] and out["skipped"] == 0 and out["overall"]["n"] == 8
+    assert out["blank_images"] and out["skipped"] == {} and out["overall"]["n"] == 8
     assert sum(e["n"] for e in out["per_type"].values()) == 8
     by_question: dict[str, set[str]] = {}
     for e in out["examples"]:

@@ -115,7 +115,8 @@ def pick_data(tmp_path_factory) -> Path:
                                          for a in ANSWERS])
     rl = [conversation(p, "red", "red") for _ in range(8) for p in PROMPTS]
     write_split(root / "rl" / "train", rl)
-    write_split(root / "bad", rl + [conversation("pick a", "red", None)])  # no answer: skipped and counted
+    # no `answer` field: the last assistant turn is the reference; nothing to answer: skipped, counted by cause
+    write_split(root / "bad", rl + [{"messages": [{"role": "user", "content": "x"}]}, conversation("pick a", "red", None)])
     return root
 
 
@@ -123,7 +124,8 @@ def test_prompt_batches(pick_data, tiny_tokenizer):
     source = ShardStream(pick_data / "bad", seed=0, loop=False, shuffle=False, max_corrupt_fraction=0.5)
     batches = list(PromptBatches(source, tiny_tokenizer, batch_size=11, max_prompt_len=64, num_vision_tokens=0,
                                  transform=None))
-    assert len(batches) == 2 and source.stats["corrupt"] == 1  # 32 usable prompts: 2 full batches, the rest left
+    assert len(batches) == 3 and source.stats["corrupt"] == 0  # 33 usable prompts; a missing answer is no corruption
+    assert batches[-1]["answers"][-1] == "red" and batches[-1]["skipped"] == {"no answer": 1}
     first = batches[0]
     prompt = first["prompts"][0]
     assert prompt == tiny_tokenizer.render_for_completion(conversation("pick a", "red", None))

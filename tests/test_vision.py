@@ -175,6 +175,31 @@ def test_encoder_weights_roundtrip_and_full_timm_checkpoint(tmp_path):
     assert torch.equal(fresh(pixels), expected)
 
 
+def test_cnn_encoder_feature_map_as_patch_tokens(tmp_path):
+    """A timm CNN (vlm_tiny_cnn: ResNet-10t, stride-8 stage) gives its feature map as row-major patch
+    tokens, trains when unfrozen, and saves/loads its pruned weights."""
+    torch.manual_seed(0)
+    model_cfg, cfg = get_preset("vlm_tiny_cnn", image_token_id=IMG)
+    cfg = dataclasses.replace(cfg, freeze_encoder=False)
+    enc = VisionEncoder(cfg)
+    assert enc.grid == (8, 8) and enc.dim == 128 and len(enc.model.layer3) == 0  # later stages pruned
+    pixels = torch.randn(2, 3, 64, 64)
+    feats = enc(pixels)
+    with torch.no_grad():
+        (fmap,) = enc.model.forward_intermediates(pixels, indices=[2], intermediates_only=True)
+    assert feats.shape == (2, 64, 128) and torch.equal(feats[:, 9], fmap[:, :, 1, 1])  # token 9 = row 1, col 1
+    feats.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    vlm = VLM(model_cfg, cfg)
+    assert vlm.num_vision_tokens == 16
+    enc.save_encoder_weights(tmp_path / "cnn.safetensors")
+    other = VisionEncoder(cfg)
+    other.load_encoder_weights(tmp_path / "cnn.safetensors")
+    assert torch.equal(other.eval()(pixels), enc.eval()(pixels))
+    with pytest.raises(ValueError, match="feature stages"):
+        VisionEncoder(dataclasses.replace(cfg, feature_layer=5))
+
+
 def test_encoder_refuses_downloads_and_unsafe_files(tmp_path):
     with pytest.raises(ValueError, match="download"):
         VisionEncoder(_encoder_cfg(encoder="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"))

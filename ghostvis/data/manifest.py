@@ -22,6 +22,9 @@ from typing import Any
 FORMAT = "ghostvis-shards/1"
 MANIFEST_NAME = "manifest.json"
 KINDS = ("text-tokens", "text", "image-text", "conversation")
+# which stage reads each kind, for the message when a directory of the wrong kind is given
+KIND_STAGES = {"text-tokens": "--stage base", "image-text": "--stage vision_pretrain",
+               "conversation": "--stage sft or rl", "text": "none (tokenize it with data_prep.text_shards)"}
 
 
 class DataError(ValueError):
@@ -152,7 +155,9 @@ def read_manifest(
         raise DataError(f"{path}: not valid JSON ({e})") from None
     m = Manifest.from_dict(raw, where=str(path))
     if expected_kind is not None and m.kind != expected_kind:
-        raise DataError(f"{path}: field 'kind' is {m.kind!r} but this stage reads {expected_kind!r} shards")
+        raise DataError(f"{path}: field 'kind' is {m.kind!r} but this stage reads {expected_kind!r} shards; "
+                        f"{m.kind} shards are for {KIND_STAGES.get(m.kind, 'no stage')}, {expected_kind} shards "
+                        f"for {KIND_STAGES.get(expected_kind, 'no stage')}")
     if expected_tokenizer is not None and m.tokenizer is not None:
         want, have = _fingerprint(expected_tokenizer), m.tokenizer["fingerprint"]
         if want != have:
@@ -165,3 +170,12 @@ def read_manifest(
         raise DataError(f"{path}: {len(missing)} listed shard file(s) missing in {data_dir}: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return m
+
+
+def split_dir(data_dir: str | os.PathLike, split: str) -> Path:
+    """Where a dataset keeps `split`: `data_dir/split`, except that a flat shard directory (manifest.json,
+    no split subdirectories, e.g. `data_prep.image_shards` without --val-fraction) is its own train split."""
+    d = Path(data_dir)
+    if split == "train" and (d / MANIFEST_NAME).is_file() and not (d / split).is_dir():
+        return d
+    return d / split

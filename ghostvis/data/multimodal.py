@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 
 from ghostvis.data.features import FEATURES_KEY, check_features
-from ghostvis.data.manifest import DataError, read_manifest
+from ghostvis.data.manifest import DataError, read_manifest, split_dir
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
 from ghostvis.tokenizer import Tokenizer, message_images
@@ -78,7 +78,16 @@ class SampleSource(Protocol):
 
 
 class Unusable(Exception):
-    """A sample the batcher must skip (counted via the source's mark_corrupt)."""
+    """A sample the batcher must skip (counted via the source's mark_corrupt). `cause` is how reports
+    group it (eval.json, rl's metrics)."""
+
+    cause = "unreadable"
+
+
+class ImageMissing(Unusable):
+    """A conversation whose images don't match its placeholders, or whose image can't be decoded."""
+
+    cause = "image missing"
 
 
 @dataclass
@@ -283,13 +292,13 @@ def read_conversation(sample: dict[str, Any]) -> tuple[dict[str, Any], list[str]
         raise Unusable(f"conversation JSON is a {type(record).__name__}, expected an object with 'messages'")
     found = sorted((int(m.group(1)), k) for k in sample if (m := _CONV_IMAGE.match(k)))
     if [i for i, _ in found] != list(range(len(found))):
-        raise Unusable(f"image members are not numbered 0..n-1: {[k for _, k in found]}")
+        raise ImageMissing(f"image members are not numbered 0..n-1: {[k for _, k in found]}")
     try:
         expected = count_images(record)
     except (KeyError, TypeError) as e:
         raise Unusable(f"malformed messages: {e!r}") from e
     if expected != len(found):
-        raise Unusable(f"{expected} image placeholders but {len(found)} images")
+        raise ImageMissing(f"{expected} image placeholders but {len(found)} images")
     return record, [k for _, k in found]
 
 
@@ -363,14 +372,23 @@ MIXTURE_FILE = "mixture.json"
 def mixture_entries(data_dir: Path) -> list[tuple[Path, float]] | None:
     """The datasets of `data_dir/mixture.json` with their weights, or None without that file:
     {"datasets": [{"dir": "../vqa", "weight": 3}, {"dir": "../arith", "weight": 1}]} (dirs relative to the
-    file, each holding train/ and val/ like a plain data directory)."""
+    file, each holding train/ and val/ like a plain data directory, or one flat shard directory)."""
     spec_path = Path(data_dir) / MIXTURE_FILE
     if not spec_path.is_file():
         return None
-    spec = json.loads(spec_path.read_text())
+    shape = '{"datasets": [{"dir": "../vqa", "weight": 3}, ...]} (weights > 0, dirs relative to the file)'
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{spec_path}: not valid JSON ({e}); expected {shape}") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
-    if not entries or not all(isinstance(e, dict) and "dir" in e and "weight" in e for e in entries):
-        raise ValueError(f'{spec_path}: expected {{"datasets": [{{"dir": "...", "weight": 1.0}}, ...]}}')
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{spec_path}: field 'datasets' is missing or empty; expected {shape}")
+    for i, e in enumerate(entries):
+        ok = (isinstance(e, dict) and isinstance(e.get("dir"), str) and isinstance(e.get("weight"), (int, float))
+              and not isinstance(e.get("weight"), bool) and e["weight"] > 0)
+        if not ok:
+            raise DataError(f"{spec_path}: datasets[{i}] is {json.dumps(e)}; expected {shape}")
     return [(spec_path.parent / e["dir"], float(e["weight"])) for e in entries]
 
 
@@ -378,7 +396,7 @@ def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None 
     """The split's ShardStream of `req.data_dir`, or a weighted MixtureBatches of the `entries` datasets
     (default: those of `req.data_dir/mixture.json` where it exists)."""
     def stream(d: Path, seed: int) -> ShardStream:
-        return ShardStream(d / req.split, seed=seed, rank=req.rank, world_size=req.world_size,
+        return ShardStream(split_dir(d, req.split), seed=seed, rank=req.rank, world_size=req.world_size,
                            loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
 
     entries = mixture_entries(req.data_dir) if entries is None else entries
@@ -415,10 +433,10 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     entries = mixture_entries(req.data_dir)
     if entries is None:
         return make(sample_source(req, kind))
-    is_text = [read_manifest(d / req.split).kind == "text-tokens" for d, _ in entries]
+    is_text = [read_manifest(split_dir(d, req.split)).kind == "text-tokens" for d, _ in entries]
     own = [e for e, t in zip(entries, is_text) if not t]
     if not own:
-        raise ValueError(f"{Path(req.data_dir) / MIXTURE_FILE}: every dataset is text-tokens; this stage needs "
+        raise DataError(f"{Path(req.data_dir) / MIXTURE_FILE}: every dataset is text-tokens; this stage needs "
                          f"at least one {kind} dataset")
     main = make(sample_source(req, kind, own))
     text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]

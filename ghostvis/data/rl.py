@@ -10,9 +10,11 @@ one directory or a `mixture.json` (the same mixing as sft). Each sample becomes
     type     the question type ("other" when the sample names none)
 
 and a batch is `{"prompts": [[ids]], "images": [[tensor]], "answers": [str], "types": [str],
-"num_tokens": int}` of `req.batch_size` prompts. A sample without an answer or with unreadable images is
-skipped and counted as corrupt in its stream; a prompt of `req.seq_len` tokens or more (no room to answer)
-is skipped and counted in `skipped_long`.
+"num_tokens": int, "skipped": {cause: n}}` of `req.batch_size` prompts. The reference answer is the
+sample's `answer` field, else its last assistant turn (`ghostvis.eval.vqa.reference_answer`). Samples that
+can't be used are skipped and counted by cause ("no answer", "image missing", "prompt too long" = no room
+to answer in `req.seq_len`, "unreadable"; logged as `skipped_<cause>` metrics); broken ones also count as
+corrupt in their stream. A whole pass over the data without one usable prompt is a DataError naming the causes.
 
 The state is the source's position after the last emitted batch, so resume is exact. In `eval_mode` (the
 loop's validation) the builder returns the ordinary conversation batches of the val split instead: the
@@ -21,14 +23,16 @@ loop measures bits per byte of the reference replies there, a check that RL does
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ghostvis.data.manifest import DataError
 from ghostvis.data.multimodal import (ConversationBatches, SampleSource, Unusable, conversation_batches,
                                       sample_source)
-from ghostvis.eval.vqa import PromptTooLong, parse_sample, qa_prompt
+from ghostvis.eval.vqa import Skips, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
 
@@ -44,7 +48,9 @@ class PromptBatches:
         self.batch_size, self.max_prompt_len = batch_size, max_prompt_len
         self.n_vis, self.transform = num_vision_tokens, transform
         self.device = torch.device(device)
-        self.skipped_long = 0
+        self.skips = Skips()
+        # a pass over every sample without a usable one means none will come
+        self.num_samples = sum(s.manifest.num_samples for s in getattr(source, "sources", [source]))
 
     def _prompt(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """One sample as a prompt, or None (counted) when it can't be used."""
@@ -53,34 +59,41 @@ class PromptBatches:
             if sample.images and self.transform is None:
                 raise Unusable("a sample has images but the model has no vision tower")
             ids = qa_prompt(sample, self.tok, self.n_vis, self.max_prompt_len)
-        except PromptTooLong:
-            self.skipped_long += 1
-            return None
-        except Unusable:
-            self.source.mark_corrupt()
+        except Unusable as e:
+            self.skips.add(e, self.source)
             return None
         return {"prompt": ids, "images": [self.transform(im).to(self.device) for im in sample.images],
                 "answer": sample.answer, "type": sample.qtype}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
+        unused = 0  # samples in a row that gave no prompt
         for raw in self.source:
             row = self._prompt(raw)
             if row is None:
+                unused += 1
+                if unused >= self.num_samples:
+                    skipped = self.skips.report(self.source)
+                    raise DataError(f"--stage rl: none of {unused} samples in a row can be used ("
+                                    + ", ".join(f"{n} {cause}" for cause, n in skipped.items())
+                                    + "); a prompt needs an 'answer' field or a final assistant turn, its "
+                                    "images, and room to answer within --seq-len")
                 continue
+            unused = 0
             rows.append(row)
             if len(rows) == self.batch_size:
                 yield {"prompts": [r["prompt"] for r in rows], "images": [r["images"] for r in rows],
                        "answers": [r["answer"] for r in rows], "types": [r["type"] for r in rows],
-                       "num_tokens": sum(len(r["prompt"]) for r in rows)}
+                       "num_tokens": sum(len(r["prompt"]) for r in rows),
+                       "skipped": self.skips.report(self.source)}
                 rows = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source.state_dict(), "skipped_long": self.skipped_long}
+        return {"source": self.source.state_dict(), "skips": dict(self.skips.causes), "marked": self.skips.marked}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state["source"])
-        self.skipped_long = int(state["skipped_long"])
+        self.skips = Skips(Counter(state["skips"]), int(state["marked"]))
 
 
 def prompt_batches(req: Any) -> PromptBatches | ConversationBatches:

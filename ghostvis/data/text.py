@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ghostvis.data.manifest import DataError
+from ghostvis.data.manifest import DataError, split_dir
 from ghostvis.data.shards import ShardStream
 
 
@@ -171,7 +171,7 @@ class TokenRowLoader:
 
 def text_batches(req: Any) -> TokenRowLoader:
     """The text-tokens data builder (`req` is a ghostvis.train.loop.DataRequest): `req.data_dir/req.split`."""
-    return TokenRowLoader(req.data_dir / req.split, seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
+    return TokenRowLoader(split_dir(req.data_dir, req.split), seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
                           world_size=req.world_size, seed=req.seed, tokenizer=req.tokenizer, device=req.device,
                           eval_mode=req.eval_mode)
 

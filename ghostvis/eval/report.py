@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 METRICS_FILE = "metrics.jsonl"
 # Panels in this order first; any other numeric metric follows alphabetically.
 PREFERRED = ("loss", "val_bpb", "reward", "lr_mult", "grad_norm", "tokens_per_s", "mfu")
-NOT_PLOTTED = {"step", "skipped_steps"}
+NOT_PLOTTED = {"step", "skipped_steps", "skipped_no_answer", "skipped_image_missing", "skipped_prompt_too_long",
+               "skipped_unreadable"}  # counts, not curves
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -111,6 +112,8 @@ def results_table(results: dict[str, Any]) -> str:
             cell = f" {_pct(blank_rows[name]['accuracy'])} |" if name in blank_rows else (" — |" if blank else "")
             lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} |")
         lines.append("")
+        if vqa.get("skipped"):
+            lines += ["- samples not used: " + ", ".join(f"{n} {cause}" for cause, n in vqa["skipped"].items()), ""]
     if "caption" in results:
         c = results["caption"]
         lines.append(f"- caption loss: **{c['loss']:.4f}** nats/token ({c['samples']} captions, {c['tokens']} tokens)")

@@ -1,9 +1,11 @@
 """Held-out visual QA: greedy answers from the inference engine, exact match against the reference.
 
-Reads conversation shards whose samples carry `"answer"` (and `"type"`, the question type; samples
-without one count under "other"): the prompt is the conversation up to the final assistant turn, the
-reply is generated greedily (KV cache, images spliced in) and compared with `answer` after
-`normalize_answer`. Tool calls in the reply are not part of the answer: only its text parts are.
+Reads conversation shards (`"type"` names the question type; samples without one count under "other"):
+the prompt is the conversation up to the final assistant turn, the reply is generated greedily (KV cache,
+images spliced in) and compared with the reference after `normalize_answer`. The reference is the sample's
+`"answer"` field, or else the text of its last assistant turn (so any user conversation, e.g. one from
+LLaVA JSON, can be evaluated). Samples that can't be used are counted by cause: "no answer", "image
+missing", "prompt too long", "unreadable". Tool calls in the reply are not part of the answer: only its text parts are.
 
 `blank_images=True` swaps every image for a constant one of the same size (the embedded scenes'
 background, i.e. the scene with every shape removed). Such an image carries no information, so a model
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import math
 import string
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ghostvis.data.multimodal import Unusable, read_conversation
+from ghostvis.data.multimodal import ImageMissing, Unusable, read_conversation
 from ghostvis.data.scenes import BACKGROUND, chance_accuracy
 from ghostvis.data.shards import ShardStream
 from ghostvis.infer.chat import ReplyStream
@@ -66,7 +69,7 @@ class QASample:
 
     @property
     def answer(self) -> str:
-        return str(self.record["answer"])
+        return reference_answer(self.record)  # parse_sample checked that there is one
 
     @property
     def qtype(self) -> str:
@@ -84,17 +87,65 @@ class QASample:
 class PromptTooLong(Unusable):
     """A prompt that leaves no room for the answer in the context."""
 
+    cause = "prompt too long"
+
+
+class NoAnswer(Unusable):
+    """Neither an `answer` field nor a final assistant turn: nothing to compare a reply with."""
+
+    cause = "no answer"
+
+
+def reference_answer(record: dict[str, Any]) -> str | None:
+    """The `answer` field, else the text of the conversation's last turn when the assistant speaks it."""
+    if "answer" in record:
+        return str(record["answer"])
+    messages = record.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content.strip() if isinstance(content, str) and content.strip() else None
+
 
 def parse_sample(sample: dict[str, Any]) -> QASample:
-    """A raw shard sample -> QASample; raises Unusable (the caller counts it) when it can't be used."""
+    """A raw shard sample -> QASample; raises Unusable (the caller counts it by its `cause`) when it can't
+    be used."""
     record, image_keys = read_conversation(sample)
-    if "answer" not in record:
-        raise Unusable("no reference 'answer' field")
+    if reference_answer(record) is None:
+        raise NoAnswer("no 'answer' field and no final assistant turn")
     try:
         images = [load_image(sample[k]) for k in image_keys]
     except BadImage as e:
-        raise Unusable(e.reason) from e
+        raise ImageMissing(e.reason) from e
     return QASample(str(sample["__key__"]), record, images)
+
+
+SKIP_CAUSES = (NoAnswer.cause, ImageMissing.cause, PromptTooLong.cause, Unusable.cause)
+
+
+@dataclass
+class Skips:
+    """Samples not used, by cause. A broken sample (not merely lacking an answer or too long for the
+    context) also counts as corrupt in its stream, against the stream's corrupt-fraction limit."""
+
+    causes: Counter = field(default_factory=Counter)
+    marked: int = 0  # how many of them were marked corrupt in the stream
+
+    def add(self, error: Unusable, stream: ShardStream | None = None) -> None:
+        """Count `error`'s sample; with the stream that yielded it, a broken one is marked corrupt there."""
+        self.causes[error.cause] += 1
+        if stream is not None and not isinstance(error, (NoAnswer, PromptTooLong)):
+            stream.mark_corrupt()
+            self.marked += 1
+
+    def report(self, stream: Any) -> dict[str, int]:
+        """{cause: n}; "unreadable" adds what the tar reader itself couldn't read."""
+        report = Counter(self.causes)
+        report["unreadable"] += stream.stats["corrupt"] - self.marked
+        return {cause: n for cause, n in sorted(report.items()) if n}
 
 
 def qa_prompt(sample: QASample, tokenizer: Tokenizer, num_vision_tokens: int, max_len: int) -> list[int]:
@@ -136,8 +187,10 @@ def aggregate(results: list[tuple[str, bool]]) -> dict[str, Any]:
             "per_type": dict(sorted(per_type.items()))}
 
 
-def iter_samples(data_dir: str | Path, max_samples: int | None) -> tuple[ShardStream, Iterator[QASample]]:
-    """The stream (for its corrupt counters) and its usable samples, in manifest order, at most max_samples."""
+def iter_samples(data_dir: str | Path, max_samples: int | None,
+                 skips: Skips) -> tuple[ShardStream, Iterator[QASample]]:
+    """The stream (for its corrupt counters) and its usable samples, in manifest order, at most max_samples;
+    the others are counted in `skips`."""
     stream = ShardStream(data_dir, seed=0, loop=False, shuffle=False, expected_kind="conversation",
                          max_corrupt_fraction=0.05)
 
@@ -148,8 +201,8 @@ def iter_samples(data_dir: str | Path, max_samples: int | None) -> tuple[ShardSt
                 return
             try:
                 sample = parse_sample(raw)
-            except Unusable:
-                stream.mark_corrupt()
+            except Unusable as e:
+                skips.add(e, stream)
                 continue
             taken += 1
             yield sample
@@ -189,7 +242,7 @@ def evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | P
                  progress: bool = True) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers on the conversation shards in `data_dir` (one split).
 
-    Returns `aggregate(...)` plus "skipped" (unusable samples, incl. prompts too long for the context),
+    Returns `aggregate(...)` plus "skipped" ({cause: n} of the samples not used, see the module doc),
     "blank_images" and "examples" (the first `num_examples` {key, type, question, answer, prediction}).
     Single process: call it on rank 0 with the whole model (an export, or the module under ZeRO <= 2).
     """
@@ -208,10 +261,10 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
                   num_examples: int, progress: bool) -> dict[str, Any]:
     engine = Engine(model, tokenizer, device)
     transform = image_transform(model.vision_config) if engine.vision is not None else None
-    stream, samples = iter_samples(data_dir, max_samples)
+    skips = Skips()
+    stream, samples = iter_samples(data_dir, max_samples, skips)
     results: list[tuple[str, bool]] = []
     examples: list[dict[str, str]] = []
-    unusable = 0  # prompts the renderer refuses or that leave no room in the context
     total = stream.manifest.num_samples if max_samples is None else min(max_samples, stream.manifest.num_samples)
     bar = tqdm(total=total, desc=f"vqa{' (blanked)' if blank_images else ''}", leave=False,
                disable=not progress)
@@ -236,8 +289,8 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
         check_model(model, bool(sample.images), f"{data_dir} sample {sample.key}")
         try:
             ids = qa_prompt(sample, tokenizer, engine.num_vision_tokens, engine.max_seq_len)
-        except Unusable:
-            unusable += 1
+        except Unusable as e:
+            skips.add(e)  # a prompt problem, not a damaged sample: not counted as corrupt
             bar.update(1)
             continue
         window.append((ids, sample))
@@ -246,8 +299,11 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
             window = []
     run(window)
     bar.close()
+    skipped = skips.report(stream)
     if not results:
-        raise ValueError(f"{data_dir}: no usable question/answer samples ({stream.stats['corrupt']} unreadable, "
-                         f"{unusable} not renderable or too long for the context of {engine.max_seq_len} tokens)")
-    return {**aggregate(results), "skipped": stream.stats["corrupt"] + unusable, "blank_images": blank_images,
+        raise ValueError(f"{data_dir}: no usable question/answer samples ("
+                         + ", ".join(f"{n} {cause}" for cause, n in skipped.items())
+                         + f"; the context is {engine.max_seq_len} tokens). A sample needs an 'answer' field or "
+                         "a final assistant turn, and its images")
+    return {**aggregate(results), "skipped": skipped, "blank_images": blank_images,
             "examples": examples}

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ghostvis.eval.vqa import evaluating, is_correct, reply_text
+from ghostvis.eval.vqa import SKIP_CAUSES, evaluating, is_correct, reply_text
 from ghostvis.infer.engine import Completion, Engine
 from ghostvis.train.engine import ConfigError
 
@@ -146,6 +146,9 @@ def grpo_loss(engine: Any, batch: dict[str, Any], *, settings: GRPOSettings, tok
                "completion_tokens": sum(len(c.tokens) for c in completions) / len(completions)}
     if kl is not None:
         metrics["kl"] = kl.item()
+    # samples this rank skipped so far, by cause; every cause always, so every rank logs the same keys
+    metrics.update({f"skipped_{cause.replace(' ', '_')}": float(batch.get("skipped", {}).get(cause, 0))
+                    for cause in SKIP_CAUSES})
     return loss, metrics
 
 

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from ghostvis import checkpoint_io, lora
 from ghostvis.config import ModelConfig, get_preset
-from ghostvis.data.multimodal import caption_batches, conversation_batches
 from ghostvis.data.loader import WorkerBatches
+from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
+from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import AttentionError, select_attention
@@ -333,6 +334,20 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
     return (sums[0] / (math.log(2) * sums[1].clamp(min=1))).item()
 
 
+def resolve_eval_every(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(--eval-every, note): unset, validation runs every 250 steps where every dataset of --data has a val/
+    split and not at all otherwise (the note says so); set > 0 without val/, a DataError with the fix."""
+    data = Path(args.data)
+    no_val = [d for d, _ in mixture_entries(data) or [(data, 1.0)]
+              if not (split_dir(d, "val") / MANIFEST_NAME).is_file()]
+    if not no_val:
+        return (250 if args.eval_every is None else args.eval_every), None
+    if args.eval_every:
+        raise DataError(f"--eval-every {args.eval_every}: {no_val[0]} has no val/ split to validate on; write one "
+                        "(data_prep.image_shards --val-fraction 0.05) or pass --eval-every 0")
+    return 0, None if args.eval_every == 0 else f"{no_val[0]} has no val/ split: no validation runs"
+
+
 class TimedBatches:
     """The training batches, timing how long the loop waits for each and counting their images."""
 
@@ -365,6 +380,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_builder, loss_builder = DATA_BUILDERS[stage.data_kind], LOSSES[stage.loss]
     settings = stage_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
+    args.eval_every, note = resolve_eval_every(args)
+    if note and rank == 0:
+        print(note, flush=True)
     topo = Topology(args.tp, args.pp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)

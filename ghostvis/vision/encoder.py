@@ -1,4 +1,8 @@
-"""Image encoder: any timm ViT by name, patch features from an inner block (docs/vision.md).
+"""Image encoder: any timm ViT or CNN by name, patch features from an inner layer (docs/vision.md).
+
+A ViT gives the patch tokens of block `feature_layer`; a CNN (ResNet, ConvNeXt, ...: any timm model with
+`feature_info`) gives the feature map of stage `feature_layer` (an index into `model.feature_info`), each
+cell a patch token in row-major order: a small CNN learns local features from little data, from scratch.
 
 Nothing is downloaded: the model is built with `pretrained=False` and weights come from a local
 timm-format `.safetensors` file or a Hugging Face SigLIP/CLIP folder (ghostvis/interop/hf_vision.py).
@@ -44,10 +48,13 @@ def _create_timm_model(cfg: VisionConfig, timm_kwargs: dict[str, Any]) -> nn.Mod
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:
-        raise ValueError(
-            f"timm model {name!r} does not accept {sorted(kwargs)} ({e}); the vision tower needs a ViT-style "
-            "encoder with an `img_size` argument"
-        ) from e
+        if "img_size" in timm_kwargs or "img_size" not in str(e):
+            raise ValueError(f"timm model {name!r} does not accept {sorted(kwargs)} ({e})") from e
+    kwargs.pop("img_size")  # a CNN takes any input size and has no such argument
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"timm model {name!r} does not accept {sorted(kwargs)} ({e})") from e
 
 
 def read_timm_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -71,20 +78,24 @@ def read_timm_state_dict(path: str | Path, model: nn.Module | None = None) -> di
 
 
 class VisionEncoder(nn.Module):
-    """timm ViT -> patch features [N, num_patches, dim] from block `cfg.feature_layer`, prefix
-    (cls/register) tokens dropped. Frozen (the default): no grads, always eval, run under no_grad."""
+    """timm ViT or CNN -> patch features [N, num_patches, dim] from layer `cfg.feature_layer` (a ViT's
+    prefix cls/register tokens dropped, a CNN's feature map flattened row by row). Frozen (the default):
+    no grads, always eval, run under no_grad."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.frozen = cfg.freeze_encoder
         model = _create_timm_model(cfg, dict(cfg.encoder_kwargs))
-        if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
-            raise ValueError(f"VisionConfig.encoder={cfg.encoder!r} is not a ViT with forward_intermediates")
-        n_blocks = len(model.blocks)
+        self.is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
+        if not hasattr(model, "forward_intermediates") or not (self.is_vit or hasattr(model, "feature_info")):
+            raise ValueError(f"VisionConfig.encoder={cfg.encoder!r} is neither a ViT nor a CNN with feature_info "
+                             "and forward_intermediates")
+        n_blocks = len(model.blocks) if self.is_vit else len(model.feature_info)
         layer = cfg.feature_layer if cfg.feature_layer >= 0 else n_blocks + cfg.feature_layer
         if not 0 <= layer < n_blocks:
+            what = "blocks" if self.is_vit else "feature stages (model.feature_info)"
             raise ValueError(
-                f"VisionConfig.feature_layer={cfg.feature_layer} is outside the encoder's {n_blocks} blocks"
+                f"VisionConfig.feature_layer={cfg.feature_layer} is outside the encoder's {n_blocks} {what}"
             )
         self.layer = layer
         self.model = model
@@ -97,8 +108,13 @@ class VisionEncoder(nn.Module):
         model.prune_intermediate_layers([layer], prune_norm=not cfg.feature_norm, prune_head=True)
         # keys a full timm checkpoint has but the pruned encoder doesn't: tolerated when loading
         self._pruned_keys = full_keys - set(model.state_dict())
-        self.dim: int = model.embed_dim
-        grid = model.patch_embed.grid_size
+        if self.is_vit:
+            self.dim: int = model.embed_dim
+            grid = model.patch_embed.grid_size
+        else:
+            self.dim = int(model.feature_info[layer]["num_chs"])
+            side = -(-cfg.image_size // int(model.feature_info[layer]["reduction"]))  # padded convs round up
+            grid = (side, side)
         self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
         self.num_patches: int = self.grid[0] * self.grid[1]
         if self.frozen:
@@ -147,7 +163,7 @@ class VisionEncoder(nn.Module):
                     else contextlib.nullcontext())
         with grad, autocast:
             (features,) = self.model.forward_intermediates(
-                pixel_values.to(self.model.patch_embed.proj.weight.dtype), indices=[self.layer], norm=self.feature_norm,
-                output_fmt="NLC", intermediates_only=True, stop_early=True,
+                pixel_values.to(next(self.model.parameters()).dtype), indices=[self.layer], norm=self.feature_norm,
+                output_fmt="NLC" if self.is_vit else "NCHW", intermediates_only=True, stop_early=True,
             )
-        return features
+        return features if self.is_vit else features.flatten(2).transpose(1, 2)
