@@ -8,7 +8,6 @@ Then open http://127.0.0.1:8000/. See docs/serving.md for the endpoints.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import uvicorn
 
@@ -42,4 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ghostvis.cli import run_main
+
+    run_main(main)

@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ghostvis.cli import UserError
+from ghostvis.files import follow_umask
+
 FORMAT = "ghostvis-shards/1"
 MANIFEST_NAME = "manifest.json"
 KINDS = ("text-tokens", "text", "image-text", "conversation")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input (missing/empty directory, bad manifest, wrong tokenizer, too many corrupt samples)."""
 
 
@@ -113,6 +116,7 @@ def write_manifest(data_dir: str | os.PathLike, manifest: Manifest) -> Path:
             json.dump(manifest.to_dict(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)  # mkstemp made it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 
 from ghostvis.data.features import FEATURES_KEY, check_features
-from ghostvis.data.manifest import read_manifest
+from ghostvis.data.manifest import DataError, read_manifest
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
 from ghostvis.tokenizer import Tokenizer, message_images
@@ -73,7 +73,7 @@ class SampleSource(Protocol):
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def mark_corrupt(self) -> None: ...
+    def mark_corrupt(self, reason: str = ...) -> None: ...
 
 
 class Unusable(Exception):
@@ -171,8 +171,8 @@ class _Batcher:
         for sample in it:
             try:
                 rows.append(self._row(sample))
-            except Unusable:
-                self.source.mark_corrupt()
+            except Exception as e:  # any failure to decode one sample (even RecursionError) skips just it
+                self.source.mark_corrupt(type(e).__name__)
                 continue
             if len(rows) == n:
                 break
@@ -320,10 +320,10 @@ class MixtureBatches:
             self.step, self._last = self.step + 1, i
             yield item
 
-    def mark_corrupt(self) -> None:
+    def mark_corrupt(self, reason: str = "undecodable") -> None:
         if self._last is None:
             raise RuntimeError("mark_corrupt() needs an item drawn first")
-        self.sources[self._last].mark_corrupt()
+        self.sources[self._last].mark_corrupt(reason)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -355,11 +355,20 @@ def mixture_entries(data_dir: Path) -> list[tuple[Path, float]] | None:
     spec_path = Path(data_dir) / MIXTURE_FILE
     if not spec_path.is_file():
         return None
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{spec_path}: not valid JSON ({e}); expected {_MIXTURE_SCHEMA}") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
-    if not entries or not all(isinstance(e, dict) and "dir" in e and "weight" in e for e in entries):
-        raise ValueError(f'{spec_path}: expected {{"datasets": [{{"dir": "...", "weight": 1.0}}, ...]}}')
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and isinstance(e.get("dir"), str) and isinstance(e.get("weight"), (int, float))
+            and not isinstance(e.get("weight"), bool) and e["weight"] > 0 for e in entries):
+        raise DataError(f"{spec_path}: field 'datasets' must be a non-empty list of "
+                        f"{{\"dir\": str, \"weight\": number > 0}}: expected {_MIXTURE_SCHEMA}")
     return [(spec_path.parent / e["dir"], float(e["weight"])) for e in entries]
+
+
+_MIXTURE_SCHEMA = '{"datasets": [{"dir": "../vqa", "weight": 3}, ...]}'
 
 
 def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None = None) -> SampleSource:
@@ -367,7 +376,8 @@ def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None 
     (default: those of `req.data_dir/mixture.json` where it exists)."""
     def stream(d: Path, seed: int) -> ShardStream:
         return ShardStream(d / req.split, seed=seed, rank=req.rank, world_size=req.world_size,
-                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
+                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind,
+                           max_corrupt_fraction=getattr(req, "max_corrupt_fraction", 0.01))
 
     entries = mixture_entries(req.data_dir) if entries is None else entries
     if entries is None:
@@ -402,7 +412,7 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     is_text = [read_manifest(d / req.split).kind == "text-tokens" for d, _ in entries]
     own = [e for e, t in zip(entries, is_text) if not t]
     if not own:
-        raise ValueError(f"{Path(req.data_dir) / MIXTURE_FILE}: every dataset is text-tokens; this stage needs "
+        raise DataError(f"{Path(req.data_dir) / MIXTURE_FILE}: every dataset is text-tokens; this stage needs "
                          f"at least one {kind} dataset")
     main = make(sample_source(req, kind, own))
     text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]

@@ -56,8 +56,8 @@ class PromptBatches:
         except PromptTooLong:
             self.skipped_long += 1
             return None
-        except Unusable:
-            self.source.mark_corrupt()
+        except Exception as e:  # any failure to decode one sample (even RecursionError) skips just it
+            self.source.mark_corrupt(type(e).__name__)
             return None
         return {"prompt": ids, "images": [self.transform(im).to(self.device) for im in sample.images],
                 "answer": sample.answer, "type": sample.qtype}

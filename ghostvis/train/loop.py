@@ -28,21 +28,25 @@ import torch
 import torch.distributed as dist
 
 from ghostvis import checkpoint_io
+from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
 from ghostvis.data.prefetch import Prefetch
 from ghostvis.data.rl import prompt_batches
+from ghostvis.data.shards import corrupt_summary
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
+from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
 from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
 
+MAX_LR = 1e30
 SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
                  "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
 
@@ -63,6 +67,7 @@ class DataRequest:
     eval_mode: bool
     model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
     cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
+    max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
 
 
 @dataclass
@@ -131,6 +136,10 @@ def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
             settings[name] = given
         if name not in settings:
             raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass {_flag(name)}")
+        if not 0 <= settings[name] <= MAX_LR:  # beyond, AdamW's fp32 step size overflows inside the optimizer
+            flag = _flag(name) if getattr(args, name, None) is not None else "--lr"
+            raise ds_engine.ConfigError(f"{flag} {settings[name]:g} is out of range: a learning rate must be finite "
+                                        f"and in [0, {MAX_LR:g}] (typical values are 1e-5 to 3e-3)")
     for key in SETTING_FLAGS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
@@ -184,6 +193,10 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
         if not Path(encoder_weights).exists():
             raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights} does not exist: give a local timm "
                                         ".safetensors file or a Hugging Face SigLIP/CLIP folder")
+        if Path(encoder_weights).is_file() and Path(encoder_weights).suffix != ".safetensors":
+            raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights}: only .safetensors weights are read "
+                                        "(pickled .bin/.pt/.pth files are never loaded); convert it with "
+                                        "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
         vision_cfg.pretrained_path = str(encoder_weights)
     vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
     model_cfg.image_token_id = tokenizer.image_token_id
@@ -345,6 +358,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
     model_cfg: ModelConfig = model.config
+    saved = checkpoint.saved_state(out) if args.resume == "auto" else None
+    if saved is not None and (saved["stage"] != stage.name or _shape(saved["model"]) != _shape(model_cfg.to_dict())):
+        differ = sorted(k for k in _shape(model_cfg.to_dict()) if saved["model"].get(k) != model_cfg.to_dict()[k])
+        raise checkpoint.CheckpointError(
+            f"{out / 'ckpt'} holds a {saved['stage']} run of another model (saved vs now: " + ", ".join(
+                f"{k} {saved['model'].get(k)} vs {model_cfg.to_dict()[k]}" for k in differ[:4]) + f"{', stage ' + saved['stage'] + ' vs ' + stage.name if saved['stage'] != stage.name else ''}); "
+            "use a new --out (or --resume none to start over there)")
     groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
                                           settings["weight_decay"], settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
@@ -369,22 +389,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False))
+                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False),
+                           args.max_corrupt_fraction)
 
-    train_data = data_builder(request("train", False))
-    if args.prefetch:
-        train_data = Prefetch(train_data, args.prefetch)
+    def open_train_data(source: Any) -> Any:
+        return Prefetch(source, args.prefetch) if args.prefetch else source
+
+    train_source = data_builder(request("train", False))
+    train_data = open_train_data(train_source)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
 
     start_step, skipped, tokens_seen = 0, 0, 0
     if args.resume == "auto":
         state = checkpoint.load(engine, out, universal=universal)
         if state is not None:
-            if state["stage"] != stage.name or _shape(state["model"]) != _shape(model_cfg.to_dict()):
-                raise checkpoint.CheckpointError(f"{out / 'ckpt'} holds a {state['stage']} run of another model "
-                                                 "shape; use a new --out (or --resume none to start over there)")
             start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
             train_data.load_state_dict(state["data"])
+            set_base_lrs(engine, groups, 1.0)
 
     flops = flops_per_token(model_cfg, args.seq_len)
     peak = args.peak_flops if device.type == "cuda" else None
@@ -407,6 +428,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = iter(train_data)
     metrics: dict[str, Any] = {}
     step = start_step
+    guard = DivergenceGuard(args.max_skipped_updates, args.max_skipped_fraction)
+    guard.reset(start_step if start_step else None)  # the checkpoint resumed from is confirmed by its next step
+    rollbacks = 0
     end = min(args.steps, args.stop_at or args.steps)
     while step < end:
         mult = lr_multiplier(step, total=args.steps, warmup=settings["warmup"], schedule=settings["schedule"],
@@ -416,25 +440,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         step_tokens = result.tokens * dp  # replicas see equal shapes for text; close enough for padded batches
         tokens_seen += step_tokens
-        if not result.applied:
+        stop = guard.check(result.applied, result.loss, result.grad_norm, engine.device)
+        if guard.consecutive:  # this step was bad on some rank
             skipped += 1
-            log.note(f"step {step}: update skipped (non-finite gradients), {skipped} so far")
+            log.note(f"step {step}: bad update (skipped, or non-finite loss or gradients), {skipped} so far")
         tps = step_tokens / result.seconds
         metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
-                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, **result.extra}
+                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, **result.extra,
+                   **corrupt_metrics(train_data.state_dict())}
         if val_data is not None and (step % args.eval_every == 0 or step == end):
             metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
         log.step(step, metrics)
         if "val_bpb" in metrics:
             log.row(step, metrics)
+        if stop:
+            kept = checkpoint.discard(out, guard.unconfirmed)
+            if rollbacks < args.rollbacks and kept is not None:
+                rollbacks, stopped_at = rollbacks + 1, step
+                if hasattr(batches, "close"):
+                    batches.close()  # stops a prefetch thread before its source is rewound
+                state = checkpoint.load(engine, out)
+                step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
+                train_source.load_state_dict(state["data"])
+                train_data = open_train_data(train_source)
+                batches = iter(train_data)
+                set_base_lrs(engine, groups, args.rollback_lr_factor ** rollbacks)
+                guard.reset(step)
+                log.note(f"step {stopped_at}: {stop}; rolled back to {kept} with learning rates "
+                         f"x{args.rollback_lr_factor ** rollbacks:g} (rollback {rollbacks} of {args.rollbacks})")
+                continue
+            message = (f"training diverged at step {step}: {stop}; {skipped} bad updates in all. Kept checkpoint: "
+                       f"{out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr (or "
+                       "--rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
+            log.note(message)
+            log.close()
+            raise Diverged(message)
         if args.save_every > 0 and (step % args.save_every == 0 or step == end):
             path = checkpoint.save(engine, out, step, client_state(step), args.keep)
+            guard.saved(step)
             log.note(f"step {step}: checkpoint {path}")
     checkpoint_io.export(model, out, tokenizer=tokenizer, extra={"stage": stage.name, "step": step},
                          is_writer=rank == 0, topology=topo)
     log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
     log.close()
     return metrics
+
+
+def set_base_lrs(engine: Any, groups: list[dict[str, Any]], factor: float) -> None:
+    """Learning rates come from the flags (times `factor` after rollbacks), never from a loaded checkpoint,
+    whose optimizer state carries the saved run's own."""
+    for group, ours in zip(engine.optimizer.param_groups, groups):
+        group["base_lr"] = ours["base_lr"] * factor
+
+
+def corrupt_metrics(data_state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's corrupt-sample counts from the training data's state (all its shard streams)."""
+    summary = corrupt_summary(data_state)
+    if not summary["corrupt"]:
+        return {"corrupt_samples": 0}
+    return {"corrupt_samples": summary["corrupt"], "corrupt_by_reason": summary["by_reason"],
+            "corrupt_by_shard": summary["by_shard"]}
 
 
 def _shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
