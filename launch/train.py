@@ -109,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
                    help="stop when more than this fraction of the samples read so far were corrupt (counted by "
                         "shard and reason in the progress bar, metrics.jsonl and run_log.md)")
-    g.add_argument("--debug", action="store_true", help="show the traceback of user errors too (or GHOSTVIS_DEBUG=1)")
 
     g = p.add_argument_group("divergence (docs/training.md)")
     g.add_argument("--max-skipped-updates", type=int, default=10, metavar="K",

@@ -136,7 +136,7 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(ref
                                                                               tiny_tokenizer_dir, tmp_path):
     """A real tmpfs sized for one checkpoint (in a user+mount namespace) where the machine allows, else a
     torch.save that fails the way a full disk makes it fail (RuntimeError from the zip writer)."""
-    ckpt = reference / "ckpt" / "step-00000002"
+    ckpt = reference / "ckpt" / (reference / "ckpt" / "latest").read_text()
     one = sum(f.stat().st_size for f in ckpt.iterdir())
     if _tmpfs_works():
         mnt = tmp_path / "disk"
@@ -254,8 +254,9 @@ def test_user_mistakes_get_one_line(reference, text_data, tiny_tokenizer_dir, tm
         "mixture.json wrong schema": (vlm_train(mixtures["bad_schema"]), ["mixture.json: field 'datasets'"]),
         "encoder weights .pt": (vlm_train(text_data, "--encoder-weights", str(encoder_pt)),
                                 ["--encoder-weights", "only .safetensors"]),
-        "import_hf refusal": ([sys.executable, str(REPO / "launch" / "import_hf.py"), "--hf-dir", str(reference),
-                               "--out", str(tmp_path / "imported")], ["model_type"]),
+        "import_hf refusal": ([sys.executable, str(REPO / "launch" / "import_hf.py"), "--vision", str(reference),
+                               "--out", str(tmp_path / "imported.safetensors")],
+                              [f"{reference / 'config.json'}: model_type None is not a SigLIP/CLIP vision model"]),
     }
     with ThreadPoolExecutor(max_workers=4) as pool:
         procs = dict(zip(cases, pool.map(lambda c: run(c[0]), cases.values())))
