@@ -37,6 +37,7 @@ def run_main(main: Callable[..., Any], *args: Any) -> None:
     except (UserError, FileNotFoundError, Diverged) as err:
         if debug:
             traceback.print_exc()
+        _close_progress_bars()
         message = str(err) if not isinstance(err, FileNotFoundError) or not err.filename else \
             f"{err.filename}: {err.strerror}"
         print(f"{'stopped' if isinstance(err, Diverged) else 'error'}: {message}", file=sys.stderr, flush=True)
@@ -50,3 +51,10 @@ def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _close_progress_bars() -> None:
+    """A progress bar left open ends its line, so the error starts on its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -358,13 +358,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
     model_cfg: ModelConfig = model.config
-    saved = checkpoint.saved_state(out) if args.resume == "auto" else None
-    if saved is not None and (saved["stage"] != stage.name or _shape(saved["model"]) != _shape(model_cfg.to_dict())):
-        differ = sorted(k for k in _shape(model_cfg.to_dict()) if saved["model"].get(k) != model_cfg.to_dict()[k])
-        raise checkpoint.CheckpointError(
-            f"{out / 'ckpt'} holds a {saved['stage']} run of another model (saved vs now: " + ", ".join(
-                f"{k} {saved['model'].get(k)} vs {model_cfg.to_dict()[k]}" for k in differ[:4]) + f"{', stage ' + saved['stage'] + ' vs ' + stage.name if saved['stage'] != stage.name else ''}); "
-            "use a new --out (or --resume none to start over there)")
+    if args.resume == "auto":
+        check_resumable(out, stage.name, model_cfg)
     groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
                                           settings["weight_decay"], settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
@@ -484,6 +479,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
     log.close()
     return metrics
+
+
+def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
+    """Refuse a checkpoint in `out` of another stage or model shape, from its client state, before DeepSpeed
+    loads anything (its own loader fails on a shape mismatch with a traceback)."""
+    saved = checkpoint.saved_state(out)
+    if saved is None:
+        return
+    now, then = _shape(model_cfg.to_dict()), _shape(saved["model"])
+    differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
+    if saved["stage"] != stage_name:
+        differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
+    if differ:
+        raise checkpoint.CheckpointError(f"{out / 'ckpt'} holds a {saved['stage']} run of another model (saved vs "
+                                         f"now: {', '.join(differ[:4])}); use a new --out (or --resume none to "
+                                         "start over there)")
 
 
 def set_base_lrs(engine: Any, groups: list[dict[str, Any]], factor: float) -> None:
