@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -285,6 +286,40 @@ def test_exports_checkpoints_and_manifests_follow_the_umask(reference, tmp_path)
         os.umask(old)
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+# ---- corrupt data is visible ---------------------------------------------------------------------
+
+def test_corrupt_counts_reach_the_bar_metrics_and_run_log(tmp_path):
+    """The loop's corrupt metrics come from the data state (any nesting) and show in the progress bar's
+    postfix, metrics.jsonl and run_log.md."""
+    from ghostvis.data.shards import ShardStream
+    from ghostvis.train.logging import RunLogger
+    from ghostvis.train.loop import corrupt_metrics
+
+    good = [{"__key__": f"{i:06d}", "txt": b"ok"} for i in range(8)]
+    d = write_shards(tmp_path / "d", "text", good, per_shard=4)
+    cut = d / "data-000001.tar"
+    with tarfile.open(cut) as tar:
+        last = tar.getmembers()[-1]
+    cut.write_bytes(cut.read_bytes()[:last.offset_data + 1])  # inside the last member: one sample lost
+    stream = ShardStream(d, seed=0, loop=False, shuffle=False, max_corrupt_fraction=1.0,
+                         validate=lambda smp: smp["__key__"] != "000001")
+    _drain(stream)
+    metrics = corrupt_metrics({"sources": [{"stream": stream.state_dict()}]})
+    assert metrics["corrupt_samples"] == 2
+    assert metrics["corrupt_by_reason"] == {"rejected": 1, "unreadable": 1}
+    assert metrics["corrupt_by_shard"] == {"data-000000.tar": 1, "data-000001.tar": 1}
+
+    log = RunLogger(out_dir=tmp_path / "out", total_steps=1, start_step=0, enabled=True, wandb_mode="off",
+                    run_config={}, header="h")
+    log.step(1, {"loss": 1.0, "lr_mult": 1.0, "tokens_per_s": 1.0, "mfu": None, **metrics})
+    assert log._bar.postfix.endswith("corrupt=2")
+    log.close()
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert record["corrupt_by_reason"] == {"rejected": 1, "unreadable": 1}
+    assert "corrupt samples skipped (rank 0's reader): 2; by reason: rejected 1, unreadable 1" in \
+        (tmp_path / "out" / "run_log.md").read_text()
 
 
 # ---- fuzzing ---------------------------------------------------------------------------------------
