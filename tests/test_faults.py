@@ -263,8 +263,28 @@ def test_user_mistakes_get_one_line(reference, text_data, tiny_tokenizer_dir, tm
         procs = dict(zip(cases, pool.map(lambda c: run(c[0]), cases.values())))
     for case, (_, needles) in cases.items():
         assert_one_line(procs[case], 2, *needles, case=case)
-    debug = run(base + ["--lr", "1e38", "--debug"])
-    assert debug.returncode == 2 and "Traceback" in debug.stderr  # developers get the traceback back
+
+
+def test_debug_gives_the_traceback_back(monkeypatch, capsys):
+    """--debug (or GHOSTVIS_DEBUG=1) prints the traceback of a user error, still exiting 2; bugs always keep it."""
+    from ghostvis.cli import UserError, run_main
+
+    def mistake():
+        raise UserError("--flag x is wrong; pass y")
+
+    for argv, env_value in ((["prog"], None), (["prog", "--debug"], None), (["prog"], "1")):
+        wanted = argv != ["prog"] or env_value is not None
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.delenv("GHOSTVIS_DEBUG", raising=False)
+        if env_value:
+            monkeypatch.setenv("GHOSTVIS_DEBUG", env_value)
+        with pytest.raises(SystemExit) as exit_:
+            run_main(mistake)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.endswith("error: --flag x is wrong; pass y\n")
+        assert ("Traceback" in err) == wanted and "--debug" not in sys.argv  # the command never sees it
+    with pytest.raises(ZeroDivisionError):
+        run_main(lambda: 1 / 0)
 
 
 def _replace(cmd: list[str], flag: str, value: str) -> list[str]:

@@ -24,10 +24,10 @@ memory. A manifest's counts are what positions mean, so a different data directo
 Corrupt data. A shard that can't be opened or ends early (truncated tar) counts every one of this rank's
 samples it didn't deliver as corrupt; a bad sample (duplicate member, rejected by `validate`, marked with
 `mark_corrupt(reason)`) counts as one. `stats` = {"seen": n, "corrupt": n, "by_shard": {name: n},
-"by_reason": {reason: n}} (this rank's samples only; part of the state, so counts survive a resume). An
-intact shard holding more or fewer samples than its manifest entry says is refused (DataError): positions
-are defined by those counts. Once at least `min_count` samples were seen (and at each epoch end), a corrupt fraction
-above `max_corrupt_fraction` raises `DataError` naming the worst shards.
+"by_reason": {reason: n}} (this rank's samples only; part of the state, so counts survive a resume). Once
+at least `min_count` samples were seen (and at each epoch end), a corrupt fraction above
+`max_corrupt_fraction` raises `DataError` naming the worst shards. An intact shard holding more or fewer
+samples than its manifest entry says is refused (DataError): positions are defined by those counts.
 """
 
 from __future__ import annotations
