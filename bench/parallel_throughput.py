@@ -11,15 +11,18 @@
 
 The model is built as launch/train.py builds it (full init, `parallelize`, the stage's parameter groups,
 `deepspeed.initialize` with the topology as mpu) and stepped by the loop's own `train_step` /
-`pipeline_step` on random tokens (throughput does not depend on the data; a VLM also gets one random
-image per sequence). Prints tokens/s, MFU (LLM FLOPs only: the vision tower's are not counted) and peak
-memory (max over ranks of torch.cuda.max_memory_allocated); rank 0 appends a block with the card's name
-to --out (BENCHMARKS.md).
+`pipeline_step` on learnable batches (bench/learning.py; a VLM also gets one random image per sequence).
+Every step's loss is kept: the run must learn (loss falls), and with `--reference-losses FILE` (a run of
+the same batches saved by `--save-losses`, e.g. another layout or the old code) it must track it, or it
+prints FAILED and writes no row. Prints tokens/s, MFU (LLM FLOPs only: the vision tower's are not
+counted) and peak memory (max over ranks of torch.cuda.max_memory_allocated); rank 0 appends a block
+with the card's name to --out (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ghostvis.config import get_preset
+from ghostvis.model.attention import ATTENTION_CHOICES, select_attention
 from ghostvis.model.gpt import GPT, count_params, flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
@@ -38,6 +42,7 @@ from ghostvis.train.logging import H100_BF16_PEAK, mfu
 from ghostvis.train.loop import lm_loss, pipeline_step, train_step
 from ghostvis.train.schedule import apply_lr
 from ghostvis.train.stages import STAGES
+from learning import check_learning, learnable_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,19 +61,21 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
 
 
 def batches(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> Iterator[dict | tuple]:
-    """Random token rows; a VLM's rows start with one image's placeholder tokens and come with its pixels."""
+    """Learnable token rows (bench/learning.py); a VLM's rows start with one image's placeholder tokens
+    (no loss on them) and come with its pixels."""
     cfg = model.config
     n_img = getattr(model, "num_vision_tokens", 0)
     g = torch.Generator(device=device).manual_seed(0)
-    while True:
-        rows = torch.randint(0, cfg.vocab_size - 1, (args.micro_batch, args.seq_len + 1), device=device, generator=g)
+    for idx, targets in learnable_batches(cfg.vocab_size - 1, args.micro_batch, args.seq_len, device):
         if not n_img:
-            yield rows[:, :-1], rows[:, 1:]
+            yield idx, targets
             continue
-        rows[:, 1:1 + n_img] = cfg.image_token_id
+        idx, targets = idx.clone(), targets.clone()
+        idx[:, 1:1 + n_img] = cfg.image_token_id
+        targets[:, :1 + n_img] = -1
         size = model.vision_config.image_size
         pixels = torch.randn(args.micro_batch, 3, size, size, device=device, generator=g)
-        yield {"input_ids": rows[:, :-1], "targets": rows[:, 1:], "pixel_values": pixels}
+        yield {"input_ids": idx, "targets": targets, "pixel_values": pixels}
 
 
 def main() -> None:
@@ -87,11 +94,17 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile inside the engine, as train.py --compile")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every group (constant)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help="attention kernel (train.py's flag)")
+    p.add_argument("--save-losses", default=None, help="write every step's loss here (JSON), for --reference-losses")
+    p.add_argument("--reference-losses", default=None,
+                   help="losses of a run over the same batches (--save-losses): this run must track them")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file rank 0 appends to")
     args = p.parse_args()
     if args.smoke:
-        args.model, args.depth, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", None, 64, 2, 3, 1
+        args.model, args.depth, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", None, 64, 2, 6, 2
+        args.lr = 3e-3
     if args.model not in ("small", "vlm_small"):
         args.depth = None  # fixed-shape presets
     args.ds_config = args.ds_config or str(REPO / "ds_configs" / ("zero1.json" if args.pp > 1 else "zero2.json"))
@@ -100,11 +113,13 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     topo = Topology(args.tp, args.pp)
     plain, stage_name = build(args)
+    choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
+                              plain.config.head_dim)
     data = batches(plain, args, device)
     model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing)  # deepspeed moves it
     del plain
     stage, dtype = STAGES[stage_name], "bf16" if on_gpu else "fp32"
-    lrs = {name: 1e-4 for name in stage.lr_names}
+    lrs = {name: args.lr for name in stage.lr_names}
     groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, stage.defaults, model.config.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
                                           grad_accum=args.grad_accum, world_size=topo.dp_size, grad_clip=1.0,
@@ -116,18 +131,20 @@ def main() -> None:
         engine.compile()
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
 
-    def step() -> None:
+    def step() -> float:
         apply_lr(engine.optimizer.param_groups, 1.0)
-        step_fn(engine, data, lm_loss, args.grad_accum)  # reads the loss back: the step has finished
+        return step_fn(engine, data, lm_loss, args.grad_accum).loss  # read back: the step has finished
 
-    for _ in range(args.warmup):
-        step()
+    losses = [step() for _ in range(args.warmup)]
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    losses += [step() for _ in range(args.steps)]
     seconds = (time.perf_counter() - t0) / args.steps
+    reference = json.loads(Path(args.reference_losses).read_text()) if args.reference_losses else None
+    verdict = check_learning(losses, reference)
+    if rank == 0 and args.save_losses:
+        Path(args.save_losses).write_text(json.dumps(losses))
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     tokens = args.micro_batch * args.grad_accum * topo.dp_size * args.seq_len
@@ -136,17 +153,19 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     line = (f"{tps:,.0f} tokens/s, MFU {'n/a' if m is None else f'{100 * m:.1f}%'}, "
             f"peak {peak.item():.1f} GiB per GPU")
-    if rank == 0:
-        print(f"{topo} on {world} × {card}: {line}", flush=True)
+    if rank == 0 and not verdict.ok:
+        print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written)", flush=True)
+    elif rank == 0:
+        print(f"{topo} on {world} × {card}: {line}; {verdict.message}", flush=True)
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
                  f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
                  f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
                  f"{Path(args.ds_config).stem}{ac_words(args.activation_checkpointing)}, "
-                 f"{'compiled' if args.compile else 'eager'}")
+                 f"{'compiled' if args.compile else 'eager'}, attention {choice.kernel}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
                     f"tp {topo.tp_size}, pp {topo.pp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "
-                    f"deepspeed {deepspeed.__version__}\n\n**{line}**\n")
+                    f"deepspeed {deepspeed.__version__}\n\n**{line}**; learning: {verdict.message}\n")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -4,11 +4,13 @@
     TORCH_CUDA_ARCH_LIST=9.0 python bench/train_throughput.py --variants all --batch 16 --warmup 3 --steps 10
     DS_ACCELERATOR=cpu python bench/train_throughput.py --smoke [--variants all]   # tiny shape on CPU, no MFU
 
-Both sides train the same GPT class on the same synthetic random tokens (throughput does not depend on
-the data). Ours: ghostvis.train's param groups, ds_config (ZeRO-1 by default, bf16), engine-side
+Every side trains the same GPT class from the same initial weights on the same learnable batches
+(bench/learning.py). Ours: ghostvis.train's param groups, ds_config (ZeRO-1 by default, bf16), engine-side
 torch.compile and the loop's own `train_step`. Plain: fp32 weights + bf16 autocast, torch.compile,
-fused AdamW. Prints tokens/s, MFU (flops_per_token · tokens/s / peak) and the ratio; appends a table
-with the card's name to BENCHMARKS.md.
+fused AdamW. The reference is the plain loop run eagerly: every side's losses over its warmup + timed steps
+must fall and track the reference's (bench/learning.py); a side that does not learn prints FAILED in
+place of its number. Prints tokens/s, MFU (flops_per_token · tokens/s / peak) and the ratio to the
+compiled plain loop; appends a table with the card's name to BENCHMARKS.md.
 
 `--variants` times several engine configurations (VARIANTS below) one after another in the same process,
 after the plain loop, to find where the engine loses time outside forward/backward. On a GPU each row
@@ -24,7 +26,7 @@ import json
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,27 +40,20 @@ from ghostvis.train import engine as ds_engine
 from ghostvis.train.logging import H100_BF16_PEAK, mfu
 from ghostvis.train.loop import lm_loss, train_step
 from ghostvis.train.schedule import apply_lr
+from ghostvis.model.attention import ATTENTION_CHOICES, select_attention
 from ghostvis.train.stages import STAGES
+from learning import Verdict, check_learning, learnable_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def synthetic(vocab: int, batch: int, seq: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator(device=device).manual_seed(0)
-    while True:
-        rows = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=g)
-        yield rows[:, :-1], rows[:, 1:]
-
-
-def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
-    """Seconds per step after `warmup` untimed steps (compilation happens there). Each step ends in
-    `loss.item()`, which waits for the GPU, so wall time is device time."""
-    for _ in range(warmup):
-        step()
+def timed(step: Callable[[], float], warmup: int, steps: int) -> tuple[float, list[float]]:
+    """(seconds per step after `warmup` untimed steps (compilation happens there), every step's loss).
+    Each step ends in `loss.item()`, which waits for the GPU, so wall time is device time."""
+    losses = [step() for _ in range(warmup)]
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    losses += [step() for _ in range(steps)]
+    return (time.perf_counter() - t0) / steps, losses
 
 
 @dataclass(frozen=True)
@@ -108,12 +103,13 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def engine_step(args: argparse.Namespace, device: torch.device, dtype: str, variant: Variant) -> tuple[Any, Callable[[], None]]:
+def engine_step(args: argparse.Namespace, device: torch.device, dtype: str, variant: Variant,
+                compile_model: bool) -> tuple[Any, Callable[[], float]]:
     """(engine, one optimizer step through the loop's `train_step`) for `variant`."""
     torch.manual_seed(0)
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     model = GPT(cfg).to(device)
-    lrs = {name: 3e-4 for name in STAGES["base"].lr_names}
+    lrs = {name: args.lr for name in STAGES["base"].lr_names}
     base_stage = STAGES["base"]  # its defaults carry every setting its rules read
     groups = ds_engine.build_param_groups(model, base_stage, lrs, 0.1, dict(base_stage.defaults), cfg.n_layer)
     base = ds_engine.load_ds_config(REPO / "ds_configs" / f"{variant.ds_config}.json"
@@ -121,18 +117,18 @@ def engine_step(args: argparse.Namespace, device: torch.device, dtype: str, vari
     ds_config = merged(ds_engine.build_ds_config(base, micro_batch=args.batch, grad_accum=1, world_size=1,
                                                  grad_clip=1.0, dtype="fp32" if variant.autocast else dtype),
                        variant.overrides)
-    if args.compile and variant.compile_first:
+    if compile_model and variant.compile_first:
         model.compile()
     engine = ds_engine.initialize(model, groups, ds_config, device.type)
     if variant.no_dp1_allreduce:
         engine.enable_backward_allreduce = False  # one rank: the all-reduce is a copy round trip
-    if args.compile and not variant.compile_first:
+    if compile_model and not variant.compile_first:
         engine.compile()
-    batches = synthetic(cfg.vocab_size, args.batch, args.seq_len, device)
+    batches = learnable_batches(cfg.vocab_size, args.batch, args.seq_len, device)
 
-    def step() -> None:
+    def step() -> float:
         apply_lr(engine.optimizer.param_groups, 1.0)
-        train_step(engine, batches, lm_loss, 1)  # ends in loss.item(): the step is finished
+        return train_step(engine, batches, lm_loss, 1).loss  # ends in loss.item(): the step is finished
 
     return engine, step
 
@@ -150,17 +146,18 @@ def sync_sites(step: Callable[[], None]) -> Counter:
                    if "synchroniz" in str(w.message))
 
 
-def plain_step(args: argparse.Namespace, device: torch.device, dtype: str) -> tuple[None, Callable[[], None]]:
+def plain_step(args: argparse.Namespace, device: torch.device, dtype: str,
+               compile_model: bool) -> tuple[None, Callable[[], float]]:
     torch.manual_seed(0)
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     model = GPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
-    fwd = torch.compile(model) if args.compile else model
-    batches = synthetic(cfg.vocab_size, args.batch, args.seq_len, device)
+    fwd = torch.compile(model) if compile_model else model
+    batches = learnable_batches(cfg.vocab_size, args.batch, args.seq_len, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def step() -> None:
+    def step() -> float:
         idx, targets = next(batches)
         with amp:
             loss = fwd(idx, targets)
@@ -168,7 +165,7 @@ def plain_step(args: argparse.Namespace, device: torch.device, dtype: str) -> tu
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()  # same synchronisation as ours
+        return loss.item()  # same synchronisation as ours
 
     return None, step
 
@@ -182,12 +179,15 @@ class Row:
     peak_gib: float | None = None
     syncs: Counter | None = None
     error: str = ""
+    losses: list[float] = field(default_factory=list)
+    learning: Verdict | None = None
 
 
-def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], None]]], args: argparse.Namespace,
-            device: torch.device, tokens: int, flops: int) -> Row:
-    """Build one side, time it, count its syncs, then free everything it held (the next side needs the
-    memory). A failing side (OOM, a DeepSpeed assertion) becomes a row with its error: the run goes on."""
+def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], float]]], args: argparse.Namespace,
+            device: torch.device, tokens: int, flops: int, reference: Row | None) -> Row:
+    """Build one side, time it, check that it learned (against `reference`'s losses), count its syncs,
+    then free everything it held (the next side needs the memory). A failing side (OOM, a DeepSpeed
+    assertion, no learning) becomes a row with its error: the run goes on."""
     on_gpu = device.type == "cuda"
     row = Row(name, about)
     engine = step = None
@@ -195,7 +195,11 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], No
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
         engine, step = make()
-        tps = tokens / timed(step, args.warmup, args.steps)
+        seconds, row.losses = timed(step, args.warmup, args.steps)
+        row.learning = check_learning(row.losses, None if reference is None else reference.losses)
+        if not row.learning.ok:
+            raise RuntimeError(f"learning check: {row.learning.message}")
+        tps = tokens / seconds
         m = mfu(flops, tps, args.peak_flops if on_gpu else None)
         row.tokens_per_s, row.mfu = tps, "n/a" if m is None else f"{100 * m:.1f}%"
         if on_gpu:
@@ -215,34 +219,36 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], No
         if on_gpu:
             torch.cuda.empty_cache()
     left = f", {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB still allocated" if on_gpu else ""
-    print(f"{name:20s} " + (f"{row.tokens_per_s:12,.0f} tokens/s  MFU {row.mfu}" if row.error == ""
-                            else f"FAILED {row.error}") + left, flush=True)
+    print(f"{name:20s} " + (f"{row.tokens_per_s:12,.0f} tokens/s  MFU {row.mfu}  ({row.learning.message})"
+                            if row.error == "" else f"FAILED {row.error}") + left, flush=True)
     if row.syncs:
         print(f"{'':20s} {sum(row.syncs.values())} device syncs/step: {dict(row.syncs.most_common(6))}", flush=True)
     return row
 
 
-def table(rows: list[Row], plain: Row | None) -> str:
-    """Markdown table of every side; the ratio is to the plain loop of the same run."""
-    out = "| loop | tokens/s | MFU | vs plain | peak GiB | syncs/step | where the syncs are | what |\n"
-    out += "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |\n"
+def table(rows: list[Row], plain: Row) -> str:
+    """Markdown table of every side; the ratio is to the (compiled, if compiling) plain loop of the run."""
+    out = "| loop | tokens/s | MFU | vs plain | peak GiB | syncs/step | where the syncs are | learning | what |\n"
+    out += "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |\n"
     for r in rows:
         if r.error:
-            out += f"| {r.name} | failed | | | | | | {r.about}: `{r.error}` |\n"
+            out += f"| {r.name} | FAILED | | | | | | | {r.about}: `{r.error}` |\n"
             continue
-        ratio = f"{r.tokens_per_s / plain.tokens_per_s:.3f}" if plain and plain.tokens_per_s and r is not plain else ""
+        ratio = f"{r.tokens_per_s / plain.tokens_per_s:.3f}" if plain.tokens_per_s and r is not plain else ""
         peak = "" if r.peak_gib is None else f"{r.peak_gib:.1f}"
         syncs = "" if r.syncs is None else str(sum(r.syncs.values()))
         where = "" if not r.syncs else ", ".join(f"{k}×{n}" for k, n in r.syncs.most_common(4))
-        out += f"| {r.name} | {r.tokens_per_s:,.0f} | {r.mfu} | {ratio} | {peak} | {syncs} | {where} | {r.about} |\n"
+        out += (f"| {r.name} | {r.tokens_per_s:,.0f} | {r.mfu} | {ratio} | {peak} | {syncs} | {where} | "
+                f"{r.learning.message} | {r.about} |\n")
     return out
 
 
-def record(args: argparse.Namespace, cfg: ModelConfig, card: str, dtype: str, rows: list[Row], plain: Row | None) -> None:
+def record(args: argparse.Namespace, cfg: ModelConfig, card: str, dtype: str, rows: list[Row], plain: Row) -> None:
     """Append one self-contained block to --out (never breaks someone else's table)."""
     shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
              f"({count_params(cfg):,} non-embedding parameters), seq {args.seq_len}, batch {args.batch}, {dtype}, "
-             f"{'compiled' if args.compile else 'eager'}, {args.warmup} warmup + {args.steps} timed steps per side")
+             f"{'compiled' if args.compile else 'eager'}, attention {args.attention_used}, {args.warmup} warmup + "
+             f"{args.steps} timed steps per side, learning checked against the plain eager loop")
     base = "variants of ds_configs/ (below)" if args.variants else Path(args.ds_config).stem
     with Path(args.out).open("a") as f:
         f.write(f"\n### train_throughput, {time.strftime('%Y-%m-%d')}, {card}\n\n{shape}, {base}; torch "
@@ -264,7 +270,11 @@ def main() -> None:
                    help=f"comma-separated engine configurations to time after the plain loop, or 'all': "
                         f"{', '.join(VARIANTS)}")
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--skip-plain", action="store_true", help="time only our engine (compare ds_configs)")
+    p.add_argument("--also-eager", action="store_true", help="also time our engine without compile")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel for every side (ghostvis/model/attention.py)")
+    p.add_argument("--skip-plain", action="store_true", help="skip the compiled plain loop (the eager reference always runs)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of every side (constant)")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append the result to")
     args = p.parse_args()
@@ -273,32 +283,45 @@ def main() -> None:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
     if args.smoke:
-        args.model, args.depth, args.seq_len, args.batch, args.steps, args.warmup = "tiny", None, 64, 4, 3, 1
+        args.model, args.depth, args.seq_len, args.batch, args.steps, args.warmup = "tiny", None, 64, 4, 6, 2
+        args.lr = 3e-3
         args.compile = False
 
     _, _, device = ds_engine.init_distributed()
     on_gpu = device.type == "cuda"
     dtype = "bf16" if on_gpu else "fp32"
+    choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32)
+    args.attention_used = choice.kernel
+    print(f"attention: {choice.describe()}", flush=True)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     flops = flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
     engines = [(n, VARIANTS[n]) for n in names] or [("ghostvis engine", Variant(f"--ds_config {args.ds_config}"))]
 
-    def run(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], None]]]) -> Row:
-        return measure(name, about, make, args, device, tokens, flops)
+    plain_about = "fp32 weights + autocast bf16, fused AdamW, torch clip_grad_norm_"
+    reference = measure("plain eager", f"{plain_about}; the learning reference",
+                        lambda: plain_step(args, device, dtype, False), args, device, tokens, flops, None)
+    if reference.error:
+        raise SystemExit(f"the reference side failed, so no side can be checked: {reference.error}")
 
-    plain = None if args.skip_plain else run("plain PyTorch", "fp32 weights + autocast bf16, fused AdamW, "
-                                             "torch clip_grad_norm_", lambda: plain_step(args, device, dtype))
-    rows = [] if plain is None else [plain]
+    def run(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], float]]]) -> Row:
+        return measure(name, about, make, args, device, tokens, flops, reference)
+
+    plain = reference
+    if args.compile and not args.skip_plain:
+        plain = run("plain compiled", plain_about, lambda: plain_step(args, device, dtype, True))
+    rows = [reference] + ([plain] if plain is not reference else [])
     for name, variant in engines:
-        rows.append(run(name, variant.about, lambda v=variant: engine_step(args, device, dtype, v)))
-    if plain is not None and plain.tokens_per_s:
-        for r in rows[1:]:
-            if r.tokens_per_s:
-                print(f"ratio {r.name} / plain: {r.tokens_per_s / plain.tokens_per_s:.3f}")
-    if plain is not None or len(rows) > 1:
-        record(args, cfg, card, dtype, rows, plain)
+        rows.append(run(name, variant.about, lambda v=variant: engine_step(args, device, dtype, v, args.compile)))
+    if args.compile and args.also_eager:
+        rows.append(run("ghostvis engine eager", "as above, no compile",
+                        lambda: engine_step(args, device, dtype, Variant(f"--ds_config {args.ds_config}"), False)))
+    if plain.tokens_per_s:
+        for r in rows:
+            if r.tokens_per_s and r is not plain:
+                print(f"ratio {r.name} / {plain.name}: {r.tokens_per_s / plain.tokens_per_s:.3f}")
+    record(args, cfg, card, dtype, rows, plain)
     torch.distributed.destroy_process_group()
 
 

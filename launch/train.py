@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ghostvis.model.attention import ATTENTION_CHOICES
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
@@ -26,6 +27,14 @@ def _layers(text: str) -> int:
         return ALL_LAYERS
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    """--data-workers: a process count, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of worker processes (0 = build batches in the "
+                                         "training process)")
     return int(text)
 
 
@@ -45,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
     g.add_argument("--data", required=True, help="data directory with train/ and val/ shard subdirectories")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: DATA/../tokenizer)")
-    g.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="training batches built ahead in a background thread, overlapping the step (0 = none)")
+    g.add_argument("--data-workers", type=_workers, default=None, metavar="N",
+                   help="processes building training batches (decode, resize, tokenize) ahead of the step, each on "
+                        "its own share of the samples; 0 = in the training process; a checkpoint resumes with the "
+                        "same N (default: the checkpoint's, else min(8, CPU cores per rank - 1); docs/data.md)")
     g.add_argument("--cached-features", action="store_true",
                    help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
@@ -88,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmdown", type=float, default=None, help="fraction of --steps decaying linearly to 0 (warmdown)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model inside the engine (ZeRO 0-2; refused with --tp/--pp > 1, and with "
+                        "ZeRO-3 and a vision tower)")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="attention kernel for training on a GPU: auto takes the first of fa4, cudnn, fa3, fa2, "
+                        "sdpa_flash, expand that is installed and passes its correctness probe; a named one that "
+                        "cannot run is an error. CPU and fp32 always use expand. The run log names the kernel")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
 
     g = p.add_argument_group("rl (GRPO, ghostvis/train/grpo.py; --micro-batch counts prompts)")

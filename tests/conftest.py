@@ -12,6 +12,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -103,6 +104,12 @@ def tiny_checkpoint(out_dir: str | Path, vision: bool = True) -> str:
 
     export(tiny_vlm() if vision else tiny_gpt(), out_dir, tokenizer=TOK)
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One exported tiny VLM checkpoint for the whole session (an export costs a DeepSpeed import)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_vlm_ckpt"))
 
 
 def bigram_gpt(chain: list[int]) -> Any:
@@ -220,11 +227,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node nproc script args...` from the repo root; raises with the output on failure."""
+def _child_env() -> dict[str, str]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a world
         env.pop(var, None)
+    return env
+
+
+def run_one(script: str | Path, args: list[Any], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python script args...` as one fresh process from the repo root (no inherited process group);
+    the caller checks the exit code and output."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO, env=_child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc script args...` from the repo root; raises with the output on failure."""
+    env = _child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -232,3 +251,39 @@ def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: floa
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+# ---- the server (launch/serve.py) in a subprocess ------------------------------------------------------
+
+class ServerProcess:
+    """launch/serve.py running on a free port; `base` is its URL."""
+
+    def __init__(self, script: str, ckpt: str, *flags: str) -> None:
+        import urllib.request
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / script), "--ckpt", ckpt, "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        deadline = time.monotonic() + 120  # readiness wait for the model to load, not a timing assertion
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{script} exited early:\n{self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"{script} did not answer /health:\n{self.proc.stdout.read()}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

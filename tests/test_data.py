@@ -7,7 +7,6 @@ import io
 import json
 import math
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from webdataset import TarWriter
 
 from data_prep import text_shards
 from data_prep.readers import iter_documents
-from ghostvis.data.prefetch import Prefetch
 from ghostvis.data import (DataError, Manifest, ShardInfo, ShardStream, TokenRowLoader, read_manifest,
                            token_bytes, write_manifest)
 
@@ -369,38 +367,3 @@ def test_iter_documents_formats(tmp_path):
     (tmp_path / "other.jsonl").write_text(json.dumps({"body": "x", "id": 1}) + "\n")
     with pytest.raises(ValueError, match=r"no record has a string field 'text' \(first record has: \['body', 'id'\]"):
         list(iter_documents(tmp_path / "other.jsonl"))
-
-
-# ---- background prefetch -------------------------------------------------------------------------
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def test_prefetch_same_batches_and_resumes_where_the_loop_was(tmp_path, tiny_tokenizer):
-    d = write_token_shards(tmp_path / "d", make_docs(60, seed=3, max_len=60), [15, 15, 15, 15], tiny_tokenizer)
-    kw = dict(seq_len=12, batch_size=2, rank=0, world_size=2, seed=5, tokenizer=tiny_tokenizer)
-    plain, ahead = TokenRowLoader(d, **kw), Prefetch(TokenRowLoader(d, **kw), depth=3)
-    plain_it, ahead_it = iter(plain), iter(ahead)
-    for a, b in zip(_take(plain_it, 7), _take(ahead_it, 7)):
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    time.sleep(0.2)  # let the thread run ahead of the loop
-    assert ahead.state_dict() == plain.state_dict()  # the loop's position, not the thread's
-    state = ahead.state_dict()
-    expected = _take(plain_it, 3)
-    resumed = Prefetch(TokenRowLoader(d, **kw), depth=2)
-    resumed.load_state_dict(state)
-    for a, b in zip(expected, _take(iter(resumed), 3)):
-        assert torch.equal(a[0], b[0])
-    ahead_it.close()  # stopping early ends the thread instead of hanging
-
-
-def test_prefetch_raises_the_source_error_in_the_loop(shard_dir, tiny_tokenizer):
-    """A corrupt shard found by the thread fails the loop with the stream's own error."""
-    (shard_dir / "train-000002.tar").write_bytes(b"not a tar" * 100)
-    loader = TokenRowLoader(shard_dir, seq_len=8, batch_size=1, tokenizer=tiny_tokenizer, seed=0)
-    with pytest.raises(DataError, match="train-000002.tar"):
-        for _ in Prefetch(loader):
-            pass
-    with pytest.raises(ValueError, match="--prefetch -1"):
-        Prefetch(loader, depth=-1)

@@ -162,3 +162,63 @@ def test_long_conversations_drop_the_oldest_turns():
     assert ids == TOK.render_for_completion({"messages": messages[dropped:]})
     with pytest.raises(ContextTooLong, match="context holds 256"):
         fit_prompt(engine, [user_message("y" * 300)], [], reply_tokens=64)
+
+
+def test_continuous_batching_rows_equal_solo_generation():
+    """Requests of different lengths, with 0-2 images, joining and leaving a batcher with fewer rows
+    than requests: each gets exactly its solo greedy tokens, and a seeded sampled request its solo draw."""
+    import threading
+
+    from ghostvis.infer.batching import Batcher, Request
+
+    model = tiny_vlm()
+    engine = Engine(model, TOK)
+    n_vis, size = engine.num_vision_tokens, model.vision_config.image_size
+    torch.manual_seed(1)
+    imgs = [torch.randn(3, size, size) for _ in range(3)]
+    cases = [(prompt_ids("hello", 0), [], 0.0), (prompt_ids("what is in this picture?", 1, n_vis), imgs[:1], 0.0),
+             (prompt_ids("a" * 40), [], 0.0), (prompt_ids("two", 2, n_vis), imgs[1:], 0.0),
+             (prompt_ids("sampled", 0), [], 0.9)]
+    solo = [engine.complete([p], [im], max_new_tokens=10 + i, temperature=t, seed=7).pop().tokens
+            for i, (p, im, t) in enumerate(cases)]
+    batcher = Batcher(engine, max_batch=3, max_queue=len(cases))
+    got, done = [[] for _ in cases], [threading.Event() for _ in cases]
+
+    def emit(i):
+        def on_update(update):
+            if update.token is not None:
+                got[i].append(update.token)
+            if update.finish:
+                done[i].set()
+        return on_update
+
+    for i, (p, im, t) in enumerate(cases):
+        batcher.submit(Request(p, im, emit(i), max_new_tokens=10 + i, temperature=t, seed=7))
+    batcher.start()
+    try:
+        assert all(d.wait(120) for d in done)
+    finally:
+        batcher.stop()
+    assert got == solo
+
+
+def test_fitting_keeps_the_system_message_and_its_images():
+    engine = Engine(tiny_vlm(), TOK)
+    n_vis, size = engine.num_vision_tokens, 64
+    imgs = [torch.full((3, size, size), float(i)) for i in range(3)]
+    system = {"role": "system", "content": [{"type": "text", "text": "be brief"}]}
+    messages = [system, user_message("x" * 80, 1), {"role": "assistant", "content": [{"type": "text", "text": "y" * 80}]},
+                user_message("look", 2)]
+    ids, kept, dropped = fit_prompt(engine, messages, imgs, reply_tokens=64)
+    assert dropped == 2 and [int(k[0, 0, 0]) for k in kept] == [1, 2]
+    assert ids == TOK.render_for_completion({"messages": [system, messages[-1]]}, n_vis)
+
+
+def test_stop_text_holds_back_a_possible_stop_string():
+    from ghostvis.infer.openai_api import StopText
+
+    stop = StopText(["END", "xyz"])
+    shown = [stop.feed(p) for p in ["abc E", "N", "D more"]]
+    assert "".join(shown) == "abc " and stop.stopped
+    free = StopText([])
+    assert free.feed("a") + free.feed("b", final=True) == "ab" and not free.stopped

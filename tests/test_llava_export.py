@@ -15,7 +15,7 @@ from ghostvis.config import VisionConfig, get_preset
 from ghostvis.interop.hf_llm import InteropError
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.resampler import build_resampler
-from ghostvis.vision.transforms import image_transform
+from ghostvis.vision.transforms import data_config, image_transform, normalize_pixels
 from launch import export as export_cli
 
 IMAGE_SIZE, PATCH = 32, 8
@@ -75,7 +75,8 @@ def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
     batch = processor(text="<|image|>What colour?", images=image, return_tensors="pt")
     assert (batch["input_ids"] == tok.image_token_id).sum() == PATCHES
-    expected = image_transform(vlm.vision_config)(image)
+    norm = data_config(vlm.vision_config)
+    expected = normalize_pixels(image_transform(vlm.vision_config)(image)[None], norm["mean"], norm["std"])[0]
     assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     diff = (batch["pixel_values"][0] - expected).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255

@@ -38,7 +38,7 @@ def test_gqa_attention_matches_repeat_kv_reference(q_len, kv_len):
     torch.manual_seed(0)
     q = torch.randn(2, 6, q_len, 16, dtype=torch.float64)
     k, v = torch.randn(2, 2, kv_len, 16, dtype=torch.float64), torch.randn(2, 2, kv_len, 16, dtype=torch.float64)
-    assert attention_backend(q, q_len, kv_len) == "sdpa_expand"  # CPU / fp32 never asks SDPA for GQA
+    assert attention_backend(q, q_len, kv_len) == "expand"  # CPU / fp32 never asks SDPA for GQA
     torch.testing.assert_close(attend(q, k, v), reference_attention(q, k, v, offset=kv_len - q_len))
 
 
@@ -297,3 +297,37 @@ def test_activation_checkpointing_of_the_first_blocks_saves_memory_not_math():
             torch.testing.assert_close(results[ac][1][name], grad, msg=name)
     with pytest.raises(ValueError, match="activation checkpointing of 5 blocks: the model has 4"):
         tiny(n_layer=4, activation_checkpointing=5)
+
+
+def test_attention_choice_on_cpu_is_expand_and_named_gpu_kernels_are_refused():
+    from ghostvis.model.attention import AttentionError, select_attention, selected_attention
+
+    assert select_attention("auto", "cpu", torch.float32).kernel == "expand"
+    assert select_attention("expand", "cpu", torch.bfloat16).describe() == "expand"
+    assert selected_attention() == "expand"
+    for name in ("fa4", "cudnn", "sdpa_flash", "fa2"):
+        with pytest.raises(AttentionError, match=rf"--attention {name} needs a CUDA device.*--attention auto"):
+            select_attention(name, "cpu", torch.bfloat16)
+    with pytest.raises(AttentionError, match="unknown kernel"):
+        select_attention("xformers", "cpu", torch.float32)
+
+
+def test_attention_probe_rejects_a_wrong_kernel_and_passes_a_right_one():
+    """The probe that guards every kernel choice on the GPU, run here with CPU stand-ins: the expand
+    path passes, a kernel that forgets the causal mask or drops a gradient fails."""
+    from ghostvis.model import attention as A
+
+    assert A.probe_kernel(A._expand, torch.device("cpu"), torch.float32, 16) is None
+
+    def not_causal(q, k, v):
+        g = q.shape[1] // k.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+
+    assert "relative error" in A.probe_kernel(not_causal, torch.device("cpu"), torch.float32, 16)
+    assert "relative error" in A.probe_kernel(lambda q, k, v: A._expand(q, k.detach(), v), torch.device("cpu"),
+                                        torch.float32, 16)
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel image is available")
+
+    assert "failed its probe (RuntimeError: no kernel image" in A.probe_kernel(broken, torch.device("cpu"), torch.float32, 16)

@@ -119,9 +119,13 @@ def test_layout_errors_name_the_flag(world1):
     ds_engine.check_pipeline_zero(cfg, 1, "ds_configs/zero2.json")  # ZeRO-2 without pipeline stages is fine
     z3 = ds_engine.load_ds_config(REPO / "ds_configs" / "zero3.json")
     with pytest.raises(ds_engine.ConfigError, match="--compile with ZeRO stage 3.*drop --compile"):
-        ds_engine.check_compile_zero(z3, True, True, "ds_configs/zero3.json")
-    ds_engine.check_compile_zero(z3, True, False, "ds_configs/zero3.json")  # a text model may try
-    ds_engine.check_compile_zero(cfg, True, True, "ds_configs/zero2.json")
+        ds_engine.check_compile(z3, True, True, "ds_configs/zero3.json")
+    ds_engine.check_compile(z3, True, False, "ds_configs/zero3.json")  # a text model may try
+    ds_engine.check_compile(cfg, True, True, "ds_configs/zero2.json")
+    for tp, pp in ((2, 1), (1, 2)):  # compiled TP/PP collectives are not verified to learn
+        with pytest.raises(ds_engine.ConfigError, match=f"--compile with --tp {tp} --pp {pp} is not verified.*drop"):
+            ds_engine.check_compile(cfg, True, False, "ds_configs/zero2.json", tp, pp)
+    ds_engine.check_compile(cfg, False, False, "ds_configs/zero2.json", 2, 2)
     from ghostvis.model.pipeline import GPTPipe
 
     tiny = get_preset("tiny")[0]

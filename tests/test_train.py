@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN, losses, run_ranks, train_args
+from conftest import REPO, TRAIN, losses, run_one, run_ranks, train_args
 from safetensors.torch import load_file
 
 import ghostvis
@@ -36,6 +36,7 @@ def test_zero2_two_ranks_learns_and_resumes_exactly(tmp_path, text_data, tiny_to
     assert sorted(p.name for p in (straight / "ckpt").glob("step-*")) == [f"step-{s:08d}" for s in (4, 8, 12)]
     assert {p.name for p in (straight / "ckpt" / "step-00000012").glob("client_state_rank*.json")} == {
         "client_state_rank0.json", "client_state_rank1.json"}
+    assert "attention: expand" in (straight / "run_log.md").read_text()  # the kernel that ran is named
     # this process is a world of one: the 2-rank ZeRO state must go through the universal conversion
     with pytest.raises(checkpoint.CheckpointError, match="(?s)saved by 2 ranks.*ds_to_universal.*--universal"):
         checkpoint.load(None, straight)
@@ -146,6 +147,13 @@ def test_batch_settings_must_match_world_size():
         ds_engine.batch_sizes(4, 3, 20, 2)
     with pytest.raises(ds_engine.ConfigError, match="--global-batch 30 is not divisible by --micro-batch 4"):
         ds_engine.batch_sizes(4, None, 30, 2)
+
+
+def test_a_gpu_kernel_on_cpu_is_one_line_error(tmp_path, text_data, tiny_tokenizer_dir):
+    proc = run_one(TRAIN, train_args(text_data, tiny_tokenizer_dir, tmp_path / "x", "zero1.json", "--steps", "1",
+                                     "--attention", "cudnn"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --attention cudnn needs a CUDA device" in proc.stderr and "use --attention auto" in proc.stderr
 
 
 def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import timm
+import timm.data
 import torch
 from PIL import Image
 
@@ -15,7 +16,7 @@ from ghostvis.config import VisionConfig, get_preset
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.encoder import VisionEncoder
 from ghostvis.vision.resampler import AvgPoolResampler, PerceiverResampler, PixelShuffleResampler
-from ghostvis.vision.transforms import BadImage, image_transform, load_image
+from ghostvis.vision.transforms import BadImage, data_config, image_transform, load_image, normalize_pixels
 
 IMG = 500  # image token id inside the tiny preset's 512-token vocabulary
 
@@ -239,8 +240,30 @@ def test_image_transform_pads_to_square_without_cropping():
     _, cfg = get_preset("vlm_tiny")
     wide = Image.new("RGB", (128, 32), (255, 255, 255))
     padded = image_transform(cfg)(wide)
-    assert padded.shape == (3, 64, 64)
+    assert padded.shape == (3, 64, 64) and padded.dtype == torch.uint8
+    norm = data_config(cfg)
+    padded = normalize_pixels(padded[None], norm["mean"], norm["std"])[0]
     assert torch.allclose(padded[:, 0, 0], torch.zeros(3), atol=0.01)  # pad = mean colour -> 0 after normalize
     assert padded[:, 32, 0].min() > 0.9  # the image itself spans the full width
     squashed = image_transform(dataclasses.replace(cfg, pad_to_square=False))(wide)
-    assert squashed.shape == (3, 64, 64) and squashed.min() > 0.9
+    assert squashed.shape == (3, 64, 64) and squashed.min() == 255
+
+
+def test_uint8_pixels_normalised_in_the_encoder_match_timms_float_transform():
+    """Workers ship uint8 pixels and the encoder normalises them: the same features as timm's own float
+    preprocessing (resize, ToTensor, Normalize) fed to the encoder; an image already at size skips the resize."""
+    _, cfg = get_preset("vlm_tiny")
+    cfg = dataclasses.replace(cfg, pad_to_square=False)
+    norm = data_config(cfg)
+    timm_float = timm.data.create_transform(input_size=norm["input_size"], interpolation=norm["interpolation"],
+                                            mean=norm["mean"], std=norm["std"], crop_pct=1.0, crop_mode="squash")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 90), (64, 64))]
+    pixels = torch.stack([image_transform(cfg)(im) for im in images])
+    assert torch.equal(pixels[1], torch.from_numpy(np.array(images[1])).permute(2, 0, 1))  # no resize at size
+    torch.manual_seed(0)
+    encoder = VisionEncoder(cfg)
+    with torch.no_grad():
+        ours = encoder(pixels)
+        theirs = encoder(torch.stack([timm_float(im) for im in images]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,8 @@ yield dict batches:
 
     input_ids     [B, T] long   right-padded with <|pad|> to the longest row (T <= max_len)
     targets       [B, T] long   targets[b, t] = input_ids[b, t + 1] where that token carries loss, else -1
-    pixel_values  [N, 3, H, W]  every image of the batch in order of appearance (N may be 0)
+    pixel_values  [N, 3, H, W]  uint8, every image of the batch in order of appearance (N may be 0; the
+                                encoder normalises them on its device)
     image_features [N, P, d]    instead of pixel_values when `use_features=True` (cached encoder output)
     num_tokens    int           real (non-padding) input tokens, for throughput
     num_loss_tokens int         targets != -1, for loss normalisation across micro-batches
@@ -149,19 +150,24 @@ class _Batcher:
 
     def collate(self, rows: list[Row]) -> Batch:
         T = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), T), self.tok.pad_token_id, dtype=torch.long)
-        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        ids = np.full((len(rows), T), self.tok.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=bool)
         for b, r in enumerate(rows):
-            ids[b, : len(r.ids)] = torch.tensor(r.ids)
-            targets[b, : len(r.ids)] = torch.tensor(shift_targets(r.ids, r.mask))
-        batch = {"input_ids": ids, "targets": targets, "num_tokens": sum(len(r.ids) for r in rows),
-                 "num_loss_tokens": int((targets != -1).sum())}
+            ids[b, : len(r.ids)] = r.ids
+            mask[b, : len(r.mask)] = r.mask
+        # shift_targets, vectorised: a padding position carries no loss, so a row's last token predicts nothing
+        targets = np.full_like(ids, -1)
+        targets[:, :-1] = np.where(mask[:, 1:], ids[:, 1:], -1)
+        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
+                 "num_tokens": sum(len(r.ids) for r in rows), "num_loss_tokens": int((targets != -1).sum())}
         if self.n_vis > 0:  # a text-only model takes no image argument
             images = [im for r in rows for im in r.images]
             if images and self._empty is None:
                 self._empty = images[0].new_zeros((0, *images[0].shape))
             batch["image_features" if self.use_features else "pixel_values"] = (
-                torch.stack(images) if images else self._no_images())
+                # numpy's single-threaded copy: torch.stack's intra-op threads cost up to 100x more when the
+                # training process keeps every core busy
+                torch.from_numpy(np.stack([im.numpy() for im in images])) if images else self._no_images())
         cuda = self.device.type == "cuda"
         return {k: v.pin_memory().to(self.device, non_blocking=True) if cuda and torch.is_tensor(v)
                 else v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -207,6 +213,11 @@ class _Batcher:
             self._skip = 0
             if len(rows) < self.batch_size * self.group_batches:
                 return  # a non-looping source ran out
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The source's sample counts (seen, corrupt)."""
+        return self.source.stats
 
     def state_dict(self) -> dict[str, Any]:
         if self._state is None:
@@ -396,6 +407,10 @@ class TextRows:
         for x, y in self.loader:
             yield {"input_ids": x, "targets": y, "num_tokens": x.numel(), "num_loss_tokens": int((y >= 0).sum())}
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.loader.stats
+
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
@@ -418,6 +433,10 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]
     if not text or req.eval_mode:
         return main
+    if not any(p.requires_grad for n, p in req.model.named_parameters() if "vision." not in n):
+        # a text-only batch would reach no trainable parameter: a loss without gradient, which DeepSpeed rejects
+        raise DataError(f"{Path(req.data_dir) / MIXTURE_FILE} mixes text-tokens datasets in, but the LLM is frozen, "
+                        "so text rows train nothing: pass --train-llm-layers K (or all), or drop them from the mixture")
     rows = [(TextRows(text_batches(dataclasses.replace(req, data_dir=d, seed=req.seed + i))), w) for i, (d, w) in text]
     return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.seed, name="text-mix")
 

@@ -41,9 +41,11 @@ def user_message(text: str, n_images: int = 0) -> dict[str, Any]:
 
 
 def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torch.Tensor],
-               reply_tokens: int) -> tuple[list[int], list[torch.Tensor], int]:
-    """Prompt ids and images for `messages` (ending with a user turn), dropping the oldest
-    user/assistant pairs (with their images) until the prompt leaves `reply_tokens` of context.
+               reply_tokens: int, context: int | None = None) -> tuple[list[int], list[torch.Tensor], int]:
+    """Prompt ids and images for `messages` ([system], then user/assistant pairs, ending with a user
+    turn), dropping the oldest pairs (with their images) until the prompt leaves `reply_tokens` of
+    context (`context` positions, default the model's). A system message is kept. Every message is
+    tokenized about once, so this is linear in the request.
 
     Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
     user message alone does not fit.
@@ -51,19 +53,35 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torc
     if sum(message_images(m) for m in messages) != len(images):
         raise ValueError(f"the conversation has {sum(message_images(m) for m in messages)} image parts "
                          f"but {len(images)} images were given")
-    budget = engine.max_seq_len - min(reply_tokens, engine.max_seq_len // 2)
-    start, first_image = 0, 0
-    while True:
-        ids = engine.tokenizer.render_for_completion({"messages": messages[start:]}, engine.num_vision_tokens)
+    tok, n_vis = engine.tokenizer, engine.num_vision_tokens
+    context = engine.max_seq_len if context is None else context
+    budget = context - min(reply_tokens, context // 2)
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(system):]
+    if len(turns) % 2 == 0:
+        raise ValueError("the conversation must end with a user message")
+    # tokens each user/assistant pair adds (rendered once each), then the shortest suffix that fits
+    pair_cost = [len(tok.render_conversation({"messages": turns[i:i + 2]}, sys.maxsize, n_vis)[0]) - 1
+                 for i in range(0, len(turns) - 1, 2)]
+    need = len(tok.render_for_completion({"messages": system + turns[-1:]}, n_vis))
+    first = len(pair_cost)
+    while first > 0 and need + pair_cost[first - 1] <= budget:
+        first -= 1
+        need += pair_cost[first]
+    while True:  # one render; more only where the system text joins a different first turn
+        kept = system + turns[2 * first:]
+        ids = tok.render_for_completion({"messages": kept}, n_vis)
         if len(ids) <= budget:
-            return ids, images[first_image:], start
-        if start + 2 >= len(messages):
+            break
+        if first == len(pair_cost):
             raise ContextTooLong(
-                f"the message is {len(ids)} tokens long but the model's context holds {engine.max_seq_len} "
-                f"with {engine.max_seq_len - budget} kept for the reply; send a shorter message or fewer images"
+                f"the message is {len(ids)} tokens long but the context holds {context} "
+                f"with {context - budget} kept for the reply; send a shorter message or fewer images"
             )
-        first_image += message_images(messages[start]) + message_images(messages[start + 1])
-        start += 2  # one user + assistant pair
+        first += 1
+    head = sum(message_images(m) for m in system)
+    dropped = sum(message_images(m) for m in turns[:2 * first])
+    return ids, images[:head] + images[head + dropped:], 2 * first
 
 
 class ReplyStream:
@@ -124,7 +142,8 @@ class Reply:
     def __init__(self, chat: ChatModel, messages: list[dict[str, Any]], images: list[torch.Tensor],
                  **sampling: Any) -> None:
         ids, self.images, self.dropped = fit_prompt(chat.engine, messages, images, sampling["max_new_tokens"])
-        self.messages = messages[self.dropped:]
+        head = 1 if messages[0].get("role") == "system" else 0
+        self.messages = messages[:head] + messages[head + self.dropped:]
         self._events = chat.engine.generate([ids], [self.images], **sampling)
         self._stream = ReplyStream(chat.engine)
 
@@ -170,9 +189,33 @@ def load_chat_model(ckpt: str | Path, device: str = "cpu") -> ChatModel:
     return ChatModel(Engine(model, tokenizer, device), transform, str(ckpt))
 
 
-def add_chat_args(p: argparse.ArgumentParser) -> None:
+def random_chat_model(preset: str, depth: int | None = None, device: str = "cpu", seed: int = 0,
+                      vision_preset: str | None = None) -> ChatModel:
+    """A randomly initialized model shaped like `preset` (and `depth`) with a byte-level tokenizer: a
+    stand-in for load tests where only the shape matters, needing no checkpoint. `vision_preset` takes
+    the vision tower from another preset (the demo is `vlm_small` depth 4 with `vlm_tiny`'s tower)."""
+    from ghostvis.config import get_preset
+    from ghostvis.model.gpt import GPT
+    from ghostvis.model.vlm import VLM
+    from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, r"\S+|\s+",
+                          {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)})
+    torch.manual_seed(seed)
+    cfg, vision_cfg = get_preset(preset, depth, vocab_size=tokenizer.vocab_size,
+                                 image_token_id=tokenizer.image_token_id)
+    if vision_preset is not None:
+        vision_cfg = get_preset(vision_preset)[1]
+        if vision_cfg is None:
+            raise ValueError(f"preset {vision_preset!r} has no vision tower to borrow")
+    model = (GPT(cfg) if vision_cfg is None else VLM(cfg, vision_cfg)).to(device).eval()
+    transform = image_transform(vision_cfg) if vision_cfg is not None else None
+    return ChatModel(Engine(model, tokenizer, device), transform, f"random {preset} (depth {depth})")
+
+
+def add_chat_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
     """The flags both front ends take: the checkpoint, the device and the sampling defaults."""
-    p.add_argument("--ckpt", required=True, help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
+    p.add_argument("--ckpt", required=ckpt_required, help="exported checkpoint directory (config.json, *.safetensors, tokenizer/)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")

@@ -169,14 +169,14 @@ class Engine:
                 max_new_tokens, temperature, top_k, top_p, generator, stops,
             )
 
-    def _prefill(self, prompts: list[list[int]], images: list[list[torch.Tensor]], cache: KVCache) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], images: list[list[torch.Tensor]], cache: KVCache) -> torch.Tensor:
         """Run the prompts through the model, filling `cache`; returns last-position logits [B, V]."""
         same = len(prompts) > 1 and all(p == prompts[0] for p in prompts) and all(
             len(im) == len(images[0]) and all(torch.equal(a, b) for a, b in zip(im, images[0])) for im in images
         )
         if same:  # prefill one row, then copy its keys/values into every row
             one = KVCache.for_model(self.llm.config, 1, cache.max_len, dtype=cache.k.dtype, device=cache.k.device)
-            logits = self._prefill(prompts[:1], images[:1], one)
+            logits = self.prefill(prompts[:1], images[:1], one)
             cache.k.copy_(one.k.expand_as(cache.k))
             cache.v.copy_(one.v.expand_as(cache.v))
             cache.advance(one.pos)
@@ -185,8 +185,7 @@ class Engine:
         pixels = [im for row in images for im in row]
         image_embeds = None
         if pixels:
-            dtype = next(self.vision.parameters()).dtype
-            image_embeds = self.vision(torch.stack(pixels).to(self.device, dtype))
+            image_embeds = self.vision(torch.stack(pixels).to(self.device))  # the encoder casts (and normalises uint8)
         return self.llm(idx, image_embeds=image_embeds, kv_cache=cache)[:, -1, :]
 
     def _generate_group(self, rows: list[int], prompts: list[list[int]], images: list[list[torch.Tensor]],
@@ -196,7 +195,7 @@ class Engine:
         cache_len = min(self.max_seq_len, prompt_len + max_new_tokens)
         dtype = next(self.llm.parameters()).dtype
         cache = KVCache.for_model(self.llm.config, batch, cache_len, dtype=dtype, device=self.device)
-        logits = self._prefill(prompts, images, cache)
+        logits = self.prefill(prompts, images, cache)
         tools = [ToolUse(self.tokenizer) for _ in rows]
         done = [False] * batch
         for _ in range(max_new_tokens):

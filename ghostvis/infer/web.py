@@ -1,149 +1,84 @@
-"""The chat web app: one page, image upload, replies streamed as server-sent events.
+"""The server: OpenAI-compatible chat completions over continuous batching, and the chat page.
 
-    GET  /             the page (ghostvis/infer/static/index.html)
-    GET  /health       {"status": "ok", ...} once the model is loaded
-    POST /api/images   raw image bytes -> {"id": ...}; 400 not an image, 413 over the upload limit
-    POST /api/chat     {"messages": [...], "temperature"?, "top_k"?, "max_new_tokens"?}
-                       -> text/event-stream of `data: {"text": ...}` then `event: done` with the
-                       assistant message to send back next turn; 400 for a bad conversation
+    GET  /                     the page (ghostvis/infer/static/index.html); it uses the endpoint below
+    GET  /health               {"status": "ok", ...} with the batcher's load
+    GET  /v1/models            the one model served
+    POST /v1/chat/completions  OpenAI's request; a JSON completion, or with "stream": true
+                               server-sent chunks ending with `data: [DONE]`
 
-The server keeps no conversations: the page sends the whole history each turn (user turns as
-`{"role": "user", "text": ..., "images": [ids]}`, assistant turns as the `message` it was given).
-Uploaded images are kept preprocessed in a small LRU; an evicted id gets a 400 asking to re-upload.
-Every bad input is a 4xx with a message; nothing a client sends can produce a 500.
+Request handling keeps the event loop free: the body is read with a size limit (413), parsed,
+images decoded and the prompt fitted in a worker thread, then the request goes to the `Batcher`
+(503 with Retry-After when its queue is full). Tokens come back through an asyncio queue; a client
+that disconnects cancels its request, which frees its row at the next decode step. Every bad input
+is a 4xx in OpenAI's error shape; nothing a client sends can produce a 500.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
-import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from ghostvis.infer.chat import ChatModel, ContextTooLong, Reply, user_message
-from ghostvis.vision.transforms import BadImage
+from ghostvis.infer.batching import Batcher, QueueFull, Request as Generation, Update
+from ghostvis.infer.chat import ChatModel, ContextTooLong, ReplyStream, fit_prompt
+from ghostvis.infer.openai_api import (APIError, ChatRequest, Completion, StopText, load_images, parse_chat_request,
+                                       parse_json)
 
-log = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "index.html"
-MAX_JSON_BYTES = 1 << 20  # a conversation's JSON (images travel separately, by id)
-MAX_TEXT_CHARS = 20_000  # one message
+RETRY_AFTER_S = 1
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-async def read_body(request: Request, limit: int, what: str, flag: str) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) past `limit` bytes without reading the rest."""
     declared = request.headers.get("content-length")
+    too_big = APIError(413, f"the request body is over the limit of {limit} bytes (the server's --max-body-mb)",
+                       type="request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"{what} is {int(declared)} bytes; the limit is {limit} bytes ({flag})")
+        raise too_big
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HTTPError(413, f"{what} is over the limit of {limit} bytes ({flag})")
+            raise too_big
     return bytes(body)
 
 
-class ImageStore:
-    """Preprocessed uploads by content id, least recently used dropped first."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, image_id: str, tensor: torch.Tensor) -> None:
-        with self._lock:
-            self._items[image_id] = tensor
-            self._items.move_to_end(image_id)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def get(self, image_id: str) -> torch.Tensor:
-        with self._lock:
-            if image_id not in self._items:
-                raise HTTPError(400, f"image {image_id!r} is unknown or expired; upload it again")
-            self._items.move_to_end(image_id)
-            return self._items[image_id]
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for watching memory under load."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def parse_chat_request(payload: Any, store: ImageStore, defaults: dict[str, Any]) -> tuple[list, list, dict]:
-    """(messages, images, sampling) from the page's JSON, or HTTPError(400) naming the bad field.
-    `defaults` holds the server's temperature, top_k and max_new_tokens (also the cap on the latter)."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list) or not payload["messages"]:
-        raise HTTPError(400, 'expected JSON {"messages": [...]} with at least one message')
-    messages, images = [], []
-    for i, m in enumerate(payload["messages"]):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role == "user":
-            text, ids = m.get("text", ""), m.get("images", [])
-            if not isinstance(text, str) or not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
-                raise HTTPError(400, f"messages[{i}]: a user turn is {{'text': str, 'images': [image ids]}}")
-            if len(text) > MAX_TEXT_CHARS:
-                raise HTTPError(400, f"messages[{i}]: text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
-            if not text and not ids:
-                raise HTTPError(400, f"messages[{i}]: empty message (no text, no image)")
-            images += [store.get(x) for x in ids]
-            messages.append(user_message(text, len(ids)))
-        elif role == "assistant":
-            content = m.get("content")
-            if not isinstance(content, list) or not all(
-                    isinstance(p, dict) and p.get("type") in ("text", "python", "output")
-                    and isinstance(p.get("text"), str) for p in content):
-                raise HTTPError(400, f"messages[{i}]: an assistant turn is the 'message' the server sent back")
-            messages.append({"role": "assistant", "content": content})
-        else:
-            raise HTTPError(400, f"messages[{i}]: role must be 'user' or 'assistant', got {role!r}")
-    if messages[-1]["role"] != "user":
-        raise HTTPError(400, "the last message must be the user's")
-    sampling = {
-        "temperature": _number(payload, "temperature", defaults["temperature"], 0.0, 2.0, float),
-        "top_k": _number(payload, "top_k", defaults["top_k"], 0, 100_000, int) or None,
-        "max_new_tokens": _number(payload, "max_new_tokens", defaults["max_new_tokens"], 1,
-                                  defaults["max_new_tokens"], int),
-    }
-    return messages, images, sampling
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _number(payload: dict, key: str, default: float, lo: float, hi: float, kind: type) -> Any:
-    value = payload.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise HTTPError(400, f"{key} must be a number, got {value!r}")
-    if not lo <= value <= hi:
-        raise HTTPError(400, f"{key} must be between {lo} and {hi}, got {value}")
-    return kind(value)
+def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_bytes: int = 20 << 20,
+               max_tokens: int = 256, temperature: float = 0.6, top_k: int = 50, image_root: Path | None = None,
+               max_image_bytes: int = 10 << 20, request_timeout: float = 300.0) -> FastAPI:
+    """The app for one loaded model served by `batcher` (started by the caller). `max_tokens` caps a
+    reply and is the default; `temperature` is the default a request may override; `top_k` (0 = off)
+    applies to every sampled request (OpenAI has no such field)."""
+    app = FastAPI(title="GhostVis", docs_url=None, redoc_url=None)
+    engine = chat.engine
+    root = image_root.resolve() if image_root is not None else None
+    # a text-only model takes any count here, so that decoding the first image says why it cannot
+    max_images = batcher.cache_len // engine.num_vision_tokens if engine.num_vision_tokens else sys.maxsize
 
-
-def sse(event: str | None, data: dict) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data)}\n\n"
-
-
-def create_app(chat: ChatModel, *, max_upload_bytes: int = 10 << 20, max_new_tokens: int = 256,
-               temperature: float = 0.6, top_k: int = 50, image_capacity: int = 64) -> FastAPI:
-    """The app for one loaded model. `max_upload_bytes` caps an image upload (chat_web's
-    --max-upload-mb); `max_new_tokens` caps a reply; temperature / top_k (0 = off) are the defaults
-    a request may override."""
-    app = FastAPI(title="GhostVis chat", docs_url=None, redoc_url=None)
-    store = ImageStore(image_capacity)
-    defaults = {"temperature": temperature, "top_k": top_k, "max_new_tokens": max_new_tokens}
-    generate_lock = threading.Lock()  # one reply at a time: the model already uses every core
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -151,50 +86,113 @@ def create_app(chat: ChatModel, *, max_upload_bytes: int = 10 << 20, max_new_tok
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "checkpoint": chat.ckpt, "vision": chat.transform is not None,
-                "max_seq_len": chat.engine.max_seq_len, "max_upload_bytes": max_upload_bytes}
+        return {"status": "ok", "model": model_name, "checkpoint": chat.ckpt, "vision": chat.transform is not None,
+                "max_seq_len": engine.max_seq_len, "max_context": batcher.cache_len, "max_body_bytes": max_body_bytes,
+                "rss_bytes": rss_bytes(), **batcher.load()}
 
-    @app.post("/api/images")
-    async def upload(request: Request) -> dict[str, str]:
-        data = await read_body(request, max_upload_bytes, "the upload", "--max-upload-mb")
-        if not data:
-            raise HTTPError(400, "empty upload: send the image file's bytes as the request body")
-        try:
-            tensor = chat.preprocess(data)
-        except BadImage as e:
-            raise HTTPError(400, f"not a usable image: {e.reason}") from e
-        except ValueError as e:  # a text-only model
-            raise HTTPError(400, str(e)) from e
-        image_id = hashlib.sha256(data).hexdigest()[:16]
-        store.put(image_id, tensor)
-        return {"id": image_id}
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "ghostvis"}]}
 
-    @app.post("/api/chat")
-    async def chat_reply(request: Request) -> StreamingResponse:
-        body = await read_body(request, MAX_JSON_BYTES, "the conversation", "MAX_JSON_BYTES")
+    def prepare(req: ChatRequest) -> tuple[list[int], list[Any]]:
+        """Images decoded and the prompt fitted: blocking work, run in a worker thread."""
+        images = load_images(req, chat.preprocess, root, max_image_bytes, max_images)
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"request body is not JSON: {e}") from e
-        messages, images, sampling = parse_chat_request(payload, store, defaults)
-        try:
-            reply = Reply(chat, messages, images, **sampling)
+            ids, images, _ = fit_prompt(engine, req.messages, images, req.max_tokens, batcher.cache_len)
         except ContextTooLong as e:
-            raise HTTPError(400, str(e)) from e
-        except ValueError as e:  # the tokenizer refused the conversation (e.g. roles out of order)
-            raise HTTPError(400, f"bad conversation: {e}") from e
-        return StreamingResponse(stream(reply), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            raise APIError(400, str(e), "messages") from None
+        except ValueError as e:  # the tokenizer refused the conversation
+            raise APIError(400, f"bad conversation: {e}", "messages") from None
+        return ids, images
 
-    def stream(reply: Reply) -> Iterator[str]:
-        # a plain generator: Starlette runs it in a worker thread, so the event loop stays free
-        with generate_lock:
-            try:
-                for piece in reply:
-                    yield sse(None, {"text": piece})
-                yield sse("done", {"message": reply.message(), "dropped": reply.dropped})
-            except Exception as e:  # headers are sent: report in-stream rather than drop the connection
-                log.exception("generation failed")
-                yield sse("error", {"error": f"generation failed: {type(e).__name__}: {e}"})
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Any:
+        body = await read_body(request, max_body_bytes)
+        req = parse_chat_request(parse_json(body), max_tokens_cap=max_tokens, default_temperature=temperature)
+        ids, images = await run_in_threadpool(prepare, req)
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        gen = Generation(ids, images, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
+                         max_new_tokens=req.max_tokens, temperature=req.temperature,
+                         top_k=(top_k or None) if req.temperature > 0 else None, top_p=req.top_p, seed=req.seed,
+                         deadline=time.monotonic() + request_timeout)
+        try:
+            batcher.submit(gen)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy: {e}; retry later", type="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        reply = APIReply(engine, req, gen, updates, len(ids), Completion(model_name))
+        if req.stream:
+            return StreamingResponse(reply.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return await reply.collect(request)
+        finally:
+            gen.cancelled = True  # done, or the client left: either way the row is freed
 
     return app
+
+
+class APIReply:
+    """One request's updates turned into text (tool calls displayed as in the chat), stop strings applied."""
+
+    def __init__(self, engine: Any, req: ChatRequest, gen: Generation, updates: asyncio.Queue, prompt_tokens: int,
+                 completion: Completion) -> None:
+        self.req, self.gen, self.updates, self.completion = req, gen, updates, completion
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+        self.decoder, self.stop = ReplyStream(engine), StopText(req.stop)
+
+    async def pieces(self, request: Request | None = None) -> AsyncIterator[tuple[str, str | None]]:
+        """(text, finish) pairs; the last has the finish reason. Raises APIError for timeout / shutdown /
+        error. Given the `request` (non-streaming), ends early when its client disconnects."""
+        while True:
+            remaining = self.gen.deadline - time.monotonic()
+            try:  # the deadline holds here too, for a request still waiting in the queue
+                update: Update = await asyncio.wait_for(self.updates.get(),
+                                                        max(0.0, remaining if request is None else min(1.0, remaining)))
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                if time.monotonic() >= self.gen.deadline:
+                    self.gen.cancelled = True
+                    raise APIError(504, "the request ran past the server's --request-timeout", type="timeout") from None
+                if request is not None and await request.is_disconnected():
+                    self.gen.cancelled = True
+                    return
+                continue
+            piece = ""
+            if update.token is not None:
+                self.completion_tokens += 1
+                piece = self.stop.feed(self.decoder.feed(update.token))
+            if update.finish is None and self.stop.stopped:
+                self.gen.cancelled = True
+                yield piece, "stop"
+                return
+            if update.finish in ("stop", "length"):
+                yield piece + self.stop.feed(self.decoder.flush(), final=True), update.finish
+                return
+            if update.finish is not None:
+                status = {"timeout": 504, "shutdown": 503}.get(update.finish, 500)
+                raise APIError(status, f"the reply was cut: {update.detail}", type=update.finish)
+            if piece:
+                yield piece, None
+
+    async def collect(self, request: Request) -> dict[str, Any]:
+        text, finish = [], "stop"
+        async for piece, finish in self.pieces(request):
+            text.append(piece)
+        return self.completion.response("".join(text), finish, self.prompt_tokens, self.completion_tokens)
+
+    async def events(self) -> AsyncIterator[str]:
+        c = self.completion
+        try:
+            yield sse(c.chunk({"role": "assistant", "content": ""}))
+            async for piece, finish in self.pieces():
+                if piece:
+                    yield sse(c.chunk({"content": piece}))
+                if finish is not None:
+                    yield sse(c.chunk({}, finish))
+            if self.req.include_usage:
+                yield sse(c.usage_chunk(self.prompt_tokens, self.completion_tokens))
+        except APIError as e:  # the headers are sent: report in-stream, as OpenAI does
+            yield sse(e.body())
+        finally:  # normal end, or the client went away (the generator is closed): free the row
+            self.gen.cancelled = True
+        yield sse("[DONE]")

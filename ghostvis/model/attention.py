@@ -1,15 +1,26 @@
-"""Causal self-attention with grouped-query heads and the attention-kernel dispatch (docs/model.md).
+"""Causal self-attention with grouped-query heads and the attention-kernel choice (docs/model.md).
 
-Dispatch, first match wins:
-1. `flash_attn` (FA3's `flash_attn_interface` or FA2) when importable, on CUDA, in bf16/fp16. Its
-   causal mask is bottom-right aligned, so it also serves decode and chunked prefill; GQA is native.
-2. SDPA with `enable_gqa=True` on CUDA, bf16/fp16, causal, no explicit mask (Tq == Tk): the one
-   case where SDPA's flash backend runs GQA natively.
-3. Otherwise K/V heads are expanded with `repeat_interleave` first: `enable_gqa` anywhere else
-   silently falls back to the slow math backend.
+Training attention (causal, Tq == Tk, CUDA, bf16/fp16) runs one kernel for the whole process, chosen
+once by `select_attention` and named in the run log. `auto` takes the first kernel, in this order, that
+imports and passes a forward + backward probe against SDPA's math backend in fp32:
+
+    fa4 (flash-attn-4, CuTe DSL)  >  cudnn (SDPA, native GQA)  >  fa3  >  fa2  >  sdpa_flash  >  expand
+
+The order is what one H200 measured (`bench/attention.py`, BENCHMARKS.md): cuDNN ran 1.7-1.9x SDPA's
+flash backend, flash-attn-4 about 1.1x cuDNN; SDPA's flash backend has no native GQA path in the
+backward that matches cuDNN's. A kernel asked for by name that is missing or fails its probe is an
+error, never a silent slower fallback. `expand` (K/V heads repeated, then SDPA with any backend) is
+correct everywhere and is the only choice on CPU and in fp32: `enable_gqa` there silently falls back to
+the slow math kernel.
+
+Decode and chunked prefill (Tq != Tk, KV cache) use FA2/FA3 when the process chose it (their causal mask
+is bottom-right aligned), else expanded K/V with an explicit offset mask.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,24 +32,160 @@ from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, apply_rotary
 from ghostvis.model.parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tp, tp_size_rank
 
-try:  # FlashAttention-3 (Hopper) ships as flash_attn_interface
-    from flash_attn_interface import flash_attn_func as _flash_attn_func
-except ImportError:
-    try:
-        from flash_attn import flash_attn_func as _flash_attn_func
-    except ImportError:
-        _flash_attn_func = None
-
 _HALF = (torch.bfloat16, torch.float16)
+AUTO_ORDER = ("fa4", "cudnn", "fa3", "fa2", "sdpa_flash", "expand")
+ATTENTION_CHOICES = ("auto", *AUTO_ORDER)
+
+
+class AttentionError(ValueError):
+    """An attention kernel asked for by name cannot run here (missing, or wrong on its probe)."""
+
+
+def _import_fa4() -> Callable:
+    from flash_attn.cute import flash_attn_func  # the flash-attn-4 wheel (`pip install .[gpu]`)
+    return flash_attn_func
+
+
+def _import_fa3() -> Callable:
+    from flash_attn_interface import flash_attn_func  # FlashAttention-3 (Hopper), built from source
+    return flash_attn_func
+
+
+def _import_fa2() -> Callable:
+    from flash_attn import flash_attn_func  # FlashAttention-2, built from source
+    return flash_attn_func
+
+
+_IMPORTS: dict[str, Callable[[], Callable]] = {"fa4": _import_fa4, "fa3": _import_fa3, "fa2": _import_fa2}
+_flash_fns: dict[str, Callable] = {}
+
+
+def _flash(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A FlashAttention-family kernel on [B, H, T, D] tensors (they take [B, T, H, D]; GQA native)."""
+    out = _flash_fns[name](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    out = out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
+    return out.transpose(1, 2)
+
+
+def _sdpa_pinned(backend: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _expand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def kernel_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The causal training attention of kernel `name` (importing what it needs; ImportError if missing)."""
+    if name in _IMPORTS:
+        if name not in _flash_fns:
+            _flash_fns[name] = _IMPORTS[name]()
+        return lambda q, k, v: _flash(name, q, k, v)
+    if name in ("cudnn", "sdpa_flash"):
+        from torch.nn.attention import SDPBackend
+        backend = SDPBackend.CUDNN_ATTENTION if name == "cudnn" else SDPBackend.FLASH_ATTENTION
+        return lambda q, k, v: _sdpa_pinned(backend, q, k, v)
+    if name == "expand":
+        return _expand
+    raise AttentionError(f"--attention {name!r}: unknown kernel; choose from {', '.join(ATTENTION_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The kernel this process trains with, and why the ones before it in the order were skipped."""
+
+    kernel: str
+    skipped: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return self.kernel + (f" (skipped: {'; '.join(self.skipped)})" if self.skipped else "")
+
+
+_selected: tuple[str, Callable] | None = None  # (name, fn) once select_attention ran on CUDA
+
+
+def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if `fn`'s causal GQA forward and gradients match SDPA math in fp32 within bf16 tolerance,
+    else what went wrong."""
+    g = torch.Generator(device=device).manual_seed(0)
+    shape_q, shape_kv = (2, 4, 256, head_dim), (2, 2, 256, head_dim)
+    q, k, v = (torch.randn(s, device=device, generator=g) for s in (shape_q, shape_kv, shape_kv))
+    grad = torch.randn(shape_q, device=device, generator=g)
+
+    def run(f: Callable, dt: torch.dtype) -> list[torch.Tensor]:
+        ins = [t.detach().to(dt, copy=True).requires_grad_(True) for t in (q, k, v)]
+        out = f(*ins)
+        out.backward(grad.to(dt))
+        # a gradient that never arrived counts as zero: relative error 1
+        return [out.float()] + [torch.zeros_like(t, dtype=torch.float32) if t.grad is None else t.grad.float() for t in ins]
+
+    try:
+        from torch.nn.attention import SDPBackend
+        ref = run(lambda a, b, c: _sdpa_pinned(SDPBackend.MATH, a, b.repeat_interleave(2, 1), c.repeat_interleave(2, 1)),
+                  torch.float32)
+        got = run(fn, dtype)
+    except Exception as err:  # noqa: BLE001 - any failure means this kernel can't run here
+        return f"failed its probe ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        err = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+        if not err < 2e-2:  # bf16 operands land near 3e-3; NaN fails too
+            return f"wrong on its probe ({name} relative error {err:.2e})"
+    return None
+
+
+def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> AttentionChoice:
+    """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it.
+    On CPU or in fp32 only `expand` runs (and `auto` is `expand`). Raises AttentionError when a kernel
+    named explicitly cannot run, with the fix."""
+    global _selected
+    device = torch.device(device)
+    if name not in ATTENTION_CHOICES:
+        raise AttentionError(f"--attention {name!r}: unknown kernel; choose from {', '.join(ATTENTION_CHOICES)}")
+    if device.type != "cuda" or dtype not in _HALF:
+        if name not in ("auto", "expand"):
+            raise AttentionError(f"--attention {name} needs a CUDA device and bf16/fp16 (here: {device.type}, "
+                                 f"{str(dtype).removeprefix('torch.')}); use --attention auto or expand")
+        _selected = None
+        return AttentionChoice("expand")
+    skipped = []
+    for candidate in (AUTO_ORDER if name == "auto" else (name,)):
+        try:
+            fn = kernel_fn(candidate)
+        except ImportError as err:
+            reason = f"{candidate}: not installed ({err.name or err})"
+        else:
+            problem = probe_kernel(fn, device, dtype, head_dim)
+            if problem is None:
+                _selected = (candidate, fn)
+                return AttentionChoice(candidate, tuple(skipped))
+            reason = f"{candidate}: {problem}"
+        if name != "auto":
+            fix = " (pip install '.[gpu]' for fa4)" if candidate == "fa4" else ""
+            raise AttentionError(f"--attention {candidate} cannot run here: {reason}{fix}; use --attention auto")
+        skipped.append(reason)
+    raise AttentionError("no attention kernel passed its probe: " + "; ".join(skipped))
+
+
+def selected_attention() -> str:
+    """The kernel causal training attention runs with in this process (`expand` until one is selected)."""
+    return "expand" if _selected is None else _selected[0]
 
 
 def attention_backend(q: torch.Tensor, q_len: int, kv_len: int) -> str:
-    """Which kernel `attend` uses for these inputs: "flash_attn", "sdpa_gqa" or "sdpa_expand"."""
-    if _flash_attn_func is not None and q.is_cuda and q.dtype in _HALF:
-        return "flash_attn"
-    if q.is_cuda and q.dtype in _HALF and q_len == kv_len:
+    """Which kernel `attend` uses for these inputs: the selected one, "sdpa_gqa" (SDPA's own backend
+    choice with native GQA, on CUDA half-precision causal inputs when nothing was selected, e.g. a
+    serving process) or "expand"."""
+    fast = q.is_cuda and q.dtype in _HALF
+    if _selected is not None and fast and (q_len == kv_len or _selected[0] in ("fa2", "fa3")):
+        return _selected[0]
+    if _selected is None and fast and q_len == kv_len:
         return "sdpa_gqa"
-    return "sdpa_expand"
+    return "expand"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -47,22 +194,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     (Tq == 1) and chunked prefill onto a KV cache. Returns [B, Hq, Tq, D]."""
     q_len, kv_len = q.shape[2], k.shape[2]
     backend = attention_backend(q, q_len, kv_len)
-    if backend == "flash_attn":
-        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        out = out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
-        return out.transpose(1, 2)
-    groups = q.shape[1] // k.shape[1]
     if backend == "sdpa_gqa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    if backend != "expand":
+        return _selected[1](q, k, v)
+    if q_len == kv_len:
+        return _expand(q, k, v)
+    # SDPA's is_causal is top-left aligned when Tq != Tk, so spell the offset mask out (decode needs none)
+    offset = kv_len - q_len
+    mask = None if q_len == 1 else (
+        torch.arange(kv_len, device=q.device) <= (torch.arange(q_len, device=q.device) + offset).unsqueeze(-1))
+    return attend_masked(q, k, v, mask)
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention under an explicit boolean mask (True = visible; None = all), broadcastable to
+    [B, Hq, Tq, Tk]: chunked prefill, and decode over rows of different lengths. SDPA has no native GQA
+    with a mask, so K/V are expanded."""
+    groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q_len == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    # SDPA's is_causal is top-left aligned when Tq != Tk, so spell the offset mask out
-    offset = kv_len - q_len
-    mask = torch.arange(kv_len, device=q.device) <= (torch.arange(q_len, device=q.device) + offset).unsqueeze(-1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -100,5 +251,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
+        y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)

@@ -135,7 +135,11 @@ class GPT(nn.Module):
         if offset + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx, image_embeds)
-        cos, sin = self.rotary(offset, T)
+        rows = getattr(kv_cache, "positions", None)  # a RaggedKVCache: each row at its own position
+        if rows is None:
+            cos, sin = self.rotary(offset, T)
+        else:
+            cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.config.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):

@@ -52,6 +52,10 @@ class RotaryEmbedding(nn.Module):
         """cos, sin for positions [offset, offset + length), shape [length, head_dim]."""
         return self.cos[offset:offset + length], self.sin[offset:offset + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for per-row positions [B, T], shaped [B, 1, T, head_dim] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

@@ -44,22 +44,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(x)
         x, w = x.to(dtype), weight.to(dtype)
         col_start = _tp_rank(group) * w.shape[0]
-        loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        lse = torch.empty_like(loss)
+        # Built out of place (a list of chunks, then cat + where): under torch.compile (torch 2.11) an
+        # autograd.Function whose output was written in place aliases a pre-mutation intermediate, and the
+        # gradient reaches that phantom instead of x and the weight: every gradient upstream comes back 0
+        # (docs/training.md, "torch.compile").
+        losses, lses = [], []
         for s in range(0, x.shape[0], chunk):
             z, _ = _chunk_logits(x[s:s + chunk], w, cap, col_start, vocab_size)
             local_t, in_range = _local_targets(targets[s:s + chunk], col_start, w.shape[0])
             m = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
             sum_exp = _all_reduce_((z - m.unsqueeze(-1)).exp_().sum(dim=-1), group)
-            lse[s:s + chunk] = m + sum_exp.log()
+            lse = m + sum_exp.log()
             # where, not a product: a shard of only padding gathers -inf, and -inf * 0 is NaN
             picked = _all_reduce_(torch.where(in_range.bool(), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0),
                                   group)
-            loss[s:s + chunk] = lse[s:s + chunk] - picked
-        ignored = targets == IGNORE_INDEX
+            lses.append(lse)
+            losses.append(lse - picked)
+        lse = torch.cat(lses)
         ctx.save_for_backward(x, w, targets, lse)
         ctx.group, ctx.vocab_size, ctx.cap, ctx.chunk, ctx.col_start = group, vocab_size, cap, chunk, col_start
-        return loss.masked_fill_(ignored, 0.0)
+        return torch.where(targets == IGNORE_INDEX, 0.0, torch.cat(losses))
 
     @staticmethod
     def backward(ctx, grad_loss):

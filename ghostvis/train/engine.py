@@ -125,10 +125,16 @@ def check_pipeline_zero(ds_config: dict[str, Any], pp: int, config_path: str | P
                           "use --ds_config ds_configs/zero1.json, or --pp 1 with ZeRO-2/3")
 
 
-def check_compile_zero(ds_config: dict[str, Any], compile_model: bool, has_vision: bool,
-                       config_path: str | Path) -> None:
-    """`engine.compile()` under ZeRO-3 fails inside torch.compile on a VLM (torch 2.11, DeepSpeed 0.19.8:
-    dynamo traces the timm encoder's partitioned, size-0 position embedding); say so before the engine."""
+def check_compile(ds_config: dict[str, Any], compile_model: bool, has_vision: bool,
+                  config_path: str | Path, tp: int = 1, pp: int = 1) -> None:
+    """Refuse, before the engine exists, the `--compile` combinations that do not train correctly:
+    - under TP/PP the collectives reduce into their outputs in place, the pattern that made compiled
+      gradients vanish in the fused loss (docs/training.md, "torch.compile"): not verified to learn;
+    - under ZeRO-3 with a VLM, torch.compile fails (torch 2.11, DeepSpeed 0.19.8: dynamo traces the timm
+      encoder's partitioned, size-0 position embedding)."""
+    if compile_model and (tp > 1 or pp > 1):
+        raise ConfigError(f"--compile with --tp {tp} --pp {pp} is not verified to train correctly; drop --compile "
+                          "(or run with --tp 1 --pp 1)")
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     if compile_model and has_vision and zero >= 3:
         raise ConfigError(f"--compile with ZeRO stage 3 (--ds_config {config_path}) and a vision tower fails "

@@ -138,8 +138,7 @@ def grpo_loss(engine: Any, batch: dict[str, Any], *, settings: GRPOSettings, tok
     ref_logp = None
     if reference is not None:
         with torch.no_grad():
-            ref_logp = token_logp(reference, idx, targets, None if pixels is None else pixels.to(
-                next(reference.parameters()).dtype))
+            ref_logp = token_logp(reference, idx, targets, pixels)  # the encoder casts pixels to its dtype
     loss, kl = policy_loss(logp, logp.detach(), advantages, targets != -1, settings.clip_eps, settings.kl_coef,
                            ref_logp)
     batch["num_tokens"] = int(sum(len(p) + len(c.tokens) for p, c in zip(prompts, completions)))  # for tokens/s

@@ -55,6 +55,8 @@ class RunLogger:
                 "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
         if metrics.get("mfu") is not None:
             post["MFU"] = f"{100 * metrics['mfu']:.1f}%"
+        if metrics.get("data_wait_frac") is not None:
+            post["data wait"] = f"{100 * metrics['data_wait_frac']:.0f}%"
         if metrics.get("corrupt_samples"):
             post["corrupt"] = metrics["corrupt_samples"]
             self._corrupt = metrics

@@ -31,10 +31,11 @@ from ghostvis import checkpoint_io
 from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.multimodal import caption_batches, conversation_batches
-from ghostvis.data.prefetch import Prefetch
+from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
+from ghostvis.model.attention import AttentionError, select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
@@ -336,6 +337,30 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
     return (sums[0] / (math.log(2) * sums[1].clamp(min=1))).item()
 
 
+class TimedBatches:
+    """The training batches, timing how long the loop waits for each and counting their images."""
+
+    def __init__(self, batches: Iterator) -> None:
+        self.batches, self.wait_s, self.images = batches, 0.0, 0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(batch, dict):
+            images = batch.get("pixel_values", batch.get("image_features"))
+            self.images += 0 if images is None else len(images)
+        return batch
+
+    def take(self) -> tuple[float, int]:
+        """(seconds waited, images) since the last call."""
+        out, self.wait_s, self.images = (self.wait_s, self.images), 0.0, 0
+        return out
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -373,8 +398,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
-    ds_engine.check_compile_zero(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
-                                 args.ds_config)
+    ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
+                            args.ds_config, args.tp, args.pp)
+    try:
+        attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], model_cfg.head_dim)
+    except AttentionError as err:
+        raise ds_engine.ConfigError(str(err)) from None
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
@@ -387,11 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            tokenizer, device, eval_mode, model, getattr(args, "cached_features", False),
                            args.max_corrupt_fraction)
 
-    def open_train_data(source: Any) -> Any:
-        return Prefetch(source, args.prefetch) if args.prefetch else source
-
-    train_source = data_builder(request("train", False))
-    train_data = open_train_data(train_source)
+    train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
 
     start_step, skipped, tokens_seen = 0, 0, 0
@@ -411,6 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
+    log.note(f"attention: {attention.describe()}")
     warning = random_encoder_warning(args, stage, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
@@ -420,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
     byte_counts = token_bytes(tokenizer).to(device) if val_data is not None else None
-    batches = iter(train_data)
+    batches = TimedBatches(iter(train_data))
     metrics: dict[str, Any] = {}
     step = start_step
     guard = DivergenceGuard(args.max_skipped_updates, args.max_skipped_fraction)
@@ -440,9 +466,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             skipped += 1
             log.note(f"step {step}: bad update (skipped, or non-finite loss or gradients), {skipped} so far")
         tps = step_tokens / result.seconds
+        wait_s, images = batches.take()
         metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
-                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, **result.extra,
-                   **corrupt_metrics(train_data.state_dict())}
+                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, "step_s": result.seconds,
+                   "data_wait_frac": min(1.0, wait_s / result.seconds), "images_per_s": images * dp / result.seconds,
+                   **result.extra, **corrupt_metrics(train_data.state_dict())}
+        if device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val_data is not None and (step % args.eval_every == 0 or step == end):
             metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
         log.step(step, metrics)
@@ -452,13 +482,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kept = checkpoint.discard(out, guard.unconfirmed)
             if rollbacks < args.rollbacks and kept is not None:
                 rollbacks, stopped_at = rollbacks + 1, step
-                if hasattr(batches, "close"):
-                    batches.close()  # stops a prefetch thread before its source is rewound
+                batches.batches.close()  # stops the data workers before the position is rewound
                 state = checkpoint.load(engine, out)
                 step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
-                train_source.load_state_dict(state["data"])
-                train_data = open_train_data(train_source)
-                batches = iter(train_data)
+                train_data.load_state_dict(state["data"])
+                batches = TimedBatches(iter(train_data))
                 set_base_lrs(engine, groups, args.rollback_lr_factor ** rollbacks)
                 guard.reset(step)
                 log.note(f"step {stopped_at}: {stop}; rolled back to {kept} with learning rates "

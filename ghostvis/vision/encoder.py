@@ -19,6 +19,7 @@ from torch import nn
 
 from ghostvis.config import VisionConfig
 from ghostvis.files import safetensors_shapes
+from ghostvis.vision.transforms import data_config, normalize_pixels
 
 def _no_download_error(what: str) -> ValueError:
     return ValueError(
@@ -89,6 +90,8 @@ class VisionEncoder(nn.Module):
             )
         self.layer = layer
         self.model = model
+        norm = data_config(cfg)  # uint8 pixels are normalised here, on the accelerator (transforms.py)
+        self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
         full_keys = set(model.state_dict())
         if cfg.pretrained_path:
             self._load_full(read_timm_state_dict(cfg.pretrained_path, model), cfg.pretrained_path)
@@ -135,7 +138,11 @@ class VisionEncoder(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, str(path))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N, 3, H, W] -> patch features [N, num_patches, dim]."""
+        """pixel_values [N, 3, H, W] -> patch features [N, num_patches, dim]. uint8 pixels (what
+        `image_transform` makes) are normalised with the encoder's mean/std; float pixels are taken as
+        already normalised."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values, self.mean, self.std)
         grad = contextlib.nullcontext() if not self.frozen else torch.no_grad()
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if pixel_values.is_cuda
                     else contextlib.nullcontext())

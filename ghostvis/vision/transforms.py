@@ -1,8 +1,12 @@
 """Image decoding and preprocessing for the vision tower.
 
 `load_image` turns raw bytes from a shard into an 8-bit RGB PIL image or raises `BadImage` (loaders
-catch it and count a skip). `image_transform` builds the PIL -> tensor transform from the encoder's
-timm data config (mean/std/interpolation), optionally padding to a square first so nothing is cropped.
+catch it and count a skip). `image_transform` builds the PIL -> uint8 tensor transform at the encoder's
+resolution with its timm interpolation, optionally padding to a square first so nothing is cropped.
+
+Normalisation (/255, mean, std from the timm data config) is not done here but by the encoder itself on
+uint8 input (`normalize_pixels`): data workers then ship 1 byte per value instead of 4 and the
+arithmetic runs on the accelerator. Already-normalised float pixels are taken as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import timm.data
 import timm.models
 import torch
 from PIL import Image, ImageOps
-from torchvision import transforms as T
+from timm.data.transforms import str_to_pil_interp
 
 from ghostvis.config import VisionConfig
 
@@ -115,25 +119,46 @@ class PadToSquare:
         return f"PadToSquare(fill={self.fill})"
 
 
-def image_transform(vision_cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """RGB PIL image -> normalized float tensor [3, image_size, image_size]. Never center-crops: a VLM
-    must see the whole image (objects at the border count). Without `pad_to_square` it squashes."""
+class ToPixels:
+    """RGB PIL image -> uint8 tensor [3, size, size]: optional pad to square, then a squash resize (none
+    when the image already has the size). Picklable, for data loader workers."""
+
+    def __init__(self, size: int, interpolation: str, pad_fill: tuple[int, int, int] | None) -> None:
+        self.size, self.interpolation = size, interpolation
+        self.pad = PadToSquare(pad_fill) if pad_fill is not None else None
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.pad is not None:
+            img = self.pad(img)
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), str_to_pil_interp(self.interpolation))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"ToPixels(size={self.size}, interpolation={self.interpolation!r}, pad={self.pad})"
+
+
+def image_transform(vision_cfg: VisionConfig) -> ToPixels:
+    """RGB PIL image -> uint8 tensor [3, image_size, image_size] (the encoder normalises it). Never
+    center-crops: a VLM must see the whole image (objects at the border count). Without `pad_to_square`
+    it squashes."""
     cfg = data_config(vision_cfg)
-    squash = timm.data.create_transform(
-        input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
-        crop_pct=1.0, crop_mode="squash", is_training=False,
-    )
-    if not vision_cfg.pad_to_square:
-        return squash
-    fill = tuple(int(round(255 * m)) for m in cfg["mean"])
-    return T.Compose([PadToSquare(fill), squash])  # type: ignore[arg-type]  # picklable for DataLoader workers
+    fill = tuple(int(round(255 * m)) for m in cfg["mean"]) if vision_cfg.pad_to_square else None
+    return ToPixels(vision_cfg.image_size, cfg["interpolation"], fill)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 pixels [N, 3, H, W] -> float32 (x / 255 - mean) / std, on the pixels' device."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(pixels.device, non_blocking=True)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(pixels.device, non_blocking=True)
+    return (pixels.float().div_(255.0) - m).div_(s)
 
 
 def preprocess(data: bytes, transform: Callable[[Image.Image], torch.Tensor], *,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Bytes -> model-ready tensor; raises `BadImage` for unusable input."""
+    """Bytes -> model-ready tensor (uint8 pixels from `image_transform`); raises `BadImage` for unusable input."""
     return transform(load_image(data, max_pixels=max_pixels))
 
 
-__all__ = ["BadImage", "DEFAULT_MAX_PIXELS", "PadToSquare", "data_config", "image_transform", "load_image",
-           "preprocess"]
+__all__ = ["BadImage", "DEFAULT_MAX_PIXELS", "PadToSquare", "ToPixels", "data_config", "image_transform", "load_image",
+           "normalize_pixels", "preprocess"]

@@ -1,0 +1,78 @@
+"""The learning check every throughput bench runs on the steps it times (BENCHMARKS.md, "How we measure").
+
+A speed figure counts only if the same steps trained the model. Every side of a bench starts from the same
+weights and sees the same batches (`learnable_batches`, deterministic from a seed), keeps every step's
+loss, and must pass `check_learning` against a reference side (a plain eager PyTorch loop, or a side the
+bench names): its loss falls, and it tracks the reference. A side that fails prints FAILED in place of
+its number, and no row is written for it.
+
+Why not random tokens: nothing in them is learnable, so a side whose gradients are all zero looks exactly
+like one that trains. Here each row repeats one random segment drawn from a quarter of the vocabulary:
+the unigram part is learned in a few steps (loss falls from ln V towards ln(V/4)), copying the segment
+later, so a working side's loss falls well inside a bench's 20-odd steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+MIN_DROP = 0.05  # a side's loss must fall at least this fraction (first step's loss → mean of the last 3)
+TRACK_ABS, TRACK_REL = 0.1, 0.02  # allowed gap to the reference: TRACK_ABS + TRACK_REL × the reference's mean
+
+
+def learnable_batches(vocab: int, batch: int, seq: int, device: torch.device | str, seed: int = 0,
+                      period: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) `[batch, seq]` forever: each row is one random segment of `period` tokens from
+    the first quarter of the vocabulary, repeated. The same seed gives the same batches on any device."""
+    g = torch.Generator().manual_seed(seed)
+    span = max(2, vocab // 4)
+    reps = math.ceil((seq + 1) / period)
+    while True:
+        segments = torch.randint(0, span, (batch, period), generator=g)
+        rows = segments.repeat(1, reps)[:, :seq + 1].to(device, non_blocking=True)
+        yield rows[:, :-1], rows[:, 1:]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    message: str
+
+
+def _tail(losses: list[float], n: int = 3) -> float:
+    tail = losses[-n:]
+    return sum(tail) / len(tail)
+
+
+def check_learning(losses: list[float], reference: list[float] | None = None,
+                   min_drop: float = MIN_DROP) -> Verdict:
+    """Did this side learn? Its loss must be finite and fall by `min_drop` (first → mean of the last 3
+    steps), and, given a reference run of the same steps, its mean and its end must each lie within
+    TRACK_ABS + TRACK_REL × the reference's mean of the reference's. Means rather than step-by-step
+    gaps: two correct runs (bf16 vs fp32, compiled vs eager) can cross a loss cliff a step apart."""
+    if not losses:
+        return Verdict(False, "no losses recorded")
+    if not all(math.isfinite(x) for x in losses):
+        return Verdict(False, f"non-finite loss at step {next(i for i, x in enumerate(losses) if not math.isfinite(x))}")
+    first, last = losses[0], _tail(losses)
+    drop = (first - last) / abs(first) if first else 0.0
+    summary = f"loss {first:.3f} → {last:.3f} ({100 * drop:.1f}% drop)"
+    if drop < min_drop:
+        return Verdict(False, f"{summary}: it did not learn (needs ≥ {100 * min_drop:.0f}%)")
+    if reference is None:
+        return Verdict(True, summary)
+    n = min(len(losses), len(reference))
+    if n < len(reference):
+        return Verdict(False, f"{summary}: {len(losses)} steps against the reference's {len(reference)}")
+    ref_mean = sum(reference) / n
+    tol = TRACK_ABS + TRACK_REL * abs(ref_mean)
+    mean_gap = abs(sum(losses[:n]) / n - ref_mean)
+    end_gap = abs(_tail(losses[:n]) - _tail(reference))
+    summary += f", gap to reference mean {mean_gap:.3f} / end {end_gap:.3f} (tolerance {tol:.3f})"
+    if mean_gap > tol or end_gap > tol:
+        return Verdict(False, f"{summary}: it does not track the reference")
+    return Verdict(True, summary)

@@ -1,0 +1,45 @@
+"""The learning check every throughput bench applies before it writes a number (bench/learning.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.learning import check_learning, learnable_batches
+
+
+def test_learnable_batches_are_deterministic_shifted_and_learnable():
+    a, b = learnable_batches(1000, 3, 50, "cpu", seed=1), learnable_batches(1000, 3, 50, "cpu", seed=1)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])  # targets are the inputs shifted by one
+        assert int(xa.max()) < 250  # a quarter of the vocabulary: the unigram part is learnable at once
+        assert torch.equal(xa[:, :10], xa[:, 64:74] if xa.shape[1] > 74 else xa[:, :10])
+    x, _ = next(learnable_batches(1000, 2, 200, "cpu"))
+    assert torch.equal(x[:, :64], x[:, 64:128])  # each row repeats its segment
+
+
+def test_a_side_that_does_not_learn_fails():
+    flat = [7.3, 7.31, 7.29, 7.3, 7.3, 7.3]  # what a zero-gradient (broken compile) run looks like
+    verdict = check_learning(flat)
+    assert not verdict.ok and "did not learn" in verdict.message
+    assert not check_learning([7.0, 5.0, float("nan")]).ok
+    assert not check_learning([]).ok
+
+
+def test_a_side_must_track_its_reference():
+    ref = [10.6, 9.0, 8.1, 7.6, 7.3, 7.1, 7.0]
+    assert check_learning(ref).ok
+    close = [x + 0.05 for x in ref]
+    assert check_learning(close, ref).ok
+    # learns, but to somewhere else: loss falls, yet the gap is past TRACK_ABS + TRACK_REL × mean
+    drifted = [10.6, 9.6, 9.0, 8.8, 8.6, 8.5, 8.4]
+    verdict = check_learning(drifted, ref)
+    assert not verdict.ok and "does not track the reference" in verdict.message
+    assert not check_learning(ref[:4], ref).ok  # fewer steps than the reference
+    # one step late across the early cliff of a bench-length run is fine: means and ends are compared
+    curve = [7.0 + 3.6 * math.exp(-i / 2) for i in range(25)]
+    late = curve[:1] + curve[:-1]
+    assert check_learning(late, curve).ok, check_learning(late, curve).message

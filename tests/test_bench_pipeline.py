@@ -1,0 +1,45 @@
+"""bench/pipeline.py's pieces (the full run is a GPU benchmark; on CPU it takes minutes): the child
+environment keeps the caller's PYTHONPATH, and the per-stage summary read from a real run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+from ghostvis.train.logging import RunLogger
+
+
+def pipeline():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_child_env_prepends_the_repository_to_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/opt/wheels")
+    env = pipeline().child_env(cuda=False)
+    assert env["PYTHONPATH"].split(":") == [str(REPO), "/opt/wheels"] and env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_stage_summary_and_table(tmp_path):
+    bench = pipeline()
+    log = RunLogger(out_dir=tmp_path, total_steps=10, start_step=0, enabled=True, wandb_mode="off",
+                    run_config={}, header="test")
+    for step in range(1, 11):  # the first fifth (start-up) is left out of the medians
+        log.step(step, {"loss": 5.0 - 0.3 * step, "lr_mult": 1.0, "grad_norm": 1.0, "step_s": 0.5,
+                        "tokens_per_s": 100.0 if step > 2 else 1.0, "images_per_s": 8.0 * step, "mfu": 0.25,
+                        "data_wait_frac": 0.1 if step > 2 else 0.9, "peak_mem_gib": float(step)})
+    log.close()
+    r = bench.stage_summary(tmp_path / "metrics.jsonl")
+    assert r["steps"] == 10 and r["tokens_per_s"] == 100.0 and r["data_wait_frac"] == pytest.approx(0.1)
+    assert r["images_per_s"] == pytest.approx(8.0 * 6.5) and r["peak_mem_gib"] == 10.0
+    assert (r["loss_first"], r["loss_last"]) == pytest.approx((4.7, 2.0))
+    vqa = {"per_type": {"colour": {"accuracy": 0.5, "chance": 1 / 6}}, "overall": {"accuracy": 0.4, "chance": 0.3}}
+    text = bench.table({"vision_pretrain": {**r, "wall_s": 12.0}}, vqa)
+    assert "| vision_pretrain | 10 | 100 | 52 | 25.0% | 10.0 | 10% | 4.700 → 2.000 | 12 s |" in text
+    assert "| accuracy | 50% | - | - | - | 40% |" in text
+    json.dumps(r)  # a summary is plain data
