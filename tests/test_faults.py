@@ -39,7 +39,7 @@ def train_cmd(data: Path, tok: Path, out: Path, *extra: object) -> list[str]:
     return [sys.executable, str(TRAIN), "--stage", "base", "--model", "small", "--depth", "2", "--seq-len", "64",
             "--micro-batch", "4", "--data", str(data), "--tokenizer", str(tok), "--out", str(out),
             "--eval-every", "0", "--warmup", "2", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
-            *map(str, extra)]
+            "--data-workers", "0", *map(str, extra)]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -187,7 +187,7 @@ def test_divergence_stops_keeps_the_trusted_checkpoint_and_rolls_back(text_data,
     assert json.loads((out / "config.json").read_text())["step"] == 4
 
     proc = run(train_cmd(text_data, tiny_tokenizer_dir, out, *wild, "--rollbacks", "1",
-                         "--rollback-lr-factor", "1e-33"))
+                         "--rollback-lr-factor", "1e-33", "--data-workers", "1"))  # a worker process is rewound too
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rolled back to step-00000004" in (out / "run_log.md").read_text()
     assert json.loads((out / "config.json").read_text())["step"] == STEPS
