@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.files import TensorFileError, check_tensors, follow_umask
 from ghostvis.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ def _file_parameters(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.n
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path.with_name(path.name + ".tmp")), metadata={"format": FORMAT})
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    follow_umask(tmp)  # safetensors writes through a private temporary file
+    os.replace(tmp, path)
 
 
 def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer, extra: dict[str, Any] | None = None,
@@ -114,19 +117,36 @@ def read_config(path: str | Path) -> tuple[ModelConfig, VisionConfig | None, dic
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: point to a directory written by training (--out) or export")
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TensorFileError(f"{cfg_path}: not valid JSON ({e}); re-export the model") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise TensorFileError(f"{cfg_path}: field 'format' is not {FORMAT!r}; point to a directory written by "
+                              "training (--out), launch/import_hf.py or ghostvis.checkpoint_io.export")
     vision = VisionConfig.from_dict(raw["vision"]) if raw.get("vision") else None
     return ModelConfig.from_dict(raw["model"]), vision, raw
 
 
 def load_weights(module: torch.nn.Module, file: str | Path) -> None:
-    """Copy a safetensors file into `module` (strict: missing or extra names raise, naming them)."""
-    missing, unexpected = module.load_state_dict(load_file(str(file)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{file}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} parameters; "
-                         "the file does not belong to this config")
+    """Copy a safetensors file into `module`; names and shapes are checked from the file's header first."""
+    check_tensors(file, {k: tuple(v.shape) for k, v in module.state_dict().items()},
+                  "it belongs to another model config (use the export it came with, or start a new --out)")
+    module.load_state_dict(load_file(str(file)))
+
+
+def check_export_files(path: str | Path) -> None:
+    """An export's weight files are all there: llm.safetensors, and vision.safetensors when config.json
+    describes a VLM (a tower is never silently replaced by a new one)."""
+    path = Path(path)
+    _, vision_cfg, _ = read_config(path)
+    for name in (LLM_FILE, VISION_FILE) if vision_cfg is not None else (LLM_FILE,):
+        if not (path / name).is_file():
+            others = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix != ".json")
+            raise TensorFileError(f"{path / name} not found: {path / CONFIG_FILE} describes "
+                                  f"{'a VLM' if name == VISION_FILE else 'a model'} whose export holds those "
+                                  f"weights there (found {others or 'no weight files'}); re-export the model "
+                                  "from its training --out")
 
 
 def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights_dir: str | Path | None = None, *,
@@ -136,6 +156,8 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
     read `vision_cfg.pretrained_path` (the caller's config is left as it is); without that file (a text
     export growing a tower) the tower is new: `pretrained_path`'s encoder weights, else random. On the meta
     device only the architecture is built (nothing to load into)."""
+    if weights_dir is not None:
+        check_export_files(weights_dir)
     tower_saved = weights_dir is not None and (Path(weights_dir) / VISION_FILE).is_file()
     with torch.device(device):
         if vision_cfg is None:
@@ -161,11 +183,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
     model_cfg, vision_cfg, raw = read_config(path)
     tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
     if tokenizer.fingerprint != raw["tokenizer"]["fingerprint"]:
-        raise ValueError(f"{path / TOKENIZER_DIR} is not the tokenizer this model was trained with "
+        raise TensorFileError(f"{path / TOKENIZER_DIR} is not the tokenizer this model was trained with "
                          f"(fingerprint {tokenizer.fingerprint[:12]} != {raw['tokenizer']['fingerprint'][:12]} in {CONFIG_FILE})")
-    if vision_cfg is not None and not (path / VISION_FILE).is_file():
-        raise FileNotFoundError(f"{path / VISION_FILE} not found: {CONFIG_FILE} describes a VLM, whose export "
-                                "holds the vision tower's weights there")
     return build_model(model_cfg, vision_cfg, path, device=device).eval(), tokenizer, raw
 
 

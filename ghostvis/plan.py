@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ghostvis.cli import UserError
 from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
@@ -32,7 +33,7 @@ CUDA_OVERHEAD_BYTES = 2 * GIB
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A layout that can't run; the message names the flag to change."""
 
 

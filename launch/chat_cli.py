@@ -9,7 +9,6 @@ Commands: `/image PATH` attaches an image to your next message, `/clear` starts 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -93,4 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ghostvis.cli import run_main
+
+    run_main(main)

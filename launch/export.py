@@ -54,4 +54,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ghostvis.cli import run_main
+
+    run_main(main)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -151,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--universal", action="store_true",
                    help="load OUT/ckpt/<latest>_universal (made by ds_to_universal); automatic when the "
                         "data-parallel size changed (docs/parallelism.md)")
+    g.add_argument("--max-corrupt-fraction", type=float, default=0.01, metavar="F",
+                   help="stop when more than this fraction of the samples read so far were corrupt (counted by "
+                        "shard and reason in the progress bar, metrics.jsonl and run_log.md)")
+
+    g = p.add_argument_group("divergence (docs/training.md)")
+    g.add_argument("--max-skipped-updates", type=int, default=10, metavar="K",
+                   help="stop after K bad updates in a row (skipped, or non-finite loss or gradients; 0 = never)")
+    g.add_argument("--max-skipped-fraction", type=float, default=0.5, metavar="F",
+                   help="stop when more than this fraction of the last 100 updates were bad")
+    g.add_argument("--rollbacks", type=int, default=0, metavar="N",
+                   help="on a stop, reload the last trusted checkpoint and continue with lowered learning rates, "
+                        "up to N times")
+    g.add_argument("--rollback-lr-factor", type=float, default=0.5, metavar="F",
+                   help="learning rates are multiplied by F at each rollback")
+    g = p.add_argument_group("evaluation, logging")
     g.add_argument("--eval-every", type=int, default=None,
                    help="validation bits-per-byte interval (0 = never; default 250, or never when --data has no val/)")
     g.add_argument("--eval-batches", type=int, default=20, help="validation micro-batches per rank")
@@ -164,19 +178,9 @@ def main() -> None:
     args, argv = recipes.parse_args(parser)
     if int(os.environ.get("RANK", "0")) == 0:
         recipes.write_resolved(parser, argv, Path(args.out))
-    from ghostvis.data.manifest import DataError
-    from ghostvis.train.checkpoint import CheckpointError
-    from ghostvis.train.engine import ConfigError
     from ghostvis.train.loop import run
 
-    try:
-        run(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        # a mistake in flags, data or the run directory: say what and how to fix it, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+    run(args)
     # all ranks leave together, then tear gloo/nccl down explicitly (an implicit teardown at interpreter
     # exit can abort a rank). After an unexpected exception we just exit: the launcher stops the other ranks.
     dist.barrier()
@@ -184,4 +188,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ghostvis.cli import run_main
+
+    run_main(main)

@@ -164,11 +164,33 @@ def test_corrupt_shard_skipped_and_counted(shard_dir):
     s = ShardStream(shard_dir, seed=0, loop=False, max_corrupt_fraction=0.2)
     got = keys(s)
     assert len(got) == 47 - lost and len(set(got)) == len(got)
-    assert s.stats == {"seen": 47, "corrupt": lost, "by_shard": {"train-000002.tar": lost}}
+    assert s.stats == {"seen": 47, "corrupt": lost, "by_shard": {"train-000002.tar": lost},
+                       "by_reason": {"unreadable": lost}}
     # A shard that can't be opened at all counts every sample.
     (shard_dir / "train-000005.tar").write_bytes(b"not a tar" * 100)
     s = ShardStream(shard_dir, seed=0, loop=False, max_corrupt_fraction=0.5)
     assert len(keys(s)) == 47 - lost - 6 and s.stats["by_shard"]["train-000005.tar"] == 6
+
+
+def test_manifest_miscounting_an_intact_shard_is_refused_either_way(shard_dir):
+    """Positions are defined by the manifest's counts: a shard holding more or fewer samples than listed is
+    refused, never silently cut or padded; a tar cut exactly at a member boundary is damage, not a miscount."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    for delta, which in ((-1, "more"), (1, "fewer")):
+        changed = json.loads(json.dumps(manifest))
+        changed["shards"][2]["samples"] += delta
+        changed["num_samples"] += delta
+        (shard_dir / "manifest.json").write_text(json.dumps(changed))
+        with pytest.raises(DataError, match=f"train-000002.tar holds {which} samples than the .*manifest.json"):
+            keys(ShardStream(shard_dir, seed=0, loop=False, shuffle=False, max_corrupt_fraction=1.0))
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    path = shard_dir / "train-000002.tar"
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    last = next(m for m in members if m.name.split(".")[0] == members[-1].name.split(".")[0])
+    path.write_bytes(path.read_bytes()[:last.offset])  # cut right before the last sample's first header
+    s = ShardStream(shard_dir, seed=0, loop=False, shuffle=False, max_corrupt_fraction=1.0)
+    assert len(keys(s)) == 46 and s.stats["by_reason"] == {"unreadable": 1}
 
 
 def test_gzip_compressed_shards_still_read(shard_dir):

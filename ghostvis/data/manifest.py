@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ghostvis.cli import UserError
+from ghostvis.files import follow_umask
+
 FORMAT = "ghostvis-shards/1"
 MANIFEST_NAME = "manifest.json"
 KINDS = ("text-tokens", "text", "image-text", "conversation")
@@ -27,7 +30,7 @@ KIND_STAGES = {"text-tokens": "--stage base", "image-text": "--stage vision_pret
                "conversation": "--stage sft or rl", "text": "none (tokenize it with data_prep.text_shards)"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input (missing/empty directory, bad manifest, wrong tokenizer, too many corrupt samples)."""
 
 
@@ -116,6 +119,7 @@ def write_manifest(data_dir: str | os.PathLike, manifest: Manifest) -> Path:
             json.dump(manifest.to_dict(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)  # mkstemp made it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

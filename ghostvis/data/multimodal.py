@@ -74,7 +74,7 @@ class SampleSource(Protocol):
     def __iter__(self) -> Iterator[dict[str, Any]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def mark_corrupt(self) -> None: ...
+    def mark_corrupt(self, reason: str = ...) -> None: ...
 
 
 class Unusable(Exception):
@@ -187,8 +187,8 @@ class _Batcher:
         for sample in it:
             try:
                 rows.append(self._row(sample))
-            except Unusable:
-                self.source.mark_corrupt()
+            except Exception as e:  # any failure to decode one sample (even RecursionError) skips just it
+                self.source.mark_corrupt(type(e).__name__)
                 continue
             if len(rows) == n:
                 break
@@ -341,10 +341,10 @@ class MixtureBatches:
             self.step, self._last = self.step + 1, i
             yield item
 
-    def mark_corrupt(self) -> None:
+    def mark_corrupt(self, reason: str = "undecodable") -> None:
         if self._last is None:
             raise RuntimeError("mark_corrupt() needs an item drawn first")
-        self.sources[self._last].mark_corrupt()
+        self.sources[self._last].mark_corrupt(reason)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -379,7 +379,7 @@ def mixture_entries(data_dir: Path) -> list[tuple[Path, float]] | None:
     shape = '{"datasets": [{"dir": "../vqa", "weight": 3}, ...]} (weights > 0, dirs relative to the file)'
     try:
         spec = json.loads(spec_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise DataError(f"{spec_path}: not valid JSON ({e}); expected {shape}") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -397,7 +397,8 @@ def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None 
     (default: those of `req.data_dir/mixture.json` where it exists)."""
     def stream(d: Path, seed: int) -> ShardStream:
         return ShardStream(split_dir(d, req.split), seed=seed, rank=req.rank, world_size=req.world_size,
-                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind)
+                           loop=not req.eval_mode, shuffle=not req.eval_mode, expected_kind=kind,
+                           max_corrupt_fraction=getattr(req, "max_corrupt_fraction", 0.01))
 
     entries = mixture_entries(req.data_dir) if entries is None else entries
     if entries is None:

@@ -62,6 +62,9 @@ class PromptBatches:
         except Unusable as e:
             self.skips.add(e, self.source)
             return None
+        except Exception:  # any other failure to decode one sample (even RecursionError) skips just it
+            self.skips.add(Unusable(), self.source)
+            return None
         return {"prompt": ids, "images": [self.transform(im).to(self.device) for im in sample.images],
                 "answer": sample.answer, "type": sample.qtype}
 

@@ -23,14 +23,17 @@ memory. A manifest's counts are what positions mean, so a different data directo
 
 Corrupt data. A shard that can't be opened or ends early (truncated tar) counts every one of this rank's
 samples it didn't deliver as corrupt; a bad sample (duplicate member, rejected by `validate`, marked with
-`mark_corrupt()`) counts as one. `stats` = {"seen": n, "corrupt": n, "by_shard": {name: n}} (this rank's
-samples only). Once at least `min_count` samples were seen (and at each epoch end), a corrupt fraction
-above `max_corrupt_fraction` raises `DataError` naming the worst shards.
+`mark_corrupt(reason)`) counts as one. `stats` = {"seen": n, "corrupt": n, "by_shard": {name: n},
+"by_reason": {reason: n}} (this rank's samples only; part of the state, so counts survive a resume). Once
+at least `min_count` samples were seen (and at each epoch end), a corrupt fraction above
+`max_corrupt_fraction` raises `DataError` naming the worst shards. An intact shard holding more or fewer
+samples than its manifest entry says is refused (DataError): positions are defined by those counts.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import os
 import random
 import tarfile
@@ -76,7 +79,7 @@ class ShardStream:
         self.loop, self.shuffle, self.validate = loop, shuffle, validate
         self.max_corrupt_fraction, self.min_count = max_corrupt_fraction, min_count
         self.epoch, self.position = 0, 0
-        self.stats: dict[str, Any] = {"seen": 0, "corrupt": 0, "by_shard": {}}
+        self.stats: dict[str, Any] = {"seen": 0, "corrupt": 0, "by_shard": {}, "by_reason": {}}
         self._last_shard: str | None = None  # shard of the last yielded sample, for mark_corrupt()
 
     # ---- order and split -------------------------------------------------------------------------
@@ -116,22 +119,24 @@ class ShardStream:
                             "resume with the original seed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.stats = copy.deepcopy(state["stats"])
+        self.stats.setdefault("by_reason", {})  # states saved before reasons were counted
         self._last_shard = None
 
     # ---- corrupt accounting ----------------------------------------------------------------------
 
-    def mark_corrupt(self) -> None:
-        """The consumer could not decode the sample just yielded: count it as corrupt."""
+    def mark_corrupt(self, reason: str = "undecodable") -> None:
+        """The consumer could not decode the sample just yielded: count it as corrupt, for `reason`."""
         if self._last_shard is None:
             raise RuntimeError("mark_corrupt() needs a sample yielded and not yet marked")
         shard, self._last_shard = self._last_shard, None
-        self._add_corrupt(shard, 1)
+        self._add_corrupt(shard, 1, reason)
         self._check_fraction(final=False)
 
-    def _add_corrupt(self, shard: str, n: int) -> None:
+    def _add_corrupt(self, shard: str, n: int, reason: str) -> None:
         if n:
             self.stats["corrupt"] += n
             self.stats["by_shard"][shard] = self.stats["by_shard"].get(shard, 0) + n
+            self.stats["by_reason"][reason] = self.stats["by_reason"].get(reason, 0) + n
 
     def _check_fraction(self, *, final: bool) -> None:
         seen, bad = self.stats["seen"], self.stats["corrupt"]
@@ -142,7 +147,7 @@ class ShardStream:
             f"{bad} of {seen} samples read by rank {self.rank} from {self.data_dir} were corrupt "
             f"({bad / seen:.1%} > max_corrupt_fraction {self.max_corrupt_fraction:.1%}); worst shards: "
             + ", ".join(f"{name} ({n})" for name, n in worst)
-            + ". Rebuild those shards or raise the allowed fraction.")
+            + ". Rebuild those shards or raise --max-corrupt-fraction.")
 
     # ---- reading ---------------------------------------------------------------------------------
 
@@ -176,11 +181,12 @@ class ShardStream:
             for k, sample in self._read_tar(self.data_dir / info.name, start, info.samples):
                 g = start + k
                 # Our samples between the last delivered one and this one never came: corrupt.
-                self._add_corrupt(info.name, self._count_mine(self.position, g))
+                self._add_corrupt(info.name, self._count_mine(self.position, g), "unreadable")
                 self.stats["seen"] += self._count_mine(self.position, g) + 1
                 self.position = g + 1
-                if sample.pop("__bad__", False) or not self._valid(sample):
-                    self._add_corrupt(info.name, 1)
+                bad = "duplicate member" if sample.pop("__bad__", False) else None
+                if bad or not self._valid(sample):
+                    self._add_corrupt(info.name, 1, bad or "rejected")
                     self._check_fraction(final=False)
                     continue
                 self._check_fraction(final=False)
@@ -189,7 +195,7 @@ class ShardStream:
                 yield sample
         missing = self._count_mine(self.position, end)  # truncated / short shard
         self.stats["seen"] += missing
-        self._add_corrupt(info.name, missing)
+        self._add_corrupt(info.name, missing, "unreadable")
         self.position = end
         self._check_fraction(final=False)
 
@@ -220,8 +226,8 @@ class ShardStream:
                         continue
                     if base != prev_base:
                         prev_base, k = base, k + 1
-                    if k >= count:  # samples past the manifest's count: positions are defined by the manifest
-                        break
+                    if k >= count:  # positions are defined by the manifest's counts: refuse, never drop
+                        raise DataError(_miscount(path, count, "more"))
                     if k < first or (start + k) % self.world_size != self.rank:
                         continue
                     if k != pk:
@@ -232,10 +238,51 @@ class ShardStream:
                     if ext in pending:
                         pending["__bad__"] = True  # two members with the same name in one sample
                     pending[ext] = tar.extractfile(member).read()
+            intact = _ends_with_marker(path, tar)
         except _READ_ERRORS:
             # A member of a later sample started, so the pending one was complete before the damage.
             if pending is not None and k > pk:
                 yield pk, pending
             return
+        if intact and k + 1 < count:  # the whole tar was read: it holds fewer samples than listed
+            raise DataError(_miscount(path, count, "fewer"))
         if pending is not None:
             yield pk, pending
+
+
+def _miscount(path: Path, count: int, which: str) -> str:
+    return (f"{path} holds {which} samples than the {count} its entry in {path.parent / 'manifest.json'} lists: "
+            "the manifest does not describe these shards; rebuild it with the data_prep/ script that made them")
+
+
+def _ends_with_marker(path: Path, tar: tarfile.TarFile) -> bool:
+    """Whether an uncompressed tar read to its end has its end-of-archive blocks (a tar cut at a member
+    boundary reads cleanly but lacks them). Compressed tars check their own stream's integrity."""
+    if type(tar.fileobj) is not io.BufferedReader:  # gzip/bz2/xz: a cut stream raises while reading
+        return True
+    try:
+        with path.open("rb") as f:
+            f.seek(tar.offset)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return False
+
+
+def corrupt_summary(state: Any) -> dict[str, Any]:
+    """Corrupt-sample counts summed over every shard stream's stats in a data state (any nesting:
+    mixtures, prefetch, text rows): {"corrupt": n, "by_shard": {...}, "by_reason": {...}}."""
+    total: dict[str, Any] = {"corrupt": 0, "by_shard": {}, "by_reason": {}}
+    todo = [state]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            stats = item.get("stats")
+            if isinstance(stats, dict) and "by_shard" in stats:
+                total["corrupt"] += stats.get("corrupt", 0)
+                for key in ("by_shard", "by_reason"):
+                    for name, n in stats.get(key, {}).items():
+                        total[key][name] = total[key].get(name, 0) + n
+            todo.extend(v for k, v in item.items() if k != "stats")
+        elif isinstance(item, list):
+            todo.extend(item)
+    return total

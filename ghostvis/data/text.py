@@ -145,7 +145,11 @@ class TokenRowLoader:
                 sample = next(self._it)
             except StopIteration:
                 return False
-            ids = self._decode(sample)
+            try:
+                ids = self._decode(sample)
+            except Exception as e:  # any failure to decode one sample (even RecursionError) skips just it
+                self.stream.mark_corrupt(type(e).__name__)
+                continue
             if ids is None:
                 self.stream.mark_corrupt()
                 continue
@@ -173,7 +177,7 @@ def text_batches(req: Any) -> TokenRowLoader:
     """The text-tokens data builder (`req` is a ghostvis.train.loop.DataRequest): `req.data_dir/req.split`."""
     return TokenRowLoader(split_dir(req.data_dir, req.split), seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
                           world_size=req.world_size, seed=req.seed, tokenizer=req.tokenizer, device=req.device,
-                          eval_mode=req.eval_mode)
+                          eval_mode=req.eval_mode, max_corrupt_fraction=req.max_corrupt_fraction)
 
 
 def token_bytes(tokenizer: Any) -> torch.Tensor:

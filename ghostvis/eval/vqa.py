@@ -138,7 +138,7 @@ class Skips:
         """Count `error`'s sample; with the stream that yielded it, a broken one is marked corrupt there."""
         self.causes[error.cause] += 1
         if stream is not None and not isinstance(error, (NoAnswer, PromptTooLong)):
-            stream.mark_corrupt()
+            stream.mark_corrupt(error.cause)
             self.marked += 1
 
     def report(self, stream: Any) -> dict[str, int]:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ghostvis import checkpoint_io
+from ghostvis.cli import UserError
 from ghostvis.config import ModelConfig
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.tokenizer import Tokenizer
@@ -27,7 +28,7 @@ VOCAB_TENSORS = ("wte.weight", "lm_head.weight")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class InteropError(ValueError):
+class InteropError(UserError, ValueError):
     """Input that cannot be converted; the message names the file/field and what was expected."""
 
 

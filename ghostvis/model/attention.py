@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ghostvis.cli import UserError
 from ghostvis.config import ModelConfig
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, apply_rotary
@@ -37,7 +38,7 @@ AUTO_ORDER = ("fa4", "cudnn", "fa3", "fa2", "sdpa_flash", "expand")
 ATTENTION_CHOICES = ("auto", *AUTO_ORDER)
 
 
-class AttentionError(ValueError):
+class AttentionError(UserError, ValueError):
     """An attention kernel asked for by name cannot run here (missing, or wrong on its probe)."""
 
 

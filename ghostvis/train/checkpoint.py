@@ -33,12 +33,15 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ghostvis.cli import UserError
+from ghostvis.files import follow_umask
+
 LATEST = "latest"
 PREVIOUS = ".previous"  # suffix of a checkpoint set aside while the same step is published again
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or does not fit this run; the message says what to do."""
 
 
@@ -87,21 +90,26 @@ def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, An
         _write_json(tmp / f"client_state_rank{rank}.json", {**client_state, "world_size": world, "rank": rank})
         tensors, meta = rng_state()
         save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"), metadata=meta)
+        follow_umask(tmp / f"rng_rank{rank}.safetensors")  # safetensors writes through a private temporary file
         # save_latest=False: DeepSpeed's own `latest` would point at the tmp tag; ours is written below
         # universal_checkpoint_info: what ds_to_universal requires to convert for another world size
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False,
                                client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                                                          UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-    except OSError as err:  # a rank failing alone dies here; the launcher then stops the others
-        raise CheckpointError(f"saving checkpoint {tmp} failed on rank {rank}: {err}; "
-                              f"{ckpt_dir / LATEST} still names the previous checkpoint") from err
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError (inline_container)
+        # a rank failing alone dies here; the launcher then stops the others
+        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.exists() else 0
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"saving checkpoint {tmp} failed on rank {rank} ({why}; {free / 2**20:.0f} MiB free "
+                              f"there: is the disk full?); {ckpt_dir / LATEST} still names the previous "
+                              "checkpoint: free space or pick another --out, then resume") from err
     dist.barrier()  # every rank's files are written
     error = ""
     if rank == 0:
         try:
             _publish(ckpt_dir, tmp, tag)
             _prune(ckpt_dir, keep)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             error = f"publishing checkpoint {tmp} as {tag} failed: {err}"
     still = f"; {ckpt_dir / LATEST} still names the previous checkpoint"
     _agree(error and error + still, f"rank 0 failed to publish {tmp}{still}")
@@ -132,12 +140,41 @@ def _publish(ckpt_dir: Path, tmp: Path, tag: str) -> None:
         shutil.rmtree(previous, ignore_errors=True)  # copy aside until the new one is in place, since
         os.replace(final, previous)  # `latest` may name it; read_latest falls back to it meanwhile
     os.replace(tmp, final)
+    _point_latest(ckpt_dir, tag)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _point_latest(ckpt_dir: Path, tag: str) -> None:
     latest_tmp = ckpt_dir / f"{LATEST}.tmp"
     latest_tmp.write_text(tag)
     _fsync(latest_tmp)
     os.replace(latest_tmp, ckpt_dir / LATEST)
     _fsync(ckpt_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+
+
+def discard(out_dir: str | Path, steps: list[int]) -> str | None:
+    """Every rank calls this. Deletes the checkpoints of `steps` (they may hold ruined weights) and points
+    `latest` at the newest one left (no `latest` when none is); returns its tag or None."""
+    ckpt_dir = Path(out_dir) / "ckpt"
+    if dist.get_rank() == 0 and ckpt_dir.is_dir():
+        for step in steps:
+            for name in (step_tag(step), step_tag(step) + "_universal"):
+                shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+        left = sorted(p.name for p in ckpt_dir.iterdir() if _STEP_DIR.match(p.name))
+        if left:
+            _point_latest(ckpt_dir, left[-1])
+        else:
+            (ckpt_dir / LATEST).unlink(missing_ok=True)
+    dist.barrier()
+    return read_latest(out_dir)
+
+
+def saved_state(out_dir: str | Path) -> dict[str, Any] | None:
+    """Rank 0's client state of the latest checkpoint (read before anything loads it), or None."""
+    tag = read_latest(out_dir)
+    if tag is None:
+        return None
+    return json.loads((Path(out_dir) / "ckpt" / tag / "client_state_rank0.json").read_text())
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ghostvis.cli import UserError
 from ghostvis.parallel.layout import canonical_named_parameters
 from ghostvis.train.stages import Stage
 
@@ -21,7 +22,7 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 DTYPES = ("auto", "bf16", "fp32")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An inconsistent training setting; the message names the flag or file field to change."""
 
 

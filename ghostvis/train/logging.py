@@ -32,6 +32,7 @@ class RunLogger:
         self._wandb = None
         self._bar = None
         self._notes: list[str] = []  # written below the table at close (text between rows would split it)
+        self._corrupt: dict[str, Any] | None = None  # the last metrics that counted corrupt samples
         if not enabled:
             return
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
@@ -56,6 +57,9 @@ class RunLogger:
             post["MFU"] = f"{100 * metrics['mfu']:.1f}%"
         if metrics.get("data_wait_frac") is not None:
             post["data wait"] = f"{100 * metrics['data_wait_frac']:.0f}%"
+        if metrics.get("corrupt_samples"):
+            post["corrupt"] = metrics["corrupt_samples"]
+            self._corrupt = metrics
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
         with self.metrics_path.open("a") as f:
@@ -87,6 +91,12 @@ class RunLogger:
         if not self.enabled:
             return
         self._bar.close()
+        if self._corrupt is not None:
+            c = self._corrupt
+            worst = sorted(c["corrupt_by_shard"].items(), key=lambda kv: -kv[1])[:5]
+            self._notes.append(f"corrupt samples skipped (rank 0's reader): {c['corrupt_samples']}; by reason: "
+                               + ", ".join(f"{k} {n}" for k, n in sorted(c["corrupt_by_reason"].items()))
+                               + "; worst shards: " + ", ".join(f"{k} {n}" for k, n in worst))
         with self.path.open("a") as f:
             f.write("\n" + "".join(f"- {t}\n" for t in self._notes))
         if self._wandb is not None:

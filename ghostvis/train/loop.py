@@ -29,23 +29,27 @@ import torch
 import torch.distributed as dist
 
 from ghostvis import checkpoint_io, lora
+from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, get_preset
 from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
 from ghostvis.data.rl import prompt_batches
+from ghostvis.data.shards import corrupt_summary
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
-from ghostvis.model.attention import AttentionError, select_attention
+from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
+from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
 from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
 
+MAX_LR = 1e30
 SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
                  "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
 
@@ -66,6 +70,7 @@ class DataRequest:
     eval_mode: bool
     model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
     cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
+    max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
 
 
 @dataclass
@@ -134,6 +139,10 @@ def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
             settings[name] = given
         if name not in settings:
             raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass {_flag(name)}")
+        if not 0 <= settings[name] <= MAX_LR:  # beyond, AdamW's fp32 step size overflows inside the optimizer
+            flag = _flag(name) if getattr(args, name, None) is not None else "--lr"
+            raise ds_engine.ConfigError(f"{flag} {settings[name]:g} is out of range: a learning rate must be finite "
+                                        f"and in [0, {MAX_LR:g}] (typical values are 1e-5 to 3e-3)")
     for key in SETTING_FLAGS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
@@ -195,6 +204,10 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
         if not Path(encoder_weights).exists():
             raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights} does not exist: give a local timm "
                                         ".safetensors file or a Hugging Face SigLIP/CLIP folder")
+        if Path(encoder_weights).is_file() and Path(encoder_weights).suffix != ".safetensors":
+            raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights}: only .safetensors weights are read "
+                                        "(pickled .bin/.pt/.pth files are never loaded); convert it with "
+                                        "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
         vision_cfg.pretrained_path = str(encoder_weights)
     vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
     model_cfg.image_token_id = tokenizer.image_token_id
@@ -402,6 +415,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
         stage, settings = lora.lora_stage(stage, settings)
     model_cfg: ModelConfig = model.config
+    if args.resume == "auto":
+        check_resumable(out, stage.name, model_cfg)
     groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
                                           settings["weight_decay"], settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
@@ -417,10 +432,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_pipeline(stage, args, ds_config)
     ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
-    try:
-        attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], model_cfg.head_dim)
-    except AttentionError as err:
-        raise ds_engine.ConfigError(str(err)) from None
+    attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+                                 model_cfg.head_dim)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     step_fn = pipeline_step if topo.pp_size > 1 else train_step
@@ -430,7 +443,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False))
+                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False),
+                           args.max_corrupt_fraction)
 
     train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
@@ -439,11 +453,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume == "auto":
         state = checkpoint.load(engine, out, universal=universal)
         if state is not None:
-            if state["stage"] != stage.name or _shape(state["model"]) != _shape(model_cfg.to_dict()):
-                raise checkpoint.CheckpointError(f"{out / 'ckpt'} holds a {state['stage']} run of another model "
-                                                 "shape; use a new --out (or --resume none to start over there)")
             start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
             train_data.load_state_dict(state["data"])
+            set_base_lrs(engine, groups, 1.0)
 
     flops = flops_per_token(model_cfg, args.seq_len)
     peak = args.peak_flops if device.type == "cuda" else None
@@ -467,6 +479,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = TimedBatches(iter(train_data))
     metrics: dict[str, Any] = {}
     step = start_step
+    guard = DivergenceGuard(args.max_skipped_updates, args.max_skipped_fraction)
+    guard.reset(start_step if start_step else None)  # the checkpoint resumed from is confirmed by its next step
+    rollbacks = 0
     end = min(args.steps, args.stop_at or args.steps)
     while step < end:
         mult = lr_multiplier(step, total=args.steps, warmup=settings["warmup"], schedule=settings["schedule"],
@@ -476,15 +491,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         step_tokens = result.tokens * dp  # replicas see equal shapes for text; close enough for padded batches
         tokens_seen += step_tokens
-        if not result.applied:
+        stop = guard.check(result.applied, result.loss, result.grad_norm, engine.device)
+        if guard.consecutive:  # this step was bad on some rank
             skipped += 1
-            log.note(f"step {step}: update skipped (non-finite gradients), {skipped} so far")
+            log.note(f"step {step}: bad update (skipped, or non-finite loss or gradients), {skipped} so far")
         tps = step_tokens / result.seconds
         wait_s, images = batches.take()
         metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
                    "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, "step_s": result.seconds,
                    "data_wait_frac": min(1.0, wait_s / result.seconds), "images_per_s": images * dp / result.seconds,
-                   **result.extra}
+                   **result.extra, **corrupt_metrics(train_data.state_dict())}
         if device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if val_data is not None and (step % args.eval_every == 0 or step == end):
@@ -492,8 +508,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.step(step, metrics)
         if "val_bpb" in metrics:
             log.row(step, metrics)
+        if stop:
+            kept = checkpoint.discard(out, guard.unconfirmed)
+            if rollbacks < args.rollbacks and kept is not None:
+                rollbacks, stopped_at = rollbacks + 1, step
+                batches.batches.close()  # stops the data workers before the position is rewound
+                state = checkpoint.load(engine, out)
+                step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
+                train_data.load_state_dict(state["data"])
+                batches = TimedBatches(iter(train_data))
+                set_base_lrs(engine, groups, args.rollback_lr_factor ** rollbacks)
+                guard.reset(step)
+                log.note(f"step {stopped_at}: {stop}; rolled back to {kept} with learning rates "
+                         f"x{args.rollback_lr_factor ** rollbacks:g} (rollback {rollbacks} of {args.rollbacks})")
+                continue
+            message = (f"training diverged at step {step}: {stop}; {skipped} bad updates in all. Kept checkpoint: "
+                       f"{out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr (or "
+                       "--rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
+            log.note(message)
+            log.close()
+            raise Diverged(message)
         if args.save_every > 0 and (step % args.save_every == 0 or step == end):
             path = checkpoint.save(engine, out, step, client_state(step), args.keep)
+            guard.saved(step)
             log.note(f"step {step}: checkpoint {path}")
     if args.lora_rank:  # the adapter on its own, then the merged model as the run's export
         lora.save_adapter(model, out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
@@ -504,6 +541,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
     log.close()
     return metrics
+
+
+def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
+    """Refuse a checkpoint in `out` of another stage or model shape, from its client state, before DeepSpeed
+    loads anything (its own loader fails on a shape mismatch with a traceback)."""
+    saved = checkpoint.saved_state(out)
+    if saved is None:
+        return
+    now, then = _shape(model_cfg.to_dict()), _shape(saved["model"])
+    differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
+    if saved["stage"] != stage_name:
+        differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
+    if differ:
+        raise checkpoint.CheckpointError(f"{out / 'ckpt'} holds a {saved['stage']} run of another model (saved vs "
+                                         f"now: {', '.join(differ[:4])}); use a new --out (or --resume none to "
+                                         "start over there)")
+
+
+def set_base_lrs(engine: Any, groups: list[dict[str, Any]], factor: float) -> None:
+    """Learning rates come from the flags (times `factor` after rollbacks), never from a loaded checkpoint,
+    whose optimizer state carries the saved run's own."""
+    for group, ours in zip(engine.optimizer.param_groups, groups):
+        group["base_lr"] = ours["base_lr"] * factor
+
+
+def corrupt_metrics(data_state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's corrupt-sample counts from the training data's state (all its shard streams)."""
+    summary = corrupt_summary(data_state)
+    if not summary["corrupt"]:
+        return {"corrupt_samples": 0}
+    return {"corrupt_samples": summary["corrupt"], "corrupt_by_reason": summary["by_reason"],
+            "corrupt_by_shard": summary["by_shard"]}
 
 
 def _shape(model_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ghostvis.config import VisionConfig
+from ghostvis.files import safetensors_shapes
 from ghostvis.vision.transforms import data_config, normalize_pixels
 
 def _no_download_error(what: str) -> ValueError:
@@ -74,6 +75,7 @@ def read_timm_state_dict(path: str | Path, model: nn.Module | None = None) -> di
             f"VisionConfig.pretrained_path={str(p)!r}: only .safetensors weights are read (pickled "
             ".bin/.pt/.pth files are never loaded); convert it with safetensors.torch.save_file"
         )
+    safetensors_shapes(p)  # refuses a renamed pickle before safetensors reads it
     return load_file(str(p))
 
 

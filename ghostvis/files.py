@@ -1,0 +1,74 @@
+"""Tensor files checked before anything loads them, and written files that follow the umask.
+
+A safetensors file starts with an 8-byte little-endian header length and a JSON header naming every
+tensor's dtype and shape, so names and shapes are compared from the header alone: a mismatched file is
+refused with one line before a loader allocates anything or fails half-way. A file that has no such header
+(a pickle renamed to `.safetensors`) is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ghostvis.cli import UserError
+
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+class TensorFileError(UserError, ValueError):
+    """A tensor file that is missing, not safetensors, or does not fit the model it is loaded into."""
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} read from a safetensors file's header (no tensor data is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TensorFileError(f"{path} not found")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n <= min(_MAX_HEADER, size - 8) else b""
+    try:
+        header = json.loads(raw)
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pickled = head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch.save's zip
+        raise TensorFileError(
+            f"{path} is not a safetensors file{' (it looks like a pickle)' if pickled else ''}; pickled weights "
+            "are never loaded: re-export it, or convert it with safetensors.torch.save_file") from None
+    return shapes
+
+
+def check_tensors(path: str | Path, expected: dict[str, tuple[int, ...]], fix: str) -> None:
+    """Refuse `path` unless it holds exactly the tensors of `expected` ({name: shape}); `fix` ends the message."""
+    have = safetensors_shapes(path)
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    wrong = [f"{k} {list(have[k])} (model: {list(expected[k])})" for k in sorted(set(have) & set(expected))
+             if have[k] != tuple(expected[k])]
+    problems = ([f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+        ([f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"] if unexpected else []) + \
+        ([f"shape of {', '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}"] if wrong else [])
+    if problems:
+        raise TensorFileError(f"{path} does not fit the model: {'; '.join(problems)}; {fix}")
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file written through a private temporary file (mkstemp: 0600) the mode a plain open() would."""
+    os.chmod(path, 0o666 & ~current_umask())
