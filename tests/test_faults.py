@@ -252,7 +252,7 @@ def test_user_mistakes_get_one_line(reference, text_data, tiny_tokenizer_dir, tm
             [f"{vlm / 'vision.safetensors'} not found", "vision.bin"]),
         "chat without vision.safetensors": (chat + [str(vlm)], ["vision.safetensors not found"]),
         "mixture.json not JSON": (vlm_train(mixtures["bad_json"]), ["mixture.json: not valid JSON"]),
-        "mixture.json wrong schema": (vlm_train(mixtures["bad_schema"]), ["mixture.json: field 'datasets'"]),
+        "mixture.json wrong schema": (vlm_train(mixtures["bad_schema"]), ["mixture.json: datasets[0] is"]),
         "encoder weights .pt": (vlm_train(text_data, "--encoder-weights", str(encoder_pt)),
                                 ["--encoder-weights", "only .safetensors"]),
         "import_hf refusal": ([sys.executable, str(REPO / "launch" / "import_hf.py"), "--vision", str(reference),
