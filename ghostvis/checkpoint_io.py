@@ -39,13 +39,16 @@ def module_files(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {LLM_FILE: model}
 
 
-def _file_parameters(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """(file name, name inside that file, parameter) for each parameter this rank holds, in any layout:
-    a pipeline stage (`canonical_named_parameters`) yields the plain model's names, split by prefix."""
+def _file_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file name, name inside that file, tensor) for each parameter this rank holds, in any layout, and
+    each persistent buffer (a CNN encoder's BatchNorm statistics: inference needs them; DeepSpeed never
+    partitions buffers). A pipeline stage (`canonical_named_parameters`) yields the plain model's parameter
+    names, split by prefix."""
     if not hasattr(model, "canonical_named_parameters"):
         for file_name, module in module_files(model).items():
-            for name, param in module.named_parameters():
-                yield file_name, name, param
+            saved = module.state_dict(keep_vars=True)
+            for name, tensor in saved.items():
+                yield file_name, name, tensor
         return
     is_vlm = getattr(model, "vision_config", None) is not None
     for name, param in model.canonical_named_parameters():
@@ -79,10 +82,11 @@ def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer,
     staged = topology is not None and topology.pp_size > 1
     keeper = (topology.tp_rank == 0 and topology.dp_rank == 0) if staged else is_writer
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for file_name, name, param in _file_parameters(model):
+    for file_name, name, tensor in _file_tensors(model):
         # one parameter at a time: a 7B model never has to fit gathered on one GPU
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            full = param.detach()
+        gather = isinstance(tensor, torch.nn.Parameter)
+        with deepspeed.zero.GatheredParameters([tensor] if gather else [], modifier_rank=None):
+            full = tensor.detach()
             if file_name == LLM_FILE:
                 full = gather_tp(name, full, topology)
             if keeper:

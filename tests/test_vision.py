@@ -292,3 +292,23 @@ def test_uint8_pixels_normalised_in_the_encoder_match_timms_float_transform():
         ours = encoder(pixels)
         theirs = encoder(torch.stack([timm_float(im) for im in images]))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_tower_export_keeps_batchnorm_statistics(tmp_path):
+    """A CNN tower's BatchNorm running statistics are buffers, not parameters: the export must carry them,
+    or the reloaded tower normalises with fresh statistics (and the strict load refuses the file)."""
+    from conftest import TOK
+
+    from ghostvis.checkpoint_io import export, load_export
+
+    torch.manual_seed(0)
+    model_cfg, cfg = get_preset("vlm_tiny_cnn", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    vlm = VLM(model_cfg, dataclasses.replace(cfg, freeze_encoder=False))  # a tower that trains
+    vlm.train()
+    vlm.vision.encoder(torch.rand(4, 3, 64, 64))  # a training-mode pass moves the running statistics
+    export(vlm.eval(), tmp_path / "out", tokenizer=TOK)
+    loaded, _, _ = load_export(tmp_path / "out")
+    want = {k: v for k, v in vlm.vision.state_dict().items() if "running_" in k}
+    got = loaded.vision.state_dict()
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in want.items() if "running_mean" in k)
