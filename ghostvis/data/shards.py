@@ -270,7 +270,7 @@ def _ends_with_marker(path: Path, tar: tarfile.TarFile) -> bool:
 
 def corrupt_summary(state: Any) -> dict[str, Any]:
     """Corrupt-sample counts summed over every shard stream's stats in a data state (any nesting:
-    mixtures, prefetch, text rows): {"corrupt": n, "by_shard": {...}, "by_reason": {...}}."""
+    mixtures, data-worker shares, text rows): {"corrupt": n, "by_shard": {...}, "by_reason": {...}}."""
     total: dict[str, Any] = {"corrupt": 0, "by_shard": {}, "by_reason": {}}
     todo = [state]
     while todo:
