@@ -312,3 +312,16 @@ def test_cnn_tower_export_keeps_batchnorm_statistics(tmp_path):
     got = loaded.vision.state_dict()
     assert want and all(torch.equal(got[k], v) for k, v in want.items())
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in want.items() if "running_mean" in k)
+
+
+def test_tower_attention_never_runs_cudnn_on_cuda() -> None:
+    """The tower's SDPA backends on CUDA exclude cuDNN (it returned None on a changed image count) and keep the
+    fast ones; on CPU nothing is pinned."""
+    from ghostvis.vision.encoder import _tower_sdpa
+
+    with _tower_sdpa(True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _tower_sdpa(False):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
