@@ -3,7 +3,8 @@ answered 400 in OpenAI's error shape), resolving its images, and the response / 
 
 Messages become the tokenizer's structured form: text parts stay literal (a typed `<|image|>` or
 `<|assistant_start|>` is text, never a special token), `image_url` parts become image parts whose
-urls are resolved by `load_images`, after `prepare_prompt` fitted the prompt (only kept images are read): a `data:image/...;base64,` URL, or a file under `--image-root`.
+urls are resolved by `load_images` (only those of the turns `prepare_prompt` keeps when it fits the prompt): a
+`data:image/...;base64,` URL, or a file under `--image-root`.
 The server fetches nothing from the network.
 """
 
@@ -14,9 +15,9 @@ import binascii
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
