@@ -255,7 +255,7 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
                             act_bytes: int) -> int:
     """Estimate for the vision tower over `images` images. A frozen encoder runs under no_grad (only one
     block's transient tensors); a training encoder keeps per block its two norms' inputs, q/k/v, the
-    attention output and the MLP hidden twice. A perceiver keeps the patches' K/V per block."""
+    attention output and the MLP hidden twice. A perceiver keeps per layer the normed patches and their K/V."""
     enc = model.vision.encoder
     if not enc.is_vit:
         raise ValueError(f"the planner estimates ViT encoders only; {model.vision.config.encoder!r} is a CNN")
@@ -267,12 +267,16 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
     conn = 0
     if connector_trains:
         res, proj = model.vision.resampler, model.vision.projector
-        n_tok, depth = res.num_tokens, len(getattr(res, "blocks", ()))
-        conn = depth * (patches * 3 * dim + n_tok * 14 * dim)  # K/V of the patches, the latents' block
-        if hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
-            conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        n_tok, depth, width = res.num_tokens, len(getattr(res, "layers", ())), res.out_dim
+        # the perceiver (after the projector, at the LLM's width): normed patches and their K/V, the latents' layer
+        conn = depth * (patches * 3 * width + n_tok * 14 * width)
+        rows = patches if model.vision.project_first else n_tok
+        if hasattr(proj, "gate_proj"):  # SwiGLU: its input, gate, up and their product
+            conn += rows * (proj.gate_proj.in_features + 3 * proj.gate_proj.out_features)
+        elif hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
+            conn += rows * (proj.fc1.in_features + 2 * proj.fc1.out_features)
         else:  # linear: its input
-            conn += n_tok * proj.proj.in_features
+            conn += rows * proj.proj.in_features
     return enc_bytes + images * act_bytes * conn
 
 

@@ -128,6 +128,18 @@ def test_resampler_config_errors():
         AvgPoolResampler(96, num_tokens=12, num_patches=64)
 
 
+def test_perceiver_is_idefics2_shaped_and_old_checkpoints_are_refused():
+    vlm = tiny_vlm(resampler="perceiver", resampler_heads=4, projector_hidden=128)
+    assert vlm.vision.resampler.out_dim == vlm.config.n_embd  # it runs after the projector, at the LLM's width
+    names = set(vlm.vision.state_dict())
+    assert {"projector.gate_proj.weight", "resampler.layers.0.self_attn.k_proj.weight",
+            "resampler.layers.0.input_context_norm.weight", "resampler.norm.weight"} <= names
+    state = {k: v for k, v in vlm.state_dict().items() if not k.startswith("vision.resampler.layers.")}
+    state["vision.resampler.blocks.0.norm_q.weight"] = torch.ones(64)  # the earlier perceiver's layout
+    with pytest.raises(ValueError, match=r"vision\.resampler\.blocks\.\*: .*earlier, pre-Idefics2.*retrain"):
+        vlm.load_state_dict(state)
+
+
 def test_frozen_encoder_untouched_by_training_step():
     vlm = tiny_vlm(resampler="perceiver", resampler_heads=4).train()
     encoder = vlm.vision.encoder
