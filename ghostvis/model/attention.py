@@ -90,6 +90,17 @@ _IMPORTS: dict[str, Callable[[], Callable]] = {"fa4": _import_fa4, "fa3": _impor
 _VARLEN_IMPORTS: dict[str, Callable[[], Callable]] = {"fa4": _import_fa4_varlen, "fa3": _import_fa3_varlen,
                                                       "fa2": _import_fa2_varlen}
 _flash_fns: dict[str, Callable] = {}
+_varlen_fns: dict[str, Callable] = {}
+
+
+def varlen_fn(flash: str) -> Callable:
+    """The cu_seqlens entry of FlashAttention kernel `flash` (fa4, fa3, fa2): fn(q, k, v, cu_seqlens, max_len)
+    on [total, heads, D] tensors (ImportError if missing)."""
+    if flash not in _VARLEN_IMPORTS:
+        raise AttentionError(f"{flash} has no cu_seqlens (varlen) entry; varlen runs with fa4, fa3 or fa2")
+    if flash not in _varlen_fns:
+        _varlen_fns[flash] = _VARLEN_IMPORTS[flash]()
+    return _varlen_fns[flash]
 
 
 def _flash(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -133,7 +144,7 @@ def kernel_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
 class Documents:
     """The documents of packed rows, in the form the packed kernel takes: `ids` [B, T] (ghostvis/data/packing.py)
     plus a boolean mask [B, 1, T, T] (sdpa_mask), a flex BlockMask (flex), or cu_seqlens over the flattened
-    rows and the longest document (varlen)."""
+    rows, the longest document and the FlashAttention entry that takes them (varlen)."""
 
     ids: torch.Tensor
     kernel: str
@@ -141,11 +152,12 @@ class Documents:
     block_mask: Any = None
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
+    varlen: Callable | None = None
 
 
-def documents(ids: torch.Tensor, kernel: str | None = None) -> Documents:
+def documents(ids: torch.Tensor, kernel: str | None = None, flash: str | None = None) -> Documents:
     """What `attend_documents` needs for `ids` [B, T], built once per forward for every layer (default
-    kernel: the one select_attention chose, else sdpa_mask)."""
+    kernel: the one select_attention chose, else sdpa_mask; varlen's `flash` default: the chosen dense one)."""
     kernel = kernel or ("sdpa_mask" if _packed is None else _packed)
     B, T = ids.shape
     if kernel == "sdpa_mask":
@@ -164,7 +176,8 @@ def documents(ids: torch.Tensor, kernel: str | None = None) -> Documents:
         starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # every row starts a document too
         first = torch.nonzero(starts.flatten()).flatten()
         cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
-        return Documents(ids, kernel, cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()))
+        return Documents(ids, kernel, cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()),
+                         varlen=varlen_fn(flash or selected_attention()))
     raise AttentionError(f"unknown packed attention kernel {kernel!r}; choose from {', '.join(PACKED_ORDER)}")
 
 
@@ -197,7 +210,7 @@ def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
         return _flex(q, k, v, docs.block_mask)
     B, H, T, D = q.shape
     flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # [total, heads, D]
-    out = _varlen_fn(*flat, docs.cu_seqlens, docs.max_len)
+    out = docs.varlen(*flat, docs.cu_seqlens, docs.max_len)
     out = out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
     return out.view(B, T, H, D).transpose(1, 2)
 
@@ -224,7 +237,6 @@ class AttentionChoice:
 
 _selected: tuple[str, Callable] | None = None  # (name, fn) once select_attention ran on CUDA
 _packed: str | None = None  # the packed kernel select_attention(packed=True) chose
-_varlen_fn: Callable | None = None  # the chosen FlashAttention's varlen entry, when _packed == "varlen"
 
 PROBE_DOCUMENTS = ((100, 56, 99, 1), (256,))  # document lengths of the probe's two rows (T = 256)
 
@@ -282,7 +294,7 @@ def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.d
                    head_dim: int) -> AttentionChoice:
     """The first kernel of PACKED_ORDER that runs here and passes the document-masked probe (sdpa_mask is
     the reference's own computation, so it always can)."""
-    global _packed, _varlen_fn
+    global _packed
     if device.type != "cuda" or dtype not in _HALF:
         _packed = "sdpa_mask"
         return dataclasses.replace(choice, packed=_packed)
@@ -290,17 +302,14 @@ def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.d
                      for d in PROBE_DOCUMENTS]).to(device)
     skipped = []
     for candidate in PACKED_ORDER:
-        if candidate == "varlen":
-            if choice.kernel not in _VARLEN_IMPORTS:
-                skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry")
-                continue
-            try:
-                _varlen_fn = _VARLEN_IMPORTS[choice.kernel]()
-            except ImportError as err:
-                skipped.append(f"varlen: not installed ({err.name or err})")
-                continue
+        if candidate == "varlen" and choice.kernel not in _VARLEN_IMPORTS:
+            skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry")
+            continue
         try:
-            docs = documents(ids, candidate)
+            docs = documents(ids, candidate, choice.kernel)
+        except ImportError as err:
+            skipped.append(f"{candidate}: not installed ({err.name or err})")
+            continue
         except Exception as err:  # noqa: BLE001 - a kernel whose mask can't be built here is skipped
             skipped.append(f"{candidate}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
             continue

@@ -1,0 +1,238 @@
+"""Packed against unpacked rows (launch/train.py --pack), timed through the real trainer, with the learning check.
+
+    python bench/packing.py                          # CUDA: vlm_small, embedded data and a LLaVA-665K-like mix
+    python bench/packing.py --append                 # ... and append the table to BENCHMARKS.md
+    DS_ACCELERATOR=cpu python bench/packing.py       # CPU: vlm_tiny, a few steps: a check of the same path
+
+Runs (each from the same base export, trained once here on the embedded text):
+    vision_pretrain on the embedded captions; sft on the embedded SFT mixture (bench/pipeline.py's); sft on
+    a LLaVA-665K-like length mix (`llava_like_sample`: about half single-turn questions, a long tail of
+    multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
+
+Sides. Unpacked: --micro-batch B --seq-len T, rows padded to the longest in the batch (sft length-groups 8
+batches at a time, as training does). Packed: --pack --micro-batch B/k --seq-len k·T: the same B·T row positions
+a micro-batch, the budget a user sizes for the longest rows, so the gain is the padding not computed (and the
+larger real batch that fits). From each run's metrics.jsonl (medians after the first fifth): tokens/s (real
+tokens, padding excluded), padding fraction, peak memory; the ratio packed/unpacked.
+
+Learning check (bench/learning.py): each side's loss must fall, and the packed side must track the unpacked one
+at equal real tokens seen (its losses interpolated at the unpacked steps' cumulative token counts), since a
+packed step holds more samples than an unpacked one. A side that fails prints FAILED for its speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from learning import check_learning
+from pipeline import REPO, child_env, device_name, launcher, prepare_data, sh
+
+IMAGE = "<|image|>"
+# turns per image conversation (weight, lowest, highest): many short, a long tail (LLaVA-665K's VQA/GQA
+# conversations group up to tens of questions per image)
+TURNS = ((0.5, 1, 1), (0.25, 2, 4), (0.15, 5, 10), (0.1, 11, 24))
+TEXT_ONLY = 0.04  # long text-only conversations (LLaVA-665K's ShareGPT part)
+
+
+def sizes(cuda: bool) -> dict[str, Any]:
+    if cuda:
+        return {"model": "vlm_small", "steps": 200, "base_steps": 300, "pack_factor": 4, "vocab": 4096,
+                "embedded": {"micro_batch": 64, "seq_len": 128}, "llava": {"micro_batch": 16, "seq_len": 1024},
+                "num_llava": 20000, "synth": {"num_captions": 20000, "num_vqa": 20000, "num_val": 400,
+                "num_test": 100, "num_arith": 2000, "num_arith_test": 100, "num_text_docs": 10000,
+                "shard_size": 1000}}
+    return {"model": "vlm_tiny", "steps": 8, "base_steps": 10, "pack_factor": 4, "vocab": 300,
+            "embedded": {"micro_batch": 8, "seq_len": 64}, "llava": {"micro_batch": 4, "seq_len": 256},
+            "num_llava": 200, "synth": {"num_captions": 200, "num_vqa": 200, "num_val": 8, "num_test": 8,
+            "num_arith": 16, "num_arith_test": 4, "num_text_docs": 200, "shard_size": 50}}
+
+
+def llava_like_sample(seed: int, index: int, image_size: int) -> dict:
+    """One conversation of the LLaVA-665K-like mix: a scene's questions as 1-24 turns (TURNS), or a long
+    text-only exchange; a pure function of (seed, index)."""
+    from ghostvis.data import scenes
+    from data_prep.synth import text_document
+
+    rng = random.Random(f"llava-like:{seed}:{index}")
+    key = f"train-{index:07d}"
+    if rng.random() < TEXT_ONLY:
+        docs = [text_document(seed, rng.randrange(10**6)) for _ in range(rng.randint(3, 8))]
+        record = {"messages": [{"role": "user", "content": "tell me about some scenes, in detail."},
+                               {"role": "assistant", "content": "\n\n".join(docs)}]}
+        return {"__key__": key, "json": json.dumps(record).encode()}
+    u, low, high = rng.random(), 1, 1
+    for weight, low, high in TURNS:
+        if u < weight:
+            break
+        u -= weight
+    scene, qas = scenes.sample_split_scene(rng, "train")
+    messages = []
+    for turn in range(rng.randint(low, high)):
+        qa = qas[rng.randrange(len(qas))]
+        messages += [{"role": "user", "content": (f"{IMAGE}\n" if turn == 0 else "") + qa.question},
+                     {"role": "assistant", "content": qa.answer}]
+    return {"__key__": key, "json": json.dumps({"messages": messages}).encode(),
+            "0.png": scenes.png_bytes(scenes.render(scene, image_size))}
+
+
+def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, shard_size: int = 1000) -> Path:
+    """`n` llava_like_sample conversations as conversation shards under out/train (reused when present)."""
+    from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
+
+    train = out / "train"
+    if (train / "manifest.json").is_file():
+        return out
+    train.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, n, shard_size)):
+        name = f"train-{s:06d}.tar"
+        with wds.TarWriter(str(train / name), encoder=False) as w:
+            for i in range(start, min(n, start + shard_size)):
+                w.write(llava_like_sample(seed, i, image_size))
+        shards.append(ShardInfo(name, min(n, start + shard_size) - start))
+    write_manifest(train, Manifest(kind="conversation", shards=shards, extra={"source": "bench/packing.py"}))
+    return out
+
+
+def side_summary(metrics_path: Path) -> dict[str, Any]:
+    """Medians after the first fifth of the steps, and every step's loss with the real tokens seen so far."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    steady = rows[len(rows) // 5:] or rows
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    seen, cumulative = 0.0, []
+    for r in rows:
+        seen += r["tokens_per_s"] * r["step_s"]
+        cumulative.append(seen)
+    return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
+            "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
+            "losses": [r["loss"] for r in rows], "tokens_seen": cumulative}
+
+
+def at_tokens(losses: list[float], seen: list[float], points: list[float]) -> list[float]:
+    """`losses` (recorded at cumulative tokens `seen`) linearly interpolated at `points` (inside seen's range)."""
+    out = []
+    for p in points:
+        j = next(i for i in range(1, len(seen)) if seen[i] >= p)
+        w = (p - seen[j - 1]) / (seen[j] - seen[j - 1])
+        out.append(losses[j - 1] + w * (losses[j] - losses[j - 1]))
+    return out
+
+
+def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any]) -> tuple[Any, Any]:
+    """(unpacked's verdict, packed's verdict): each must learn; packed must track unpacked at equal tokens."""
+    ref = check_learning(unpacked["losses"])
+    points = [(i, c) for i, c in enumerate(unpacked["tokens_seen"])
+              if packed["tokens_seen"][0] <= c <= packed["tokens_seen"][-1]]
+    own = check_learning(packed["losses"])
+    if not own.ok or len(points) < 4:
+        return ref, own if not own.ok else type(own)(False, f"{own.message}; fewer than 4 unpacked steps inside "
+                                                            "the packed run's token range: run more --steps")
+    reference = [unpacked["losses"][i] for i, _ in points]
+    tracked = check_learning(at_tokens(packed["losses"], packed["tokens_seen"], [c for _, c in points]), reference,
+                             min_drop=0.0)
+    return ref, type(own)(tracked.ok, f"{own.message}; at equal tokens: {tracked.message}")
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    size = sizes(cuda)
+    model, steps, k = args.model or size["model"], args.steps or size["steps"], args.pack_factor or size["pack_factor"]
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env = child_env(cuda)
+    paths = prepare_data(out, size["synth"], size["vocab"], env)
+    llava = write_llava_like(out / "llava_like", size["num_llava"], shard_size=size["synth"]["shard_size"])
+    common = ["--ds_config", REPO / "ds_configs" / args.ds_config, "--tokenizer", paths["tokenizer"],
+              "--save-every", "0", "--eval-every", "0", "--resume", "none", "--warmup", max(1, steps // 20)]
+    if args.data_workers is not None:
+        common += ["--data-workers", args.data_workers]
+    base = out / "base"
+    if not (base / "llm.safetensors").is_file():
+        sh([*launcher(cuda), "--stage", "base", "--model", model, "--data", paths["tokens"], "--seq-len",
+            size["embedded"]["seq_len"] * 4, "--micro-batch", size["embedded"]["micro_batch"] // 4,
+            "--steps", size["base_steps"], *common, "--out", base], env, out / "logs" / "base.log")
+    cases = [("embedded captions", "vision_pretrain", paths["data"] / "captions", size["embedded"]),
+             ("embedded sft mix", "sft", paths["sft_mix"], size["embedded"]),
+             ("LLaVA-665K-like", "sft", llava, size["llava"])]
+    results = []
+    for data_name, stage, data, geometry in cases:
+        if args.only and data_name.split()[0].lower() not in args.only:
+            continue
+        B, T = args.micro_batch or geometry["micro_batch"], args.seq_len or geometry["seq_len"]
+        sides = {}
+        for side, flags in (("unpacked", ["--micro-batch", B, "--seq-len", T]),
+                            ("packed", ["--pack", "--micro-batch", max(1, B // k), "--seq-len", k * T])):
+            run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            sh([*launcher(cuda), "--stage", stage, "--model", model, "--init-from", base, "--data", data,
+                "--steps", steps, *flags, *common, *args.extra, "--out", run_dir], env,
+               out / "logs" / f"{run_dir.name}.log")
+            sides[side] = {**side_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0,
+                           "geometry": f"{flags[-3]} × {flags[-1]}"}
+        ref, packed = learning_verdicts(sides["unpacked"], sides["packed"])
+        sides["unpacked"]["verdict"], sides["packed"]["verdict"] = ref, packed
+        for side, r in sides.items():
+            print(f"{data_name} / {stage} / {side}: {r['tokens_per_s']:,.0f} tokens/s, padding "
+                  f"{r['padding_frac']:.1%}; {r['verdict'].message}", flush=True)
+        results.append({"data": data_name, "stage": stage, **sides})
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    def speed(r: dict[str, Any]) -> str:
+        return f"{r['tokens_per_s']:,.0f}" if r["verdict"].ok else f"FAILED ({r['verdict'].message})"
+
+    lines = ["| data | stage | unpacked B × T | packed B × T | tokens/s unpacked | tokens/s packed | ratio | "
+             "padding unpacked | padding packed | peak GiB u / p | learning (packed at equal tokens) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        u, p = r["unpacked"], r["packed"]
+        ratio = f"{p['tokens_per_s'] / u['tokens_per_s']:.2f}×" if u["verdict"].ok and p["verdict"].ok else "-"
+        mem = "-" if u["peak_mem_gib"] is None else f"{u['peak_mem_gib']:.1f} / {p['peak_mem_gib']:.1f}"
+        lines.append(f"| {r['data']} | {r['stage']} | {u['geometry']} | {p['geometry']} | {speed(u)} | {speed(p)} | "
+                     f"{ratio} | {u['padding_frac']:.1%} | {p['padding_frac']:.1%} | {mem} | {p['verdict'].message} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_packing"), help="data, runs and logs (data is reused)")
+    p.add_argument("--model", default=None, help="VLM preset (default: vlm_small on CUDA, vlm_tiny on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="steps per side (default: 200 on CUDA, 8 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=None, help="the unpacked side's B (default per data set)")
+    p.add_argument("--seq-len", type=int, default=None, help="the unpacked side's T (default per data set)")
+    p.add_argument("--pack-factor", type=int, default=None,
+                   help="k: the packed side runs B/k rows of k·T tokens (default 4)")
+    p.add_argument("--only", nargs="*", choices=("embedded", "llava-665k-like"), help="run only these data sets")
+    p.add_argument("--data-workers", type=int, default=None, help="launch/train.py --data-workers (default: its own)")
+    p.add_argument("--ds-config", default="zero1.json", help="a file of ds_configs/")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more launch/train.py flags for every side (last on the line), e.g. --extra --attention cudnn")
+    p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    text = table(run(args))
+    print(text)
+    if args.append:
+        cmd = "python bench/packing.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with (REPO / "BENCHMARKS.md").open("a") as f:
+            f.write(f"\n### packing, {time.strftime('%Y-%m-%d')}, {device_name()}\n\n`{cmd}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
