@@ -13,7 +13,9 @@ Sides. Unpacked: --micro-batch B --seq-len T, rows padded to the longest in the 
 batches at a time, as training does). Packed: --pack --micro-batch B/k --seq-len k·T: the same B·T row positions
 a micro-batch, the budget a user sizes for the longest rows, so the gain is the padding not computed (and the
 larger real batch that fits). From each run's metrics.jsonl (medians after the first fifth): tokens/s (real
-tokens, padding excluded), padding fraction, peak memory; the ratio packed/unpacked.
+tokens, padding excluded), padding fraction (inside the rows), the share of the B·T budget that real tokens
+filled (length grouping keeps unpacked padding low by making batches of short rows, which leaves the budget
+unused), peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's loss must fall, and the packed side must track the unpacked one
 at equal real tokens seen (its losses interpolated at the unpacked steps' cumulative token counts), since a
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -48,11 +51,13 @@ TEXT_ONLY = 0.04  # long text-only conversations (LLaVA-665K's ShareGPT part)
 def sizes(cuda: bool) -> dict[str, Any]:
     if cuda:
         return {"model": "vlm_small", "steps": 200, "base_steps": 300, "pack_factor": 4, "vocab": 4096,
+                "vp_args": "--lr 1e-3", "sft_args": "--lr 1e-3",
                 "embedded": {"micro_batch": 64, "seq_len": 128}, "llava": {"micro_batch": 16, "seq_len": 1024},
                 "num_llava": 20000, "synth": {"num_captions": 20000, "num_vqa": 20000, "num_val": 400,
                 "num_test": 100, "num_arith": 2000, "num_arith_test": 100, "num_text_docs": 10000,
                 "shard_size": 1000}}
-    return {"model": "vlm_tiny", "steps": 8, "base_steps": 10, "pack_factor": 4, "vocab": 300,
+    return {"model": "vlm_tiny", "steps": 16, "base_steps": 10, "pack_factor": 4, "vocab": 300,
+            "vp_args": "--lr 3e-3", "sft_args": "--lr 3e-3",
             "embedded": {"micro_batch": 8, "seq_len": 64}, "llava": {"micro_batch": 4, "seq_len": 256},
             "num_llava": 200, "synth": {"num_captions": 200, "num_vqa": 200, "num_val": 8, "num_test": 8,
             "num_arith": 16, "num_arith_test": 4, "num_text_docs": 200, "shard_size": 50}}
@@ -105,8 +110,9 @@ def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, sha
     return out
 
 
-def side_summary(metrics_path: Path) -> dict[str, Any]:
-    """Medians after the first fifth of the steps, and every step's loss with the real tokens seen so far."""
+def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
+    """Medians after the first fifth of the steps, and every step's loss with the real tokens seen so far;
+    `fill`: real tokens over the micro-batch's budget of `positions` (B·T) row positions."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steady = rows[len(rows) // 5:] or rows
 
@@ -116,9 +122,11 @@ def side_summary(metrics_path: Path) -> dict[str, Any]:
 
     seen, cumulative = 0.0, []
     for r in rows:
+        r["fill"] = r["tokens_per_s"] * r["step_s"] / positions  # one micro-batch a step (no --grad-accum here)
         seen += r["tokens_per_s"] * r["step_s"]
         cumulative.append(seen)
     return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
+            "fill": median("fill"),
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
             "losses": [r["loss"] for r in rows], "tokens_seen": cumulative}
 
@@ -180,16 +188,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             t0 = time.perf_counter()
+            stage_args = shlex.split((args.vp_args if stage == "vision_pretrain" else args.sft_args)
+                                     or size["vp_args" if stage == "vision_pretrain" else "sft_args"])
             sh([*launcher(cuda), "--stage", stage, "--model", model, "--init-from", base, "--data", data,
-                "--steps", steps, *flags, *common, *args.extra, "--out", run_dir], env,
+                "--steps", steps, *flags, *common, *stage_args, "--out", run_dir], env,
                out / "logs" / f"{run_dir.name}.log")
-            sides[side] = {**side_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0,
+            sides[side] = {**side_summary(run_dir / "metrics.jsonl", B * T), "wall_s": time.perf_counter() - t0,
                            "geometry": f"{flags[-3]} × {flags[-1]}"}
         ref, packed = learning_verdicts(sides["unpacked"], sides["packed"])
         sides["unpacked"]["verdict"], sides["packed"]["verdict"] = ref, packed
         for side, r in sides.items():
             print(f"{data_name} / {stage} / {side}: {r['tokens_per_s']:,.0f} tokens/s, padding "
-                  f"{r['padding_frac']:.1%}; {r['verdict'].message}", flush=True)
+                  f"{r['padding_frac']:.1%}, budget filled {r['fill']:.1%}; {r['verdict'].message}", flush=True)
         results.append({"data": data_name, "stage": stage, **sides})
     return results
 
@@ -199,14 +209,15 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{r['tokens_per_s']:,.0f}" if r["verdict"].ok else f"FAILED ({r['verdict'].message})"
 
     lines = ["| data | stage | unpacked B × T | packed B × T | tokens/s unpacked | tokens/s packed | ratio | "
-             "padding unpacked | padding packed | peak GiB u / p | learning (packed at equal tokens) |",
+             "padding u / p | B·T filled u / p | peak GiB u / p | learning (packed at equal tokens) |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         u, p = r["unpacked"], r["packed"]
         ratio = f"{p['tokens_per_s'] / u['tokens_per_s']:.2f}×" if u["verdict"].ok and p["verdict"].ok else "-"
         mem = "-" if u["peak_mem_gib"] is None else f"{u['peak_mem_gib']:.1f} / {p['peak_mem_gib']:.1f}"
         lines.append(f"| {r['data']} | {r['stage']} | {u['geometry']} | {p['geometry']} | {speed(u)} | {speed(p)} | "
-                     f"{ratio} | {u['padding_frac']:.1%} | {p['padding_frac']:.1%} | {mem} | {p['verdict'].message} |")
+                     f"{ratio} | {u['padding_frac']:.1%} / {p['padding_frac']:.1%} | {u['fill']:.0%} / {p['fill']:.0%} | {mem} | "
+                     f"{p['verdict'].message} |")
     return "\n".join(lines)
 
 
@@ -222,8 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", choices=("embedded", "llava-665k-like"), help="run only these data sets")
     p.add_argument("--data-workers", type=int, default=None, help="launch/train.py --data-workers (default: its own)")
     p.add_argument("--ds-config", default="zero1.json", help="a file of ds_configs/")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="more launch/train.py flags for every side (last on the line), e.g. --extra --attention cudnn")
+    p.add_argument("--vp-args", default=None, help="launch/train.py flags for vision_pretrain, one string "
+                   "(default: --lr 1e-3 on CUDA, 3e-3 on CPU: the learning check needs a clear drop in few steps)")
+    p.add_argument("--sft-args", default=None, help="... for sft (same defaults)")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     text = table(run(args))

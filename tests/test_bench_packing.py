@@ -1,0 +1,59 @@
+"""bench/packing.py's pieces (the full run trains seven times; on CPU it takes minutes): the LLaVA-665K-like
+mix through the real conversation batcher, the summary of a run's metrics.jsonl and the learning check at
+equal tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+from ghostvis.data.multimodal import read_conversation
+
+
+def bench():
+    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbours (learning, pipeline)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_packing", REPO / "bench" / "packing.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return module
+
+
+def test_llava_like_mix_is_deterministic_and_long_tailed(tmp_path, tiny_tokenizer):
+    b = bench()
+    samples = [b.llava_like_sample(0, i, 16) for i in range(300)]
+    assert samples[7] == b.llava_like_sample(0, 7, 16)
+    lengths = []
+    for s in samples:
+        record, images = read_conversation(s)  # valid: placeholders match the images
+        assert len(images) == (1 if "0.png" in s else 0)
+        lengths.append(len(tiny_tokenizer.render_conversation(record, 10**6, 4)[0]))
+    turns = [len(json.loads(s["json"])["messages"]) // 2 for s in samples]
+    assert 0.35 < sum(t == 1 for t in turns) / len(turns) < 0.65 and max(turns) > 10  # many short, a long tail
+    lengths.sort()
+    assert lengths[-5] > 4 * lengths[len(lengths) // 2]
+
+
+def test_summary_and_learning_check_at_equal_tokens(tmp_path):
+    b = bench()
+
+    def write(name: str, tokens_per_step: float, losses: list[float]) -> dict:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"loss": x, "tokens_per_s": tokens_per_step, "step_s": 1.0,
+                                            "padding_frac": 0.1}) + "\n" for x in losses))
+        return b.side_summary(path, positions=1000)
+
+    unpacked = write("u", 250.0, [5.0 - 0.05 * i for i in range(20)])  # 250 tokens a step: 5.05 - 2e-4 × tokens
+    packed = write("p", 1000.0, [4.85 - 0.2 * i for i in range(20)])  # 4x the tokens a step, the same curve
+    assert unpacked["fill"] == pytest.approx(0.25) and packed["tokens_seen"][-1] == pytest.approx(20_000)
+    assert b.at_tokens(packed["losses"], packed["tokens_seen"], [1500.0]) == pytest.approx([4.75])
+    ref, verdict = b.learning_verdicts(unpacked, packed)
+    assert ref.ok and verdict.ok, verdict.message
+    worse = write("w", 1000.0, [4.85 - 0.1 * i for i in range(20)])  # learns half as fast per token
+    assert not b.learning_verdicts(unpacked, worse)[1].ok
