@@ -9,17 +9,18 @@ Runs (each from the same base export, trained once here on the embedded text):
     a LLaVA-665K-like length mix (`llava_like_sample`: about half single-turn questions, a long tail of
     multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
 
-Sides. Unpacked: --micro-batch B --seq-len T, rows padded to the longest in the batch (sft length-groups 8
-batches at a time, as training does). Packed: --pack --micro-batch B/k --seq-len k·T: the same B·T row positions
-a micro-batch, the budget a user sizes for the longest rows, so the gain is the padding not computed (and the
-larger real batch that fits). From each run's metrics.jsonl (medians after the first fifth): tokens/s (real
-tokens, padding excluded), padding fraction (inside the rows), the share of the B·T budget that real tokens
-filled (length grouping keeps unpacked padding low by making batches of short rows, which leaves the budget
-unused), peak memory; the ratio packed/unpacked.
+Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
+longest in the batch (sft length-groups 8 batches at a time, as training does). Packed: --pack --seq-len k·T
+with as many rows as hold the unpacked run's real tokens per step (its median, rounded to whole rows), so both
+sides take about as many samples per step: the same optimization, its steps cheaper by the padding not
+computed. From each run's metrics.jsonl (medians after the first fifth): tokens/s (real tokens, padding
+excluded), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled
+(length grouping keeps unpacked padding low by making batches of short rows, which leaves positions unused),
+peak memory; the ratio packed/unpacked.
 
-Learning check (bench/learning.py): each side's loss must fall, and the packed side must track the unpacked one
-at equal real tokens seen (its losses interpolated at the unpacked steps' cumulative token counts), since a
-packed step holds more samples than an unpacked one. A side that fails prints FAILED for its speed.
+Learning check (bench/learning.py): each side's loss must fall (5%; 1% for vision_pretrain, whose LLM is frozen:
+only the connector trains), and the packed side must track the unpacked one step by step (within 0.1 + 2%, in
+mean and at the end). A side that fails prints FAILED for its speed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from learning import check_learning
+from learning import MIN_DROP, check_learning
 from pipeline import REPO, child_env, device_name, launcher, prepare_data, sh
 
 IMAGE = "<|image|>"
@@ -46,6 +47,7 @@ IMAGE = "<|image|>"
 # conversations group up to tens of questions per image)
 TURNS = ((0.5, 1, 1), (0.25, 2, 4), (0.15, 5, 10), (0.1, 11, 24))
 TEXT_ONLY = 0.04  # long text-only conversations (LLaVA-665K's ShareGPT part)
+STAGE_MIN_DROP = {"vision_pretrain": 0.01, "sft": MIN_DROP}  # connector-only training: 1%, as BENCHMARKS.md says
 
 
 def sizes(cuda: bool) -> dict[str, Any]:
@@ -111,49 +113,28 @@ def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, sha
 
 
 def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
-    """Medians after the first fifth of the steps, and every step's loss with the real tokens seen so far;
-    `fill`: real tokens over the micro-batch's budget of `positions` (B·T) row positions."""
+    """Medians after the first fifth of the steps, and every step's loss; `fill`: real tokens over the
+    micro-batch's `positions` (B·T) row positions; `tokens_per_step`: real tokens an optimizer step took."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steady = rows[len(rows) // 5:] or rows
+    for r in rows:
+        r["tokens_per_step"] = r["tokens_per_s"] * r["step_s"]
+        r["fill"] = r["tokens_per_step"] / positions  # one micro-batch a step (no --grad-accum here)
 
     def median(key: str) -> float | None:
         values = [r[key] for r in steady if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    seen, cumulative = 0.0, []
-    for r in rows:
-        r["fill"] = r["tokens_per_s"] * r["step_s"] / positions  # one micro-batch a step (no --grad-accum here)
-        seen += r["tokens_per_s"] * r["step_s"]
-        cumulative.append(seen)
     return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
-            "fill": median("fill"),
+            "fill": median("fill"), "tokens_per_step": median("tokens_per_step"),
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
-            "losses": [r["loss"] for r in rows], "tokens_seen": cumulative}
+            "losses": [r["loss"] for r in rows]}
 
 
-def at_tokens(losses: list[float], seen: list[float], points: list[float]) -> list[float]:
-    """`losses` (recorded at cumulative tokens `seen`) linearly interpolated at `points` (inside seen's range)."""
-    out = []
-    for p in points:
-        j = next(i for i in range(1, len(seen)) if seen[i] >= p)
-        w = (p - seen[j - 1]) / (seen[j] - seen[j - 1])
-        out.append(losses[j - 1] + w * (losses[j] - losses[j - 1]))
-    return out
-
-
-def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any]) -> tuple[Any, Any]:
-    """(unpacked's verdict, packed's verdict): each must learn; packed must track unpacked at equal tokens."""
-    ref = check_learning(unpacked["losses"])
-    points = [(i, c) for i, c in enumerate(unpacked["tokens_seen"])
-              if packed["tokens_seen"][0] <= c <= packed["tokens_seen"][-1]]
-    own = check_learning(packed["losses"])
-    if not own.ok or len(points) < 4:
-        return ref, own if not own.ok else type(own)(False, f"{own.message}; fewer than 4 unpacked steps inside "
-                                                            "the packed run's token range: run more --steps")
-    reference = [unpacked["losses"][i] for i, _ in points]
-    tracked = check_learning(at_tokens(packed["losses"], packed["tokens_seen"], [c for _, c in points]), reference,
-                             min_drop=0.0)
-    return ref, type(own)(tracked.ok, f"{own.message}; at equal tokens: {tracked.message}")
+def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP) -> tuple[Any, Any]:
+    """(unpacked's verdict, packed's verdict): each must learn; packed must track unpacked step by step."""
+    return (check_learning(unpacked["losses"], min_drop=min_drop),
+            check_learning(packed["losses"], unpacked["losses"], min_drop=min_drop))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -182,9 +163,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.only and data_name.split()[0].lower() not in args.only:
             continue
         B, T = args.micro_batch or geometry["micro_batch"], args.seq_len or geometry["seq_len"]
-        sides = {}
-        for side, flags in (("unpacked", ["--micro-batch", B, "--seq-len", T]),
-                            ("packed", ["--pack", "--micro-batch", max(1, B // k), "--seq-len", k * T])):
+        sides: dict[str, Any] = {}
+        for side in ("unpacked", "packed"):
+            if side == "unpacked":
+                flags = ["--micro-batch", B, "--seq-len", T]
+            else:  # the unpacked side's real tokens per step, in whole rows of k·T
+                rows = max(1, round(sides["unpacked"]["tokens_per_step"] / (k * T)))
+                flags = ["--pack", "--micro-batch", rows, "--seq-len", k * T]
             run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             t0 = time.perf_counter()
@@ -193,13 +178,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             sh([*launcher(cuda), "--stage", stage, "--model", model, "--init-from", base, "--data", data,
                 "--steps", steps, *flags, *common, *stage_args, "--out", run_dir], env,
                out / "logs" / f"{run_dir.name}.log")
-            sides[side] = {**side_summary(run_dir / "metrics.jsonl", B * T), "wall_s": time.perf_counter() - t0,
+            sides[side] = {**side_summary(run_dir / "metrics.jsonl", flags[-3] * flags[-1]),
+                           "wall_s": time.perf_counter() - t0,
                            "geometry": f"{flags[-3]} × {flags[-1]}"}
-        ref, packed = learning_verdicts(sides["unpacked"], sides["packed"])
+        ref, packed = learning_verdicts(sides["unpacked"], sides["packed"], STAGE_MIN_DROP[stage])
         sides["unpacked"]["verdict"], sides["packed"]["verdict"] = ref, packed
         for side, r in sides.items():
-            print(f"{data_name} / {stage} / {side}: {r['tokens_per_s']:,.0f} tokens/s, padding "
-                  f"{r['padding_frac']:.1%}, budget filled {r['fill']:.1%}; {r['verdict'].message}", flush=True)
+            print(f"{data_name} / {stage} / {side} ({r['geometry']}): {r['tokens_per_s']:,.0f} tokens/s, "
+                  f"{r['tokens_per_step']:,.0f} a step, padding {r['padding_frac']:.1%}, positions filled "
+                  f"{r['fill']:.1%}; {r['verdict'].message}", flush=True)
         results.append({"data": data_name, "stage": stage, **sides})
     return results
 
@@ -209,7 +196,7 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{r['tokens_per_s']:,.0f}" if r["verdict"].ok else f"FAILED ({r['verdict'].message})"
 
     lines = ["| data | stage | unpacked B × T | packed B × T | tokens/s unpacked | tokens/s packed | ratio | "
-             "padding u / p | B·T filled u / p | peak GiB u / p | learning (packed at equal tokens) |",
+             "padding u / p | B·T filled u / p | peak GiB u / p | learning (packed against unpacked) |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         u, p = r["unpacked"], r["packed"]
@@ -229,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="the unpacked side's B (default per data set)")
     p.add_argument("--seq-len", type=int, default=None, help="the unpacked side's T (default per data set)")
     p.add_argument("--pack-factor", type=int, default=None,
-                   help="k: the packed side runs B/k rows of k·T tokens (default 4)")
+                   help="k: the packed side's rows hold k·T tokens (default 4)")
     p.add_argument("--only", nargs="*", choices=("embedded", "llava-665k-like"), help="run only these data sets")
     p.add_argument("--data-workers", type=int, default=None, help="launch/train.py --data-workers (default: its own)")
     p.add_argument("--ds-config", default="zero1.json", help="a file of ds_configs/")

@@ -197,7 +197,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) ->
     global _flex_compiled
     if _flex_compiled is None:  # flex_attention runs its fused kernel only compiled
         from torch.nn.attention.flex_attention import flex_attention
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        _flex_compiled = torch.compile(flex_attention)  # a dimension that changes (a short batch) turns dynamic
     return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
