@@ -11,7 +11,7 @@ Runs (each from the same base export, trained once here on the embedded text):
 
 Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
 longest in the batch (sft length-groups 8 batches at a time, as training does). Packed: --pack --seq-len k·T
-with as many rows as hold the unpacked run's real tokens per step (its median, rounded to whole rows), so both
+with as many rows as hold the unpacked run's real tokens per step (its mean, rounded to whole rows), so both
 sides take about as many samples per step: the same optimization, its steps cheaper by the padding not
 computed. From each run's metrics.jsonl (medians after the first fifth): tokens/s (real tokens, padding
 excluded), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled
@@ -118,7 +118,8 @@ def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, sha
 
 def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
     """Medians after the first fifth of the steps, and every step's loss; `fill`: real tokens over the
-    micro-batch's `positions` (B·T) row positions; `tokens_per_step`: real tokens an optimizer step took."""
+    micro-batch's `positions` (B·T) row positions; `tokens_per_step`: the mean real tokens of a step (a mean,
+    not a median: length-grouped steps range from a batch of short answers to one of full rows)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steady = rows[len(rows) // 5:] or rows
     for r in rows:
@@ -130,15 +131,15 @@ def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
-            "fill": median("fill"), "tokens_per_step": median("tokens_per_step"),
+            "fill": median("fill"), "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in rows),
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
             "losses": [r["loss"] for r in rows]}
 
 
 def smooth(losses: list[float]) -> list[float]:
-    """Trailing means over a tenth of the steps: a length-grouped batch of long conversations and one of short
+    """Trailing means over a tenth of the steps (3 at least): a length-grouped batch of long conversations and one of short
     answers differ in loss more than the two sides do, so single steps are too noisy to compare."""
-    w = max(1, len(losses) // 10)
+    w = max(3, len(losses) // 10)
     return [sum(losses[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
 
 

@@ -55,4 +55,4 @@ def test_summary_and_learning_check(tmp_path):
     assert ref.ok and verdict.ok, verdict.message
     assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0 - 0.02 * i for i in range(20)]))[1].ok
     assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0] * 20), min_drop=0.01)[1].ok
-    assert b.smooth([4.0, 2.0] * 10) == [4.0] + [3.0] * 19  # a tenth of the steps: pairs
+    assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes
