@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
     g.add_argument("--pack", action="store_true",
                    help="pack several samples into each row, none split, each attending only to itself with RoPE "
-                        "positions from 0 (vision_pretrain, sft; docs/data.md#packing)")
+                        "positions from 0 (vision_pretrain, sft; docs/data.md, Packing)")
     g.add_argument("--pack-images", type=int, default=0, metavar="N",
                    help="with --pack, the most images one row may hold (0 = no bound but --seq-len)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
