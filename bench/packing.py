@@ -19,8 +19,9 @@ excluded), padding fraction (inside the rows), the share of each side's B·T row
 peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's loss must fall (5%; 1% for vision_pretrain, whose LLM is frozen:
-only the connector trains), and the packed side must track the unpacked one step by step (within 0.1 + 2%, in
-mean and at the end), both over trailing means of a tenth of the steps (`smooth`: a length-grouped batch of long
+only the connector trains), the packed side must track the unpacked one step by step (within 0.1 + 2%, in
+mean and at the end) and end within 2% of its validation bits per byte (the same held-out samples, run once
+after the last step), both over trailing means of a tenth of the steps (`smooth`: a length-grouped batch of long
 conversations and one of short answers differ in loss more than the sides do). A side that fails prints FAILED
 for its speed.
 """
@@ -50,18 +51,19 @@ IMAGE = "<|image|>"
 TURNS = ((0.5, 1, 1), (0.25, 2, 4), (0.15, 5, 10), (0.1, 11, 24))
 TEXT_ONLY = 0.04  # long text-only conversations (LLaVA-665K's ShareGPT part)
 STAGE_MIN_DROP = {"vision_pretrain": 0.01, "sft": MIN_DROP}  # connector-only training: 1%, as BENCHMARKS.md says
+VAL_RTOL = 0.02  # the sides' final validation bits per byte (same held-out samples) may differ this much
 
 
 def sizes(cuda: bool) -> dict[str, Any]:
     if cuda:
-        return {"model": "vlm_small", "steps": 200, "base_steps": 300, "vocab": 4096,
+        return {"model": "vlm_small", "steps": 200, "base_steps": 300, "vocab": 4096, "eval_batches": 100,
                 "vp_args": "--lr 1e-3", "sft_args": "--lr 1e-3",
                 "embedded": {"micro_batch": 64, "seq_len": 128, "pack_factor": 4},
                 "llava": {"micro_batch": 16, "seq_len": 1024, "pack_factor": 1},
                 "num_llava": 20000, "synth": {"num_captions": 20000, "num_vqa": 20000, "num_val": 400,
                 "num_test": 100, "num_arith": 2000, "num_arith_test": 100, "num_text_docs": 10000,
                 "shard_size": 1000}}
-    return {"model": "vlm_tiny", "steps": 16, "base_steps": 10, "vocab": 300,
+    return {"model": "vlm_tiny", "steps": 16, "base_steps": 10, "vocab": 300, "eval_batches": 16,
             "vp_args": "--lr 3e-3", "sft_args": "--lr 3e-3",
             "embedded": {"micro_batch": 8, "seq_len": 64, "pack_factor": 2},
             "llava": {"micro_batch": 8, "seq_len": 256, "pack_factor": 1},
@@ -76,7 +78,7 @@ def llava_like_sample(seed: int, index: int, image_size: int) -> dict:
     from data_prep.synth import text_document
 
     rng = random.Random(f"llava-like:{seed}:{index}")
-    key = f"train-{index:07d}"
+    key = f"{index:08d}"
     if rng.random() < TEXT_ONLY:
         docs = [text_document(seed, rng.randrange(10**6)) for _ in range(rng.randint(3, 8))]
         record = {"messages": [{"role": "user", "content": "tell me about some scenes, in detail."},
@@ -98,21 +100,23 @@ def llava_like_sample(seed: int, index: int, image_size: int) -> dict:
 
 
 def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, shard_size: int = 1000) -> Path:
-    """`n` llava_like_sample conversations as conversation shards under out/train (reused when present)."""
+    """`n` llava_like_sample conversations under out/train and n/40 others under out/val (8 at least), as
+    conversation shards (reused when present)."""
     from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 
-    train = out / "train"
-    if (train / "manifest.json").is_file():
-        return out
-    train.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s, start in enumerate(range(0, n, shard_size)):
-        name = f"train-{s:06d}.tar"
-        with wds.TarWriter(str(train / name), encoder=False) as w:
-            for i in range(start, min(n, start + shard_size)):
-                w.write(llava_like_sample(seed, i, image_size))
-        shards.append(ShardInfo(name, min(n, start + shard_size) - start))
-    write_manifest(train, Manifest(kind="conversation", shards=shards, extra={"source": "bench/packing.py"}))
+    for split, first, count in (("train", 0, n), ("val", 10**7, max(8, n // 40))):  # disjoint sample indices
+        d = out / split
+        if (d / "manifest.json").is_file():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for s, start in enumerate(range(0, count, shard_size)):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(d / name), encoder=False) as w:
+                for i in range(start, min(count, start + shard_size)):
+                    w.write(llava_like_sample(seed, first + i, image_size))
+            shards.append(ShardInfo(name, min(count, start + shard_size) - start))
+        write_manifest(d, Manifest(kind="conversation", shards=shards, extra={"source": "bench/packing.py"}))
     return out
 
 
@@ -133,7 +137,7 @@ def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
     return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
             "fill": median("fill"), "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in rows),
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
-            "losses": [r["loss"] for r in rows]}
+            "losses": [r["loss"] for r in rows], "val_bpb": next((r["val_bpb"] for r in reversed(rows) if "val_bpb" in r), None)}
 
 
 def smooth(losses: list[float]) -> list[float]:
@@ -145,9 +149,16 @@ def smooth(losses: list[float]) -> list[float]:
 
 def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP) -> tuple[Any, Any]:
     """(unpacked's verdict, packed's verdict): each must learn; packed must track unpacked step by step
-    (smoothed losses)."""
+    (smoothed losses) and end within VAL_RTOL of its validation bits per byte."""
     ref = smooth(unpacked["losses"])
-    return check_learning(ref, min_drop=min_drop), check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)
+    own = check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)
+    u, p = unpacked.get("val_bpb"), packed.get("val_bpb")
+    if u is None or p is None:
+        return check_learning(ref, min_drop=min_drop), own
+    gap = abs(p - u) / u
+    ok = own.ok and gap <= VAL_RTOL
+    message = f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:.1f}% apart, tolerance {100 * VAL_RTOL:.0f}%)"
+    return check_learning(ref, min_drop=min_drop), type(own)(ok, message)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -160,14 +171,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     paths = prepare_data(out, size["synth"], size["vocab"], env)
     llava = write_llava_like(out / "llava_like", size["num_llava"], shard_size=size["synth"]["shard_size"])
     common = ["--ds_config", REPO / "ds_configs" / args.ds_config, "--tokenizer", paths["tokenizer"],
-              "--save-every", "0", "--eval-every", "0", "--resume", "none", "--warmup", max(1, steps // 20)]
+              "--save-every", "0", "--resume", "none", "--warmup", max(1, steps // 20)]
+    # validation once, after the last step, on the same held-out samples for both sides: eval_batches covers
+    # every val split here, so neither side stops part-way
+    val = ["--eval-every", steps, "--eval-batches", size["eval_batches"]]
     if args.data_workers is not None:
         common += ["--data-workers", args.data_workers]
     base = out / "base"
     if not (base / "llm.safetensors").is_file():
         sh([*launcher(cuda), "--stage", "base", "--model", model, "--data", paths["tokens"], "--seq-len",
             size["embedded"]["seq_len"] * 4, "--micro-batch", size["embedded"]["micro_batch"] // 4,
-            "--steps", size["base_steps"], *common, "--out", base], env, out / "logs" / "base.log")
+            "--steps", size["base_steps"], *common, "--eval-every", "0", "--out", base], env, out / "logs" / "base.log")
     cases = [("embedded captions", "vision_pretrain", paths["data"] / "captions", size["embedded"]),
              ("embedded sft mix", "sft", paths["sft_mix"], size["embedded"]),
              ("LLaVA-665K-like", "sft", llava, size["llava"])]
@@ -190,7 +204,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             stage_args = shlex.split((args.vp_args if stage == "vision_pretrain" else args.sft_args)
                                      or size["vp_args" if stage == "vision_pretrain" else "sft_args"])
             sh([*launcher(cuda), "--stage", stage, "--model", model, "--init-from", base, "--data", data,
-                "--steps", steps, *flags, *common, *stage_args, "--out", run_dir], env,
+                "--steps", steps, *flags, *common, *val, *stage_args, "--out", run_dir], env,
                out / "logs" / f"{run_dir.name}.log")
             sides[side] = {**side_summary(run_dir / "metrics.jsonl", flags[-3] * flags[-1]),
                            "wall_s": time.perf_counter() - t0,

@@ -42,10 +42,12 @@ def test_llava_like_mix_is_deterministic_and_long_tailed(tmp_path, tiny_tokenize
 def test_summary_and_learning_check(tmp_path):
     b = bench()
 
-    def write(name: str, tokens_per_step: float, losses: list[float]) -> dict:
+    def write(name: str, tokens_per_step: float, losses: list[float], val_bpb: float | None = None) -> dict:
+        rows = [{"loss": x, "tokens_per_s": tokens_per_step / 0.5, "step_s": 0.5, "padding_frac": 0.1} for x in losses]
+        if val_bpb is not None:
+            rows[-1]["val_bpb"] = val_bpb
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"loss": x, "tokens_per_s": tokens_per_step / 0.5, "step_s": 0.5,
-                                            "padding_frac": 0.1}) + "\n" for x in losses))
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return b.side_summary(path, positions=1000)
 
     unpacked = write("u", 250.0, [5.0 - 0.05 * i for i in range(20)])
@@ -55,4 +57,7 @@ def test_summary_and_learning_check(tmp_path):
     assert ref.ok and verdict.ok, verdict.message
     assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0 - 0.02 * i for i in range(20)]))[1].ok
     assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0] * 20), min_drop=0.01)[1].ok
+    with_val = write("v", 250.0, unpacked["losses"], val_bpb=2.0)
+    assert b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.03))[1].ok
+    assert not b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.1))[1].ok
     assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes
