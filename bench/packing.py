@@ -20,8 +20,8 @@ peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's training loss must fall (5%; 1% for vision_pretrain, whose LLM
 is frozen: only the connector trains; over trailing means of a tenth of the steps, `smooth`), and the packed side
-must end within 2% of the unpacked side's validation bits per byte on the same held-out samples (run once after
-the last step). The step-by-step gap of the training losses is printed as well but decides only without a val
+must end at most 2% above the unpacked side's validation bits per byte on the same held-out samples (run once
+after the last step). The step-by-step gap of the training losses is printed as well but decides only without a val
 split: length groups and packed rows compose steps differently, and on a LLaVA-like mix that moves single
 steps' losses by more than learning.py's tolerance (`learning_verdicts`). A side that fails prints FAILED for
 its speed.
@@ -52,7 +52,7 @@ IMAGE = "<|image|>"
 TURNS = ((0.5, 1, 1), (0.25, 2, 4), (0.15, 5, 10), (0.1, 11, 24))
 TEXT_ONLY = 0.04  # long text-only conversations (LLaVA-665K's ShareGPT part)
 STAGE_MIN_DROP = {"vision_pretrain": 0.01, "sft": MIN_DROP}  # connector-only training: 1%, as BENCHMARKS.md says
-VAL_RTOL = 0.02  # the sides' final validation bits per byte (same held-out samples) may differ this much
+VAL_RTOL = 0.02  # the packed side's final validation bits per byte may be this much above the unpacked side's
 
 
 def sizes(cuda: bool) -> dict[str, Any]:
@@ -150,8 +150,8 @@ def smooth(losses: list[float]) -> list[float]:
 
 def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP) -> tuple[Any, Any]:
     """(unpacked's verdict, packed's verdict). Each side's (smoothed) training loss must fall. Equal loss is
-    judged on the same held-out samples: the packed side's final validation bits per byte within VAL_RTOL of
-    the unpacked side's. Step-by-step tracking of the training loss (check_learning against the unpacked
+    judged on the same held-out samples: the packed side's final validation bits per byte at most VAL_RTOL
+    above the unpacked side's. Step-by-step tracking of the training loss (check_learning against the unpacked
     side) is reported too, and decides only where no validation ran: packed and length-grouped batches differ
     in composition step by step (a length group of long text-only conversations against rows of mixed
     samples), so their per-step losses differ by more than its tolerance on a mix like LLaVA-665K's."""
@@ -161,10 +161,10 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
     u, p = unpacked.get("val_bpb"), packed.get("val_bpb")
     if u is None or p is None:
         return check_learning(ref, min_drop=min_drop), tracked
-    gap = abs(p - u) / u
-    message = (f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:.1f}% apart, tolerance {100 * VAL_RTOL:.0f}%); "
+    gap = (p - u) / u
+    message = (f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:+.1f}%, at most +{100 * VAL_RTOL:.0f}%); "
                f"train loss against unpacked: {tracked.message.split(', ', 1)[-1]}")
-    return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)
+    return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)  # lower is fine
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -60,5 +60,6 @@ def test_summary_and_learning_check(tmp_path):
     with_val = write("v", 250.0, unpacked["losses"], val_bpb=2.0)  # validation decides, not the step-by-step gap
     assert b.learning_verdicts(with_val, write("p", 240.0, [5.0 - 0.02 * i for i in range(20)], val_bpb=2.03))[1].ok
     assert not b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.1))[1].ok
+    assert b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=1.9))[1].ok  # better is fine
     assert not b.learning_verdicts(with_val, write("p", 240.0, [5.0] * 20, val_bpb=2.0))[1].ok  # did not learn
     assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes
