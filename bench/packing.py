@@ -163,7 +163,7 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
         return check_learning(ref, min_drop=min_drop), tracked
     gap = (p - u) / u
     message = (f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:+.1f}%, at most +{100 * VAL_RTOL:.0f}%); "
-               f"train loss against unpacked: {tracked.message.split(', ', 1)[-1]}")
+               f"train loss against unpacked, for information: {tracked.message.split(', ', 1)[-1]}")
     return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)  # lower is fine
 
 
