@@ -99,6 +99,20 @@ def test_packed_loss_and_gradients_equal_unpacked(synth_dir, tiny_tokenizer, vlm
         assert err < GRAD_RTOL, f"{name}: relative gradient error {err:.2e}"
 
 
+def test_activation_checkpointing_keeps_documents(synth_dir, tiny_tokenizer, vlm) -> None:
+    """Recomputed blocks get the same document mask and positions: the same loss and gradients."""
+    _, packed = packed_and_unpacked(ConversationBatches, synth_dir / "vqa" / "train", tiny_tokenizer, vlm, 8, 96)
+    vlm.train()
+    loss, grads = loss_and_grads(vlm, packed)
+    vlm.config.activation_checkpointing = True
+    try:
+        loss_ckpt, grads_ckpt = loss_and_grads(vlm, packed)
+    finally:
+        vlm.config.activation_checkpointing = False
+    assert loss_ckpt.item() == pytest.approx(loss.item(), rel=LOSS_RTOL)
+    assert all(torch.allclose(grads_ckpt[n], g, rtol=GRAD_RTOL, atol=1e-7) for n, g in grads.items())
+
+
 def test_no_attention_across_sample_boundaries(synth_dir, tiny_tokenizer, vlm) -> None:
     """Perturb one sample of a packed row (its tokens and its image): the other samples' logits don't move."""
     _, packed = packed_and_unpacked(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, vlm, 12, 160)
