@@ -101,8 +101,8 @@ def packed(card: str) -> str:
         for b, t, h, kv, ids in cases:
             try:
                 case_docs = A.documents(ids, kernel, flash)
-                speeds.append("" if problem else
-                              f"{tflops(lambda q, k, v: A.attend_documents(q, k, v, case_docs), b, t, h, kv, pairs=pairs(ids)):.0f}")
+                fn = lambda q, k, v: A.attend_documents(q, k, v, case_docs)  # noqa: E731
+                speeds.append("" if problem else f"{tflops(fn, b, t, h, kv, pairs=pairs(ids)):.0f}")
             except Exception as err:  # noqa: BLE001 - a kernel that can't run a shape says so in its cell
                 speeds.append(f"failed ({type(err).__name__})")
             torch.cuda.empty_cache()
@@ -118,7 +118,8 @@ def packed(card: str) -> str:
 
 def pairs(ids: torch.Tensor) -> float:
     """Causal (query, key) pairs inside the documents of `ids`: Σ length²/2."""
-    return sum(float((torch.unique_consecutive(row, return_counts=True)[1].double() ** 2 / 2).sum()) for row in ids.cpu())
+    lengths = [torch.unique_consecutive(row, return_counts=True)[1].double() for row in ids.cpu()]
+    return sum(float((n ** 2 / 2).sum()) for n in lengths)
 
 
 def main() -> None:

@@ -138,12 +138,13 @@ def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
     return {"steps": len(rows), "tokens_per_s": median("tokens_per_s"), "padding_frac": median("padding_frac"),
             "fill": median("fill"), "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in rows),
             "peak_mem_gib": max((r.get("peak_mem_gib") or 0.0 for r in rows), default=0.0) or None,
-            "losses": [r["loss"] for r in rows], "val_bpb": next((r["val_bpb"] for r in reversed(rows) if "val_bpb" in r), None)}
+            "losses": [r["loss"] for r in rows],
+            "val_bpb": next((r["val_bpb"] for r in reversed(rows) if "val_bpb" in r), None)}
 
 
 def smooth(losses: list[float]) -> list[float]:
-    """Trailing means over a tenth of the steps (3 at least): a length-grouped batch of long conversations and one of short
-    answers differ in loss more than the two sides do, so single steps are too noisy to compare."""
+    """Trailing means over a tenth of the steps (3 at least): a length-grouped batch of long conversations and
+    one of short answers differ in loss more than the two sides do, so single steps are too noisy to compare."""
     w = max(3, len(losses) // 10)
     return [sum(losses[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
 
@@ -237,7 +238,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = f"{p['tokens_per_s'] / u['tokens_per_s']:.2f}×" if u["verdict"].ok and p["verdict"].ok else "-"
         mem = "-" if u["peak_mem_gib"] is None else f"{u['peak_mem_gib']:.1f} / {p['peak_mem_gib']:.1f}"
         lines.append(f"| {r['data']} | {r['stage']} | {u['geometry']} | {p['geometry']} | {speed(u)} | {speed(p)} | "
-                     f"{ratio} | {u['padding_frac']:.1%} / {p['padding_frac']:.1%} | {u['fill']:.0%} / {p['fill']:.0%} | {mem} | "
+                     f"{ratio} | {u['padding_frac']:.1%} / {p['padding_frac']:.1%} | "
+                     f"{u['fill']:.0%} / {p['fill']:.0%} | {mem} | "
                      f"{p['verdict'].message} |")
     return "\n".join(lines)
 

@@ -490,7 +490,8 @@ def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
     `req.cached_features`, the checked cached features instead of the preprocessing."""
     vision_cfg = getattr(req.model, "vision_config", None)
     args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
-            "restart": req.eval_mode, "pack": getattr(req, "pack", False), "pack_images": getattr(req, "pack_images", 0),
+            "restart": req.eval_mode, "pack": getattr(req, "pack", False),
+            "pack_images": getattr(req, "pack_images", 0),
             "num_vision_tokens": req.model.num_vision_tokens if vision_cfg is not None else 0,
             "transform": image_transform(vision_cfg) if vision_cfg is not None else None}
     if getattr(req, "cached_features", False):

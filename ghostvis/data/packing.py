@@ -11,9 +11,9 @@ it the same way.
 
 The model learns where samples start from `document_ids` [B, T] (0, 1, ... per row; the padding at a row's
 end is one more document of its own): attention never crosses a document boundary and RoPE positions restart
-at 0 in every document (ghostvis/model/attention.py, `documents` and `document_positions`). Targets never cross a boundary either: a sample's last
-token predicts nothing, exactly as at the end of an unpacked row, so the loss per counted token is the
-unpacked batch's.
+at 0 in every document (ghostvis/model/attention.py, `documents` and `document_positions`). Targets never cross
+a boundary either: a sample's last token predicts nothing, exactly as at the end of an unpacked row, so the
+loss per counted token is the unpacked batch's.
 """
 
 from __future__ import annotations
