@@ -72,8 +72,9 @@ def _import_fa2() -> Callable:
 
 def _import_fa4_varlen() -> Callable:
     from flash_attn.cute import flash_attn_varlen_func
-    # FA4 takes no max_seqlen: it reads the lengths from cu_seqlens
-    return lambda q, k, v, cu, _max: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    # without max_seqlen_q it schedules every query block as if one document held all the tokens
+    return lambda q, k, v, cu, n: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                                         max_seqlen_k=n, causal=True)
 
 
 def _import_fa3_varlen() -> Callable:
