@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cached-features", action="store_true",
                    help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack several samples into each row, none split, each attending only to itself with RoPE "
+                        "positions from 0 (vision_pretrain, sft; docs/data.md, Packing)")
+    g.add_argument("--pack-images", type=int, default=0, metavar="N",
+                   help="with --pack, the most images one row may hold (0 = no bound but --seq-len)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
     g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp))")

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig
-from ghostvis.model.attention import CausalSelfAttention
+from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from ghostvis.model.linear_ce import IGNORE_INDEX
@@ -37,8 +37,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.n_embd, config.ffn_dim, tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+                kv_cache: KVCache | None = None, docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -127,23 +127,31 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 image_embeds: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab_size]` without targets; with targets (-1 = ignored) the mean loss over
-        counted tokens, their sum (`reduction="sum"`), or per-token losses `[B, T]` (`"none"`)."""
+        counted tokens, their sum (`reduction="sum"`), or per-token losses `[B, T]` (`"none"`).
+        `document_ids` [B, T] marks packed rows (ghostvis/data/packing.py): each document attends only to
+        itself and its RoPE positions start at 0."""
         T = idx.shape[1]
         offset = kv_cache.pos if kv_cache is not None else 0
         if offset + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
+        if document_ids is not None and kv_cache is not None:
+            raise ValueError("document_ids (packed rows) are for training and scoring, not with a KV cache")
         x = self.embed(idx, image_embeds)
         rows = getattr(kv_cache, "positions", None)  # a RaggedKVCache: each row at its own position
-        if rows is None:
+        docs = None if document_ids is None else documents(document_ids)
+        if docs is not None:
+            cos, sin = self.rotary.at(document_positions(document_ids))
+        elif rows is None:
             cos, sin = self.rotary(offset, T)
         else:
             cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.config.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if i < n_ckpt else block(x, cos, sin, kv_cache)
+            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False) if i < n_ckpt
+                 else block(x, cos, sin, kv_cache, docs))
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.head(x, targets, reduction)
