@@ -242,6 +242,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(hd, config.norm_eps, tp_group)
         else:
             self.q_norm = self.k_norm = None
+        self.cp = None  # a ContextParallel while training with --cp (GPT.set_context_parallel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -257,6 +258,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
-        y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
+        if self.cp is not None and kv_cache is None:
+            y = self.cp.attend(q, k, v)
+        else:
+            y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
