@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TOK, tiny_gpt, tiny_vlm
+from conftest import REPO, TOK, TRAIN, run_ranks, tiny_gpt, tiny_vlm
+from safetensors.torch import load_file
 
 from ghostvis.parallel.context import ContextParallel
 
@@ -84,3 +87,44 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 @pytest.mark.slow
 def test_cp2_matches_one_rank_for_text_and_images(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_prep import synth
+
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, seed=3, num_captions=24, num_vqa=4, num_val=4, num_test=4, num_arith=4, num_arith_test=4,
+                   num_text_docs=2, shard_size=12)
+    return out / "captions"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trainer_cp2_and_cp2_dp2_train_like_no_cp(tmp_path, captions, tiny_tokenizer_dir):
+    """vision_pretrain with the encoder, the projector and both LLM blocks training, ZeRO-2 (partitioned over
+    the CP × DP ranks). Caption rows are padded to their batch's longest (not a multiple of 4: the model pads),
+    and each image's 16 vision tokens start near position 1, across the first chunk boundary."""
+    common = ("--stage", "vision_pretrain", "--model", "vlm_tiny", "--data", captions, "--tokenizer",
+              tiny_tokenizer_dir, "--seq-len", "64", "--steps", "2", "--save-every", "0", "--eval-every", "0",
+              "--warmup", "1", "--lr", "3e-3", "--encoder-lr", "1e-3", "--train-llm-layers", "all",
+              "--ds_config", REPO / "ds_configs" / "zero2.json")
+    runs = {}
+    for name, nproc, flags in (("one", 1, ("--micro-batch", "4")), ("cp2", 2, ("--micro-batch", "4", "--cp", "2")),
+                               ("dp2", 2, ("--micro-batch", "2")), ("cp2dp2", 4, ("--micro-batch", "2", "--cp", "2"))):
+        runs[name] = tmp_path / name
+        run_ranks(TRAIN, [*common, "--out", runs[name], *flags], nproc=nproc)
+    assert "4 rank(s) as Topology(tp=1, pp=1, cp=2, dp=2)" in (runs["cp2dp2"] / "run_log.md").read_text()
+    for ref, got in (("one", "cp2"), ("dp2", "cp2dp2")):
+        # same weights, same batches (CP ranks of a replica read the same ones), same update
+        for r, g in zip(_metrics(runs[ref]), _metrics(runs[got]), strict=True):
+            assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), got
+            assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), got
+            assert g["tokens_per_s"] > 0
+        for part in ("llm", "vision"):
+            wa, wb = (load_file(str(runs[n] / f"{part}.safetensors")) for n in (ref, got))
+            assert wa.keys() == wb.keys()
+            for key in wa:
+                torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=2e-5, msg=f"{got} {key}")
