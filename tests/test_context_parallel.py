@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, TOK, TRAIN, run_ranks, tiny_gpt, tiny_vlm
+from conftest import REPO, TOK, TRAIN, run_one, run_ranks, tiny_gpt, tiny_vlm
 from safetensors.torch import load_file
 
 from ghostvis.parallel.context import ContextParallel
@@ -128,3 +128,28 @@ def test_trainer_cp2_and_cp2_dp2_train_like_no_cp(tmp_path, captions, tiny_token
             assert wa.keys() == wb.keys()
             for key in wa:
                 torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=2e-5, msg=f"{got} {key}")
+
+
+def test_bad_cp_settings_get_one_line_errors(world1, tmp_path):
+    from ghostvis.parallel import Topology
+    from ghostvis.train import engine as ds_engine
+    from ghostvis.train.stages import STAGES
+
+    with pytest.raises(ValueError, match=r"--tp 1 × --pp 1 × --cp 2 = 2 does not divide the world size 1; launch"):
+        Topology(cp=2)
+    with pytest.raises(ValueError, match="--cp 2 with --pp 2: context parallelism runs without pipeline stages"):
+        Topology(pp=2, cp=2)
+    with pytest.raises(ds_engine.ConfigError, match=r"--seq-len 66 does not split into 2 × --cp 2 = 4 .*multiple of 4"):
+        ds_engine.check_context_parallel(2, 66, STAGES["base"], False)
+    with pytest.raises(ds_engine.ConfigError, match="--cp 2 with --stage rl.*run it with --cp 1"):
+        ds_engine.check_context_parallel(2, 64, STAGES["rl"], False)
+    with pytest.raises(ds_engine.ConfigError, match="--compile with --cp 2 is not verified"):
+        ds_engine.check_context_parallel(2, 64, STAGES["base"], True)
+    ds_engine.check_context_parallel(2, 64, STAGES["sft"], False)
+    ds_engine.check_context_parallel(1, 63, STAGES["rl"], True)  # nothing to check without CP
+    # through the command line: one line on stderr, exit 2
+    proc = run_one(TRAIN, ["--model", "tiny", "--data", tmp_path, "--out", tmp_path / "out", "--cp", "2"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --tp 1 × --pp 1 × --cp 2 = 2 does not divide the world size 1; launch a multiple of 2 ranks or "
+        "change --tp/--pp/--cp")
