@@ -150,7 +150,7 @@ class GPT(nn.Module):
         if cp is not None:
             if targets is None:
                 raise ValueError("context parallelism computes losses, not logits: run with --cp 1 for logits")
-            full_idx, full_targets = idx, targets
+            full_targets = targets
             idx, targets = cp.pad(idx, targets)  # to whole chunks; padding is causal-invisible and uncounted
             positions = cp.positions(idx.shape[1], idx.device)
             x = self.embed(idx, image_embeds, positions)
