@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 from conftest import REPO, TOK, TRAIN, run_one, run_ranks, tiny_gpt, tiny_vlm
 from safetensors.torch import load_file
 
+from ghostvis.parallel import Topology
 from ghostvis.parallel.context import ContextParallel
+from ghostvis.parallel.layout import parallelize
 
 IMAGE = TOK.image_token_id
 
@@ -52,11 +54,15 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        cp = ContextParallel(dist.group.WORLD)
+        topo = Topology(cp=2)  # the trainer's way in: Topology, then parallelize
+        cp = topo.context_parallel
+        assert (topo.cp_size, topo.cp_rank, topo.dp_size, cp.rank) == (2, rank, 1, rank)
+        assert topo.get_data_parallel_world_size() == 2  # DeepSpeed averages over the CP ranks
         # text: 30 positions pad to 32 = 4 chunks of 8; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+        assert cp.positions(32, torch.device("cpu")).tolist() == ([*range(8), *range(24, 32)] if rank == 0
+                                                                 else list(range(8, 24)))
         ref = tiny_gpt(seed=0).train()
-        cp_model = copy.deepcopy(ref)
-        cp_model.set_context_parallel(cp)
+        cp_model = parallelize(copy.deepcopy(ref), topo)
         g = torch.Generator().manual_seed(1)
         idx = torch.randint(0, 256, (2, 30), generator=g)
         targets = torch.roll(idx, -1, dims=1)
@@ -68,8 +74,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         ref = tiny_vlm(seed=0).train()
         ref.vision.encoder.frozen = False  # the whole tower's gradients must come back whole too
         ref.vision.encoder.requires_grad_(True)
-        cp_model = copy.deepcopy(ref)
-        cp_model.llm.set_context_parallel(cp)
+        cp_model = parallelize(copy.deepcopy(ref), topo)
         idx = torch.randint(0, 256, (2, 64), generator=g)
         idx[0, 10:26] = idx[1, 20:36] = idx[1, 40:56] = IMAGE
         targets = torch.roll(idx, -1, dims=1)
