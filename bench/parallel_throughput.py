@@ -178,7 +178,8 @@ def main() -> None:
                  f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
-                    f"tp {topo.tp_size}, pp {topo.pp_size}, cp {topo.cp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "
+                    f"tp {topo.tp_size}, pp {topo.pp_size}, cp {topo.cp_size}, dp {topo.dp_size}; {shape}; "
+                    f"torch {torch.__version__}, "
                     f"deepspeed {deepspeed.__version__}\n\n**{line}**; learning: {verdict.message}\n")
     dist.barrier()
     dist.destroy_process_group()

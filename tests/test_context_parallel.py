@@ -147,7 +147,7 @@ def test_bad_cp_settings_get_one_line_errors(world1, tmp_path):
         Topology(cp=2)
     with pytest.raises(ValueError, match="--cp 2 with --pp 2: context parallelism runs without pipeline stages"):
         Topology(pp=2, cp=2)
-    with pytest.raises(ds_engine.ConfigError, match=r"--seq-len 66 does not split into 2 × --cp 2 = 4 .*multiple of 4"):
+    with pytest.raises(ds_engine.ConfigError, match=r"--seq-len 66 does not split into 2 × --cp 2 = 4 .*of 4"):
         ds_engine.check_context_parallel(2, 66, STAGES["base"], False)
     with pytest.raises(ds_engine.ConfigError, match="--cp 2 with --stage rl.*run it with --cp 1"):
         ds_engine.check_context_parallel(2, 64, STAGES["rl"], False)
