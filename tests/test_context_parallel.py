@@ -117,7 +117,9 @@ def test_trainer_cp2_cp2_dp2_and_tp2_cp2_train_like_no_cp(tmp_path, captions, ti
               "--warmup", "1", "--lr", "3e-3", "--encoder-lr", "1e-3", "--train-llm-layers", "all",
               "--ds_config", REPO / "ds_configs" / "zero2.json")
     runs = {}
-    for name, nproc, flags in (("one", 1, ("--micro-batch", "4")), ("cp2", 2, ("--micro-batch", "4", "--cp", "2")),
+    val = ("--eval-every", "2", "--eval-batches", "2")  # validation bits per byte: per-token losses gathered
+    for name, nproc, flags in (("one", 1, ("--micro-batch", "4", *val)),
+                               ("cp2", 2, ("--micro-batch", "4", "--cp", "2", *val)),
                                ("dp2", 2, ("--micro-batch", "2")), ("cp2dp2", 4, ("--micro-batch", "2", "--cp", "2")),
                                # with TP inside each CP rank, and the blocks recomputed (a second all-gather)
                                ("tp2cp2", 4, ("--micro-batch", "4", "--cp", "2", "--tp", "2",
@@ -131,6 +133,8 @@ def test_trainer_cp2_cp2_dp2_and_tp2_cp2_train_like_no_cp(tmp_path, captions, ti
             assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), got
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), got
             assert g["tokens_per_s"] > 0
+        if got == "cp2":
+            assert _metrics(runs[got])[-1]["val_bpb"] == pytest.approx(_metrics(runs[ref])[-1]["val_bpb"], rel=1e-5)
         for part in ("llm", "vision"):
             wa, wb = (load_file(str(runs[n] / f"{part}.safetensors")) for n in (ref, got))
             assert wa.keys() == wb.keys()
@@ -161,3 +165,24 @@ def test_bad_cp_settings_get_one_line_errors(world1, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --tp 1 × --pp 1 × --cp 2 = 2 does not divide the world size 1; launch a multiple of 2 ranks or "
         "change --tp/--pp/--cp")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the lower-right causal kernels are CUDA's")
+def test_attend_prefix_on_cuda_matches_fp32_math():
+    """A late chunk's queries over the whole prefix of keys, in bf16 through the kernel CP uses on GPU,
+    against the explicit-mask fp32 attention: output and gradients."""
+    from ghostvis.model.attention import attend_masked
+    from ghostvis.parallel.context import attend_prefix
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, 128, device="cuda", generator=g) for h, t in ((12, 1024), (2, 4096), (2, 4096)))
+    grad = torch.randn(1, 12, 1024, 128, device="cuda", generator=g)
+    mask = torch.arange(4096, device="cuda") <= (torch.arange(1024, device="cuda") + 3072).unsqueeze(-1)
+    results = []
+    for fn, dtype in ((attend_prefix, torch.bfloat16), (lambda a, b, c: attend_masked(a, b, c, mask), torch.float32)):
+        ins = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*ins)
+        out.backward(grad.to(dtype))
+        results.append([out.float(), *(t.grad.float() for t in ins)])
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), *results):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, name

@@ -26,8 +26,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ghostvis.model.attention import attend
+from ghostvis.model.attention import attend, attention_backend
 from ghostvis.model.linear_ce import IGNORE_INDEX
+
+
+def attend_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of queries that are the last Tq of Tk positions (bottom-right aligned). The selected
+    FlashAttention kernel takes it natively; otherwise SDPA gets torch's lower-right causal bias, which runs
+    the flash or memory-efficient kernel on CUDA instead of materializing a Tq × Tk mask (at 128k tokens
+    and cp 2, 4 GiB a layer), and the explicit mask on CPU."""
+    if q.shape[2] == k.shape[2] or attention_backend(q, q.shape[2], k.shape[2]) != "expand":
+        return attend(q, k, v)
+    from torch.nn.attention.bias import causal_lower_right
+
+    groups = q.shape[1] // k.shape[1]  # the lower-right kernels take no grouped K/V
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -116,7 +130,7 @@ class ContextParallel:
         k, v = self.gather_tokens(k, 2), self.gather_tokens(v, 2)
         chunk = q.shape[2] // 2
         ends = ((self.rank + 1) * chunk, (2 * self.size - self.rank) * chunk)
-        return torch.cat([attend(q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end])
+        return torch.cat([attend_prefix(q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end])
                           for i, end in enumerate(ends)], dim=2)
 
     def sum_loss(self, loss: torch.Tensor) -> torch.Tensor:
