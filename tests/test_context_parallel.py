@@ -159,6 +159,18 @@ def test_bad_cp_settings_get_one_line_errors(world1, tmp_path):
         ds_engine.check_context_parallel(2, 64, STAGES["base"], True)
     ds_engine.check_context_parallel(2, 64, STAGES["sft"], False)
     ds_engine.check_context_parallel(1, 63, STAGES["rl"], True)  # nothing to check without CP
+    # a checkpoint records its --cp; resuming with another is refused like another --tp
+    from ghostvis.train import checkpoint
+
+    tag = tmp_path / "run" / "ckpt" / "step-00000002"
+    tag.mkdir(parents=True)
+    (tag.parent / "latest").write_text(tag.name)
+    state = {"world_size": 2, "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 2}}
+    (tag / "client_state_rank0.json").write_text(json.dumps(state))
+    assert not checkpoint.prepare_universal(tmp_path / "run", {"tp": 1, "pp": 1, "dp": 1, "cp": 2})
+    with pytest.raises(checkpoint.CheckpointError, match="saved with --tp 1 --pp 1 --cp 2, this run has --tp 1 --pp 1: "
+                                                         "resume with the same --tp/--pp/--cp"):
+        checkpoint.prepare_universal(tmp_path / "run", {"tp": 1, "pp": 1, "dp": 2})
     # through the command line: one line on stderr, exit 2
     proc = run_one(TRAIN, ["--model", "tiny", "--data", tmp_path, "--out", tmp_path / "out", "--cp", "2"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
