@@ -127,7 +127,7 @@ class ContextParallel:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of this rank's two query chunks q [B, Hq, 2C, D] over the whole sequence's keys:
         chunk r sees the first (r+1)·C keys, chunk 2cp-1-r the first (2cp-r)·C, bottom-right aligned."""
-        k, v = self.gather_tokens(k, 2), self.gather_tokens(v, 2)
+        k, v = self.gather_tokens(torch.cat([k, v], dim=1), 2).split(k.shape[1], dim=1)  # one collective
         chunk = q.shape[2] // 2
         ends = ((self.rank + 1) * chunk, (2 * self.size - self.rank) * chunk)
         return torch.cat([attend_prefix(q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end])
