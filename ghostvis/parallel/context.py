@@ -2,7 +2,7 @@
 
 The sequence is cut into 2N equal chunks and rank r holds chunks r and 2N-1-r, so every rank does the same
 causal attention work (an early chunk sees few keys, a late one many). Each layer all-gathers the K/V heads
-of the whole sequence over the group (the all-gather form of ring attention that Llama 3 trained with):
+of the whole sequence over the group (the all-gather context parallelism Llama 3 trained with):
 with grouped-query attention K/V are a fraction of the activations (Qwen2.5-1.5B: 2 KV heads of 12), no
 online-softmax merge is needed, and each local query chunk attends to a prefix of the gathered keys with
 the ordinary bottom-right-aligned causal kernel. Backward sums the K/V gradients of every rank's queries.
