@@ -204,3 +204,11 @@ def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_p
     with pytest.raises(PackError, match=r"^--pack: --stage base can't pack \(base already fills every row from one "
                                         r"token stream .*\); packing applies to vision_pretrain and sft: drop --pack$"):
         loop.run(args)
+
+
+def test_pack_with_context_parallel_is_refused() -> None:
+    from ghostvis.data.packing import check_packing
+
+    check_packing("sft", "conversation", 1, 0, cp=1)  # allowed
+    with pytest.raises(PackError, match=r"^--pack with --cp 2: .*use --cp 1 \(or drop --pack\)$"):
+        check_packing("sft", "conversation", 1, 0, cp=2)

@@ -30,7 +30,7 @@ class PackError(UserError, ValueError):
     """Packing asked of a stage that can't pack, or a sample that fits no row."""
 
 
-def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int) -> None:
+def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int, cp: int = 1) -> None:
     """Refuse `--pack` where it can't apply, before anything is built."""
     if data_kind not in PACKABLE_KINDS:
         why = ("base already fills every row from one token stream (docs/data.md)" if data_kind == "text-tokens"
@@ -40,6 +40,9 @@ def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int) ->
     if pp > 1:
         raise PackError(f"--pack with --pp {pp}: the pipeline engine passes no document boundaries between stages; "
                         "use --pp 1 (or drop --pack)")
+    if cp > 1:
+        raise PackError(f"--pack with --cp {cp}: context parallelism does not split packed rows' document masks "
+                        "yet; use --cp 1 (or drop --pack)")
     if pack_images < 0:
         raise PackError(f"--pack-images {pack_images}: give the most images a packed row may hold (0 = no bound)")
 

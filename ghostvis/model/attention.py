@@ -417,6 +417,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(hd, config.norm_eps, tp_group)
         else:
             self.q_norm = self.k_norm = None
+        self.cp = None  # a ContextParallel while training with --cp (GPT.set_context_parallel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None, docs: Documents | None = None) -> torch.Tensor:
@@ -434,6 +435,8 @@ class CausalSelfAttention(nn.Module):
         mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
         if docs is not None:
             y = attend_documents(q, k, v, docs)
+        elif self.cp is not None and kv_cache is None:
+            y = self.cp.attend(q, k, v)
         else:
             y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)

@@ -67,6 +67,13 @@ class VLM(nn.Module):
         batch: every rank then runs the same modules (ZeRO-3 gathers parameters collectively) and the
         splice (masked_scatter) still hands the resampler/projector zero gradients. `document_ids`: packed
         rows (GPT.forward)."""
-        embeds = self.image_embeds(pixel_values, image_features)
+        cp = self.llm.cp if kv_cache is None else None
+        images = pixel_values if pixel_values is not None else image_features
+        if cp is None or images is None:
+            embeds = self.image_embeds(pixel_values, image_features)
+        else:  # each image is encoded on one CP rank, then every rank gets them all
+            share = cp.image_share(len(images))
+            embeds = cp.gather_images(self.image_embeds(*(None if t is None else t[share]
+                                                          for t in (pixel_values, image_features))), len(images))
         return self.llm(idx, targets, image_embeds=embeds, kv_cache=kv_cache, reduction=reduction,
                         document_ids=document_ids)

@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
         print(note, flush=True)
-    topo = Topology(args.tp, args.pp)
+    topo = Topology(args.tp, args.pp, args.cp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
     tokenizer = Tokenizer.load(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
@@ -432,17 +432,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           settings["weight_decay"], settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
-    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp}
+    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
-                                          grad_accum=grad_accum, world_size=dp, grad_clip=args.grad_clip, dtype=dtype,
+                                          grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
+                                          grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
     loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
-        check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images)
+        check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
+    ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
