@@ -381,7 +381,8 @@ class TimedBatches:
         if isinstance(batch, dict):
             images = batch.get("pixel_values", batch.get("image_features"))
             self.images += 0 if images is None else len(images)
-            self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
+            if "input_ids" in batch:  # token rows (rl's prompt batches have none)
+                self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
         return batch
 
     def padding_frac(self) -> float | None:
