@@ -36,6 +36,7 @@ from ghostvis.data.multimodal import (IMAGE_EXTS, CaptionBatches, ConversationBa
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train.loop import DataRequest
 from ghostvis.vision.transforms import data_config, image_transform, load_image, normalize_pixels
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the phase timings (a data worker has 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     cfg, vcfg = get_preset(args.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
     model = VLM(cfg, vcfg)
     print(f"{args.model}: images {vcfg.image_size} px, {model.num_vision_tokens} vision tokens; "

@@ -90,7 +90,6 @@ class VisionConfig:
     encoder: str = "vit_small_patch16_224"
     image_size: int = 224
     feature_layer: int = -2  # block whose patch tokens we take; -2 = second to last
-    pretrained_path: str | None = None  # local safetensors file or HF folder; never downloaded
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle" | "none"
     num_vision_tokens: int = 64
@@ -99,7 +98,6 @@ class VisionConfig:
     projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's)
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
-    freeze_encoder: bool = True
 
     def __post_init__(self) -> None:
         if self.resampler not in RESAMPLERS:
@@ -138,8 +136,14 @@ def parse_vision_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+# Run settings that configs written by earlier versions carried; they are read past, never applied: the
+# run decides them (launch/train.py --encoder-weights, --freeze).
+RETIRED_FIELDS = {"VisionConfig": ("pretrained_path", "freeze_encoder")}
+
+
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")

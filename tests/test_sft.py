@@ -70,7 +70,7 @@ def test_freeze_flags_become_parameter_groups(tiny_tokenizer_dir, tiny_tokenizer
         args = parse("--model", "vlm_tiny", "--data", "x", "--out", "x", *argv)
         stage = STAGES[args.stage]
         settings = loop.stage_settings(stage, args)
-        model = loop.build_model(args, stage, tiny_tokenizer, settings)
+        model = loop.starting_model(args, stage, tiny_tokenizer, settings)
         groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names}, 0.0, settings,
                                               model.config.n_layer)
         assert model.vision.encoder.frozen == ("encoder" in settings["freeze"])  # a trained encoder runs with grad
@@ -153,8 +153,9 @@ def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tok
 
     def build(*argv):
         args = parse("--stage", "vision_pretrain", "--data", "x", "--out", "x", "--seq-len", "64", *argv)
-        model = loop.build_model(args, stage, tiny_tokenizer, loop.stage_settings(stage, args))
-        return model, loop.random_encoder_warning(args, stage, model)
+        settings = loop.stage_settings(stage, args)
+        model = loop.starting_model(args, stage, tiny_tokenizer, settings)
+        return model, loop.random_encoder_warning(args, stage, settings, model)
 
     for start in (("--model", "vlm_tiny"), ("--model", "vlm_tiny", "--init-from", text)):
         model, warning = build(*start, "--encoder-weights", weights)

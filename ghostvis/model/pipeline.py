@@ -42,9 +42,9 @@ PARTITIONS = ("type:PipeBlock", "uniform")
 class PipeVision(nn.Module):
     """(idx, images) -> (idx, vision tokens); images are pixels [N, 3, S, S] or cached features [N, P, D]."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int) -> None:
+    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, freeze_encoder: bool) -> None:
         super().__init__()
-        self.vision = VisionTower(vision_cfg, llm_dim)
+        self.vision = VisionTower(vision_cfg, llm_dim, freeze_encoder=freeze_encoder)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if torch.is_tensor(inputs) or len(inputs) == 1:  # a text-only micro-batch
@@ -122,7 +122,8 @@ class GPTPipe(PipelineModule):
 
     def __init__(self, config: ModelConfig, vision_cfg: VisionConfig | None, topology: ProcessTopology,
                  tp_group: dist.ProcessGroup | None, *, partition: str = "type:PipeBlock",
-                 activation_checkpointing: bool | int = False, num_vision_tokens: int = 0) -> None:
+                 activation_checkpointing: bool | int = False, num_vision_tokens: int = 0,
+                 freeze_encoder: bool = True) -> None:
         if not isinstance(activation_checkpointing, bool):  # an int N (even 1) is a block count
             raise ValueError(f"--activation-checkpointing {activation_checkpointing}: a block count is for --pp 1; "
                              "with pipeline stages give the flag alone (every block is recomputed)")
@@ -134,7 +135,7 @@ class GPTPipe(PipelineModule):
         specs: list[LayerSpec] = []
         self._prefixes: list[str] = []  # layer index -> the plain model's name prefix of its parameters
         if vision_cfg is not None:
-            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd))
+            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd, freeze_encoder))
             self._prefixes.append("")
         embed = (partial(TiedLayerSpec, "wte", tied_weight_attr=["wte.weight"]) if config.tie_embeddings
                  else LayerSpec)

@@ -46,7 +46,8 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
 
             pipe = GPTPipe(config, getattr(model, "vision_config", None), topo.grid, topo.tp_group,
                            activation_checkpointing=activation_checkpointing,
-                           num_vision_tokens=getattr(model, "num_vision_tokens", 0))
+                           num_vision_tokens=getattr(model, "num_vision_tokens", 0),
+                           freeze_encoder=model.vision.encoder.frozen if llm is not model else True)
             pipe.load_canonical(full)
             return pipe
         tp_llm = GPT(config, tp_group=topo.tp_group)

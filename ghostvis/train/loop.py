@@ -42,6 +42,7 @@ from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
 from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
@@ -163,11 +164,11 @@ def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
-    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded. A vision
-    stage on a text export grows a new tower from the `--model` preset; a new tower's encoder weights come
-    from `--encoder-weights`. A trained encoder (not in `settings["freeze"]`) is built unfrozen: a frozen
-    one runs under no_grad."""
+def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
+    """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
+    loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
+    encoder weights come from `--encoder-weights`. A trained encoder (not in `settings["freeze"]`) is built
+    unfrozen: a frozen one runs under no_grad."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -176,7 +177,8 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
                                         f"--tokenizer {args.tokenizer}; use its tokenizer/ directory")
     else:
         model_cfg, vision_cfg = get_preset(args.model, args.depth, vocab_size=tokenizer.vocab_size)
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
+    # the model's context covers the sequences it trains on (the export declares it)
+    model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, args.seq_len))
     encoder_weights = args.encoder_weights
     if not stage.needs_vision:
         if encoder_weights:
@@ -208,10 +210,9 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
             raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights}: only .safetensors weights are read "
                                         "(pickled .bin/.pt/.pth files are never loaded); convert it with "
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
-        vision_cfg.pretrained_path = str(encoder_weights)
-    vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
-    model_cfg.image_token_id = tokenizer.image_token_id
-    return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from)
+    model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
+    return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
+                                     freeze_encoder="encoder" in settings.get("freeze", ()))
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -219,11 +220,13 @@ def tower_saved(args: argparse.Namespace) -> bool:
     return bool(args.init_from) and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file()
 
 
-def random_encoder_warning(args: argparse.Namespace, stage: Stage, model: torch.nn.Module) -> str | None:
+def random_encoder_warning(args: argparse.Namespace, stage: Stage, settings: dict[str, Any],
+                           model: torch.nn.Module) -> str | None:
     """The warning for a vision stage whose frozen encoder starts from random weights (it would never
     learn to see), or None."""
     vision_cfg = getattr(model, "vision_config", None)
-    if vision_cfg is None or not vision_cfg.freeze_encoder or vision_cfg.pretrained_path or tower_saved(args):
+    if (vision_cfg is None or "encoder" not in settings["freeze"] or args.encoder_weights
+            or tower_saved(args)):
         return None
     return (f"WARNING: --stage {stage.name} starts with a randomly initialised, frozen vision encoder "
             f"({vision_cfg.encoder}): its features carry little about the images and will not improve. Pass "
@@ -399,12 +402,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     topo = Topology(args.tp, args.pp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
-    tokenizer = Tokenizer.load(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
 
     def initial_model() -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
-            return build_model(args, stage, tokenizer, settings)
+            return starting_model(args, stage, tokenizer, settings)
 
     # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
     model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
@@ -467,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
 
     log.note(f"attention: {attention.describe()}")
-    warning = random_encoder_warning(args, stage, model)
+    warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
 

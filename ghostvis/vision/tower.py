@@ -14,10 +14,10 @@ from ghostvis.vision.resampler import build_resampler
 class VisionTower(nn.Module):
     """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP) or `projector.proj.*` (linear)."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int):
+    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, *, freeze_encoder: bool = True):
         super().__init__()
         self.config = vision_cfg
-        self.encoder = VisionEncoder(vision_cfg)
+        self.encoder = VisionEncoder(vision_cfg, frozen=freeze_encoder)
         self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
         self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
 
