@@ -6,12 +6,12 @@ one directory or a `mixture.json` (the same mixing as sft). Each sample becomes
     prompt   the conversation up to its last user turn, rendered for completion
              (`Tokenizer.render_for_completion`: ends with <|assistant_start|>, images expanded)
     images   its images, preprocessed for the model's encoder ([3, S, S] each)
-    answer   the reference answer, compared after `normalize_answer` (ghostvis/eval/vqa.py)
+    answer   the reference answer, compared after `normalize_answer` (ghostvis/tasks/qa.py)
     type     the question type ("other" when the sample names none)
 
 and a batch is `{"prompts": [[ids]], "images": [[tensor]], "answers": [str], "types": [str],
 "num_tokens": int, "skipped": {cause: n}}` of `req.batch_size` prompts. The reference answer is the
-sample's `answer` field, else its last assistant turn (`ghostvis.eval.vqa.reference_answer`). Samples that
+sample's `answer` field, else its last assistant turn (`ghostvis.tasks.qa.reference_answer`). Samples that
 can't be used are skipped and counted by cause ("no answer", "image missing", "prompt too long" = no room
 to answer in `req.seq_len`, "unreadable"; logged as `skipped_<cause>` metrics); broken ones also count as
 corrupt in their stream. A whole pass over the data without one usable prompt is a DataError naming the causes.
@@ -32,7 +32,7 @@ import torch
 from ghostvis.data.manifest import DataError
 from ghostvis.data.multimodal import (ConversationBatches, SampleSource, Unusable, conversation_batches,
                                       sample_source)
-from ghostvis.eval.vqa import Skips, parse_sample, qa_prompt
+from ghostvis.tasks.qa import Skips, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
 

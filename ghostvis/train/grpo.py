@@ -6,7 +6,8 @@ training loop:
 1. rollout: G = `--group-size` completions per prompt from the inference engine (KV cache, eval mode,
    no grad, `--temperature`, at most `--rl-max-new-tokens`), calculator tool use included;
 2. reward: 1 if the reply's text (tool calls and their outputs left out) equals the reference answer after
-   `normalize_answer`, else 0 — exact match for visual QA, the final number for calculator arithmetic;
+   `normalize_answer` (ghostvis/tasks/qa.py), else 0 — exact match for visual QA, the final number for
+   calculator arithmetic;
 3. advantages: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), population std (ddof 0) over the G
    completions of one prompt. A group whose rewards are all equal (all right or all wrong) has nothing to
    compare and gets A = 0 everywhere: it adds no gradient;
@@ -35,8 +36,9 @@ from typing import Any
 
 import torch
 
-from ghostvis.eval.vqa import SKIP_CAUSES, evaluating, is_correct, reply_text
-from ghostvis.infer.engine import Completion, Engine
+from ghostvis.infer.chat import reply_text
+from ghostvis.infer.engine import Completion, Engine, evaluating
+from ghostvis.tasks.qa import SKIP_CAUSES, reward
 from ghostvis.train.engine import ConfigError
 
 ADVANTAGE_EPS = 1e-4
@@ -103,7 +105,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 def rewards_of(engine: Engine, completions: Sequence[Completion], answers: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([float(is_correct(reply_text(engine, c.tokens), a)) for c, a in zip(completions, answers)])
+    return torch.tensor([reward(reply_text(engine, c.tokens), a) for c, a in zip(completions, answers)])
 
 
 def token_logp(model: Any, idx: torch.Tensor, targets: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
