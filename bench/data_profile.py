@@ -37,7 +37,8 @@ from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
-from ghostvis.train.loop import DataRequest
+from ghostvis.data.request import DataRequest
+from ghostvis.train.loop import data_inputs
 from ghostvis.vision.transforms import data_config, image_transform, load_image, normalize_pixels
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {phase} | {1000 * sec / max(n_images, 1):.3f} | {share} |")
         print(f"| **total** | {1000 * now / max(n_images, 1):.3f} | 100% |\n")
         req = DataRequest(args.data / kind, "train", args.seq_len, args.micro_batch, 0, 1, 0, tok,
-                          torch.device("cpu"), False, model)
+                          torch.device("cpu"), False, **data_inputs(model))
         batches = max(2, args.samples // args.micro_batch)
         for workers in args.workers:
             print(f"- batcher, --data-workers {workers}: {images_per_s(build, req, workers, batches):,.0f} images/s")

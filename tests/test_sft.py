@@ -17,6 +17,7 @@ from data_prep import synth
 from ghostvis.checkpoint_io import export
 from ghostvis.config import get_preset
 from ghostvis.data.multimodal import ConversationBatches, sample_source
+from ghostvis.data.request import DataRequest
 from ghostvis.model.vlm import VLM
 from ghostvis.train import engine as ds_engine, loop
 from ghostvis.train.stages import ALL_LAYERS, STAGES
@@ -43,8 +44,9 @@ def sft_data(tmp_path_factory) -> Path:
     return root / "mix"
 
 
-def request(data: Path, tokenizer, model, batch_size: int = 8) -> loop.DataRequest:
-    return loop.DataRequest(data, "train", 96, batch_size, 0, 1, 0, tokenizer, torch.device("cpu"), False, model)
+def request(data: Path, tokenizer, model, batch_size: int = 8) -> DataRequest:
+    return DataRequest(data, "train", 96, batch_size, 0, 1, 0, tokenizer, torch.device("cpu"), False,
+                       **loop.data_inputs(model))
 
 
 def test_sft_learns_and_trains_only_the_configured_parameters(tmp_path, sft_data, tiny_tokenizer,

@@ -32,9 +32,9 @@ import torch
 from ghostvis.data.manifest import DataError
 from ghostvis.data.multimodal import (ConversationBatches, SampleSource, Unusable, conversation_batches,
                                       sample_source)
+from ghostvis.data.request import DataRequest
 from ghostvis.tasks.qa import Skips, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
-from ghostvis.vision.transforms import image_transform
 
 
 class PromptBatches:
@@ -99,13 +99,10 @@ class PromptBatches:
         self.skips = Skips(Counter(state["skips"]), int(state["marked"]))
 
 
-def prompt_batches(req: Any) -> PromptBatches | ConversationBatches:
-    """The rl data builder (`req` is a ghostvis.train.loop.DataRequest); see the module doc for eval_mode."""
+def prompt_batches(req: DataRequest) -> PromptBatches | ConversationBatches:
+    """The rl data builder; see the module doc for eval_mode."""
     if req.eval_mode:
         return conversation_batches(req)
-    vision_cfg = getattr(req.model, "vision_config", None)
     return PromptBatches(sample_source(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
-                         max_prompt_len=req.seq_len,
-                         num_vision_tokens=req.model.num_vision_tokens if vision_cfg is not None else 0,
-                         transform=image_transform(vision_cfg) if vision_cfg is not None else None,
-                         device=req.device)
+                         max_prompt_len=req.seq_len, num_vision_tokens=req.num_vision_tokens,
+                         transform=req.transform, device=req.device)

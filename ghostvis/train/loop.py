@@ -4,7 +4,7 @@ the `Stage` spec (stages.py) and the data builder and loss registered for its ki
 Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]`; a new data kind or loss plugs in by writing its function
 in its own module and registering it there:
 
-- data builder `f(req: DataRequest) -> batches`: an iterable with `state_dict()` / `load_state_dict()`
+- data builder `f(req: DataRequest) -> batches` (ghostvis/data/request.py: plain values, no model): an iterable with `state_dict()` / `load_state_dict()`
   yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
   `image_features` (passed to the model) and `num_tokens`; with `req.eval_mode` it is finite and
   restarts at each `iter()`.
@@ -31,9 +31,11 @@ import torch.distributed as dist
 from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, get_preset
+from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
+from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
@@ -49,29 +51,11 @@ from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
 from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
+from ghostvis.vision.transforms import image_transform
 
 MAX_LR = 1e30
 SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
                  "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
-
-
-@dataclass
-class DataRequest:
-    """What a data builder is asked for: `split` is "train" or "val" (subdirectories of `data_dir`)."""
-
-    data_dir: Path
-    split: str
-    seq_len: int
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    tokenizer: Tokenizer
-    device: torch.device
-    eval_mode: bool
-    model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
-    cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
-    max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
 
 
 @dataclass
@@ -119,6 +103,17 @@ DATA_BUILDERS: dict[str, Callable[[DataRequest], Any]] = {
     "prompts": prompt_batches,
 }
 LOSSES: dict[str, Callable[[LossRequest], Callable]] = {"lm": make_lm_loss, "grpo": make_grpo_loss}
+
+
+def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[str, Any]:
+    """The DataRequest fields read off the model: vision tokens per image, the encoder's preprocessing,
+    whether any LLM weight trains, and with --cached-features what the cache must match (a collective
+    under ZeRO-3: every rank calls this at the same point)."""
+    vision_cfg = getattr(model, "vision_config", None)
+    return {"num_vision_tokens": model.num_vision_tokens if vision_cfg is not None else 0,
+            "transform": image_transform(vision_cfg) if vision_cfg is not None else None,
+            "llm_trains": any(p.requires_grad for n, p in model.named_parameters() if "vision." not in n),
+            "cached_features": cached_features, "encoder": encoder_spec(model, cached_features)}
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -443,11 +438,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         engine.compile()  # compiles inside the engine: parameter and checkpoint names stay the same
 
+    inputs = data_inputs(model, getattr(args, "cached_features", False))
+
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False),
-                           args.max_corrupt_fraction)
+                           tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction)
 
     train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
