@@ -31,7 +31,6 @@ class ModelConfig:
     logit_softcap: float | None = None
     image_token_id: int | None = None
     init_std: float = 0.02
-    activation_checkpointing: bool | int = False  # True: every block; N: the first N blocks (docs/training.md)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "max_seq_len"):
@@ -53,12 +52,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"ModelConfig: logit_softcap must be positive or None, got {self.logit_softcap}")
-        self.checkpointed_blocks  # validates activation_checkpointing
-
-    @property
-    def checkpointed_blocks(self) -> int:
-        """How many blocks (the first ones) recompute their activations in backward."""
-        return checkpointed_blocks(self.activation_checkpointing, self.n_layer)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -137,8 +130,8 @@ def parse_vision_override(text: str) -> tuple[str, Any]:
 
 
 # Run settings that configs written by earlier versions carried; they are read past, never applied: the
-# run decides them (launch/train.py --encoder-weights, --freeze).
-RETIRED_FIELDS = {"VisionConfig": ("pretrained_path", "freeze_encoder")}
+# run decides them (launch/train.py --activation-checkpointing, --encoder-weights, --freeze).
+RETIRED_FIELDS = {"ModelConfig": ("activation_checkpointing",), "VisionConfig": ("pretrained_path", "freeze_encoder")}
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:

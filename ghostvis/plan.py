@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def build_meta_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None) ->
         from ghostvis.model.vlm import VLM
 
         if model_cfg.image_token_id is None:  # any id works for counting; the tokenizer sets the real one
-            model_cfg.image_token_id = model_cfg.vocab_size - 1
+            model_cfg = replace(model_cfg, image_token_id=model_cfg.vocab_size - 1)
         return VLM(model_cfg, vision_cfg)
 
 
@@ -435,10 +435,10 @@ def measure_activations(model_cfg: ModelConfig, layout: Layout, device: str = "c
 
     if not torch.cuda.is_available():
         raise PlanError("--measure needs a CUDA GPU")
-    model_cfg.activation_checkpointing = layout.activation_checkpointing
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, layout.seq_len)
+    model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, layout.seq_len))
     with torch.device("meta"):
         model = GPT(model_cfg)
+    model.set_activation_checkpointing(layout.activation_checkpointing)
     model.to_empty(device=device)
     model.init_weights()
     model.to(torch.bfloat16).train()

@@ -209,3 +209,19 @@ def test_micro_batches_weigh_by_loss_tokens(world1, tiny_tokenizer):
     assert result.loss == pytest.approx(sum(sums) / 32, rel=1e-5)
     means = [s / n for s, n in zip(sums, (3, 29))]
     assert abs(result.loss - sum(means) / 2) > 0.01  # the unweighted mean would differ
+
+
+def test_resume_check_reads_client_states_whose_config_held_run_settings(tmp_path):
+    """Checkpoints written when ModelConfig carried activation_checkpointing still resume; another
+    architecture is still refused, naming the field."""
+    import dataclasses
+
+    cfg = get_preset("tiny")[0]
+    tag = checkpoint.step_tag(5)
+    (tmp_path / "ckpt" / tag).mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text(tag)
+    saved = {"stage": "base", "model": {**cfg.to_dict(), "activation_checkpointing": True}}
+    (tmp_path / "ckpt" / tag / "client_state_rank0.json").write_text(json.dumps(saved))
+    loop.check_resumable(tmp_path, "base", cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="holds a base run of another model.*n_layer 2 vs 3"):
+        loop.check_resumable(tmp_path, "base", dataclasses.replace(cfg, n_layer=3))

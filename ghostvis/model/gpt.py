@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ghostvis.config import ModelConfig
+from ghostvis.config import ModelConfig, checkpointed_blocks
 from ghostvis.model.attention import CausalSelfAttention
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -99,7 +99,13 @@ class GPT(nn.Module):
         # tied: the head is wte's table, used through wte.forward(as_head=True)
         self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
         self.init_weights()
+
+    def set_activation_checkpointing(self, activation_checkpointing: bool | int) -> None:
+        """Recompute the activations of every block (True), none (False) or the first N in backward
+        (less memory, ~1/3 more compute; docs/training.md). A count outside 0..n_layer fails now."""
+        self.checkpointed_blocks = checkpointed_blocks(activation_checkpointing, self.config.n_layer)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -141,7 +147,7 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
-        n_ckpt = self.config.checkpointed_blocks if training else 0
+        n_ckpt = self.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
             x = checkpoint(block, x, cos, sin, use_reentrant=False) if i < n_ckpt else block(x, cos, sin, kv_cache)
         if kv_cache is not None:

@@ -29,8 +29,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     `copy_to_tp`)."""
     llm = _llm(model)
     config = llm.config
-    config.activation_checkpointing = activation_checkpointing
-    config.checkpointed_blocks  # a block count outside 0..n_layer fails now, not at the first forward
+    llm.set_activation_checkpointing(activation_checkpointing)  # a bad block count fails now
     if not topo.model_parallel:
         return model
     prefix = "" if llm is model else LLM_PREFIX  # a VLM's LLM names start with "llm."
@@ -51,6 +50,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
             pipe.load_canonical(full)
             return pipe
         tp_llm = GPT(config, tp_group=topo.tp_group)
+    tp_llm.set_activation_checkpointing(activation_checkpointing)
     tp_llm.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     if llm is model:
         return tp_llm

@@ -548,7 +548,8 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
     saved = checkpoint.saved_state(out)
     if saved is None:
         return
-    now, then = _shape(model_cfg.to_dict()), _shape(saved["model"])
+    # the saved config read as a config: fields of older versions that were run settings drop out
+    now, then = model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict()
     differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
@@ -572,11 +573,6 @@ def corrupt_metrics(data_state: dict[str, Any]) -> dict[str, Any]:
         return {"corrupt_samples": 0}
     return {"corrupt_samples": summary["corrupt"], "corrupt_by_reason": summary["by_reason"],
             "corrupt_by_shard": summary["by_shard"]}
-
-
-def _shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """A model config without the settings that may change between a run and its resume."""
-    return {k: v for k, v in model_cfg.items() if k != "activation_checkpointing"}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
