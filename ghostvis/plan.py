@@ -165,12 +165,13 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
         raise PlanError("--lora-rank needs --stage: the adapters replace the stage's LLM rules")
     if stage is not None:
         from ghostvis.train.engine import ConfigError, build_param_groups
+        from ghostvis.train.settings import Settings
         from ghostvis.train.stages import get_stage
 
         spec = get_stage(stage)
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
-        settings = dict(spec.defaults)
+        settings = Settings.of(spec, spec.defaults)
         if lora_rank:
             from ghostvis import lora
 
@@ -185,12 +186,11 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
             unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
             if unknown:
                 raise PlanError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
-            settings["freeze"] = tuple(freeze)
+            settings = replace(settings, freeze=tuple(freeze))
         try:  # sets requires_grad from the stage's rules
-            build_param_groups(model, spec, {k: settings[k] for k in spec.lr_names}, 0.0, settings,
-                               model.config.n_layer)
+            build_param_groups(model, spec, settings, model.config.n_layer)
         except ConfigError as err:
-            raise PlanError(f"--stage {stage} --freeze {','.join(settings['freeze']) or 'none'}: {err}") from err
+            raise PlanError(f"--stage {stage} --freeze {','.join(settings.freeze) or 'none'}: {err}") from err
     out = []
     for name, p in model.named_parameters():
         part, block = classify(name)

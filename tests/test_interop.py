@@ -25,6 +25,7 @@ from ghostvis.model.vlm import VLM
 from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import engine as ds_engine
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import get_stage
 from ghostvis.vision.encoder import VisionEncoder
 from launch import export as export_cli
@@ -204,7 +205,8 @@ def test_imported_llm_with_new_vision_tower_trains_connector(imported):
     _, vision_cfg = get_preset("vlm_tiny")
     vlm = VLM.from_llm(gpt, vision_cfg, image_token_id=tok.image_token_id).train()
     stage = get_stage("vision_pretrain")
-    ds_engine.build_param_groups(vlm, stage, {"vision_lr": 1e-3}, 0.0, dict(stage.defaults), gpt.config.n_layer)
+    ds_engine.build_param_groups(vlm, stage, Settings.of(stage, {**stage.defaults, "vision_lr": 1e-3}),
+                                 gpt.config.n_layer)
     conv = {"messages": [{"role": "user", "content": "<|image|>Describe it."}, {"role": "assistant", "content": "A red circle."}]}
     ids, mask = tok.render_conversation(conv, num_vision_tokens=vlm.num_vision_tokens)
     idx = torch.tensor([ids[:-1]])

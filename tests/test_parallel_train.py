@@ -19,6 +19,7 @@ from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
 from ghostvis.parallel import Topology
 from ghostvis.train import checkpoint, engine as ds_engine
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
 
 # ZeRO-1 (the most the pipeline engine allows), 2 micro-batches per step = 2 pipeline micro-batches
@@ -73,7 +74,8 @@ def _engine(tokenizer, universal: bool):
     cfg, _ = get_preset("tiny", vocab_size=tokenizer.vocab_size)
     model = GPT(cfg)
     lrs = {name: 3e-3 for name in STAGES["base"].lr_names}
-    groups = ds_engine.build_param_groups(model, STAGES["base"], lrs, 0.1, STAGES["base"].defaults, cfg.n_layer)
+    settings = Settings.of(STAGES["base"], {**STAGES["base"].defaults, **lrs, "weight_decay": 0.1})
+    groups = ds_engine.build_param_groups(model, STAGES["base"], settings, cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json"), micro_batch=4,
                                           grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32", universal=universal)
     return model, ds_engine.initialize(model, groups, ds_config, "cpu")

@@ -16,6 +16,7 @@ from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
 from ghostvis.train import checkpoint, engine as ds_engine, loop
 from ghostvis.train.schedule import lr_multiplier
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import DATA_KINDS, LOSS_KINDS, STAGES, ParamRule, Stage
 
 
@@ -60,7 +61,7 @@ def tiny_engine(stage: Stage, ds_file: str, lrs: dict[str, float], tokenizer) ->
     torch.manual_seed(0)
     cfg, _ = get_preset("tiny", vocab_size=tokenizer.vocab_size)
     model = GPT(cfg)
-    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, {}, cfg.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, Settings(lrs, weight_decay=0.1), cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / ds_file), micro_batch=2,
                                           grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32")
     return model, ds_engine.initialize(model, groups, ds_config, "cpu")
@@ -190,8 +191,9 @@ def test_micro_batches_weigh_by_loss_tokens(world1, tiny_tokenizer):
     cfg, _ = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)
     model = GPT(cfg)
     stage = STAGES["base"]
-    groups = ds_engine.build_param_groups(model, stage, {"embed_lr": 0.0, "head_lr": 0.0, "llm_lr": 0.0}, 0.0,
-                                          dict(stage.defaults), cfg.n_layer)
+    settings = Settings.of(stage, {**stage.defaults, "embed_lr": 0.0, "head_lr": 0.0, "llm_lr": 0.0,
+                                   "weight_decay": 0.0})
+    groups = ds_engine.build_param_groups(model, stage, settings, cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json"),
                                           micro_batch=2, grad_accum=2, world_size=1, grad_clip=1.0, dtype="fp32")
     engine = ds_engine.initialize(model, groups, ds_config, "cpu")

@@ -50,12 +50,10 @@ from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
-from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
+from ghostvis.train.settings import Settings, resolve_settings
+from ghostvis.train.stages import Stage, get_stage
 from ghostvis.vision.transforms import image_transform
 
-MAX_LR = 1e30
-SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
-                 "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
 
 
 @dataclass
@@ -63,7 +61,7 @@ class LossRequest:
     """What a loss builder is given: the resolved stage settings and how to rebuild the starting model."""
 
     stage: Stage
-    settings: dict[str, Any]
+    settings: Settings
     tokenizer: Tokenizer
     device: torch.device
     dtype: str  # resolved: bf16 | fp32
@@ -116,53 +114,12 @@ def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[s
             "cached_features": cached_features, "encoder": encoder_spec(model, cached_features)}
 
 
-# ---- settings ------------------------------------------------------------------------------------
+# ---- the starting model -------------------------------------------------------------------------
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
-    """Stage defaults overridden by every flag the user gave (flags default to None = "stage default";
-    `--lr` sets every learning rate the stage uses that has no flag of its own). `--encoder-lr` unfreezes
-    the encoder; a group named in an explicit `--freeze` refuses the flags that would train it."""
-    settings = dict(stage.defaults)
-    for name in stage.lr_names:
-        given = getattr(args, name, None)
-        if given is None:
-            given = args.lr
-        if given is not None:
-            settings[name] = given
-        if name not in settings:
-            raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass {_flag(name)}")
-        if not 0 <= settings[name] <= MAX_LR:  # beyond, AdamW's fp32 step size overflows inside the optimizer
-            flag = _flag(name) if getattr(args, name, None) is not None else "--lr"
-            raise ds_engine.ConfigError(f"{flag} {settings[name]:g} is out of range: a learning rate must be finite "
-                                        f"and in [0, {MAX_LR:g}] (typical values are 1e-5 to 3e-3)")
-    for key in SETTING_FLAGS:
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    freeze = tuple(settings.get("freeze", ()))
-    unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
-    if unknown:
-        raise ds_engine.ConfigError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
-    if getattr(args, "freeze", None) is not None:
-        given = {r.lr: r.group for r in stage.trainable if getattr(args, r.lr, None) is not None}
-        if getattr(args, "train_llm_layers", None):
-            given["train_llm_layers"] = "llm"
-        for key, group in given.items():
-            if group in freeze:
-                raise ds_engine.ConfigError(f"{_flag(key)} trains the {group} but --freeze lists it; drop one")
-    elif getattr(args, "encoder_lr", None) is not None:
-        freeze = tuple(g for g in freeze if g != "encoder")
-    settings["freeze"] = freeze
-    return settings
-
-
-def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
+def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings) -> torch.nn.Module:
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
-    encoder weights come from `--encoder-weights`. A trained encoder (not in `settings["freeze"]`) is built
+    encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
     unfrozen: a frozen one runs under no_grad."""
     vision_cfg = None
     if args.init_from:
@@ -207,7 +164,7 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
     model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
     return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
-                                     freeze_encoder="encoder" in settings.get("freeze", ()))
+                                     freeze_encoder="encoder" in settings.freeze)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -215,12 +172,12 @@ def tower_saved(args: argparse.Namespace) -> bool:
     return bool(args.init_from) and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file()
 
 
-def random_encoder_warning(args: argparse.Namespace, stage: Stage, settings: dict[str, Any],
+def random_encoder_warning(args: argparse.Namespace, stage: Stage, settings: Settings,
                            model: torch.nn.Module) -> str | None:
     """The warning for a vision stage whose frozen encoder starts from random weights (it would never
     learn to see), or None."""
     vision_cfg = getattr(model, "vision_config", None)
-    if (vision_cfg is None or "encoder" not in settings["freeze"] or args.encoder_weights
+    if (vision_cfg is None or "encoder" not in settings.freeze or args.encoder_weights
             or tower_saved(args)):
         return None
     return (f"WARNING: --stage {stage.name} starts with a randomly initialised, frozen vision encoder "
@@ -389,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
     stage = get_stage(args.stage)
     data_builder, loss_builder = DATA_BUILDERS[stage.data_kind], LOSSES[stage.loss]
-    settings = stage_settings(stage, args)
+    settings = resolve_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
@@ -415,8 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg: ModelConfig = model.config
     if args.resume == "auto":
         check_resumable(out, stage.name, model_cfg)
-    groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
-                                          settings["weight_decay"], settings, model_cfg.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
     layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp}
@@ -483,8 +439,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rollbacks = 0
     end = min(args.steps, args.stop_at or args.steps)
     while step < end:
-        mult = lr_multiplier(step, total=args.steps, warmup=settings["warmup"], schedule=settings["schedule"],
-                             warmdown=settings.get("warmdown", 0.2))
+        mult = lr_multiplier(step, total=args.steps, warmup=settings.warmup, schedule=settings.schedule,
+                             warmdown=settings.warmdown)
         apply_lr(engine.optimizer.param_groups, mult)
         result = step_fn(engine, batches, loss_fn, grad_accum)
         step += 1
