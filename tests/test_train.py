@@ -94,12 +94,25 @@ def test_frozen_rules_keep_weights_and_stay_out_of_the_optimizer(world1, tiny_to
     assert masters < sum(p.numel() for p in model.parameters())
 
 
+class Step:
+    """The smallest training state a checkpoint saves and restores."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
 def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer, tmp_path, monkeypatch):
     model, engine = tiny_engine(STAGES["base"], "zero2.json",
                                 {"embed_lr": 1e-2, "head_lr": 1e-2, "llm_lr": 1e-2}, tiny_tokenizer)
     batches = random_batches(tiny_tokenizer.vocab_size)
     loop.train_step(engine, batches, loop.lm_loss, 1)
-    checkpoint.save(engine, tmp_path, 1, {"step": 1}, keep=2)
+    checkpoint.save(engine, tmp_path, 1, Step(1), keep=2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     loop.train_step(engine, batches, loop.lm_loss, 1)
 
@@ -109,18 +122,19 @@ def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer,
     with monkeypatch.context() as m:  # the disk fills while DeepSpeed writes its files
         m.setattr(torch, "save", disk_full)
         with pytest.raises(checkpoint.CheckpointError, match="No space left.*still names the previous"):
-            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+            checkpoint.save(engine, tmp_path, 2, Step(2), keep=2)
     with monkeypatch.context() as m:  # every file written, then publishing fails
         m.setattr(os, "replace", disk_full)
         with pytest.raises(checkpoint.CheckpointError, match="publishing.*still names the previous"):
-            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+            checkpoint.save(engine, tmp_path, 2, Step(2), keep=2)
     assert checkpoint.read_latest(tmp_path) == "step-00000001"
     assert not any(torch.equal(p, saved[n]) for n, p in model.named_parameters() if p.requires_grad)
 
-    state = checkpoint.load(engine, tmp_path)
-    assert state["step"] == 1 and state["world_size"] == 1
+    restored = Step()
+    client = checkpoint.load(engine, tmp_path, restored)
+    assert restored.step == 1 and client["world_size"] == 1
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
-    checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)  # a good save clears the failed leftovers
+    checkpoint.save(engine, tmp_path, 3, Step(3), keep=2)  # a good save clears the failed leftovers
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step-00000001", "step-00000003"]
 
     # saving step 3 again (e.g. `--resume none` into the same --out) sets the old copy aside first; a crash
@@ -135,7 +149,7 @@ def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer,
     with monkeypatch.context() as m:
         m.setattr(os, "replace", crash_on_new_copy)
         with pytest.raises(checkpoint.CheckpointError, match="publishing"):
-            checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)
+            checkpoint.save(engine, tmp_path, 3, Step(3), keep=2)
     assert not (tmp_path / "ckpt" / "step-00000003").exists()
     assert checkpoint.read_latest(tmp_path) == "step-00000003"  # restored from the set-aside copy
     assert checkpoint.load(engine, tmp_path)["step"] == 3

@@ -340,12 +340,59 @@ class TimedBatches:
         return out
 
 
-# ---- the run ------------------------------------------------------------------------------------
+# ---- the run: build, then train ------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
+class TrainState:
+    """What a checkpoint restores besides DeepSpeed's own state (model, optimizer): the step, the tokens
+    seen, the bad updates so far and the training data's position. `checkpoint.save` / `checkpoint.load`
+    write and restore it through `state_dict` / `load_state_dict`, with each rank's RNG states beside it."""
+
+    def __init__(self, data: WorkerBatches) -> None:
+        self.step, self.tokens_seen, self.skipped, self.data = 0, 0, 0, data
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
+                "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.skipped, self.tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
+        self.data.load_state_dict(state["data"])
+
+
+@dataclass
+class Run:
+    """Everything `train` needs, built once by `build`."""
+
+    args: argparse.Namespace
+    stage: Stage
+    settings: Settings
+    topo: Topology
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    engine: Any
+    groups: list[dict[str, Any]]
+    loss_fn: Callable
+    step_fn: Callable
+    grad_accum: int
+    state: TrainState
+    val_data: Any  # finite validation batches, or None
+    byte_counts: torch.Tensor | None  # bytes of each token id, for validation bits per byte
+    log: RunLogger
+    meta: dict[str, Any]  # saved with every checkpoint: what run wrote it (resume checks read it)
+    flops: int  # per token, for MFU
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def build(args: argparse.Namespace) -> Run:
+    """Settings, process groups, the model in its (tp, pp) layout, parameter groups, the DeepSpeed engine,
+    the loss, the data, the resumed state and the logger of `args.stage` (launch/train.py)."""
     stage = get_stage(args.stage)
-    data_builder, loss_builder = DATA_BUILDERS[stage.data_kind], LOSSES[stage.loss]
     settings = resolve_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
     args.eval_every, note = resolve_eval_every(args)
@@ -381,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
                                           grad_accum=grad_accum, world_size=dp, grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
-    loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
+    loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
     ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
@@ -390,7 +437,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  model_cfg.head_dim)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
-    step_fn = pipeline_step if topo.pp_size > 1 else train_step
     if args.compile:
         engine.compile()  # compiles inside the engine: parameter and checkpoint names stay the same
 
@@ -401,101 +447,138 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
                            tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction)
 
-    train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
+    data_builder = DATA_BUILDERS[stage.data_kind]
+    state = TrainState(WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None),
+                                     device))
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
+    if args.resume == "auto" and checkpoint.load(engine, out, state, universal=universal):
+        set_base_lrs(engine, groups, 1.0)
 
-    start_step, skipped, tokens_seen = 0, 0, 0
-    if args.resume == "auto":
-        state = checkpoint.load(engine, out, universal=universal)
-        if state is not None:
-            start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
-            train_data.load_state_dict(state["data"])
-            set_base_lrs(engine, groups, 1.0)
-
-    flops = flops_per_token(model_cfg, args.seq_len)
-    peak = args.peak_flops if device.type == "cuda" else None
     n_train = sum(p.numel() for g in groups for p in g["params"])
-    log = RunLogger(out_dir=out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
+    log = RunLogger(out_dir=out, total_steps=args.steps, start_step=state.step, enabled=rank == 0,
                     wandb_mode=args.wandb, run_config=_jsonable(vars(args)),
                     header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, "
                            f"{n_train:,} trainable parameters (rank 0's), "
-                           f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
-
+                           f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {state.step}")
     log.note(f"attention: {attention.describe()}")
     warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
+    meta = {"stage": stage.name, "model": model_cfg.to_dict(), "args": _jsonable(vars(args)), "layout": layout}
+    return Run(args, stage, settings, topo, rank, world, device, tokenizer, model, engine, groups, loss_fn,
+               pipeline_step if topo.pp_size > 1 else train_step, grad_accum, state, val_data,
+               token_bytes(tokenizer).to(device) if val_data is not None else None, log, meta,
+               flops_per_token(model_cfg, args.seq_len))
 
-    def client_state(step: int) -> dict[str, Any]:
-        return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
-                "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
-    byte_counts = token_bytes(tokenizer).to(device) if val_data is not None else None
-    batches = TimedBatches(iter(train_data))
-    metrics: dict[str, Any] = {}
-    step = start_step
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
+    return train(build(args))
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Optimizer steps up to --steps (or --stop-at): each one logged, validated and checkpointed on its
+    interval; a diverging run rolls back or stops. Then the export. Returns the last step's metrics."""
+    args, state = run.args, run.state
+    batches = TimedBatches(iter(state.data))
     guard = DivergenceGuard(args.max_skipped_updates, args.max_skipped_fraction)
-    guard.reset(start_step if start_step else None)  # the checkpoint resumed from is confirmed by its next step
-    rollbacks = 0
+    guard.reset(state.step if state.step else None)  # the checkpoint resumed from is confirmed by its next step
+    rollbacks, metrics = 0, {}
     end = min(args.steps, args.stop_at or args.steps)
-    while step < end:
-        mult = lr_multiplier(step, total=args.steps, warmup=settings.warmup, schedule=settings.schedule,
-                             warmdown=settings.warmdown)
-        apply_lr(engine.optimizer.param_groups, mult)
-        result = step_fn(engine, batches, loss_fn, grad_accum)
-        step += 1
-        step_tokens = result.tokens * dp  # replicas see equal shapes for text; close enough for padded batches
-        tokens_seen += step_tokens
-        stop = guard.check(result.applied, result.loss, result.grad_norm, engine.device)
-        if guard.consecutive:  # this step was bad on some rank
-            skipped += 1
-            log.note(f"step {step}: bad update (skipped, or non-finite loss or gradients), {skipped} so far")
-        tps = step_tokens / result.seconds
-        wait_s, images = batches.take()
-        metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
-                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, "step_s": result.seconds,
-                   "data_wait_frac": min(1.0, wait_s / result.seconds), "images_per_s": images * dp / result.seconds,
-                   **result.extra, **corrupt_metrics(train_data.state_dict())}
-        if device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if val_data is not None and (step % args.eval_every == 0 or step == end):
-            metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
-        log.step(step, metrics)
-        if "val_bpb" in metrics:
-            log.row(step, metrics)
+    while state.step < end:
+        mult = lr_multiplier(state.step, total=args.steps, warmup=run.settings.warmup,
+                             schedule=run.settings.schedule, warmdown=run.settings.warmdown)
+        apply_lr(run.engine.optimizer.param_groups, mult)
+        result = run.step_fn(run.engine, batches, run.loss_fn, run.grad_accum)
+        stop = account(run, result, guard)
+        metrics = step_metrics(run, result, mult, batches, validate=run.val_data is not None and (
+            state.step % args.eval_every == 0 or state.step == end))
         if stop:
-            kept = checkpoint.discard(out, guard.unconfirmed)
+            kept = checkpoint.discard(run.out, guard.unconfirmed)
             if rollbacks < args.rollbacks and kept is not None:
-                rollbacks, stopped_at = rollbacks + 1, step
-                batches.batches.close()  # stops the data workers before the position is rewound
-                state = checkpoint.load(engine, out)
-                step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
-                train_data.load_state_dict(state["data"])
-                batches = TimedBatches(iter(train_data))
-                set_base_lrs(engine, groups, args.rollback_lr_factor ** rollbacks)
-                guard.reset(step)
-                log.note(f"step {stopped_at}: {stop}; rolled back to {kept} with learning rates "
-                         f"x{args.rollback_lr_factor ** rollbacks:g} (rollback {rollbacks} of {args.rollbacks})")
+                rollbacks += 1
+                batches = roll_back(run, batches, guard, f"{stop}; rolled back to {kept}", rollbacks)
                 continue
-            message = (f"training diverged at step {step}: {stop}; {skipped} bad updates in all. Kept checkpoint: "
-                       f"{out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr (or "
-                       "--rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
-            log.note(message)
-            log.close()
-            raise Diverged(message)
-        if args.save_every > 0 and (step % args.save_every == 0 or step == end):
-            path = checkpoint.save(engine, out, step, client_state(step), args.keep)
-            guard.saved(step)
-            log.note(f"step {step}: checkpoint {path}")
-    if args.lora_rank:  # the adapter on its own, then the merged model as the run's export
-        lora.save_adapter(model, out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
-                                       "targets": args.lora_targets, "base": args.init_from}, rank == 0)
-        lora.merge(model)
-    checkpoint_io.export(model, out, tokenizer=tokenizer, extra={"stage": stage.name, "step": step},
-                         is_writer=rank == 0, topology=topo)
-    log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
-    log.close()
+            diverged(run, stop, kept)
+        if args.save_every > 0 and (state.step % args.save_every == 0 or state.step == end):
+            path = checkpoint.save(run.engine, run.out, state.step, state, args.keep, run.meta)
+            guard.saved(state.step)
+            run.log.note(f"step {state.step}: checkpoint {path}")
+    finish(run)
     return metrics
+
+
+def account(run: Run, result: StepResult, guard: DivergenceGuard) -> str | None:
+    """Count the step, its tokens and a bad update; the divergence guard's verdict (None = go on)."""
+    state = run.state
+    state.step += 1
+    state.tokens_seen += result.tokens * run.topo.dp_size  # replicas see equal shapes for text; close for padded
+    stop = guard.check(result.applied, result.loss, result.grad_norm, run.engine.device)
+    if guard.consecutive:  # this step was bad on some rank
+        state.skipped += 1
+        run.log.note(f"step {state.step}: bad update (skipped, or non-finite loss or gradients), "
+                     f"{state.skipped} so far")
+    return stop
+
+
+def step_metrics(run: Run, result: StepResult, mult: float, batches: TimedBatches, validate: bool) -> dict[str, Any]:
+    """The step's metrics, with validation bits per byte when `validate`; logged."""
+    dp, step = run.topo.dp_size, run.state.step
+    tps = result.tokens * dp / result.seconds
+    peak = run.args.peak_flops if run.device.type == "cuda" else None
+    wait_s, images = batches.take()
+    metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
+               "mfu": mfu(run.flops, tps / run.world, peak), "skipped_steps": run.state.skipped,
+               "step_s": result.seconds, "data_wait_frac": min(1.0, wait_s / result.seconds),
+               "images_per_s": images * dp / result.seconds, **result.extra,
+               **corrupt_metrics(run.state.data.state_dict())}
+    if run.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    if validate:
+        metrics["val_bpb"] = evaluate_bpb(run.engine, run.val_data, run.byte_counts, run.args.eval_batches)
+    run.log.step(step, metrics)
+    if "val_bpb" in metrics:
+        run.log.row(step, metrics)
+    return metrics
+
+
+def roll_back(run: Run, batches: TimedBatches, guard: DivergenceGuard, why: str, rollbacks: int) -> TimedBatches:
+    """Reload the last trusted checkpoint and go on with learning rates x --rollback-lr-factor per rollback;
+    the training batches from the restored position."""
+    stopped_at = run.state.step
+    batches.batches.close()  # stops the data workers before the position is rewound
+    checkpoint.load(run.engine, run.out, run.state)
+    factor = run.args.rollback_lr_factor ** rollbacks
+    set_base_lrs(run.engine, run.groups, factor)
+    guard.reset(run.state.step)
+    run.log.note(f"step {stopped_at}: {why} with learning rates x{factor:g} (rollback {rollbacks} of "
+                 f"{run.args.rollbacks})")
+    return TimedBatches(iter(run.state.data))
+
+
+def diverged(run: Run, why: str, kept: str | None) -> None:
+    """Stop the run: no export; the message names the checkpoint kept and what to change."""
+    state = run.state
+    message = (f"training diverged at step {state.step}: {why}; {state.skipped} bad updates in all. Kept "
+               f"checkpoint: {run.out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr "
+               "(or --rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
+    run.log.note(message)
+    run.log.close()
+    raise Diverged(message)
+
+
+def finish(run: Run) -> None:
+    """The export (with LoRA: the adapter alone, then the merged model) and the run log's last note."""
+    args, state = run.args, run.state
+    if args.lora_rank:
+        lora.save_adapter(run.model, run.out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                                               "targets": args.lora_targets, "base": args.init_from}, run.rank == 0)
+        lora.merge(run.model)
+    checkpoint_io.export(run.model, run.out, tokenizer=run.tokenizer, extra={"stage": run.stage.name,
+                         "step": state.step}, is_writer=run.rank == 0, topology=run.topo)
+    run.log.note(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped} skipped updates; "
+                 f"exported to {run.out}")
+    run.log.close()
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
