@@ -133,3 +133,18 @@ def test_layout_errors_name_the_flag(world1):
     tiny = get_preset("tiny")[0]
     with pytest.raises(ValueError, match="--activation-checkpointing 1: a block count is for --pp 1"):
         GPTPipe(tiny, None, topo.grid, None, activation_checkpointing=1)
+
+
+def test_pipeline_front_embeds_like_the_gpt():
+    """The first pipeline stage's embedding (text-only, `(idx,)` and `(idx, vision tokens)` inputs) is
+    GPT.embed's, image splice included."""
+    from ghostvis.model.pipeline import PipeEmbed
+
+    cfg, _ = get_preset("tiny", image_token_id=5)
+    torch.manual_seed(0)
+    gpt, front = GPT(cfg), PipeEmbed(cfg, None)
+    front.wte.load_state_dict(gpt.wte.state_dict())
+    text, idx, images = torch.tensor([[1, 3, 4, 2]]), torch.tensor([[1, 5, 5, 2]]), torch.randn(1, 2, cfg.n_embd)
+    assert torch.equal(front(text), gpt.embed(text)) and torch.equal(front((text,)), gpt.embed(text))
+    assert torch.equal(front((idx, images)), gpt.embed(idx, images))
+    assert not torch.equal(front((idx, images)), gpt.embed(idx, torch.zeros_like(images)))

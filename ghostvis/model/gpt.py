@@ -155,8 +155,8 @@ class GPT(nn.Module):
         return self.head(x, targets, reduction)
 
     def embed(self, idx: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image tokens spliced in (the front of the model; pipeline stages reuse it)."""
-        return self._splice_images(idx, self.wte(idx), image_embeds)
+        """Token embeddings with image tokens spliced in (the front of the model)."""
+        return splice_images(self.config, idx, self.wte(idx), image_embeds)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
@@ -169,25 +169,28 @@ class GPT(nn.Module):
         loss = head(x, targets=targets, vocab_size=cfg.vocab_size, softcap=cfg.logit_softcap)
         return reduce_loss(loss, targets, reduction)
 
-    def _splice_images(self, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Overwrite, in order (row-major over batch then time), the embeddings at image-token
-        positions with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient."""
-        token = self.config.image_token_id
-        if image_embeds is None:
-            if token is not None:
-                n_pos = int((idx == token).sum())
-                if n_pos:
-                    raise ValueError(f"idx holds {n_pos} image-token positions but no image_embeds were given")
-            return x
-        if token is None:
-            raise ValueError("image_embeds given but ModelConfig.image_token_id is None (set it from the tokenizer)")
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != x.shape[-1]:
-            raise ValueError(f"image_embeds must be [N, n_vision_tokens, {x.shape[-1]}], got {tuple(image_embeds.shape)}")
-        mask = idx == token
-        n_pos, (n_img, n_tok) = int(mask.sum()), image_embeds.shape[:2]
-        if n_pos != n_img * n_tok:
-            raise ValueError(
-                f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
-                f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
-            )
-        return x.masked_scatter(mask.unsqueeze(-1), image_embeds.to(x.dtype))
+
+def splice_images(config: ModelConfig, idx: torch.Tensor, x: torch.Tensor,
+                  image_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite, in order (row-major over batch then time), the embeddings `x` at image-token positions
+    of `idx` with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient. The front of
+    the model: `GPT.embed` and the pipeline's first stage both call it."""
+    token = config.image_token_id
+    if image_embeds is None:
+        if token is not None:
+            n_pos = int((idx == token).sum())
+            if n_pos:
+                raise ValueError(f"idx holds {n_pos} image-token positions but no image_embeds were given")
+        return x
+    if token is None:
+        raise ValueError("image_embeds given but ModelConfig.image_token_id is None (set it from the tokenizer)")
+    if image_embeds.dim() != 3 or image_embeds.shape[-1] != x.shape[-1]:
+        raise ValueError(f"image_embeds must be [N, n_vision_tokens, {x.shape[-1]}], got {tuple(image_embeds.shape)}")
+    mask = idx == token
+    n_pos, (n_img, n_tok) = int(mask.sum()), image_embeds.shape[:2]
+    if n_pos != n_img * n_tok:
+        raise ValueError(
+            f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
+            f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
+        )
+    return x.masked_scatter(mask.unsqueeze(-1), image_embeds.to(x.dtype))

@@ -3,7 +3,7 @@
 Layers, in order:
 
     [PipeVision]        VLMs only: images (pixels or cached features) -> (idx, vision tokens)
-    PipeEmbed           token embedding + the image splice (GPT.embed's own code)
+    PipeEmbed           token embedding + the image splice (gpt.splice_images, as GPT.embed)
     PipeBlock × L       the GPT's blocks (RoPE tables shared by the blocks of a stage)
     PipeNorm            final norm
     PipeLMHead          holds the output head (the embedding table when tied: a `TiedLayerSpec`, whose
@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.model.gpt import GPT, Block, lm_targets, reduce_loss
+from ghostvis.model.gpt import Block, lm_targets, reduce_loss, splice_images
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding
 from ghostvis.model.parallel import ParallelLMHead, VocabParallelEmbedding
 from ghostvis.vision.tower import VisionTower
@@ -56,10 +56,7 @@ class PipeVision(nn.Module):
 
 
 class PipeEmbed(nn.Module):
-    """idx or (idx, vision tokens) -> embeddings with the vision tokens spliced in (GPT's own methods)."""
-
-    embed = GPT.embed
-    _splice_images = GPT._splice_images
+    """idx or (idx, vision tokens) -> embeddings with the vision tokens spliced in (as `GPT.embed`)."""
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
         super().__init__()
@@ -67,9 +64,8 @@ class PipeEmbed(nn.Module):
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.n_embd, tp_group)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if torch.is_tensor(inputs):
-            return self.embed(inputs)
-        return self.embed(*inputs)
+        idx, *images = (inputs,) if torch.is_tensor(inputs) else inputs  # (idx,): a text-only micro-batch
+        return splice_images(self.config, idx, self.wte(idx), images[0] if images else None)
 
 
 class PipeBlock(Block):
