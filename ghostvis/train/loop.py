@@ -1,13 +1,14 @@
-"""The one training loop. Every stage runs through `run(args)`; what differs between stages is data:
-the `Stage` spec (stages.py) and the data builder and loss registered for its kinds below.
+"""The one training loop. Every stage runs through `run(args)` = `train(build(args))`: `build` returns a
+typed `Run`, `train` steps it. What differs between stages is data: the `Stage` spec (stages.py), its
+resolved `Settings` (settings.py) and the data builder and loss registered for its kinds below.
 
 Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]`; a new data kind or loss plugs in by writing its function
 in its own module and registering it there:
 
-- data builder `f(req: DataRequest) -> batches` (ghostvis/data/request.py: plain values, no model): an iterable with `state_dict()` / `load_state_dict()`
-  yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
-  `image_features` (passed to the model) and `num_tokens`; with `req.eval_mode` it is finite and
-  restarts at each `iter()`.
+- data builder `f(req: DataRequest) -> batches` (ghostvis/data/request.py: plain values, no model): an
+  iterable with `state_dict()` / `load_state_dict()` yielding `(idx, targets)` tuples or dicts with
+  `input_ids`, `targets`, optionally `pixel_values` / `image_features` (passed to the model) and
+  `num_tokens`; with `req.eval_mode` it is finite and restarts at each `iter()`.
 - loss builder `f(req: LossRequest) -> loss`, called once before the engine exists (it may refuse a
   setting, or build what the loss keeps, e.g. GRPO's frozen reference model); the loss
   `loss(engine, batch)` returns a scalar tensor (mean over the micro-batch's counted tokens), or
