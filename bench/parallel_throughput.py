@@ -1,4 +1,4 @@
-"""Training throughput of one (tp, pp, dp) layout through the trainer's own pieces (docs/parallelism.md).
+"""Training throughput of one (tp, pp, cp, dp) layout through the trainer's own pieces (docs/parallelism.md).
 
     # 2 × H100: tensor parallel, then pipeline parallel (d20 shape, seq 2048, bf16)
     TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 2 bench/parallel_throughput.py --tp 2
@@ -6,6 +6,9 @@
     # 4 × H100: one 7B VLM ZeRO-3 configuration
     TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 4 bench/parallel_throughput.py --model vlm_7b \\
         --ds_config ds_configs/zero3.json --seq-len 4096 --micro-batch 1 --activation-checkpointing
+    # context parallelism: one 32k sequence over 2 GPUs (beside --cp 1 on one GPU, same card)
+    TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 2 bench/parallel_throughput.py --model qwen25_1.5b \
+        --cp 2 --seq-len 32768 --micro-batch 1 --activation-checkpointing
     # LoRA's memory: the same 7B VLM line with --lora-rank 16 beside the one without
     # CPU check of the script (tiny model; add torchrun --nproc_per_node 2 and --tp 2 / --pp 2)
     DS_ACCELERATOR=cpu python bench/parallel_throughput.py --smoke --out /tmp/bench.md
@@ -88,6 +91,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size (as launch/train.py's --cp)")
     p.add_argument("--ds_config", default=None, help="default: zero1.json with --pp > 1, else zero2.json")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per data-parallel replica per micro-batch")
@@ -115,7 +119,7 @@ def main() -> None:
 
     rank, world, device = ds_engine.init_distributed()
     on_gpu = device.type == "cuda"
-    topo = Topology(args.tp, args.pp)
+    topo = Topology(args.tp, args.pp, args.cp)
     plain, stage_name = build(args)
     choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
                               plain.config.head_dim)
@@ -129,9 +133,11 @@ def main() -> None:
         stage, settings = lora.lora_stage(stage, settings)
     groups = ds_engine.build_param_groups(model, stage, settings, model.config.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
-                                          grad_accum=args.grad_accum, world_size=topo.dp_size, grad_clip=1.0,
+                                          grad_accum=args.grad_accum, world_size=topo.dp_size * topo.cp_size,
+                                          grad_clip=1.0,
                                           dtype=dtype)
     ds_engine.check_pipeline_zero(ds_config, topo.pp_size, args.ds_config)
+    ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     if args.compile:
@@ -172,7 +178,8 @@ def main() -> None:
                  f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}")
         with Path(args.out).open("a") as f:
             f.write(f"\n### parallel_throughput, {time.strftime('%Y-%m-%d')}, {world} × {card}\n\n"
-                    f"tp {topo.tp_size}, pp {topo.pp_size}, dp {topo.dp_size}; {shape}; torch {torch.__version__}, "
+                    f"tp {topo.tp_size}, pp {topo.pp_size}, cp {topo.cp_size}, dp {topo.dp_size}; {shape}; "
+                    f"torch {torch.__version__}, "
                     f"deepspeed {deepspeed.__version__}\n\n**{line}**; learning: {verdict.message}\n")
     dist.barrier()
     dist.destroy_process_group()

@@ -2,8 +2,8 @@
 
 Three timed loops at the same LLM tokens per step (batch x seq_len):
   text       base training: every LLM weight trainable (AdamW), no images;
-  live       vision_pretrain: frozen encoder (bf16, no_grad) -> perceiver -> projector (trainable) ->
-             frozen LLM (no weight grads; activation grads flow back to the projector);
+  live       vision_pretrain: frozen encoder (bf16, no_grad) -> projector -> perceiver (trainable: Idefics2's
+             connector) -> frozen LLM (no weight grads; activation grads flow back to the connector);
   cached     vision_pretrain from cached encoder features (the encoder is skipped).
 Each sample holds `num_vision_tokens` image positions plus text, so tokens/s compare like for like.
 Inputs are tensors already on the device (learnable token rows from bench/learning.py, random pixels):

@@ -88,7 +88,8 @@ class VisionConfig:
     num_vision_tokens: int = 64
     resampler_depth: int = 2
     resampler_heads: int = 8
-    projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's)
+    projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's);
+    # with the perceiver, the width of its SwiGLU projector (Idefics2's: the LLM's ffn_dim)
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
 
@@ -197,20 +198,22 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
         VisionConfig(encoder="resnet10t", image_size=64, feature_layer=2, resampler="pixel_shuffle",
                      num_vision_tokens=16, projector_hidden=128),
     ),
+    # the perceiver presets: Idefics2's connector (SwiGLU projector of the LLM's ffn width, then the perceiver at
+    # the LLM's width); with SigLIP and feature_norm they export as Idefics2ForConditionalGeneration
     "vlm_small": (
         lambda depth: small_config(12 if depth is None else depth),
         VisionConfig(encoder="vit_small_patch16_224", image_size=224, resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=6, projector_hidden=2048),
+                     resampler_depth=2, resampler_heads=6, projector_hidden=2688),
     ),
     "vlm_1.5b": (
         lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=4096),
+                     resampler_depth=2, resampler_heads=16, projector_hidden=8960, feature_norm=True),
     ),
     "vlm_7b": (
         lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=8192),
+                     resampler_depth=2, resampler_heads=16, projector_hidden=18944, feature_norm=True),
     ),
 }
 PRESETS: list[str] = list(_PRESETS)

@@ -1,5 +1,5 @@
 """Memory planner: bytes per GPU of weights, master copies, gradients, optimizer states, ZeRO buffers and
-activations for a preset under a (ZeRO, TP, PP, DP) layout, and whether it fits a card (docs/planner.md).
+activations for a preset under a (ZeRO, TP, PP, CP, DP) layout, and whether it fits a card (docs/planner.md).
 
 Parameters are counted exactly from the model built on the meta device (no memory, no formulas), each
 one's TP share from the same sharding table the model uses (`tp_split_dim`), its trainability from the
@@ -39,12 +39,13 @@ class PlanError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """How a run is laid out. `gpus` counts GPUs per node; the world is gpus × nodes = tp × pp × dp."""
+    """How a run is laid out. `gpus` counts GPUs per node; the world is gpus × nodes = tp × pp × cp × dp."""
 
     gpus: int = 1
     nodes: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     zero: int = 0
     micro_batch: int = 1
     seq_len: int = 2048
@@ -62,19 +63,30 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.world // (self.tp * self.pp)
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def zero_ranks(self) -> int:
+        """The ranks ZeRO partitions over: the replicas and their CP ranks (ghostvis/parallel/topology.py)."""
+        return self.dp * self.cp
 
     def check(self) -> None:
-        for name in ("gpus", "nodes", "tp", "pp", "micro_batch", "seq_len"):
+        for name in ("gpus", "nodes", "tp", "pp", "cp", "micro_batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.zero not in (0, 1, 2, 3):
             raise PlanError(f"--zero {self.zero}: choose 0, 1, 2 or 3")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPE_BYTES)}")
-        if self.world % (self.tp * self.pp):
+        if self.world % (self.tp * self.pp * self.cp):
+            cp = f" × --cp {self.cp}" if self.cp > 1 else ""
             raise PlanError(f"--gpus {self.gpus} × --nodes {self.nodes} = {self.world} GPUs is not divisible by "
-                            f"--tp {self.tp} × --pp {self.pp}; the rest of the world is the data-parallel size")
+                            f"--tp {self.tp} × --pp {self.pp}{cp}; the rest of the world is the data-parallel size")
+        if self.cp > 1 and self.pp > 1:
+            raise PlanError(f"--cp {self.cp} with --pp {self.pp}: context parallelism runs with --pp 1")
+        if self.seq_len % (2 * self.cp):
+            raise PlanError(f"--seq {self.seq_len} does not split into 2 × --cp {self.cp} = {2 * self.cp} equal "
+                            f"chunks; use a multiple of {2 * self.cp}")
         if self.pp > 1 and self.zero > 1:
             raise PlanError(f"--pp {self.pp} with --zero {self.zero}: DeepSpeed's pipeline engine allows ZeRO stage "
                             "0 or 1 only; use --zero 1")
@@ -255,7 +267,7 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
                             act_bytes: int) -> int:
     """Estimate for the vision tower over `images` images. A frozen encoder runs under no_grad (only one
     block's transient tensors); a training encoder keeps per block its two norms' inputs, q/k/v, the
-    attention output and the MLP hidden twice. A perceiver keeps the patches' K/V per block."""
+    attention output and the MLP hidden twice. A perceiver keeps per layer the normed patches and their K/V."""
     enc = model.vision.encoder
     if not enc.is_vit:
         raise ValueError(f"the planner estimates ViT encoders only; {model.vision.config.encoder!r} is a CNN")
@@ -267,12 +279,16 @@ def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains:
     conn = 0
     if connector_trains:
         res, proj = model.vision.resampler, model.vision.projector
-        n_tok, depth = res.num_tokens, len(getattr(res, "blocks", ()))
-        conn = depth * (patches * 3 * dim + n_tok * 14 * dim)  # K/V of the patches, the latents' block
-        if hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
-            conn += n_tok * (proj.fc1.in_features + 2 * proj.fc1.out_features)
+        n_tok, depth, width = res.num_tokens, len(getattr(res, "layers", ())), res.out_dim
+        # the perceiver (after the projector, at the LLM's width): normed patches and their K/V, the latents' layer
+        conn = depth * (patches * 3 * width + n_tok * 14 * width)
+        rows = patches if model.vision.project_first else n_tok
+        if hasattr(proj, "gate_proj"):  # SwiGLU: its input, gate, up and their product
+            conn += rows * (proj.gate_proj.in_features + 3 * proj.gate_proj.out_features)
+        elif hasattr(proj, "fc1"):  # MLP: its input and its hidden (twice)
+            conn += rows * (proj.fc1.in_features + 2 * proj.fc1.out_features)
         else:  # linear: its input
-            conn += n_tok * proj.proj.in_features
+            conn += rows * proj.proj.in_features
     return enc_bytes + images * act_bytes * conn
 
 
@@ -291,7 +307,7 @@ def _largest_module_params(model: torch.nn.Module, params: list[Param]) -> int:
 def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: int, blocks: range) -> tuple[dict, dict]:
     """(gpu bytes, host bytes) by line for pipeline stage `s`."""
     cfg: ModelConfig = model.config
-    lay, dp, zero = layout, layout.dp, layout.zero
+    lay, dp, zero = layout, layout.zero_ranks, layout.zero  # ZeRO shards over CP × DP ranks
     wbytes = DTYPE_BYTES[lay.dtype]
     held = [p for p in params if on_stage(p, s, lay.pp, blocks, cfg.tie_embeddings)]
     n_all = sum(p.numel for p in held)
@@ -317,9 +333,12 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
 
     act_bytes = wbytes
     in_flight = lay.pp - s  # 1F1B: stage s holds pp - s micro-batches between their forward and backward
-    tokens = lay.micro_batch * lay.seq_len
+    tokens = lay.micro_batch * lay.seq_len // lay.cp  # this CP rank's share of each sequence
     train_blocks = {p.block for p in held if p.part == "block" and p.trainable}
-    per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) for b in blocks]
+    # under CP attention keeps the K/V all-gathered over the whole sequence, not only this rank's tokens
+    gathered_kv = (lay.micro_batch * lay.seq_len - tokens) * 2 * cfg.n_kv_head * cfg.head_dim // lay.tp * act_bytes
+    per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) + gathered_kv
+                 for b in blocks]
     # kept until backward, plus the largest transient: a block recomputed (checkpointing) or the loss
     n_ckpt = checkpointed_blocks(lay.activation_checkpointing, cfg.n_layer)
     ckpt = [b < n_ckpt for b in blocks]
@@ -332,7 +351,7 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     act += transient
     if s == 0 and hasattr(model, "vision"):
         trains = {p.part for p in held if p.trainable}
-        images = lay.micro_batch * lay.images_per_sample * in_flight
+        images = math.ceil(lay.micro_batch * lay.images_per_sample / lay.cp) * in_flight  # CP ranks share them
         act += vision_activation_bytes(model, images, "encoder" in trains, "connector" in trains, act_bytes)
     gpu["activations"] = act
     gpu["CUDA context + workspaces (constant)"] = CUDA_OVERHEAD_BYTES
@@ -387,6 +406,9 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
     if layout.tp > layout.gpus:
         best.notes.append(f"--tp {layout.tp} spans nodes ({layout.gpus} GPUs each): TP all-reduces every sublayer, "
                           "keep it inside a node")
+    if layout.tp * layout.cp > layout.gpus:
+        best.notes.append(f"--tp {layout.tp} × --cp {layout.cp} spans nodes ({layout.gpus} GPUs each): CP all-gathers "
+                          "K/V every layer, keep TP and CP inside a node where the model allows")
     if layout.pp > 1:
         best.notes.append(f"pipeline stage {best.stage_index} of {layout.pp} is the heaviest; activations assume "
                           f"1F1B with --grad-accum >= {layout.pp}")
@@ -406,7 +428,8 @@ def format_plan(p: Plan, gpu_mem_gib: float) -> str:
     lay = p.layout
     lines = [
         f"model {p.model}: {p.params_total:,} parameters, {p.params_trainable:,} trainable",
-        f"layout: {lay.world} GPUs ({lay.nodes} node(s) × {lay.gpus}) = tp {lay.tp} × pp {lay.pp} × dp {lay.dp}, "
+        f"layout: {lay.world} GPUs ({lay.nodes} node(s) × {lay.gpus}) = tp {lay.tp} × pp {lay.pp}"
+        f"{f' × cp {lay.cp}' if lay.cp > 1 else ''} × dp {lay.dp}, "
         f"ZeRO-{lay.zero}{' + offload' if lay.offload else ''}, {lay.dtype}, micro-batch {lay.micro_batch} × "
         f"seq {lay.seq_len}{ac_words(lay.activation_checkpointing)}",
         f"per GPU (pipeline stage {p.stage_index}, {p.params_on_gpu:,} parameters before ZeRO-3 sharding):",

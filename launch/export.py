@@ -7,8 +7,10 @@ The language model becomes a transformers Qwen2 folder (q/k/v biases) or a Llama
 are cut and the chat template renders like GhostVis. A VLM becomes, by its connector:
   - resampler "none" + MLP of the LLM's width (LLaVA-1.5): `LlavaForConditionalGeneration`, with its processor;
   - resampler "pixel_shuffle" + linear (projector_hidden 0), feature_norm, SigLIP encoder (SmolVLM):
-    `Idefics3ForConditionalGeneration`.
-Other connectors (perceiver, avgpool, pixel_shuffle + MLP) have no transformers equivalent: their directory is
+    `Idefics3ForConditionalGeneration`;
+  - resampler "perceiver" (SwiGLU projector of the LLM's ffn_dim, then the perceiver), feature_norm, SigLIP
+    encoder: `Idefics2ForConditionalGeneration` (the vlm_1.5b and vlm_7b presets).
+Other connectors (avgpool, pixel_shuffle + MLP, ...) have no transformers equivalent: their directory is
 already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language model. Train an
 exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from ghostvis.checkpoint_io import read_config
+from ghostvis.interop.hf_idefics2 import export_idefics2, idefics2_refusal
 from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
 from ghostvis.interop.hf_llava import export_llava, llava_refusal
 from ghostvis.interop.hf_llm import DTYPES, export_llm
@@ -34,14 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg, vision_cfg, _ = read_config(args.ckpt)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if vision_cfg is not None and not args.llm_only:
-        exporters = {"LLaVA": (llava_refusal, export_llava), "Idefics3": (idefics3_refusal, export_idefics3)}
+        exporters = {"LLaVA": (llava_refusal, export_llava), "Idefics3": (idefics3_refusal, export_idefics3),
+                     "Idefics2": (idefics2_refusal, export_idefics2)}
         reasons = {name: refusal(model_cfg, vision_cfg) for name, (refusal, _) in exporters.items()}
         fits = [name for name, reason in reasons.items() if reason is None]
         if not fits:
             p.error(f"--ckpt {args.ckpt} is a VLM whose connector has no transformers equivalent ("
                     + "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
                     + "). Exportable connectors: resampler=none + an MLP of the LLM's width (LLaVA), "
-                    "resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3). Its directory is "
+                    "resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3), resampler="
+                    f"perceiver + projector_hidden={model_cfg.ffn_dim} (the LLM's ffn_dim) + feature_norm=true "
+                    "(Idefics2), the Idefics ones with a SigLIP-like encoder (no class token). Its directory is "
                     "already its own format (llm.safetensors + vision.safetensors + config.json + tokenizer/, "
                     "opened by ghostvis.load_pretrained); --llm-only exports its language model as a transformers "
                     "folder.")

@@ -27,10 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="depth of the small / vlm_small family")
     p.add_argument("--vocab-size", type=int, default=None, help="your tokenizer's vocabulary (default: the preset's)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (world = gpus × nodes = tp × pp × dp)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world = gpus × nodes = tp × pp × cp × dp)")
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size: each sequence split over cp GPUs (--pp 1; --seq a multiple of 2·cp)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (image tokens included)")
     p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (VLM presets)")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     try:
-        layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, zero=args.zero,
+        layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
                         activation_checkpointing=args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)
-            if vision_cfg is not None or layout.tp > 1 or layout.pp > 1:
-                raise PlanError("--measure runs the text model whole on one GPU: use a text preset, --tp 1, --pp 1")
+            if vision_cfg is not None or layout.tp > 1 or layout.pp > 1 or layout.cp > 1:
+                raise PlanError("--measure runs the text model whole on one GPU: use a text preset, --tp 1, --pp 1, "
+                                "--cp 1")
             measured = measure_activations(model_cfg, layout)
     except (PlanError, ValueError) as err:
         print(f"plan.py: {err}", file=sys.stderr)

@@ -79,11 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cached-features", action="store_true",
                    help="read the frozen encoder's features cached by data_prep/encode_features.py instead of "
                         "pixels (vision stages; refused unless they match the model's encoder; docs/vision.md)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack several samples into each row, none split, each attending only to itself with RoPE "
+                        "positions from 0 (vision_pretrain, sft; docs/data.md, Packing)")
+    g.add_argument("--pack-images", type=int, default=0, metavar="N",
+                   help="with --pack, the most images one row may hold (0 = no bound but --seq-len)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
-    g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp))")
+    g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp × cp))")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (splits heads, KV groups, FFN, vocabulary)")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages (ZeRO <= 1 only: ds_configs/zero1.json)")
+    g.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size: each sequence split over cp ranks (--pp 1; --seq-len a multiple "
+                        "of 2·cp)")
     g.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
                    help="recompute each block's activations in backward (less memory, ~1/3 more compute); with N, "
                         "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py)")

@@ -31,9 +31,12 @@ stage() {
   printf '%s\t%s\n' "$name" $((SECONDS - start)) >> "$TIMES"
 }
 
-# The same DeepSpeed settings for every stage: one CPU process, ZeRO-1, checkpoint only at the end.
+# train STAGE ARGS...: recipes/demo_STAGE.toml holds the stage's settings (one CPU process, ZeRO-1, checkpoint
+# only at the end); ARGS are this run's paths, and any flag given here overrides the recipe's value.
 train() {
-  python launch/train.py --ds_config ds_configs/zero1.json --tokenizer "$TOK" --save-every 0 --eval-every 0 "$@"
+  local stage=$1
+  shift
+  python launch/train.py --config "recipes/demo_$stage.toml" --tokenizer "$TOK" "$@"
 }
 
 # Held-out accuracy of a checkpoint (test split; text bpb for the base model, which has no vision tower).
@@ -58,8 +61,7 @@ prepare_data() {
 }
 
 base() {
-  train --stage base --model small --depth 4 --data "$OUT/tokens" --out "$OUT/base" \
-    --seq-len 128 --micro-batch 32 --steps 40 --warmup 5 --lr 3e-3
+  train base --data "$OUT/tokens" --out "$OUT/base"
   echo "sampled continuations:"
   python launch/sample.py --ckpt "$OUT/base"
   evaluate "$OUT/base" --no-report
@@ -69,21 +71,17 @@ vision_pretrain() {
   # A fresh $TOWER tower on the base LLM. The encoder has no pretrained weights offline, so it trains
   # too (--encoder-lr), and so does the small LLM: captions name every colour, shape and the left-to-right
   # order, ~15 supervised tokens per image, the cheapest way on CPU to learn to look.
-  train --stage vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" \
-    --out "$OUT/vision_pretrain" --seq-len 64 --micro-batch 32 --steps 500 --warmup 10 \
-    --vision-lr 3e-3 --encoder-lr 1e-3 --train-llm-layers all --llm-lr 1e-3 --embed-lr 1e-3 --head-lr 1e-3
+  train vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" --out "$OUT/vision_pretrain"
   evaluate "$OUT/vision_pretrain" --no-report
 }
 
 sft() {
-  train --stage sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft" \
-    --seq-len 96 --micro-batch 32 --steps 1200 --warmup 10 --lr 1e-3 --vision-lr 2e-3 --encoder-lr 1e-3
+  train sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft"
   evaluate "$OUT/sft" --no-report
 }
 
 rl() {
-  train --stage rl --init-from "$OUT/sft" --data "$DATA/vqa" --out "$OUT/rl" \
-    --seq-len 96 --micro-batch 8 --group-size 8 --rl-max-new-tokens 8 --steps 15 --lr 2e-5 --encoder-lr 2e-5
+  train rl --init-from "$OUT/sft" --data "$DATA/vqa" --out "$OUT/rl"
 }
 
 final_eval() {

@@ -25,10 +25,12 @@ stage() {
   printf '%s\t%s\n' "$name" $((SECONDS - start)) >> "$TIMES"
 }
 
-# One GPU, ZeRO-1 in bf16; checkpoint only at the end.
+# train STAGE ARGS...: recipes/gpu_recipe_STAGE.toml holds the stage's settings (one GPU, ZeRO-1 in bf16,
+# checkpoint only at the end); ARGS are this run's paths, and any flag given here overrides the recipe's value.
 train() {
-  deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero1.json --tokenizer "$TOK" --save-every 0 \
-    --eval-every 0 "$@"
+  local stage=$1
+  shift
+  deepspeed --num_gpus 1 launch/train.py --config "recipes/gpu_recipe_$stage.toml" --tokenizer "$TOK" "$@"
 }
 
 evaluate() {
@@ -54,21 +56,17 @@ prepare_data() {
 }
 
 base() {
-  train --stage base --model small --depth 8 --data "$OUT/tokens" --out "$OUT/base" \
-    --seq-len 256 --micro-batch 64 --steps 600 --warmup 30 --lr 3e-3
+  train base --data "$OUT/tokens" --out "$OUT/base"
 }
 
 vision_pretrain() {
   # A small CNN tower trained from scratch (vlm_tiny_cnn: ResNet-10t at stride 8, 16 layout-keeping
   # tokens) on the base LLM; the LLM trains too, at a lower rate.
-  train --stage vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" \
-    --out "$OUT/vision_pretrain" --seq-len 96 --micro-batch 128 --steps 800 --warmup 40 \
-    --vision-lr 2e-3 --encoder-lr 2e-3 --train-llm-layers all --llm-lr 5e-4 --embed-lr 5e-4 --head-lr 5e-4
+  train vision_pretrain --model "$TOWER" --init-from "$OUT/base" --data "$OUT/vp_mix" --out "$OUT/vision_pretrain"
 }
 
 sft() {
-  train --stage sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft" \
-    --seq-len 128 --micro-batch 128 --steps 1500 --warmup 50 --lr 5e-4 --vision-lr 1e-3 --encoder-lr 1e-3
+  train sft --init-from "$OUT/vision_pretrain" --data "$OUT/sft_mix" --out "$OUT/sft"
 }
 
 final_eval() {

@@ -16,8 +16,35 @@ def test_learnable_batches_are_deterministic_shifted_and_learnable():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert torch.equal(xa[:, 1:], ya[:, :-1])  # targets are the inputs shifted by one
         assert int(xa.max()) < 250  # a quarter of the vocabulary: the unigram part is learnable at once
-    x, _ = next(learnable_batches(1000, 2, 200, "cpu"))
-    assert torch.equal(x[:, :64], x[:, 64:128])  # each row repeats its segment
+    # every second token is the same fixed function of the one before it, in every row and every batch
+    succ: dict[int, int] = {}
+    for x, y in (next(learnable_batches(1000, 2, 200, "cpu")) for _ in range(3)):
+        for a_tok, b_tok in zip(x[:, 0::2].flatten().tolist(), y[:, 0::2].flatten().tolist()):
+            assert succ.setdefault(a_tok, b_tok) == b_tok
+    assert len(set(succ.values())) == len(succ)  # a permutation: no two tokens share an image
+    big, _ = next(learnable_batches(152_000, 1, 32_768, "cpu"))
+    assert int(big.max()) < 4096 and big.shape == (1, 32_768)  # a small span even for a large vocabulary
+
+
+def test_one_long_row_per_step_learns():
+    """Batch 1 at a long sequence (the 32k benches): a small GPT trained with AdamW at a modest rate must pass
+    the check within a bench's step count."""
+    from ghostvis.config import get_preset
+    from ghostvis.model.gpt import GPT
+
+    torch.manual_seed(0)
+    cfg, _ = get_preset("tiny", vocab_size=8192, max_seq_len=1024)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _, (x, y) in zip(range(13), learnable_batches(cfg.vocab_size, 1, 1024, "cpu")):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    verdict = check_learning(losses)
+    assert verdict.ok, verdict.message
 
 
 def test_a_side_that_does_not_learn_fails():

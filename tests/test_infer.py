@@ -222,3 +222,47 @@ def test_stop_text_holds_back_a_possible_stop_string():
     assert "".join(shown) == "abc " and stop.stopped
     free = StopText([])
     assert free.feed("a") + free.feed("b", final=True) == "ab" and not free.stopped
+
+
+def test_server_decodes_only_the_images_the_fitted_prompt_keeps():
+    """A long history with an image in every turn: the prompt is fitted first, so only the kept turns' images
+    are read and decoded (a broken image in a dropped turn is never touched), and errors keep the request's
+    image numbers."""
+    import base64
+
+    from ghostvis.infer.openai_api import APIError, parse_chat_request, prepare_prompt
+    from ghostvis.vision.transforms import BadImage
+
+    engine = Engine(tiny_vlm(), TOK)  # context 256, 16 vision tokens per image
+    size = engine.model.vision_config.image_size
+
+    def turn(text, k):
+        url = "data:image/png;base64," + base64.b64encode(f"image {k}".encode()).decode()
+        return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+
+    raw = []
+    for k in range(6):
+        raw += [turn("x" * 60, k), {"role": "assistant", "content": "y" * 60}]
+    raw.append(turn("and this one?", 6))
+    req = parse_chat_request({"messages": raw}, max_tokens_cap=32, default_temperature=0.0)
+    decoded = []
+
+    def preprocess(data: bytes) -> torch.Tensor:
+        decoded.append(data.decode())
+        if data == b"image 0":
+            raise BadImage("broken")  # only if it were decoded
+        return torch.full((3, size, size), float(len(decoded)))
+
+    ids, images = prepare_prompt(engine, req, preprocess, None, 1 << 20, context=256)
+    assert decoded == ["image 5", "image 6"] and len(images) == 2  # the last pair's image and the new one
+    expected, _, _ = fit_prompt(engine, req.messages, [torch.zeros(1)] * 7, 32, 256)
+    assert ids == expected and ids.count(TOK.image_token_id) == 2 * engine.num_vision_tokens
+
+    def refuse_6(data: bytes) -> torch.Tensor:
+        if data == b"image 6":
+            raise BadImage("broken")
+        return torch.zeros(3, size, size)
+
+    with pytest.raises(APIError, match="image 6 is not a usable image: broken") as err:
+        prepare_prompt(engine, req, refuse_6, None, 1 << 20, context=256)
+    assert err.value.param == "image 6"

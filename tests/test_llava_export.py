@@ -1,7 +1,8 @@
 """VLM export against transformers itself (no downloads, CPU, float32): tiny random GhostVis VLMs with a
 SigLIP-like and a CLIP-like timm encoder and resampler "none" are exported and must give the same logits as
-`LlavaForConditionalGeneration`; with pixel_shuffle + a linear projector, as `Idefics3ForConditionalGeneration`
-(through AutoModelForImageTextToText); other connectors are refused."""
+`LlavaForConditionalGeneration`; with pixel_shuffle + a linear projector, as `Idefics3ForConditionalGeneration`,
+with the perceiver as `Idefics2ForConditionalGeneration` (both through AutoModelForImageTextToText); other
+connectors are refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 import ghostvis
 from data_prep import synth
 from ghostvis import checkpoint_io
-from ghostvis.config import VisionConfig, get_preset, parse_vision_override
+from ghostvis.config import PRESETS, VisionConfig, get_preset, parse_vision_override
 from ghostvis.interop.common import InteropError
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.resampler import build_resampler
@@ -114,6 +115,55 @@ def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])
+def test_idefics2_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
+    """The perceiver connector (the vlm_1.5b/vlm_7b presets' shape at tiny size) as Idefics2."""
+    tok = tiny_tokenizer
+    tokens = 6  # latents: any count, not tied to the patch grid
+    vlm = _vlm(tok, "siglip", resampler="perceiver", num_vision_tokens=tokens, projector_hidden=128,  # tiny's ffn_dim
+               feature_norm=True, llama=llama)
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
+    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+
+    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           output_loading_info=True)
+    assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    assert hf.config.perceiver_config.resampler_n_latents == tokens
+    assert hf.config.text_config.model_type == ("llama" if llama else "qwen2")
+    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
+        theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits  # [batch, images, 3, S, S]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_every_vlm_preset_exports_or_is_refused():
+    """The table of docs/interop.md: which transformers class each vlm_* preset's connector and encoder become."""
+    from ghostvis.interop.hf_idefics2 import idefics2_refusal
+    from ghostvis.interop.hf_idefics3 import idefics3_refusal
+    from ghostvis.interop.hf_llava import llava_refusal
+    from ghostvis.interop.hf_vision import timm_family
+    from ghostvis.vision.encoder import VisionEncoder
+
+    verdicts = {}
+    for name in (p for p in PRESETS if p.startswith("vlm_")):
+        model_cfg, vision_cfg = get_preset(name)
+        fits = [target for target, refusal in (("LLaVA", llava_refusal), ("Idefics3", idefics3_refusal),
+                                               ("Idefics2", idefics2_refusal)) if refusal(model_cfg, vision_cfg) is None]
+        with torch.device("meta"):
+            encoder = VisionEncoder(vision_cfg)
+        family = timm_family(encoder.model) if encoder.is_vit else "cnn"
+        verdicts[name] = (fits, family)
+    assert verdicts == {
+        "vlm_1.5b": (["Idefics2"], "siglip"), "vlm_7b": (["Idefics2"], "siglip"),
+        "vlm_small": ([], "clip"),  # no feature_norm, and its supervised ViT has a class token (no SigLIP equivalent)
+        "vlm_tiny": ([], "clip"), "vlm_tiny_cnn": ([], "cnn"),  # avgpool + MLP; pixel_shuffle + MLP on a CNN
+    }
+
+
 def test_train_an_exportable_connector_with_vision_flags(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, world1):
     """The user's path: --vision turns a preset's connector into Idefics3's; the trained export loads in transformers."""
     root = tmp_path / "synth"
@@ -140,13 +190,14 @@ def test_train_an_exportable_connector_with_vision_flags(tmp_path, tiny_tokenize
 
 
 def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):
-    vlm = _vlm(tiny_tokenizer, "siglip", resampler="perceiver", num_vision_tokens=4)
+    vlm = _vlm(tiny_tokenizer, "siglip", resampler="avgpool", num_vision_tokens=4)
     checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
     with pytest.raises(SystemExit):
         export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
-    assert "'perceiver'" in err and "ghostvis.load_pretrained" in err and "--llm-only" in err
+    assert "'avgpool'" in err and "ghostvis.load_pretrained" in err and "--llm-only" in err
     assert "Exportable connectors: resampler=none" in err and "pixel_shuffle + projector_hidden=0" in err
+    assert "perceiver + projector_hidden=128" in err  # the tiny LLM's ffn_dim
     assert not (tmp_path / "hf").exists()
     with pytest.raises(ValueError, match=f"set num_vision_tokens={PATCHES}"):
         build_resampler(VisionConfig(resampler="none", num_vision_tokens=4), in_dim=64, num_patches=PATCHES)

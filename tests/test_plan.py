@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ghostvis.config import get_preset
-from ghostvis.plan import Layout, PlanError, build_meta_model, plan
+from ghostvis.plan import Layout, PlanError, build_meta_model, format_plan, plan
 from ghostvis.train.settings import Settings
 
 # DeepSpeed pads each flat parameter group to a multiple of 2·dp elements; the planner leaves that out.
@@ -237,3 +237,26 @@ def test_lora_rank_trains_the_adapters_and_the_connector():
         plan("vlm_tiny", Layout(zero=1), lora_rank=4)
     with pytest.raises(PlanError, match="matches no linear layer"):
         plan("vlm_tiny", Layout(zero=1), stage="sft", lora_rank=4, lora_targets="nothing_here")
+
+
+def test_context_parallel_splits_activations_and_zero_shards():
+    model = build_meta_model(*get_preset("qwen25_1.5b"))
+    cfg = model.config
+    one = plan("qwen25_1.5b", Layout(gpus=1, zero=3, seq_len=32768), model=model)
+    cp = {n: plan("qwen25_1.5b", Layout(gpus=n, cp=n, zero=3, seq_len=32768), model=model) for n in (2, 4)}
+    for n, p in cp.items():
+        assert p.layout.dp == 1 and p.layout.zero_ranks == n
+        # ZeRO-3 shards over the CP ranks, which hold the same parameters
+        assert abs(p.gpu["optimizer states (Adam m, v fp32)"] * n - one.gpu["optimizer states (Adam m, v fp32)"]) <= n
+        # each rank keeps what a sequence of 1/n the length keeps, plus the whole sequence's K/V in every block
+        short = plan("qwen25_1.5b", Layout(gpus=1, zero=3, seq_len=32768 // n), model=model)
+        kv = (32768 - 32768 // n) * 2 * cfg.n_kv_head * cfg.head_dim * 2 * cfg.n_layer  # bf16 K and V
+        assert p.gpu["activations"] == short.gpu["activations"] + kv
+        assert kv < 0.1 * p.gpu["activations"] and p.gpu["activations"] < 0.6 * one.gpu["activations"]
+    assert "tp 1 × pp 1 × cp 2 × dp 1" in format_plan(cp[2], 80)
+    with pytest.raises(PlanError, match=r"--seq 100 does not split into 2 × --cp 4 = 8 equal chunks"):
+        plan("tiny", Layout(gpus=4, cp=4, seq_len=100))
+    with pytest.raises(PlanError, match="--cp 2 with --pp 2"):
+        plan("tiny", Layout(gpus=4, cp=2, pp=2, zero=1))
+    with pytest.raises(PlanError, match=r"not divisible by --tp 1 × --pp 1 × --cp 2"):
+        plan("tiny", Layout(gpus=3, cp=2))

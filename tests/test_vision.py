@@ -129,6 +129,18 @@ def test_resampler_config_errors():
         AvgPoolResampler(96, num_tokens=12, num_patches=64)
 
 
+def test_perceiver_is_idefics2_shaped_and_old_checkpoints_are_refused():
+    vlm = tiny_vlm(resampler="perceiver", resampler_heads=4, projector_hidden=128)
+    assert vlm.vision.resampler.out_dim == vlm.config.n_embd  # it runs after the projector, at the LLM's width
+    names = set(vlm.vision.state_dict())
+    assert {"projector.gate_proj.weight", "resampler.layers.0.self_attn.k_proj.weight",
+            "resampler.layers.0.input_context_norm.weight", "resampler.norm.weight"} <= names
+    state = {k: v for k, v in vlm.state_dict().items() if not k.startswith("vision.resampler.layers.")}
+    state["vision.resampler.blocks.0.norm_q.weight"] = torch.ones(64)  # the earlier perceiver's layout
+    with pytest.raises(ValueError, match=r"vision\.resampler\.blocks\.\*: .*earlier, pre-Idefics2.*retrain"):
+        vlm.load_state_dict(state)
+
+
 def test_frozen_encoder_untouched_by_training_step():
     vlm = tiny_vlm(resampler="perceiver", resampler_heads=4).train()
     encoder = vlm.vision.encoder
@@ -333,3 +345,16 @@ def test_configs_written_with_run_settings_still_load(tmp_path):
     assert model.vision_config == cfg and model.vision.encoder.frozen
     with pytest.raises(ValueError, match="unknown field"):
         VisionConfig.from_dict({**cfg.to_dict(), "no_such_field": 1})
+
+
+def test_tower_attention_never_runs_cudnn_on_cuda() -> None:
+    """The tower's SDPA backends on CUDA exclude cuDNN (it returned None on a changed image count) and keep the
+    fast ones; on CPU nothing is pinned."""
+    from ghostvis.vision.encoder import _tower_sdpa
+
+    with _tower_sdpa(True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _tower_sdpa(False):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -10,6 +10,8 @@ yield dict batches:
     image_features [N, P, d]    instead of pixel_values when `use_features=True` (cached encoder output)
     num_tokens    int           real (non-padding) input tokens, for throughput
     num_loss_tokens int         targets != -1, for loss normalisation across micro-batches
+    document_ids  [B, T] long   with `pack=True` only: which sample of its row each position holds
+                                (ghostvis/data/packing.py); rows are then padded to max_len
 
 Caption layout (vision_pretrain), conversation-free on purpose: the LLM is frozen and has only seen
 plain text, so a caption is plain text after the image and the projector alone learns to make the image
@@ -38,8 +40,14 @@ end of this file (a `mixture.json` in the data directory mixes several datasets 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
 batches (emitted in a seeded random order), so little compute goes to padding.
 
+Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
+PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit decreasing into rows of max_len tokens (and at
+most `pack_images` images) and cut into batches of batch_size rows, emitted in a seeded random order; the
+window's last batch may hold fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
+
 Exact resume: the state is the source's state at the start of the current group plus the number of
-batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted.
+batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted (packing
+re-packs the same window the same way).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from PIL import Image
 
 from ghostvis.data.features import FEATURES_KEY, check_features
 from ghostvis.data.manifest import DataError, read_manifest, split_dir
+from ghostvis.data.packing import PACK_WINDOW_BATCHES, pack_rows
 from ghostvis.data.request import DataRequest
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
@@ -96,6 +105,13 @@ class Row:
     ids: list[int]
     mask: list[int]  # 1 where ids[t] carries loss
     images: list[torch.Tensor]
+    docs: list[int] | None = None  # a packed row: its samples' lengths, in order
+
+
+def join_rows(rows: list[Row]) -> Row:
+    """Samples as one packed row (their lengths kept in `docs`)."""
+    return Row([t for r in rows for t in r.ids], [m for r in rows for m in r.mask],
+               [im for r in rows for im in r.images], [len(r.ids) for r in rows])
 
 
 def shift_targets(ids: list[int], mask: list[int]) -> list[int]:
@@ -109,9 +125,11 @@ class _Batcher:
     def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  num_vision_tokens: int, transform: Transform | None, use_features: bool = False,
                  feature_shape: tuple[int, int] | None = None, group_batches: int = 1, seed: int = 0,
-                 device: str | torch.device = "cpu", restart: bool = False) -> None:
+                 device: str | torch.device = "cpu", restart: bool = False, pack: bool = False,
+                 pack_images: int = 0) -> None:
         if batch_size < 1 or group_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
+        self.pack, self.pack_images = pack, pack_images
         if transform is None and not use_features and num_vision_tokens > 0:
             raise ValueError("pass an image transform (PIL -> tensor), or use_features=True for cached features")
         self.source, self.tok = source, tokenizer
@@ -160,7 +178,8 @@ class _Batcher:
         raise NotImplementedError
 
     def collate(self, rows: list[Row]) -> Batch:
-        T = max(len(r.ids) for r in rows)
+        # packed rows all take max_len: one shape for every batch (compiled and flex attention keep theirs)
+        T = self.max_len if self.pack else max(len(r.ids) for r in rows)
         ids = np.full((len(rows), T), self.tok.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), T), dtype=bool)
         for b, r in enumerate(rows):
@@ -169,8 +188,14 @@ class _Batcher:
         # shift_targets, vectorised: a padding position carries no loss, so a row's last token predicts nothing
         targets = np.full_like(ids, -1)
         targets[:, :-1] = np.where(mask[:, 1:], ids[:, 1:], -1)
-        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
-                 "num_tokens": sum(len(r.ids) for r in rows), "num_loss_tokens": int((targets != -1).sum())}
+        batch = {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        if self.pack:
+            docs = np.empty_like(ids)
+            for b, r in enumerate(rows):
+                docs[b] = np.repeat(np.arange(len(r.docs) + 1), [*r.docs, T - len(r.ids)])  # padding: its own
+            targets[:, :-1][docs[:, 1:] != docs[:, :-1]] = -1  # a sample's last token predicts nothing
+            batch["document_ids"] = torch.from_numpy(docs)
+        batch.update(num_tokens=sum(len(r.ids) for r in rows), num_loss_tokens=int((targets != -1).sum()))
         if self.n_vis > 0:  # a text-only model takes no image argument
             images = [im for r in rows for im in r.images]
             if images and self._empty is None:
@@ -183,22 +208,31 @@ class _Batcher:
         return {k: v.pin_memory().to(self.device, non_blocking=True) if cuda and torch.is_tensor(v)
                 else v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _read_rows(self, it: Iterator[dict[str, Any]], n: int) -> list[Row]:
+    def _read_rows(self, it: Iterator[dict[str, Any]]) -> tuple[list[Row], bool]:
+        """One group's samples: group_batches batches' worth, or a packing window's tokens; and whether the
+        group is whole (False: a non-looping source ran out)."""
         rows: list[Row] = []
+        tokens, budget = 0, self.batch_size * self.max_len * max(self.group_batches, PACK_WINDOW_BATCHES)
         for sample in it:
             try:
                 rows.append(self._row(sample))
             except Exception as e:  # any failure to decode one sample (even RecursionError) skips just it
                 self.source.mark_corrupt(type(e).__name__)
                 continue
-            if len(rows) == n:
-                break
-        return rows
+            tokens += len(rows[-1].ids)
+            if tokens >= budget if self.pack else len(rows) == self.batch_size * self.group_batches:
+                return rows, True
+        return rows, False
 
     def _arrange(self, rows: list[Row]) -> list[list[Row]]:
-        if self.group_batches == 1:
+        if self.pack:
+            bins = pack_rows([len(r.ids) for r in rows], [len(r.images) for r in rows], self.max_len,
+                             self.pack_images)
+            rows = [join_rows([rows[i] for i in b]) for b in bins]
+        elif self.group_batches == 1:
             return [rows]
-        rows = sorted(rows, key=lambda r: len(r.ids))
+        else:
+            rows = sorted(rows, key=lambda r: len(r.ids))
         batches = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         random.Random(f"ghostvis-groups:{self.seed}:{self._group}").shuffle(batches)
         return batches
@@ -209,7 +243,7 @@ class _Batcher:
         it = iter(self.source)
         while True:
             start = self.source.state_dict()
-            rows = self._read_rows(it, self.batch_size * self.group_batches)
+            rows, whole = self._read_rows(it)
             if not rows:
                 return
             batches = self._arrange(rows)
@@ -222,7 +256,7 @@ class _Batcher:
                     self._group, self._skip = self._group + 1, 0
                 yield self.collate(batches[j])
             self._skip = 0
-            if len(rows) < self.batch_size * self.group_batches:
+            if not whole:
                 return  # a non-looping source ran out
 
     @property
@@ -456,7 +490,8 @@ def _batcher_args(req: DataRequest, source: SampleSource) -> dict[str, Any]:
     """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only); with
     `req.cached_features`, the checked cached features instead of the preprocessing."""
     args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
-            "restart": req.eval_mode, "num_vision_tokens": req.num_vision_tokens, "transform": req.transform}
+            "restart": req.eval_mode, "pack": req.pack, "pack_images": req.pack_images,
+            "num_vision_tokens": req.num_vision_tokens, "transform": req.transform}
     if req.cached_features:
         streams = getattr(source, "sources", [source])  # a MixtureBatches' ShardStreams, or the one stream
         shape = check_features({str(s.data_dir): s.manifest.extra.get(FEATURES_KEY) for s in streams}, req.encoder)

@@ -45,3 +45,5 @@ class DataRequest:
     cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
     encoder: EncoderSpec | None = None  # with cached_features: what the cache must match
     max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
+    pack: bool = False  # --pack: several samples per row (ghostvis/data/packing.py)
+    pack_images: int = 0  # --pack-images: the most images a packed row holds (0 = no bound)

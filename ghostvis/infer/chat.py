@@ -40,12 +40,13 @@ def user_message(text: str, n_images: int = 0) -> dict[str, Any]:
     return {"role": "user", "content": parts}
 
 
-def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[torch.Tensor],
-               reply_tokens: int, context: int | None = None) -> tuple[list[int], list[torch.Tensor], int]:
+def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[Any],
+               reply_tokens: int, context: int | None = None) -> tuple[list[int], list[Any], int]:
     """Prompt ids and images for `messages` ([system], then user/assistant pairs, ending with a user
     turn), dropping the oldest pairs (with their images) until the prompt leaves `reply_tokens` of
     context (`context` positions, default the model's). A system message is kept. Every message is
-    tokenized about once, so this is linear in the request.
+    tokenized about once, so this is linear in the request. `images` holds one item per image part, in
+    order: tensors, or what stands for them until they are decoded (the server fits on its image urls).
 
     Returns (ids, images, number of messages dropped). Raises ContextTooLong when even the newest
     user message alone does not fit.

@@ -3,7 +3,8 @@ answered 400 in OpenAI's error shape), resolving its images, and the response / 
 
 Messages become the tokenizer's structured form: text parts stay literal (a typed `<|image|>` or
 `<|assistant_start|>` is text, never a special token), `image_url` parts become image parts whose
-urls are resolved by `load_images`: a `data:image/...;base64,` URL, or a file under `--image-root`.
+urls are resolved by `load_images` (only those of the turns `prepare_prompt` keeps when it fits the prompt): a
+`data:image/...;base64,` URL, or a file under `--image-root`.
 The server fetches nothing from the network.
 """
 
@@ -14,12 +15,14 @@ import binascii
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ghostvis.infer.chat import ContextTooLong, fit_prompt
 from ghostvis.vision.transforms import BadImage
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -201,14 +204,28 @@ def image_bytes(url: str, image_root: Path | None, max_bytes: int, param: str) -
                        f"({type(e).__name__})", param) from None
 
 
-def load_images(request: ChatRequest, preprocess: Any, image_root: Path | None, max_bytes: int,
-                max_images: int) -> list[torch.Tensor]:
-    """Decode and preprocess every image of the request (blocking: run it off the event loop)."""
-    if len(request.image_urls) > max_images:
-        raise APIError(400, f"the request has {len(request.image_urls)} images; the model's context holds at most "
-                       f"{max_images}", "messages")
+def prepare_prompt(engine: Any, request: ChatRequest, preprocess: Callable[[bytes], torch.Tensor],
+                   image_root: Path | None, max_bytes: int, context: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Prompt ids and image tensors for a request (blocking: run it off the event loop). The prompt is fitted to
+    `context` on the image parts alone, then only the images of the turns it keeps are read and decoded, so a
+    long history costs rendering its text, never decoding its images. APIError(400) names what is wrong."""
+    images = list(enumerate(request.image_urls))  # (place in the request, url): errors name the image
+    if images and not engine.num_vision_tokens:
+        load_images(images[:1], preprocess, image_root, max_bytes)  # a text-only model: says why it cannot
+    try:
+        ids, kept, _ = fit_prompt(engine, request.messages, images, request.max_tokens, context)
+    except ContextTooLong as e:
+        raise APIError(400, str(e), "messages") from None
+    except ValueError as e:  # the tokenizer refused the conversation
+        raise APIError(400, f"bad conversation: {e}", "messages") from None
+    return ids, load_images(kept, preprocess, image_root, max_bytes)
+
+
+def load_images(images: list[tuple[int, str]], preprocess: Callable[[bytes], torch.Tensor], image_root: Path | None,
+                max_bytes: int) -> list[torch.Tensor]:
+    """Read and preprocess each (k, url): the request's image k."""
     out = []
-    for k, url in enumerate(request.image_urls):
+    for k, url in images:
         param = f"image {k}"
         data = image_bytes(url, image_root, max_bytes, param)
         try:

@@ -7,7 +7,7 @@
                                server-sent chunks ending with `data: [DONE]`
 
 Request handling keeps the event loop free: the body is read with a size limit (413), parsed,
-images decoded and the prompt fitted in a worker thread, then the request goes to the `Batcher`
+the prompt fitted and the images it keeps decoded in a worker thread, then the request goes to the `Batcher`
 (503 with Retry-After when its queue is full). Tokens come back through an asyncio queue; a client
 that disconnects cancels its request, which frees its row at the next decode step. Every bad input
 is a 4xx in OpenAI's error shape; nothing a client sends can produce a 500.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,9 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ghostvis.infer.batching import Batcher, QueueFull, Request as Generation, Update
-from ghostvis.infer.chat import ChatModel, ContextTooLong, ReplyStream, fit_prompt
-from ghostvis.infer.openai_api import (APIError, ChatRequest, Completion, StopText, load_images, parse_chat_request,
-                                       parse_json)
+from ghostvis.infer.chat import ChatModel, ReplyStream
+from ghostvis.infer.openai_api import (APIError, ChatRequest, Completion, StopText, parse_chat_request, parse_json,
+                                       prepare_prompt)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 RETRY_AFTER_S = 1
@@ -73,8 +72,6 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
     app = FastAPI(title="GhostVis", docs_url=None, redoc_url=None)
     engine = chat.engine
     root = image_root.resolve() if image_root is not None else None
-    # a text-only model takes any count here, so that decoding the first image says why it cannot
-    max_images = batcher.cache_len // engine.num_vision_tokens if engine.num_vision_tokens else sys.maxsize
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -95,15 +92,8 @@ def create_app(chat: ChatModel, batcher: Batcher, *, model_name: str, max_body_b
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "ghostvis"}]}
 
     def prepare(req: ChatRequest) -> tuple[list[int], list[Any]]:
-        """Images decoded and the prompt fitted: blocking work, run in a worker thread."""
-        images = load_images(req, chat.preprocess, root, max_image_bytes, max_images)
-        try:
-            ids, images, _ = fit_prompt(engine, req.messages, images, req.max_tokens, batcher.cache_len)
-        except ContextTooLong as e:
-            raise APIError(400, str(e), "messages") from None
-        except ValueError as e:  # the tokenizer refused the conversation
-            raise APIError(400, f"bad conversation: {e}", "messages") from None
-        return ids, images
+        """The prompt fitted, then its images decoded: blocking work, run in a worker thread."""
+        return prepare_prompt(engine, req, chat.preprocess, root, max_image_bytes, batcher.cache_len)
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llava import language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llava import VLMExport, language_tensors, read_vlm, vision_tensors, write_vlm_folder
 from ghostvis.interop.common import InteropError
 
 
@@ -33,6 +33,20 @@ def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     return None
 
 
+def siglip_vision_config(vlm: VLMExport, config_class: type, target: str) -> Any:
+    """The Idefics2/Idefics3 vision config (SigLIP's shape with post_layernorm applied) of this encoder;
+    InteropError for an encoder with a class token."""
+    if vlm.family != "siglip":
+        raise InteropError(f"{vlm.ckpt}: {target}'s vision tower is SigLIP's, without a class token; this encoder "
+                           f"({vlm.vision_cfg.encoder}) has one; train with a SigLIP encoder (as vlm_1.5b/vlm_7b do), or "
+                           "export just the LLM with --llm-only")
+    v = vlm.vision_hf
+    return config_class(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+
+
 def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
     """GhostVis VLM export directory -> transformers Idefics3 folder (config.json, model.safetensors, tokenizer
     files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens. Pixels are our
@@ -41,14 +55,7 @@ def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
     from transformers import Idefics3Config, Idefics3VisionConfig
 
     vlm = read_vlm(ckpt_dir, dtype, idefics3_refusal, "Idefics3")
-    if vlm.family != "siglip":
-        raise InteropError(f"{vlm.ckpt}: Idefics3's vision tower is SigLIP's, without a class token; this encoder "
-                           f"({vlm.vision_cfg.encoder}) has one")
-    v = vlm.vision_hf
-    vision = Idefics3VisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+    vision = siglip_vision_config(vlm, Idefics3VisionConfig, "Idefics3")
     scale = math.isqrt(vlm.encoder.num_patches // vlm.vision_cfg.num_vision_tokens)
     config = Idefics3Config(
         vision_config=vision.to_dict(), text_config=vlm.text_cfg.to_dict(), scale_factor=scale,

@@ -86,9 +86,10 @@ def read_vlm(ckpt_dir: str | Path, dtype: torch.dtype | None, refusal: Callable[
                      timm_family(encoder.model))
 
 
-def vision_tensors(vlm: VLMExport, tower: str, projector: dict[str, str]) -> dict[str, torch.Tensor]:
+def vision_tensors(vlm: VLMExport, tower: str, connector: dict[str, str]) -> dict[str, torch.Tensor]:
     """The encoder's tensors of vision.safetensors as HF SigLIP/CLIP names under `tower` (a prefix), and the
-    projector's renamed by `projector` (ours -> theirs, without .weight/.bias), cast to the export dtype."""
+    connector's renamed by `connector` (our module name -> theirs: the tensors under it keep their suffix),
+    cast to the export dtype."""
     path = vlm.ckpt / checkpoint_io.VISION_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
@@ -97,10 +98,10 @@ def vision_tensors(vlm: VLMExport, tower: str, projector: dict[str, str]) -> dic
     hf.setdefault("post_layernorm.weight", torch.ones(vlm.encoder.dim))  # pruned: written as 1/0 (LLaVA never
     hf.setdefault("post_layernorm.bias", torch.zeros(vlm.encoder.dim))  # applies it; Idefics3 needs the real one)
     out = {f"{tower}.{k}": v for k, v in hf.items()}
-    for ours, theirs in projector.items():
-        for p in ("weight", "bias"):
-            if f"{ours}.{p}" in stored:
-                out[f"{theirs}.{p}"] = stored[f"{ours}.{p}"]
+    for ours, theirs in connector.items():
+        for k, v in stored.items():
+            if k.startswith(ours + "."):
+                out[theirs + k[len(ours):]] = v
     return {k: v.to(vlm.dtype).contiguous() for k, v in out.items()}
 
 

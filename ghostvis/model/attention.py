@@ -15,12 +15,24 @@ the slow math kernel.
 
 Decode and chunked prefill (Tq != Tk, KV cache) use FA2/FA3 when the process chose it (their causal mask
 is bottom-right aligned), else expanded K/V with an explicit offset mask.
+
+Packed rows (`--pack`, ghostvis/data/packing.py) hold several documents; each attends causally to itself
+only. `select_attention(..., packed=True)` also picks the document-masked kernel, first of PACKED_ORDER that
+passes the same probe against masked SDPA math:
+
+    varlen (the chosen FlashAttention's cu_seqlens entry)  >  flex (flex_attention + block mask)  >  sdpa_mask
+
+varlen and flex skip the masked work (flex at 128×128-block granularity) and build no [T, T] mask;
+`sdpa_mask` (a boolean [B, 1, T, T] mask, expanded K/V) computes every pair and stores the mask: it is the
+correct-everywhere fallback and the only one on CPU and in fp32. `bench/attention.py --packed` measures them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +48,7 @@ from ghostvis.model.parallel import ColumnParallelLinear, RowParallelLinear, cop
 _HALF = (torch.bfloat16, torch.float16)
 AUTO_ORDER = ("fa4", "cudnn", "fa3", "fa2", "sdpa_flash", "expand")
 ATTENTION_CHOICES = ("auto", *AUTO_ORDER)
+PACKED_ORDER = ("varlen", "flex", "sdpa_mask")
 
 
 class AttentionError(UserError, ValueError):
@@ -57,8 +70,38 @@ def _import_fa2() -> Callable:
     return flash_attn_func
 
 
+def _import_fa4_varlen() -> Callable:
+    from flash_attn.cute import flash_attn_varlen_func
+    # without max_seqlen_q it schedules every query block as if one document held all the tokens
+    return lambda q, k, v, cu, n: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                                         max_seqlen_k=n, causal=True)
+
+
+def _import_fa3_varlen() -> Callable:
+    from flash_attn_interface import flash_attn_varlen_func
+    return lambda q, k, v, cu, n: flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True)
+
+
+def _import_fa2_varlen() -> Callable:
+    from flash_attn import flash_attn_varlen_func
+    return lambda q, k, v, cu, n: flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True)
+
+
 _IMPORTS: dict[str, Callable[[], Callable]] = {"fa4": _import_fa4, "fa3": _import_fa3, "fa2": _import_fa2}
+_VARLEN_IMPORTS: dict[str, Callable[[], Callable]] = {"fa4": _import_fa4_varlen, "fa3": _import_fa3_varlen,
+                                                      "fa2": _import_fa2_varlen}
 _flash_fns: dict[str, Callable] = {}
+_varlen_fns: dict[str, Callable] = {}
+
+
+def varlen_fn(flash: str) -> Callable:
+    """The cu_seqlens entry of FlashAttention kernel `flash` (fa4, fa3, fa2): fn(q, k, v, cu_seqlens, max_len)
+    on [total, heads, D] tensors (ImportError if missing)."""
+    if flash not in _VARLEN_IMPORTS:
+        raise AttentionError(f"{flash} has no cu_seqlens (varlen) entry; varlen runs with fa4, fa3 or fa2")
+    if flash not in _varlen_fns:
+        _varlen_fns[flash] = _VARLEN_IMPORTS[flash]()
+    return _varlen_fns[flash]
 
 
 def _flash(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -96,27 +139,119 @@ def kernel_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
     raise AttentionError(f"--attention {name!r}: unknown kernel; choose from {', '.join(ATTENTION_CHOICES)}")
 
 
+# ---- packed rows: attention inside each document only ------------------------------------------------
+
+@dataclass
+class Documents:
+    """The documents of packed rows, in the form the packed kernel takes: `ids` [B, T] (ghostvis/data/packing.py)
+    plus a boolean mask [B, 1, T, T] (sdpa_mask), a flex BlockMask (flex), or cu_seqlens over the flattened
+    rows, the longest document and the FlashAttention entry that takes them (varlen)."""
+
+    ids: torch.Tensor
+    kernel: str
+    mask: torch.Tensor | None = None
+    block_mask: Any = None
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
+    varlen: Callable | None = None
+
+
+def documents(ids: torch.Tensor, kernel: str | None = None, flash: str | None = None) -> Documents:
+    """What `attend_documents` needs for `ids` [B, T], built once per forward for every layer (default
+    kernel: the one select_attention chose, else sdpa_mask; varlen's `flash` default: the chosen dense one)."""
+    kernel = kernel or ("sdpa_mask" if _packed is None else _packed)
+    B, T = ids.shape
+    if kernel == "sdpa_mask":
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        return Documents(ids, kernel, mask=((ids.unsqueeze(2) == ids.unsqueeze(1)) & causal).unsqueeze(1))
+    if kernel == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return (ids[b, q] == ids[b, kv]) & (kv <= q)
+
+        return Documents(ids, kernel, block_mask=create_block_mask(same_document, B, None, T, T, device=ids.device,
+                                                                    _compile=ids.is_cuda))
+    if kernel == "varlen":
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]  # every row starts a document too
+        first = torch.nonzero(starts.flatten()).flatten()
+        cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+        return Documents(ids, kernel, cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()),
+                         varlen=varlen_fn(flash or selected_attention()))
+    raise AttentionError(f"unknown packed attention kernel {kernel!r}; choose from {', '.join(PACKED_ORDER)}")
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, T] of packed rows: 0, 1, ... restarting wherever `document_ids` changes."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+_flex_compiled: Callable | None = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    global _flex_compiled
+    if _flex_compiled is None:  # flex_attention runs its fused kernel only compiled
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex_compiled = torch.compile(flex_attention)  # a dimension that changes (a short batch) turns dynamic
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """Causal attention of packed rows, each position seeing only its own document. q [B, Hq, T, D]; k, v
+    [B, Hkv, T, D]; returns [B, Hq, T, D]."""
+    if docs.kernel == "sdpa_mask":
+        return attend_masked(q, k, v, docs.mask)
+    if docs.kernel == "flex":
+        return _flex(q, k, v, docs.block_mask)
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]  # [total, heads, D]
+    out = docs.varlen(*flat, docs.cu_seqlens, docs.max_len)
+    out = out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+# ---- choosing the kernels -----------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class AttentionChoice:
-    """The kernel this process trains with, and why the ones before it in the order were skipped."""
+    """The kernel this process trains with, and why the ones before it in the order were skipped; with
+    packed rows also the document-masked kernel (and what it skipped)."""
 
     kernel: str
     skipped: tuple[str, ...] = ()
+    packed: str | None = None
+    packed_skipped: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return self.kernel + (f" (skipped: {'; '.join(self.skipped)})" if self.skipped else "")
+        text = self.kernel + (f" (skipped: {'; '.join(self.skipped)})" if self.skipped else "")
+        if self.packed is not None:
+            text += f"; packed rows: {self.packed}" + (
+                f" (skipped: {'; '.join(self.packed_skipped)})" if self.packed_skipped else "")
+        return text
 
 
 _selected: tuple[str, Callable] | None = None  # (name, fn) once select_attention ran on CUDA
+_packed: str | None = None  # the packed kernel select_attention(packed=True) chose
+
+PROBE_DOCUMENTS = ((100, 56, 99, 1), (256,))  # document lengths of the probe's two rows (T = 256)
 
 
-def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int,
+                 document_ids: torch.Tensor | None = None) -> str | None:
     """None if `fn`'s causal GQA forward and gradients match SDPA math in fp32 within bf16 tolerance,
     else what went wrong. The inputs and the incoming gradient have the strides training gives them
     (q/k/v are transposed views of [B, T, H, D]; the gradient comes back through transpose + reshape):
-    kernels have been wrong on exactly such non-contiguous layouts while right on contiguous ones."""
+    kernels have been wrong on exactly such non-contiguous layouts while right on contiguous ones.
+    With `document_ids` [2, 256] the reference attends within documents only (packed kernels)."""
     g = torch.Generator(device=device).manual_seed(0)
     B, T, H, KV = 2, 256, 4, 2
+    ref_mask = None if document_ids is None else documents(document_ids, "sdpa_mask").mask
     q, k, v = (torch.randn(B, T, h, head_dim, device=device, generator=g) for h in (H, KV, KV))
     grad = torch.randn(B, T, H * head_dim, device=device, generator=g)
 
@@ -131,8 +266,11 @@ def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_di
     try:
         from torch.nn.attention import SDPBackend
         groups = H // KV
-        ref = run(lambda a, b, c: _sdpa_pinned(SDPBackend.MATH, a, b.repeat_interleave(groups, 1),
-                                               c.repeat_interleave(groups, 1)), torch.float32)
+        if ref_mask is None:
+            ref = run(lambda a, b, c: _sdpa_pinned(SDPBackend.MATH, a, b.repeat_interleave(groups, 1),
+                                                   c.repeat_interleave(groups, 1)), torch.float32)
+        else:
+            ref = run(lambda a, b, c: attend_masked(a, b, c, ref_mask), torch.float32)
         got = run(fn, dtype)
     except Exception as err:  # noqa: BLE001 - any failure means this kernel can't run here
         return f"failed its probe ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})"
@@ -143,12 +281,49 @@ def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_di
     return None
 
 
-def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> AttentionChoice:
-    """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it.
-    On CPU or in fp32 only `expand` runs (and `auto` is `expand`). Raises AttentionError when a kernel
-    named explicitly cannot run, with the fix."""
+def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128,
+                     packed: bool = False) -> AttentionChoice:
+    """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it;
+    with `packed`, also the document-masked kernel for packed rows (PACKED_ORDER, module docstring).
+    On CPU or in fp32 only `expand` runs (and `auto` is `expand`; packed rows: sdpa_mask). Raises
+    AttentionError when a kernel named explicitly cannot run, with the fix."""
+    choice = _select_dense(name, torch.device(device), dtype, head_dim)
+    return _select_packed(choice, torch.device(device), dtype, head_dim) if packed else choice
+
+
+def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.dtype,
+                   head_dim: int) -> AttentionChoice:
+    """The first kernel of PACKED_ORDER that runs here and passes the document-masked probe (sdpa_mask is
+    the reference's own computation, so it always can)."""
+    global _packed
+    if device.type != "cuda" or dtype not in _HALF:
+        _packed = "sdpa_mask"
+        return dataclasses.replace(choice, packed=_packed)
+    ids = torch.cat([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)).unsqueeze(0)
+                     for d in PROBE_DOCUMENTS]).to(device)
+    skipped = []
+    for candidate in PACKED_ORDER:
+        if candidate == "varlen" and choice.kernel not in _VARLEN_IMPORTS:
+            skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry")
+            continue
+        try:
+            docs = documents(ids, candidate, choice.kernel)
+        except ImportError as err:
+            skipped.append(f"{candidate}: not installed ({err.name or err})")
+            continue
+        except Exception as err:  # noqa: BLE001 - a kernel whose mask can't be built here is skipped
+            skipped.append(f"{candidate}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+            continue
+        problem = probe_kernel(lambda q, k, v: attend_documents(q, k, v, docs), device, dtype, head_dim, ids)
+        if problem is None:
+            _packed = candidate
+            return dataclasses.replace(choice, packed=candidate, packed_skipped=tuple(skipped))
+        skipped.append(f"{candidate}: {problem}")
+    raise AttentionError("no packed attention kernel passed its probe: " + "; ".join(skipped))
+
+
+def _select_dense(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionChoice:
     global _selected
-    device = torch.device(device)
     if name not in ATTENTION_CHOICES:
         raise AttentionError(f"--attention {name!r}: unknown kernel; choose from {', '.join(ATTENTION_CHOICES)}")
     if device.type != "cuda" or dtype not in _HALF:
@@ -242,9 +417,10 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(hd, config.norm_eps, tp_group)
         else:
             self.q_norm = self.k_norm = None
+        self.cp = None  # a ContextParallel while training with --cp (GPT.set_context_parallel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, docs: Documents | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         x = copy_to_tp(x, self.tp_group)  # one backward all-reduce for q, k and v together
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
@@ -257,6 +433,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         mask = getattr(kv_cache, "attn_mask", None)  # per-row lengths (RaggedKVCache)
-        y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
+        if docs is not None:
+            y = attend_documents(q, k, v, docs)
+        elif self.cp is not None and kv_cache is None:
+            y = self.cp.attend(q, k, v)
+        else:
+            y = attend(q, k, v) if mask is None else attend_masked(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)

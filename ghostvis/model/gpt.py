@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, checkpointed_blocks
-from ghostvis.model.attention import CausalSelfAttention
+from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from ghostvis.model.linear_ce import IGNORE_INDEX
@@ -27,6 +28,9 @@ from ghostvis.model.parallel import (
     tp_size_rank,
 )
 
+if TYPE_CHECKING:
+    from ghostvis.parallel.context import ContextParallel
+
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, tp_group: dist.ProcessGroup | None = None) -> None:
@@ -37,8 +41,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.n_embd, config.ffn_dim, tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+                kv_cache: KVCache | None = None, docs: Documents | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -100,12 +104,19 @@ class GPT(nn.Module):
         self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
+        self.cp: ContextParallel | None = None
         self.init_weights()
 
     def set_activation_checkpointing(self, activation_checkpointing: bool | int) -> None:
         """Recompute the activations of every block (True), none (False) or the first N in backward
         (less memory, ~1/3 more compute; docs/training.md). A count outside 0..n_layer fails now."""
         self.checkpointed_blocks = checkpointed_blocks(activation_checkpointing, self.config.n_layer)
+
+    def set_context_parallel(self, cp: ContextParallel | None) -> None:
+        """Train with the sequence split over a CP group (ghostvis/parallel/context.py); None = whole."""
+        self.cp = cp
+        for block in self.blocks:
+            block.attn.cp = cp
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -133,30 +144,61 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 image_embeds: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[B, T, vocab_size]` without targets; with targets (-1 = ignored) the mean loss over
-        counted tokens, their sum (`reduction="sum"`), or per-token losses `[B, T]` (`"none"`)."""
+        counted tokens, their sum (`reduction="sum"`), or per-token losses `[B, T]` (`"none"`).
+        `document_ids` [B, T] marks packed rows (ghostvis/data/packing.py): each document attends only to
+        itself and its RoPE positions start at 0."""
         T = idx.shape[1]
         offset = kv_cache.pos if kv_cache is not None else 0
         if offset + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={self.config.max_seq_len}")
-        x = self.embed(idx, image_embeds)
+        if document_ids is not None and kv_cache is not None:
+            raise ValueError("document_ids (packed rows) are for training and scoring, not with a KV cache")
+        cp = self.cp if kv_cache is None else None
+        if cp is not None and document_ids is not None:
+            raise ValueError("packed rows (--pack) and context parallelism (--cp) do not combine yet")
         rows = getattr(kv_cache, "positions", None)  # a RaggedKVCache: each row at its own position
-        if rows is None:
-            cos, sin = self.rotary(offset, T)
+        docs = None if document_ids is None else documents(document_ids)
+        if cp is not None:
+            if targets is None:
+                raise ValueError("context parallelism computes losses, not logits: run with --cp 1 for logits")
+            full_targets = targets
+            idx, targets = cp.pad(idx, targets)  # to whole chunks; padding is causal-invisible and uncounted
+            positions = cp.positions(idx.shape[1], idx.device)
+            x = self.embed(idx, image_embeds, positions)
+            targets = targets[:, positions]
+            cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]  # RoPE at global positions
         else:
-            cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
+            x = self.embed(idx, image_embeds)
+            if docs is not None:
+                cos, sin = self.rotary.at(document_positions(document_ids))
+            elif rows is None:
+                cos, sin = self.rotary(offset, T)
+            else:
+                cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, cos, sin, use_reentrant=False) if i < n_ckpt else block(x, cos, sin, kv_cache)
+            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False) if i < n_ckpt
+                 else block(x, cos, sin, kv_cache, docs))
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.head(x, targets, reduction)
+        if cp is None:
+            return self.head(x, targets, reduction)
+        per_token = self.head(x, targets, "none")
+        if reduction == "none":
+            return cp.gather_tokens(per_token, 1)[:, :T]
+        total = cp.sum_loss(per_token.sum())
+        return reduce_loss(total, lm_targets(full_targets, self.config), reduction) if reduction == "mean" else total
 
-    def embed(self, idx: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image tokens spliced in (the front of the model)."""
-        return splice_images(self.config, idx, self.wte(idx), image_embeds)
+    def embed(self, idx: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image tokens spliced in (the front of the model). With `positions`
+        (context parallelism) only those columns of `idx` are embedded, each image token taking the vision
+        token of its place in the whole sequence."""
+        local = idx if positions is None else idx[:, positions]
+        return splice_images(self.config, idx, self.wte(local), image_embeds, positions)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
@@ -170,11 +212,12 @@ class GPT(nn.Module):
         return reduce_loss(loss, targets, reduction)
 
 
-def splice_images(config: ModelConfig, idx: torch.Tensor, x: torch.Tensor,
-                  image_embeds: torch.Tensor | None) -> torch.Tensor:
+def splice_images(config: ModelConfig, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """Overwrite, in order (row-major over batch then time), the embeddings `x` at image-token positions
-    of `idx` with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient. The front of
-    the model: `GPT.embed` and the pipeline's first stage both call it."""
+    of `idx` with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient. With
+    `positions`, `x` holds only those columns of `idx`. The front of the model: `GPT.embed` and the
+    pipeline's first stage both call it."""
     token = config.image_token_id
     if image_embeds is None:
         if token is not None:
@@ -193,4 +236,9 @@ def splice_images(config: ModelConfig, idx: torch.Tensor, x: torch.Tensor,
             f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
             f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
         )
-    return x.masked_scatter(mask.unsqueeze(-1), image_embeds.to(x.dtype))
+    embeds = image_embeds.to(x.dtype).flatten(0, 1)
+    if positions is not None:  # the local image positions take the vision tokens of their global ordinals
+        ordinal = (mask.flatten().cumsum(0) - 1).view(mask.shape)[:, positions]
+        mask = mask[:, positions]
+        embeds = embeds[ordinal[mask]]
+    return x.masked_scatter(mask.unsqueeze(-1), embeds)

@@ -60,11 +60,21 @@ class VLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, reduction: str = "mean") -> torch.Tensor:
+                kv_cache: KVCache | None = None, reduction: str = "mean",
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`pixel_values` [N, 3, S, S] (or `image_features` [N, num_patches, dim]) hold every image of the
         batch in order of appearance (row-major over batch, then position); N may be 0. Returns what
         `GPT.forward` returns. In multi-rank training pass an empty tensor rather than None on a text-only
         batch: every rank then runs the same modules (ZeRO-3 gathers parameters collectively) and the
-        splice (masked_scatter) still hands the resampler/projector zero gradients."""
-        embeds = self.image_embeds(pixel_values, image_features)
-        return self.llm(idx, targets, image_embeds=embeds, kv_cache=kv_cache, reduction=reduction)
+        splice (masked_scatter) still hands the resampler/projector zero gradients. `document_ids`: packed
+        rows (GPT.forward)."""
+        cp = self.llm.cp if kv_cache is None else None
+        images = pixel_values if pixel_values is not None else image_features
+        if cp is None or images is None:
+            embeds = self.image_embeds(pixel_values, image_features)
+        else:  # each image is encoded on one CP rank, then every rank gets them all
+            share = cp.image_share(len(images))
+            embeds = cp.gather_images(self.image_embeds(*(None if t is None else t[share]
+                                                          for t in (pixel_values, image_features))), len(images))
+        return self.llm(idx, targets, image_embeds=embeds, kv_cache=kv_cache, reduction=reduction,
+                        document_ids=document_ids)

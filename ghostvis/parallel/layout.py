@@ -26,11 +26,12 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     `GPTPipe` holding this stage's layers at pp > 1. The vision tower is never split: every TP rank runs
     the same tower on the same images, so its outputs and gradients are identical without communication
     (the gradient reaching the spliced vision tokens is already summed over TP by the first block's
-    `copy_to_tp`)."""
+    `copy_to_tp`). Under context parallelism the LLM splits each sequence over the CP group."""
     llm = _llm(model)
     config = llm.config
     llm.set_activation_checkpointing(activation_checkpointing)  # a bad block count fails now
-    if not topo.model_parallel:
+    if topo.tp_size * topo.pp_size == 1:
+        llm.set_context_parallel(topo.context_parallel)
         return model
     prefix = "" if llm is model else LLM_PREFIX  # a VLM's LLM names start with "llm."
     full = {name: p.detach() for name, p in canonical_named_parameters(model)}
@@ -51,6 +52,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
             return pipe
         tp_llm = GPT(config, tp_group=topo.tp_group)
     tp_llm.set_activation_checkpointing(activation_checkpointing)
+    tp_llm.set_context_parallel(topo.context_parallel)
     tp_llm.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     if llm is model:
         return tp_llm

@@ -223,8 +223,13 @@ def read_latest(out_dir: str | Path) -> str | None:
 
 
 def _saved_layout(state: dict[str, Any]) -> dict[str, int]:
-    """(tp, pp, dp) a checkpoint was saved with; checkpoints from before layouts were recorded were tp=pp=1."""
+    """(tp, pp, dp[, cp]) a checkpoint was saved with; checkpoints from before layouts were recorded were tp=pp=1."""
     return state.get("layout", {"tp": 1, "pp": 1, "dp": state["world_size"]})
+
+
+def _flags(layout: dict[str, int]) -> str:
+    cp = layout.get("cp", 1)
+    return f"--tp {layout['tp']} --pp {layout['pp']}" + (f" --cp {cp}" if cp > 1 else "")
 
 
 def prepare_universal(out_dir: str | Path, layout: dict[str, int]) -> bool:
@@ -237,10 +242,10 @@ def prepare_universal(out_dir: str | Path, layout: dict[str, int]) -> bool:
         return False
     ckpt_dir = Path(out_dir) / "ckpt"
     saved = _saved_layout(json.loads((ckpt_dir / tag / "client_state_rank0.json").read_text()))
-    if (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
-        raise CheckpointError(f"{ckpt_dir / tag} was saved with --tp {saved['tp']} --pp {saved['pp']}, this run has "
-                              f"--tp {layout['tp']} --pp {layout['pp']}: resume with the same --tp/--pp (only the "
-                              "data-parallel size may change), or start from its export with --init-from")
+    if (saved["tp"], saved["pp"], saved.get("cp", 1)) != (layout["tp"], layout["pp"], layout.get("cp", 1)):
+        raise CheckpointError(f"{ckpt_dir / tag} was saved with {_flags(saved)}, this run has {_flags(layout)}: resume "
+                              "with the same --tp/--pp/--cp (only the data-parallel size may change), or start from "
+                              "its export with --init-from")
     if saved["dp"] == layout["dp"]:
         return False
     error = ""

@@ -128,6 +128,21 @@ def check_pipeline_zero(ds_config: dict[str, Any], pp: int, config_path: str | P
                           "use --ds_config ds_configs/zero1.json, or --pp 1 with ZeRO-2/3")
 
 
+def check_context_parallel(cp: int, seq_len: int, stage: Stage, compile_model: bool) -> None:
+    """What `--cp > 1` can't do, said before anything starts (the layout itself is checked by `Topology`)."""
+    if cp == 1:
+        return
+    if seq_len % (2 * cp):
+        raise ConfigError(f"--seq-len {seq_len} does not split into 2 × --cp {cp} = {2 * cp} equal chunks (each CP "
+                          f"rank holds two); use a multiple of {2 * cp}")
+    if stage.loss != "lm":
+        raise ConfigError(f"--cp {cp} with --stage {stage.name}: its loss ({stage.loss!r}) generates and scores whole "
+                          "sequences on each rank; run it with --cp 1")
+    if compile_model:
+        raise ConfigError(f"--compile with --cp {cp} is not verified to train correctly (collectives inside "
+                          "autograd, as under --tp); drop --compile")
+
+
 def check_compile(ds_config: dict[str, Any], compile_model: bool, has_vision: bool,
                   config_path: str | Path, tp: int = 1, pp: int = 1) -> None:
     """Refuse, before the engine exists, the `--compile` combinations that do not train correctly:

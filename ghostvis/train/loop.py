@@ -36,6 +36,7 @@ from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
+from ghostvis.data.packing import check_packing
 from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
@@ -56,7 +57,6 @@ from ghostvis.train.stages import Stage, get_stage
 from ghostvis.vision.transforms import image_transform
 
 
-
 @dataclass
 class LossRequest:
     """What a loss builder is given: the resolved stage settings and how to rebuild the starting model."""
@@ -70,7 +70,7 @@ class LossRequest:
     initial_model: Callable[[], torch.nn.Module]  # a fresh copy of the weights training starts from
 
 
-MODEL_INPUTS = ("pixel_values", "image_features")  # batch keys forwarded to the model
+MODEL_INPUTS = ("pixel_values", "image_features", "document_ids")  # batch keys forwarded to the model
 
 
 def split_batch(batch: tuple | dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -322,6 +322,7 @@ class TimedBatches:
 
     def __init__(self, batches: Iterator) -> None:
         self.batches, self.wait_s, self.images = batches, 0.0, 0
+        self.slots = self.real = 0  # row positions and real tokens among them: the padding fraction
 
     def __iter__(self) -> TimedBatches:
         return self
@@ -333,7 +334,14 @@ class TimedBatches:
         if isinstance(batch, dict):
             images = batch.get("pixel_values", batch.get("image_features"))
             self.images += 0 if images is None else len(images)
+            self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
         return batch
+
+    def padding_frac(self) -> float | None:
+        """The fraction of row positions that held padding since the last call (None: no dict batches)."""
+        out = 1 - self.real / self.slots if self.slots else None
+        self.slots = self.real = 0
+        return out
 
     def take(self) -> tuple[float, int]:
         """(seconds waited, images) since the last call."""
@@ -399,7 +407,7 @@ def build(args: argparse.Namespace) -> Run:
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
         print(note, flush=True)
-    topo = Topology(args.tp, args.pp)
+    topo = Topology(args.tp, args.pp, args.cp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
     tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
@@ -423,19 +431,23 @@ def build(args: argparse.Namespace) -> Run:
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
-    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp}
+    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
-                                          grad_accum=grad_accum, world_size=dp, grad_clip=args.grad_clip, dtype=dtype,
+                                          grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
+                                          grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
+    if getattr(args, "pack", False):
+        check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
+    ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                                 model_cfg.head_dim)
+                                 model_cfg.head_dim, packed=getattr(args, "pack", False))
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     if args.compile:
@@ -446,7 +458,8 @@ def build(args: argparse.Namespace) -> Run:
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction)
+                           tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction,
+                           pack=getattr(args, "pack", False), pack_images=getattr(args, "pack_images", 0))
 
     data_builder = DATA_BUILDERS[stage.data_kind]
     state = TrainState(WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None),
@@ -531,8 +544,8 @@ def step_metrics(run: Run, result: StepResult, mult: float, batches: TimedBatche
     metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
                "mfu": mfu(run.flops, tps / run.world, peak), "skipped_steps": run.state.skipped,
                "step_s": result.seconds, "data_wait_frac": min(1.0, wait_s / result.seconds),
-               "images_per_s": images * dp / result.seconds, **result.extra,
-               **corrupt_metrics(run.state.data.state_dict())}
+               "images_per_s": images * dp / result.seconds, "padding_frac": batches.padding_frac(),
+               **result.extra, **corrupt_metrics(run.state.data.state_dict())}
     if run.device.type == "cuda":
         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     if validate:

@@ -25,6 +25,17 @@ from torch import nn
 from ghostvis.config import VisionConfig
 from ghostvis.vision.transforms import data_config, normalize_pixels
 
+def _tower_sdpa(cuda: bool) -> contextlib.AbstractContextManager:
+    """The SDPA backends a timm tower may use on CUDA: all but cuDNN. In the conversation stages the number of
+    images changes from batch to batch, and under torch 2.11 the cuDNN backend returned None for the ViT's
+    attention on one such batch (H100, sft step 48 of 150; BENCHMARKS.md, 2026-12-06); the flash and
+    memory-efficient backends take any batch."""
+    if not cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _no_download_error(what: str) -> ValueError:
     return ValueError(
         f"vision encoder: {what} would need a download, and GhostVis never downloads at run time. "
@@ -130,7 +141,7 @@ class VisionEncoder(nn.Module):
         grad = contextlib.nullcontext() if not self.frozen else torch.no_grad()
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if pixel_values.is_cuda
                     else contextlib.nullcontext())
-        with grad, autocast:
+        with grad, autocast, _tower_sdpa(pixel_values.is_cuda):
             (features,) = self.model.forward_intermediates(
                 pixel_values.to(next(self.model.parameters()).dtype), indices=[self.layer], norm=self.feature_norm,
                 output_fmt="NLC" if self.is_vit else "NCHW", intermediates_only=True, stop_early=True,

@@ -1,6 +1,8 @@
 """Resamplers: patch features [N, num_patches, in_dim] -> [N, num_tokens, out_dim] (docs/vision.md).
 
-- `perceiver`: learned latents cross-attend to the patches (Flamingo/IDEFICS style); depth/heads set.
+- `perceiver`: Idefics2's perceiver resampler: learned latents attend to [patches; latents], depth/heads set.
+  It runs at the LLM's width after a SwiGLU projector (VisionTower), as Idefics2's connector does, so it
+  exports as `Idefics2ForConditionalGeneration` (ghostvis/interop/hf_idefics2.py).
 - `avgpool`: 2D adaptive average pooling of the patch grid to k x k tokens; no parameters.
 - `pixel_shuffle`: space-to-depth by r (SmolVLM/nanoVLM): r*r neighbouring patches concatenated
   into one token, so tokens / r², width x r²; no parameters, no information thrown away.
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghostvis.config import VisionConfig
+from ghostvis.model.layers import RMSNorm
+from ghostvis.vision.projector import GatedMLP
 
 
 def _square_side(n: int, what: str) -> int:
@@ -34,32 +38,47 @@ def _to_grid(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.transpose(1, 2).reshape(n, dim, g, g), g
 
 
-class CrossAttentionBlock(nn.Module):
-    """Latents attend to the patch features, then an MLP; pre-norm residuals."""
+PERCEIVER_EPS = 1e-6  # its RMSNorms' eps (Idefics2PerceiverConfig's default; the export writes it)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+
+class PerceiverAttention(nn.Module):
+    """The latents (queries) attend to [context; latents] (keys/values); bias-free projections."""
+
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.kv_proj = nn.Linear(dim, 2 * dim)
-        self.o_proj = nn.Linear(dim, dim)
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
 
-    def forward(self, latents: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         n, t, d = latents.shape
         h = self.heads
-        q = self.q_proj(self.norm_q(latents)).view(n, t, h, d // h).transpose(1, 2)
-        k, v = self.kv_proj(self.norm_kv(patches)).view(n, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v)
-        latents = latents + self.o_proj(attn.transpose(1, 2).reshape(n, t, d))
-        return latents + self.mlp(self.norm_mlp(latents))
+        both = torch.cat([context, latents], dim=1)
+        q = self.q_proj(latents).view(n, t, h, d // h).transpose(1, 2)
+        k = self.k_proj(both).view(n, -1, h, d // h).transpose(1, 2)
+        v = self.v_proj(both).view(n, -1, h, d // h).transpose(1, 2)
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+
+
+class PerceiverLayer(nn.Module):
+    """Pre-norm residuals: attention (latents and context RMSNorm'd apart), then a 4x SwiGLU MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.input_latents_norm = RMSNorm(dim, PERCEIVER_EPS)
+        self.input_context_norm = RMSNorm(dim, PERCEIVER_EPS)
+        self.self_attn = PerceiverAttention(dim, heads)
+        self.post_attention_layernorm = RMSNorm(dim, PERCEIVER_EPS)
+        self.mlp = GatedMLP(dim, 4 * dim, dim)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.self_attn(self.input_latents_norm(latents), self.input_context_norm(context))
+        return latents + self.mlp(self.post_attention_layernorm(latents))
 
 
 class PerceiverResampler(nn.Module):
-    """`num_tokens` learned latents, `depth` cross-attention blocks over the patches, final norm."""
+    """Idefics2's perceiver resampler: `num_tokens` learned latents, `depth` layers, a final RMSNorm. It runs at
+    the LLM's width, after the projector (VisionTower), and its parameter names are transformers'
+    (Idefics2PerceiverResampler), so the export copies them as they are."""
 
     def __init__(self, in_dim: int, num_tokens: int, depth: int, heads: int):
         super().__init__()
@@ -67,19 +86,31 @@ class PerceiverResampler(nn.Module):
             raise ValueError(f"VisionConfig.resampler_depth must be positive for the perceiver, got {depth}")
         if heads <= 0 or in_dim % heads:
             raise ValueError(
-                f"VisionConfig.resampler_heads={heads} must divide the encoder width {in_dim}; pick a divisor"
+                f"VisionConfig.resampler_heads={heads} must divide the perceiver's width (the LLM's) {in_dim}; "
+                "pick a divisor"
             )
         self.num_tokens = num_tokens
         self.out_dim = in_dim
         self.latents = nn.Parameter(torch.randn(num_tokens, in_dim) * 0.02)
-        self.blocks = nn.ModuleList(CrossAttentionBlock(in_dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(in_dim)
+        self.layers = nn.ModuleList(PerceiverLayer(in_dim, heads) for _ in range(depth))
+        self.norm = RMSNorm(in_dim, PERCEIVER_EPS)
+        self._register_load_state_dict_pre_hook(_refuse_old_perceiver)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         latents = self.latents.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        for block in self.blocks:
-            latents = block(latents, x)
+        for layer in self.layers:
+            latents = layer(latents, x)
         return self.norm(latents)
+
+
+def _refuse_old_perceiver(state: dict, prefix: str, *args: object) -> None:
+    """Checkpoints of the earlier perceiver (LayerNorms, biased projections over the encoder's width, GELU MLP)
+    hold `blocks.*`; no weights of it carry over, so say so instead of listing missing keys."""
+    if any(k.startswith(prefix + "blocks.") for k in state):
+        raise ValueError(
+            f"{prefix}blocks.*: this checkpoint's perceiver is the earlier, pre-Idefics2 one, which this version no "
+            "longer builds; retrain the connector (a vision_pretrain run from its LLM checkpoint), or load it with "
+            "the GhostVis release it was trained with")
 
 
 class AvgPoolResampler(nn.Module):

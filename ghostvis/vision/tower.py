@@ -1,4 +1,5 @@
-"""VisionTower = encoder -> resampler -> projector: images to LLM-width vision tokens."""
+"""VisionTower = encoder -> resampler -> projector: images to LLM-width vision tokens. The perceiver connector
+runs the other way round, encoder -> projector (SwiGLU) -> perceiver at the LLM's width, as Idefics2's does."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ from ghostvis.vision.resampler import build_resampler
 
 
 class VisionTower(nn.Module):
-    """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP) or `projector.proj.*` (linear)."""
+    """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP), `projector.proj.*`
+    (linear) or `projector.gate_proj/up_proj/down_proj.*` (the perceiver's SwiGLU)."""
 
     def __init__(self, vision_cfg: VisionConfig, llm_dim: int, *, freeze_encoder: bool = True):
         super().__init__()
         self.config = vision_cfg
         self.encoder = VisionEncoder(vision_cfg, frozen=freeze_encoder)
-        self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
-        self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
+        self.project_first = vision_cfg.resampler == "perceiver"
+        if self.project_first:
+            self.projector = build_projector(self.encoder.dim, vision_cfg.projector_hidden, llm_dim, gated=True)
+            self.resampler = build_resampler(vision_cfg, llm_dim, self.encoder.num_patches)
+        else:
+            self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
+            self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
 
     @property
     def num_vision_tokens(self) -> int:
@@ -49,6 +56,8 @@ class VisionTower(nn.Module):
             )
         # a bf16-autocast encoder returns bf16; the trainable part runs in its own parameter dtype
         features = features.to(next(self.projector.parameters()).dtype)
+        if self.project_first:
+            return self.resampler(self.projector(features))
         return self.projector(self.resampler(features))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Padding-free packing (`launch/train.py --pack`, docs/data.md "Packing"): several samples share one row.
+
+The packer is first-fit decreasing over a window of samples: samples are taken longest first (ties in read
+order) and each goes into the first row that still has room for its tokens and its images; a row holds at
+most `capacity` tokens (--seq-len) and `max_images` images (--pack-images, 0 = no bound but the tokens).
+A sample is never split, so an image and its `<|image|>` span always stay in one row; a sample that can't
+fit an empty row is an error (the batchers truncate text to --seq-len first, so in training that is a
+sample with more images than --pack-images). Inside a row, samples keep their read order. The result is a
+pure function of the window's lengths and image counts: re-reading the same window after a resume packs
+it the same way.
+
+The model learns where samples start from `document_ids` [B, T] (0, 1, ... per row; the padding at a row's
+end is one more document of its own): attention never crosses a document boundary and RoPE positions restart
+at 0 in every document (ghostvis/model/attention.py, `documents` and `document_positions`). Targets never cross
+a boundary either: a sample's last token predicts nothing, exactly as at the end of an unpacked row, so the
+loss per counted token is the unpacked batch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ghostvis.cli import UserError
+
+PACKABLE_KINDS = ("image-text", "conversation")  # the data kinds whose batchers pack (vision_pretrain, sft)
+PACK_WINDOW_BATCHES = 8  # a window holds about this many batches' tokens: enough for full rows, short to re-read
+
+
+class PackError(UserError, ValueError):
+    """Packing asked of a stage that can't pack, or a sample that fits no row."""
+
+
+def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int, cp: int = 1) -> None:
+    """Refuse `--pack` where it can't apply, before anything is built."""
+    if data_kind not in PACKABLE_KINDS:
+        why = ("base already fills every row from one token stream (docs/data.md)" if data_kind == "text-tokens"
+               else f"its {data_kind} data is generated per step")
+        raise PackError(f"--pack: --stage {stage_name} can't pack ({why}); packing applies to vision_pretrain "
+                        "and sft: drop --pack")
+    if pp > 1:
+        raise PackError(f"--pack with --pp {pp}: the pipeline engine passes no document boundaries between stages; "
+                        "use --pp 1 (or drop --pack)")
+    if cp > 1:
+        raise PackError(f"--pack with --cp {cp}: context parallelism does not split packed rows' document masks "
+                        "yet; use --cp 1 (or drop --pack)")
+    if pack_images < 0:
+        raise PackError(f"--pack-images {pack_images}: give the most images a packed row may hold (0 = no bound)")
+
+
+def pack_rows(lengths: Sequence[int], images: Sequence[int], capacity: int, max_images: int = 0) -> list[list[int]]:
+    """Sample indices per row (first-fit decreasing; module docstring): every row's lengths sum to at most
+    `capacity` and its images to at most `max_images` (0 = unbounded). Raises PackError for a sample that
+    can't fit an empty row."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    for i, (n, m) in enumerate(zip(lengths, images)):
+        if n > capacity:
+            raise PackError(f"a sample of {n} tokens is longer than a packed row ({capacity} tokens, --seq-len); "
+                            "raise --seq-len")
+        if max_images and m > max_images:
+            raise PackError(f"a sample with {m} images does not fit a packed row of at most {max_images} images; "
+                            f"raise --pack-images to {m} or more (0 = no bound)")
+    rows: list[list[int]] = []
+    room: list[int] = []  # tokens left per row
+    pics: list[int] = []  # images in each row
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):  # stable: ties keep read order
+        n, m = lengths[i], images[i]
+        for r in range(len(rows)):
+            if room[r] >= n and (not max_images or pics[r] + m <= max_images):
+                rows[r].append(i)
+                room[r] -= n
+                pics[r] += m
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+            pics.append(m)
+    return [sorted(r) for r in rows]
+

@@ -1,0 +1,65 @@
+"""bench/packing.py's pieces (the full run trains seven times; on CPU it takes minutes): the LLaVA-665K-like
+mix through the real conversation batcher, the summary of a run's metrics.jsonl and the learning check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import REPO
+
+from ghostvis.data.multimodal import read_conversation
+
+
+def bench():
+    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbours (learning, pipeline)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_packing", REPO / "bench" / "packing.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return module
+
+
+def test_llava_like_mix_is_deterministic_and_long_tailed(tmp_path, tiny_tokenizer):
+    b = bench()
+    samples = [b.llava_like_sample(0, i, 16) for i in range(300)]
+    assert samples[7] == b.llava_like_sample(0, 7, 16)
+    lengths = []
+    for s in samples:
+        record, images = read_conversation(s)  # valid: placeholders match the images
+        assert len(images) == (1 if "0.png" in s else 0)
+        lengths.append(len(tiny_tokenizer.render_conversation(record, 10**6, 4)[0]))
+    turns = [len(json.loads(s["json"])["messages"]) // 2 for s in samples]
+    assert 0.35 < sum(t == 1 for t in turns) / len(turns) < 0.65 and max(turns) > 10  # many short, a long tail
+    lengths.sort()
+    assert lengths[-5] > 4 * lengths[len(lengths) // 2]
+
+
+def test_summary_and_learning_check(tmp_path):
+    b = bench()
+
+    def write(name: str, tokens_per_step: float, losses: list[float], val_bpb: float | None = None) -> dict:
+        rows = [{"loss": x, "tokens_per_s": tokens_per_step / 0.5, "step_s": 0.5, "padding_frac": 0.1} for x in losses]
+        if val_bpb is not None:
+            rows[-1]["val_bpb"] = val_bpb
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return b.side_summary(path, positions=1000)
+
+    unpacked = write("u", 250.0, [5.0 - 0.05 * i for i in range(20)])
+    assert unpacked["fill"] == pytest.approx(0.25) and unpacked["tokens_per_step"] == pytest.approx(250.0)
+    assert unpacked["tokens_per_s"] == pytest.approx(500.0) and unpacked["padding_frac"] == pytest.approx(0.1)
+    ref, verdict = b.learning_verdicts(unpacked, write("p", 240.0, [4.98 - 0.05 * i for i in range(20)]))
+    assert ref.ok and verdict.ok, verdict.message
+    assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0 - 0.02 * i for i in range(20)]))[1].ok
+    assert not b.learning_verdicts(unpacked, write("w", 240.0, [5.0] * 20), min_drop=0.01)[1].ok
+    with_val = write("v", 250.0, unpacked["losses"], val_bpb=2.0)  # validation decides, not the step-by-step gap
+    assert b.learning_verdicts(with_val, write("p", 240.0, [5.0 - 0.02 * i for i in range(20)], val_bpb=2.03))[1].ok
+    assert not b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.1))[1].ok
+    assert b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=1.9))[1].ok  # better is fine
+    assert not b.learning_verdicts(with_val, write("p", 240.0, [5.0] * 20, val_bpb=2.0))[1].ok  # did not learn
+    assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes

@@ -1,0 +1,214 @@
+"""--pack: the first-fit-decreasing packer, packed batches from real shards, a real tiny VLM's packed loss and
+gradients against the unpacked batch of the same samples, no attention across sample boundaries, exact
+resume through the training loop with packing on, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, parse, write_shards
+
+from data_prep import synth
+from ghostvis.config import get_preset
+from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, join_rows
+from ghostvis.data.packing import PackError, pack_rows
+from ghostvis.data.shards import ShardStream
+from ghostvis.model.attention import document_positions
+from ghostvis.model.vlm import VLM
+from ghostvis.train import loop
+from ghostvis.vision.transforms import image_transform
+
+# fp32 on CPU: the packed path (masked SDPA) and the unpacked one (causal SDPA) sum the same terms in
+# another order, so they agree to rounding; a sample that saw another sample would be off by ~1e-1
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, seed=3, num_captions=64, num_vqa=64, num_val=8, num_test=4, num_arith=16,
+                   num_arith_test=4, num_text_docs=2, shard_size=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_tokenizer) -> VLM:
+    torch.manual_seed(0)
+    cfg, vcfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
+                           image_token_id=tiny_tokenizer.image_token_id)
+    return VLM(cfg, vcfg).float()
+
+
+def batcher(kind: type, d: Path, tok, model: VLM, **kw):
+    src = ShardStream(d, seed=0, loop=kw.pop("loop", False), shuffle=False)
+    return kind(src, tok, batch_size=kw.pop("batch_size", 4), max_len=kw.pop("max_len", 96),
+                num_vision_tokens=model.num_vision_tokens, transform=image_transform(model.vision_config), **kw)
+
+
+def test_pack_rows_bounds_determinism_and_errors() -> None:
+    import random
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 60) for _ in range(200)]
+    images = [rng.randint(0, 3) for _ in range(200)]
+    rows = pack_rows(lengths, images, 64, max_images=4)
+    assert sorted(i for r in rows for i in r) == list(range(200))  # every sample once, none split
+    assert all(sum(lengths[i] for i in r) <= 64 and sum(images[i] for i in r) <= 4 for r in rows)
+    assert all(r == sorted(r) for r in rows) and rows == pack_rows(lengths, images, 64, max_images=4)
+    assert len(rows) <= 1.25 * sum(lengths) / 64 + 1  # first-fit decreasing wastes little
+    with pytest.raises(PackError, match=r"^a sample of 65 tokens is longer than a packed row \(64 tokens"):
+        pack_rows([3, 65], [0, 0], 64)
+    with pytest.raises(PackError, match="a sample with 3 images does not fit .* raise --pack-images to 3"):
+        pack_rows([3, 5], [0, 3], 64, max_images=2)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert document_positions(ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+
+
+def packed_and_unpacked(kind: type, d: Path, tok, model: VLM, n: int, max_len: int) -> tuple[dict, dict]:
+    """The same n samples as one unpacked batch and as one packed batch (rows of max_len)."""
+    plain = batcher(kind, d, tok, model, max_len=max_len, batch_size=n)
+    rows = plain._read_rows(iter(plain.source))[0][:n]
+    packer = batcher(kind, d, tok, model, max_len=max_len, batch_size=n, pack=True)
+    (packed_rows,) = packer._arrange(rows)
+    assert len(packed_rows) < n  # samples really share rows
+    return plain.collate(rows), packer.collate(packed_rows)
+
+
+def loss_and_grads(model: VLM, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    kw = {k: batch[k] for k in ("pixel_values", "document_ids") if k in batch}
+    loss = model(batch["input_ids"], batch["targets"], **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind,data", [(CaptionBatches, "captions"), (ConversationBatches, "vqa")])
+def test_packed_loss_and_gradients_equal_unpacked(synth_dir, tiny_tokenizer, vlm, kind, data) -> None:
+    plain, packed = packed_and_unpacked(kind, synth_dir / data / "train", tiny_tokenizer, vlm, 12, 96)
+    assert packed["input_ids"].shape[1] == 96 and packed["num_tokens"] == plain["num_tokens"]
+    assert packed["num_loss_tokens"] == plain["num_loss_tokens"]  # the loop's token weights are the same
+    counted = [sorted(b["targets"][b["targets"] >= 0].tolist()) for b in (plain, packed)]
+    assert counted[0] == counted[1]  # the same targets carry loss, none lost or added at a boundary
+    loss_u, grads_u = loss_and_grads(vlm, plain)
+    loss_p, grads_p = loss_and_grads(vlm, packed)
+    assert loss_p.item() == pytest.approx(loss_u.item(), rel=LOSS_RTOL)
+    assert grads_p.keys() == grads_u.keys() and any(n.startswith("vision.") for n in grads_u)
+    for name, g in grads_u.items():
+        err = ((grads_p[name] - g).norm() / g.norm().clamp(min=1e-12)).item()
+        assert err < GRAD_RTOL, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_activation_checkpointing_keeps_documents(synth_dir, tiny_tokenizer, vlm) -> None:
+    """Recomputed blocks get the same document mask and positions: the same loss and gradients."""
+    _, packed = packed_and_unpacked(ConversationBatches, synth_dir / "vqa" / "train", tiny_tokenizer, vlm, 8, 96)
+    vlm.train()
+    loss, grads = loss_and_grads(vlm, packed)
+    vlm.llm.set_activation_checkpointing(True)
+    try:
+        loss_ckpt, grads_ckpt = loss_and_grads(vlm, packed)
+    finally:
+        vlm.llm.set_activation_checkpointing(False)
+    assert loss_ckpt.item() == pytest.approx(loss.item(), rel=LOSS_RTOL)
+    assert all(torch.allclose(grads_ckpt[n], g, rtol=GRAD_RTOL, atol=1e-7) for n, g in grads.items())
+
+
+def test_no_attention_across_sample_boundaries(synth_dir, tiny_tokenizer, vlm) -> None:
+    """Perturb one sample of a packed row (its tokens and its image): the other samples' logits don't move."""
+    _, packed = packed_and_unpacked(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, vlm, 12, 160)
+    docs = packed["document_ids"]
+    row = int(torch.argmax(docs.max(dim=1).values))  # the row with the most samples
+    assert docs[row].max() >= 3  # three samples (and padding, or a fourth): one before and one after the perturbed
+    inputs = {k: packed[k][row:row + 1] for k in ("input_ids", "document_ids")}
+    images_before = int((packed["input_ids"][:row] == tiny_tokenizer.image_token_id).sum()) // vlm.num_vision_tokens
+    n_img = int((inputs["input_ids"] == tiny_tokenizer.image_token_id).sum()) // vlm.num_vision_tokens
+    pixels = packed["pixel_values"][images_before:images_before + n_img].clone()
+    with torch.no_grad():
+        before = vlm(inputs["input_ids"], pixel_values=pixels, document_ids=inputs["document_ids"])
+        ids = inputs["input_ids"].clone()
+        target = docs[row:row + 1] == 1  # the second sample: its caption tokens and its image change
+        text = target & (ids != tiny_tokenizer.image_token_id) & (ids != tiny_tokenizer.bos_token_id)
+        ids[text] = (ids[text] + 7) % 200
+        pixels[1] = 255 - pixels[1]
+        after = vlm(ids, pixel_values=pixels, document_ids=inputs["document_ids"])
+    moved = (after - before).abs().amax(dim=-1)[0]
+    assert moved[target[0]].max() > 1e-2  # the perturbed sample did change
+    assert moved[~target[0]].max() < 1e-5  # nothing else did (before and after, after and before it)
+
+
+def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenizer, vlm) -> None:
+    mix = synth_dir / "vqa" / "train"
+    data = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, pack=True, batch_size=2, max_len=128,
+                   group_batches=8, pack_images=3)
+    it = iter(data)
+    first = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(data.state_dict()))  # what a checkpoint stores
+    expected = [next(it) for _ in range(12)]  # across a window's end
+    resumed = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, pack=True, batch_size=2,
+                      max_len=128, group_batches=8, pack_images=3)
+    resumed.load_state_dict(state)
+    got = [b for b, _ in zip(resumed, range(12))]
+    for a, b in zip(expected, got):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "targets", "document_ids", "pixel_values"))
+    for b in first + expected:
+        assert (b["pixel_values"].shape[0] <= 3 * b["input_ids"].shape[0]
+                and (b["document_ids"].amax(dim=1) >= 1).any())  # several samples a row, at most 3 images a row
+
+
+def test_sample_with_more_images_than_a_row_is_one_line_error(tmp_path, tiny_tokenizer, vlm) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), (255, 0, 0)).save(buf, format="PNG")
+    record = {"messages": [{"role": "user", "content": "<|image|> or <|image|>?"},
+                           {"role": "assistant", "content": "the first"}]}
+    d = write_shards(tmp_path / "two", "conversation", [{"__key__": "two", "json": json.dumps(record).encode(),
+                                                          "0.png": buf.getvalue(), "1.png": buf.getvalue()}])
+    data = batcher(ConversationBatches, d, tiny_tokenizer, vlm, pack=True, pack_images=1, max_len=128)
+    with pytest.raises(PackError, match=r"^a sample with 2 images does not fit a packed row of at most 1 images; "
+                                        r"raise --pack-images to 2 or more \(0 = no bound\)$"):
+        next(iter(data))
+
+
+def test_training_with_pack_resumes_exactly(synth_dir, tiny_tokenizer_dir, tmp_path, world1) -> None:
+    """sft with --pack through the loop (real DeepSpeed engine, ZeRO-2 on CPU): stopped at step 2 mid-window and
+    resumed from its checkpoint, the same losses as a straight run; validation bpb runs on packed rows too."""
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "mixture.json").write_text(json.dumps({"datasets": [{"dir": str(synth_dir / "vqa"), "weight": 3},
+                                                               {"dir": str(synth_dir / "arith"), "weight": 1}]}))
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        loop.run(parse("--stage", "sft", "--model", "vlm_tiny", "--data", mix, "--tokenizer", tiny_tokenizer_dir,
+                       "--pack", "--pack-images", "4", "--micro-batch", "2", "--seq-len", "128", "--steps", "4",
+                       "--data-workers", "0", "--out", out, "--ds_config", REPO / "ds_configs" / "zero2.json",
+                       "--eval-every", "2", "--eval-batches", "2", "--warmup", "1", "--lr", "3e-3", *extra))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "straight", "--save-every", "0")
+    run(tmp_path / "resumed", "--save-every", "2", "--stop-at", "2")
+    resumed = run(tmp_path / "resumed", "--save-every", "2")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight] and len(straight) == 4
+    assert [r["val_bpb"] for r in resumed if "val_bpb" in r] == [r["val_bpb"] for r in straight if "val_bpb" in r]
+    assert all(0.0 <= r["padding_frac"] < 0.5 for r in straight)  # packed rows are mostly full
+    assert "packed rows: sdpa_mask" in (tmp_path / "straight" / "run_log.md").read_text()
+
+
+def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_path, world1) -> None:
+    args = parse("--stage", "base", "--model", "tiny", "--data", text_data, "--tokenizer", tiny_tokenizer_dir,
+                 "--pack", "--out", tmp_path / "base", "--ds_config", REPO / "ds_configs" / "zero2.json",
+                 "--eval-every", "0")
+    with pytest.raises(PackError, match=r"^--pack: --stage base can't pack \(base already fills every row from one "
+                                        r"token stream .*\); packing applies to vision_pretrain and sft: drop --pack$"):
+        loop.run(args)
+
+
+def test_pack_with_context_parallel_is_refused() -> None:
+    from ghostvis.data.packing import check_packing
+
+    check_packing("sft", "conversation", 1, 0, cp=1)  # allowed
+    with pytest.raises(PackError, match=r"^--pack with --cp 2: .*use --cp 1 \(or drop --pack\)$"):
+        check_packing("sft", "conversation", 1, 0, cp=2)
