@@ -334,11 +334,12 @@ class TimedBatches:
         if isinstance(batch, dict):
             images = batch.get("pixel_values", batch.get("image_features"))
             self.images += 0 if images is None else len(images)
-            self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
+            if "input_ids" in batch:  # rows; GRPO's prompt batches hold prompts, which are never padded here
+                self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
         return batch
 
     def padding_frac(self) -> float | None:
-        """The fraction of row positions that held padding since the last call (None: no dict batches)."""
+        """The fraction of row positions that held padding since the last call (None: no batches of rows)."""
         out = 1 - self.real / self.slots if self.slots else None
         self.slots = self.real = 0
         return out
