@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=0, help="as launch/train.py's: adapters train, not the LLM")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every group (constant)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of every group (constant; train_throughput's too)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help="attention kernel (train.py's flag)")
     p.add_argument("--save-losses", default=None, help="write every step's loss here (JSON), for --reference-losses")
     p.add_argument("--reference-losses", default=None,

@@ -2,6 +2,7 @@
 
     python bench/tower_probe.py --model vlm_tiny_cnn --task shape --steps 100
     python bench/tower_probe.py --model vlm_tiny --task bind --steps 100
+    python bench/tower_probe.py --model vlm_tiny_cnn --task position --vision position_embedding=true
 
 The preset's tower (encoder unfrozen, random weights) turns synth scenes (64 px) into its vision tokens
 (width 64); a small readout answers from them, trained with the tower end to end on fresh scenes every
@@ -10,6 +11,10 @@ step (batch 32; encoder lr 1e-3, the rest 2e-3: the demo's rates):
 - `shape`: one object per scene; its shape (chance 1/3). Readout: a linear layer on the flattened tokens.
 - `bind`: 1-4 objects; the shape of the object of a named colour (chance 1/3). Readout: one cross-attention
   layer whose query is the colour's embedding, then a linear layer.
+- `position`: 2-4 objects; is the object of one named colour left or right of another's (chance 1/2, the two
+  centres at least scenes.MIN_DX apart, as the visual QA asks). Readout: the same cross-attention queried by
+  each colour, the two outputs concatenated, then a linear layer. It can only answer if the tokens it
+  attends to say where they lie (VisionConfig.position_embedding, or what the encoder itself encodes).
 
 Prints held-out accuracy on 400 fixed scenes every 25 steps.
 """
@@ -23,54 +28,76 @@ import time
 import torch
 from torch import nn
 
-from ghostvis.config import get_preset
-from ghostvis.data.scenes import COLOURS, SHAPES, render, sample_scene
+from ghostvis.config import get_preset, parse_vision_override
+from ghostvis.data.scenes import COLOURS, MIN_DX, SHAPES, render, sample_scene
 from ghostvis.vision.tower import VisionTower
 from ghostvis.vision.transforms import image_transform
 
 WIDTH = 64
 
 
+def _vision_override(text: str) -> tuple[str, object]:
+    try:
+        return parse_vision_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 class Readout(nn.Module):
-    """Tokens [N, T, WIDTH] (+ a colour index for `bind`) -> shape logits."""
+    """Tokens [N, T, WIDTH] (+ colour indices [N, Q] for `bind` and `position`) -> answer logits."""
 
     def __init__(self, task: str, num_tokens: int) -> None:
         super().__init__()
         self.task = task
-        if task == "bind":
+        if task == "shape":
+            self.head = nn.Linear(num_tokens * WIDTH, len(SHAPES))
+        else:
+            queries, answers = (1, len(SHAPES)) if task == "bind" else (2, 2)
             self.colour = nn.Embedding(len(COLOURS), WIDTH)
             self.attn = nn.MultiheadAttention(WIDTH, 4, batch_first=True)
-            self.head = nn.Linear(WIDTH, len(SHAPES))
-        else:
-            self.head = nn.Linear(num_tokens * WIDTH, len(SHAPES))
+            self.head = nn.Linear(queries * WIDTH, answers)
 
     def forward(self, tokens: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
         if self.task == "shape":
             return self.head(tokens.flatten(1))
-        out, _ = self.attn(self.colour(colour)[:, None], tokens, tokens)
-        return self.head(out[:, 0])
+        out, _ = self.attn(self.colour(colour), tokens, tokens)
+        return self.head(out.flatten(1))
 
 
 def batch(rng: random.Random, n: int, task: str, transform) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels, colour index of the asked object, its shape index) for n fresh scenes."""
+    """(pixels, colour indices of the named objects [n, Q], answer index) for n fresh scenes."""
     xs, cs, ys = [], [], []
-    for _ in range(n):
-        scene = sample_scene(rng, 1 if task == "shape" else None)
-        obj = scene.objects[0] if task == "shape" else rng.choice(scene.objects)
+    colours = list(COLOURS)
+    while len(xs) < n:
+        scene = sample_scene(rng, 1 if task == "shape" else rng.randint(2, 4) if task == "position" else None)
+        if task == "position":
+            pairs = [(a, b) for a in scene.objects for b in scene.objects if abs(a.x - b.x) >= MIN_DX]
+            if not pairs:
+                continue
+            a, b = rng.choice(pairs)
+            cs.append([colours.index(a.colour), colours.index(b.colour)])
+            ys.append(int(a.x > b.x))  # 0 = left of, 1 = right of
+        else:
+            obj = scene.objects[0] if task == "shape" else rng.choice(scene.objects)
+            cs.append([colours.index(obj.colour)])
+            ys.append(SHAPES.index(obj.shape))
         xs.append(transform(render(scene, 64)))
-        cs.append(list(COLOURS).index(obj.colour))
-        ys.append(SHAPES.index(obj.shape))
     return torch.stack(xs), torch.tensor(cs), torch.tensor(ys)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vlm_tiny_cnn", help="a vlm_* preset whose tower is probed")
-    p.add_argument("--task", default="shape", choices=("shape", "bind"))
+    p.add_argument("--task", default="shape", choices=("shape", "bind", "position"))
+    p.add_argument("--vision", type=_vision_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a field of the preset's VisionConfig, e.g. position_embedding=true")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    _, cfg = get_preset(a.model)
+    try:
+        _, cfg = get_preset(a.model, **dict(a.vision))
+    except ValueError as e:
+        p.error(str(e))
     if cfg is None:
         p.error(f"--model {a.model} has no vision tower; pick a vlm_* preset")
     torch.manual_seed(a.seed)

@@ -90,6 +90,8 @@ class VisionConfig:
     resampler_heads: int = 8
     projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's);
     # with the perceiver, the width of its SwiGLU projector (Idefics2's: the LLM's ffn_dim)
+    # a learned row + column embedding on each token of a grid resampler, so the LLM knows where it lies
+    position_embedding: bool = False
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
 

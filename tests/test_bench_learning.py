@@ -27,7 +27,7 @@ def test_learnable_batches_are_deterministic_shifted_and_learnable():
 
 
 def test_one_long_row_per_step_learns():
-    """Batch 1 at a long sequence (the 32k benches): a small GPT trained with AdamW at a modest rate must pass
+    """Batch 1 at a long sequence (the 32k benches): a small GPT trained with AdamW must pass
     the check within a bench's step count."""
     from ghostvis.config import get_preset
     from ghostvis.model.gpt import GPT
@@ -35,7 +35,7 @@ def test_one_long_row_per_step_learns():
     torch.manual_seed(0)
     cfg, _ = get_preset("tiny", vocab_size=8192, max_seq_len=1024)
     model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # a 64-wide model: the benches use 1e-4 at 1.5B
     losses = []
     for _, (x, y) in zip(range(13), learnable_batches(cfg.vocab_size, 1, 1024, "cpu")):
         loss = model(x, y)

@@ -266,3 +266,15 @@ def test_server_decodes_only_the_images_the_fitted_prompt_keeps():
     with pytest.raises(APIError, match="image 6 is not a usable image: broken") as err:
         prepare_prompt(engine, req, refuse_6, None, 1 << 20, context=256)
     assert err.value.param == "image 6"
+
+    # a text-only model says so before reading any url: a missing file under no --image-root is not the reason
+    text_req = parse_chat_request({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "/nowhere.png"}}]}]},
+        max_tokens_cap=32, default_temperature=0.0)
+
+    def text_only(data: bytes) -> torch.Tensor:
+        raise ValueError("the checkpoint X is a text-only model (no vision tower)")
+
+    with pytest.raises(APIError, match="text-only model") as err:
+        prepare_prompt(Engine(tiny_gpt(), TOK), text_req, text_only, None, 1 << 20, context=256)
+    assert err.value.param == "image 0"

@@ -120,6 +120,26 @@ def test_pixel_shuffle_is_space_to_depth():
     assert out[0, 3].tolist() == [10, 11, 14, 15]
 
 
+def test_grid_position_embedding_tells_tokens_apart():
+    """position_embedding adds row + column embeddings (zero at the start) to a grid resampler's tokens;
+    once trained, two images that differ only in where a patch lies give different tokens there."""
+    plain = PixelShuffleResampler(1, num_tokens=4, num_patches=16)
+    placed = PixelShuffleResampler(1, num_tokens=4, num_patches=16, position=True)
+    grid = torch.arange(16.0).reshape(1, 16, 1)
+    assert torch.equal(placed(grid), plain(grid))  # zero-initialised: no change until it learns
+    with torch.no_grad():
+        placed.position.row.copy_(torch.tensor([0.0, 10.0]).reshape(2, 1, 1))
+        placed.position.col.copy_(torch.tensor([0.0, 1.0]).reshape(1, 2, 1))
+    shift = placed(torch.zeros(1, 16, 1))[0, :, 0]
+    assert shift.tolist() == [0.0, 1.0, 10.0, 11.0]  # token i = row i // 2, column i % 2
+    assert [n for n, _ in placed.named_parameters()] == ["position.row", "position.col"]
+    vlm = tiny_vlm(resampler="avgpool", position_embedding=True)
+    assert {n for n, _ in vlm.vision.named_parameters() if "position" in n} == {"resampler.position.row",
+                                                                               "resampler.position.col"}
+    with pytest.raises(ValueError, match="grid resampler"):
+        tiny_vlm(resampler="perceiver", resampler_heads=4, position_embedding=True)
+
+
 def test_resampler_config_errors():
     with pytest.raises(ValueError, match="num_vision_tokens"):
         PixelShuffleResampler(96, num_tokens=10, num_patches=64)

@@ -211,7 +211,10 @@ def prepare_prompt(engine: Any, request: ChatRequest, preprocess: Callable[[byte
     long history costs rendering its text, never decoding its images. APIError(400) names what is wrong."""
     images = list(enumerate(request.image_urls))  # (place in the request, url): errors name the image
     if images and not engine.num_vision_tokens:
-        load_images(images[:1], preprocess, image_root, max_bytes)  # a text-only model: says why it cannot
+        try:  # a text-only model says why it takes no image before any url is read (a bad url is not the reason)
+            preprocess(b"")
+        except ValueError as e:
+            raise APIError(400, str(e), f"image {images[0][0]}") from None
     try:
         ids, kept, _ = fit_prompt(engine, request.messages, images, request.max_tokens, context)
     except ContextTooLong as e:

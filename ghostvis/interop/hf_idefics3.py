@@ -28,6 +28,8 @@ def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     if vision_cfg.projector_hidden != 0:
         return (f"its projector is an MLP (projector_hidden={vision_cfg.projector_hidden}), Idefics3's one bias-free "
                 "linear layer: train with projector_hidden=0")
+    if vision_cfg.position_embedding:
+        return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
     if not vision_cfg.feature_norm:
         return "its features skip the encoder's final norm, which Idefics3 applies: train with feature_norm=true"
     return None

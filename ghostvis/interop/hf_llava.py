@@ -40,6 +40,8 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
     if vision_cfg.resampler != "none":
         return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
                 "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
+    if vision_cfg.position_embedding:
+        return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
     if vision_cfg.feature_norm:
         return "its encoder applies its final norm to the features (feature_norm), which LLaVA never does"
     if vision_cfg.projector_hidden != model_cfg.n_embd:

@@ -9,6 +9,10 @@
 - `none`: every patch token passes through unchanged (LLaVA-1.5's connector: the MLP projector alone);
   num_vision_tokens = number of patches. The one connector transformers' LLaVA expresses
   (launch/export.py --format hf exports it as `LlavaForConditionalGeneration`).
+
+The grid resamplers (all but `perceiver`) keep the layout: token i is cell (i // k, i % k) of a k x k grid.
+With VisionConfig.position_embedding they add a learned row and a learned column embedding to each token,
+so the LLM, which sees the tokens only in a 1-D order, is told where each one is.
 """
 
 from __future__ import annotations
@@ -36,6 +40,27 @@ def _to_grid(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     n, length, dim = x.shape
     g = _square_side(length, "number of patches")
     return x.transpose(1, 2).reshape(n, dim, g, g), g
+
+
+class GridPosition(nn.Module):
+    """Adds a learned row and column embedding (zero at the start) to tokens laid out on a side x side grid."""
+
+    def __init__(self, side: int, dim: int):
+        super().__init__()
+        self.side = side
+        self.row = nn.Parameter(torch.zeros(side, 1, dim))
+        self.col = nn.Parameter(torch.zeros(1, side, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.row + self.col).reshape(self.side * self.side, -1)
+
+
+def _position(position: bool, num_tokens: int, dim: int) -> GridPosition | None:
+    return GridPosition(_square_side(num_tokens, "VisionConfig.num_vision_tokens"), dim) if position else None
+
+
+def _placed(x: torch.Tensor, position: GridPosition | None) -> torch.Tensor:
+    return x if position is None else position(x)
 
 
 PERCEIVER_EPS = 1e-6  # its RMSNorms' eps (Idefics2PerceiverConfig's default; the export writes it)
@@ -116,7 +141,7 @@ def _refuse_old_perceiver(state: dict, prefix: str, *args: object) -> None:
 class AvgPoolResampler(nn.Module):
     """Average-pool the g x g patch grid to k x k tokens (num_tokens = k²)."""
 
-    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int, position: bool = False):
         super().__init__()
         self.side = _square_side(num_tokens, "VisionConfig.num_vision_tokens (avgpool)")
         if num_tokens > num_patches:
@@ -125,16 +150,17 @@ class AvgPoolResampler(nn.Module):
             )
         self.num_tokens = num_tokens
         self.out_dim = in_dim
+        self.position = _position(position, num_tokens, in_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, _ = _to_grid(x)
-        return F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
+        return _placed(F.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2), self.position)
 
 
 class PixelShuffleResampler(nn.Module):
     """Space-to-depth: each r x r block of patches becomes one token of width in_dim * r²."""
 
-    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int, position: bool = False):
         super().__init__()
         r = math.isqrt(num_patches // num_tokens)
         g = _square_side(num_patches, "number of patches")
@@ -146,18 +172,19 @@ class PixelShuffleResampler(nn.Module):
         self.r = r
         self.num_tokens = num_tokens
         self.out_dim = in_dim * r * r
+        self.position = _position(position, num_tokens, self.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, d = x.shape
         g, r = math.isqrt(length), self.r
         x = x.reshape(n, g // r, r, g // r, r, d).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(n, (g // r) ** 2, r * r * d)
+        return _placed(x.reshape(n, (g // r) ** 2, r * r * d), self.position)
 
 
 class IdentityResampler(nn.Module):
     """All patch tokens, unchanged (num_tokens = num_patches); no parameters."""
 
-    def __init__(self, in_dim: int, num_tokens: int, num_patches: int):
+    def __init__(self, in_dim: int, num_tokens: int, num_patches: int, position: bool = False):
         super().__init__()
         if num_tokens != num_patches:
             raise ValueError(
@@ -166,19 +193,23 @@ class IdentityResampler(nn.Module):
             )
         self.num_tokens = num_tokens
         self.out_dim = in_dim
+        self.position = _position(position, num_tokens, in_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return _placed(x, self.position)
 
 
 def build_resampler(cfg: VisionConfig, in_dim: int, num_patches: int) -> nn.Module:
     """The resampler named by `cfg.resampler`; every one exposes `num_tokens` and `out_dim`."""
     if cfg.resampler == "perceiver":
+        if cfg.position_embedding:
+            raise ValueError("VisionConfig.position_embedding needs a grid resampler (avgpool, pixel_shuffle or "
+                             "none); the perceiver's latents have no place in the image")
         return PerceiverResampler(in_dim, cfg.num_vision_tokens, cfg.resampler_depth, cfg.resampler_heads)
     if cfg.resampler == "avgpool":
-        return AvgPoolResampler(in_dim, cfg.num_vision_tokens, num_patches)
+        return AvgPoolResampler(in_dim, cfg.num_vision_tokens, num_patches, cfg.position_embedding)
     if cfg.resampler == "pixel_shuffle":
-        return PixelShuffleResampler(in_dim, cfg.num_vision_tokens, num_patches)
+        return PixelShuffleResampler(in_dim, cfg.num_vision_tokens, num_patches, cfg.position_embedding)
     if cfg.resampler == "none":
-        return IdentityResampler(in_dim, cfg.num_vision_tokens, num_patches)
+        return IdentityResampler(in_dim, cfg.num_vision_tokens, num_patches, cfg.position_embedding)
     raise ValueError(f"VisionConfig.resampler={cfg.resampler!r}; choose perceiver, avgpool, pixel_shuffle or none")
