@@ -36,7 +36,9 @@ from ghostvis.data.multimodal import (IMAGE_EXTS, CaptionBatches, ConversationBa
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
 from ghostvis.tokenizer import Tokenizer
-from ghostvis.train.loop import DataRequest
+from ghostvis.tokenizer_dir import load_tokenizer
+from ghostvis.data.request import DataRequest
+from ghostvis.train.loop import data_inputs
 from ghostvis.vision.transforms import data_config, image_transform, load_image, normalize_pixels
 
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the phase timings (a data worker has 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     cfg, vcfg = get_preset(args.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
     model = VLM(cfg, vcfg)
     print(f"{args.model}: images {vcfg.image_size} px, {model.num_vision_tokens} vision tokens; "
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {phase} | {1000 * sec / max(n_images, 1):.3f} | {share} |")
         print(f"| **total** | {1000 * now / max(n_images, 1):.3f} | 100% |\n")
         req = DataRequest(args.data / kind, "train", args.seq_len, args.micro_batch, 0, 1, 0, tok,
-                          torch.device("cpu"), False, model)
+                          torch.device("cpu"), False, **data_inputs(model))
         batches = max(2, args.samples // args.micro_batch)
         for workers in args.workers:
             print(f"- batcher, --data-workers {workers}: {images_per_s(build, req, workers, batches):,.0f} images/s")

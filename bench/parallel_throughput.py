@@ -46,6 +46,7 @@ from ghostvis.train import engine as ds_engine
 from ghostvis.train.logging import H100_BF16_PEAK, mfu
 from ghostvis.train.loop import lm_loss, pipeline_step, train_step
 from ghostvis.train.schedule import apply_lr
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
 from learning import check_learning, learnable_batches
 
@@ -126,12 +127,11 @@ def main() -> None:
     model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing)  # deepspeed moves it
     del plain
     stage, dtype = STAGES[stage_name], "bf16" if on_gpu else "fp32"
-    settings = stage.defaults
+    settings = Settings.of(stage, {**stage.defaults, **{name: args.lr for name in stage.lr_names}, "weight_decay": 0.1})
     if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_rank)
         stage, settings = lora.lora_stage(stage, settings)
-    lrs = {name: args.lr for name in stage.lr_names}
-    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, settings, model.config.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, settings, model.config.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
                                           grad_accum=args.grad_accum, world_size=topo.dp_size * topo.cp_size,
                                           grad_clip=1.0,

@@ -22,7 +22,6 @@ Prints held-out accuracy on 400 fixed scenes every 25 steps.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 
@@ -101,9 +100,8 @@ def main() -> None:
         p.error(str(e))
     if cfg is None:
         p.error(f"--model {a.model} has no vision tower; pick a vlm_* preset")
-    cfg = dataclasses.replace(cfg, freeze_encoder=False)
     torch.manual_seed(a.seed)
-    tower = VisionTower(cfg, WIDTH)
+    tower = VisionTower(cfg, WIDTH, freeze_encoder=False)
     readout = Readout(a.task, tower.num_vision_tokens)
     transform = image_transform(cfg)
     opt = torch.optim.AdamW([

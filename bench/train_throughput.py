@@ -40,6 +40,7 @@ from ghostvis.train import engine as ds_engine
 from ghostvis.train.logging import H100_BF16_PEAK, mfu
 from ghostvis.train.loop import lm_loss, train_step
 from ghostvis.train.schedule import apply_lr
+from ghostvis.train.settings import Settings
 from ghostvis.model.attention import ATTENTION_CHOICES, select_attention
 from ghostvis.train.stages import STAGES
 from learning import Verdict, check_learning, learnable_batches
@@ -109,9 +110,8 @@ def engine_step(args: argparse.Namespace, device: torch.device, dtype: str, vari
     torch.manual_seed(0)
     cfg, _ = get_preset(args.model, args.depth, max_seq_len=args.seq_len)
     model = GPT(cfg).to(device)
-    lrs = {name: args.lr for name in STAGES["base"].lr_names}
-    base_stage = STAGES["base"]  # its defaults carry every setting its rules read
-    groups = ds_engine.build_param_groups(model, base_stage, lrs, 0.1, dict(base_stage.defaults), cfg.n_layer)
+    settings = Settings(lrs={name: args.lr for name in STAGES["base"].lr_names}, weight_decay=0.1)
+    groups = ds_engine.build_param_groups(model, STAGES["base"], settings, cfg.n_layer)
     base = ds_engine.load_ds_config(REPO / "ds_configs" / f"{variant.ds_config}.json"
                                     if args.variants else args.ds_config)
     ds_config = merged(ds_engine.build_ds_config(base, micro_batch=args.batch, grad_accum=1, world_size=1,

@@ -75,7 +75,7 @@ def build(args: argparse.Namespace, device: torch.device) -> VLM:
     vision_cfg = VisionConfig(
         encoder=args.encoder, image_size=args.image_size, encoder_kwargs=encoder_kwargs, resampler="perceiver",
         num_vision_tokens=args.vision_tokens, resampler_depth=args.resampler_depth,
-        resampler_heads=args.resampler_heads, projector_hidden=args.projector_hidden, freeze_encoder=True,
+        resampler_heads=args.resampler_heads, projector_hidden=args.projector_hidden,
     )
     vlm = VLM(model_cfg, vision_cfg).to(device)
     if device.type == "cuda":

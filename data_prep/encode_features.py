@@ -51,18 +51,17 @@ def load_tower(model: str | None, ckpt: str | None, encoder_weights: str | None)
         if vision_cfg is None or not weights.is_file():
             raise SystemExit(f"--ckpt {ckpt}: not a VLM export (no vision config or {checkpoint_io.VISION_FILE}); "
                              "use --model <vlm preset> --encoder-weights <file>")
-        vision_cfg.pretrained_path = None  # the export's own encoder weights are loaded below
     else:
         model_cfg, vision_cfg = get_preset(model or "")
         if vision_cfg is None:
             raise SystemExit(f"--model {model}: not a VLM preset; pick a vlm_* preset")
-        vision_cfg.pretrained_path = encoder_weights
         if not encoder_weights:
             print("warning: no --encoder-weights: caching a randomly initialised encoder (useful for timing only)")
-    vision_cfg.freeze_encoder = True
     tower = VisionTower(vision_cfg, model_cfg.n_embd)
     if ckpt:
         checkpoint_io.load_weights(tower, weights)
+    elif encoder_weights:
+        checkpoint_io.load_encoder_weights(tower.encoder, encoder_weights)
     return tower.eval()
 
 

@@ -32,13 +32,14 @@ from data_prep import console_script
 from data_prep.readers import iter_documents
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 
 _TOKENIZER: Tokenizer | None = None  # one per worker process
 
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _TOKENIZER
-    _TOKENIZER = Tokenizer.load(tokenizer_dir)
+    _TOKENIZER = load_tokenizer(tokenizer_dir)
 
 
 def _write_shard(path: str, docs: list[tuple[int, str]], dtype: str, threads: int) -> tuple[int, int]:
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     dtype = "uint16" if tok.vocab_size < 2**16 else "uint32"
     out = Path(args.out)
     _check_settings(out, {

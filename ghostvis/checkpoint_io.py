@@ -10,7 +10,6 @@ Files are written under a temporary name and renamed, so a reader never sees hal
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.files import TensorFileError, check_tensors, follow_umask
+from ghostvis.interop.hf_vision import read_encoder_weights
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 
 if TYPE_CHECKING:
     from ghostvis.parallel.topology import Topology
@@ -154,12 +155,13 @@ def check_export_files(path: str | Path) -> None:
 
 
 def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights_dir: str | Path | None = None, *,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
+                device: str | torch.device = "cpu", encoder_weights: str | Path | None = None,
+                freeze_encoder: bool = True) -> torch.nn.Module:
     """A GPT (no `vision_cfg`) or a VLM on `device`, with an export's weights when `weights_dir` is given:
-    llm.safetensors always, vision.safetensors when it is there. A tower from vision.safetensors does not
-    read `vision_cfg.pretrained_path` (the caller's config is left as it is); without that file (a text
-    export growing a tower) the tower is new: `pretrained_path`'s encoder weights, else random. On the meta
-    device only the architecture is built (nothing to load into)."""
+    llm.safetensors always, vision.safetensors when it is there. Without that file (a text export growing a
+    tower, or no export) the tower is new: its encoder takes `encoder_weights` (a timm .safetensors file or
+    a Hugging Face SigLIP/CLIP folder), else stays random. `freeze_encoder` is the run's choice (a frozen
+    encoder runs under no_grad). On the meta device only the architecture is built (nothing to load into)."""
     if weights_dir is not None:
         check_export_files(weights_dir)
     tower_saved = weights_dir is not None and (Path(weights_dir) / VISION_FILE).is_file()
@@ -171,21 +173,28 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
         else:
             from ghostvis.model.vlm import VLM
 
-            if tower_saved:
-                vision_cfg = dataclasses.replace(vision_cfg, pretrained_path=None)
-            model = VLM(model_cfg, vision_cfg)
-    if weights_dir is not None and torch.device(device).type != "meta":
+            model = VLM(model_cfg, vision_cfg, freeze_encoder=freeze_encoder)
+    if torch.device(device).type == "meta":
+        return model
+    if weights_dir is not None:
         for file_name, module in module_files(model).items():
             if file_name == LLM_FILE or tower_saved:
                 load_weights(module, Path(weights_dir) / file_name)
+    if encoder_weights and vision_cfg is not None and not tower_saved:
+        load_encoder_weights(model.vision.encoder, encoder_weights)
     return model
+
+
+def load_encoder_weights(encoder: torch.nn.Module, path: str | Path) -> None:
+    """Read a timm .safetensors file or a Hugging Face SigLIP/CLIP folder (converted) into a VisionEncoder."""
+    encoder.load_timm_state_dict(read_encoder_weights(path, encoder.model), path)
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer, dict[str, Any]]:
     """(model in eval mode on `device`, tokenizer, the whole config.json: stage, step, ...) of an export directory."""
     path = Path(path)
     model_cfg, vision_cfg, raw = read_config(path)
-    tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR)
     if tokenizer.fingerprint != raw["tokenizer"]["fingerprint"]:
         raise TensorFileError(f"{path / TOKENIZER_DIR} is not the tokenizer this model was trained with "
                          f"(fingerprint {tokenizer.fingerprint[:12]} != {raw['tokenizer']['fingerprint'][:12]} in {CONFIG_FILE})")

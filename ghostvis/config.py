@@ -31,7 +31,6 @@ class ModelConfig:
     logit_softcap: float | None = None
     image_token_id: int | None = None
     init_std: float = 0.02
-    activation_checkpointing: bool | int = False  # True: every block; N: the first N blocks (docs/training.md)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "max_seq_len"):
@@ -53,12 +52,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"ModelConfig: logit_softcap must be positive or None, got {self.logit_softcap}")
-        self.checkpointed_blocks  # validates activation_checkpointing
-
-    @property
-    def checkpointed_blocks(self) -> int:
-        """How many blocks (the first ones) recompute their activations in backward."""
-        return checkpointed_blocks(self.activation_checkpointing, self.n_layer)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -90,7 +83,6 @@ class VisionConfig:
     encoder: str = "vit_small_patch16_224"
     image_size: int = 224
     feature_layer: int = -2  # block whose patch tokens we take; -2 = second to last
-    pretrained_path: str | None = None  # local safetensors file or HF folder; never downloaded
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle" | "none"
     num_vision_tokens: int = 64
@@ -102,7 +94,6 @@ class VisionConfig:
     position_embedding: bool = False
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
     pad_to_square: bool = True
-    freeze_encoder: bool = True
 
     def __post_init__(self) -> None:
         if self.resampler not in RESAMPLERS:
@@ -141,8 +132,14 @@ def parse_vision_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+# Run settings that configs written by earlier versions carried; they are read past, never applied: the
+# run decides them (launch/train.py --activation-checkpointing, --encoder-weights, --freeze).
+RETIRED_FIELDS = {"ModelConfig": ("activation_checkpointing",), "VisionConfig": ("pretrained_path", "freeze_encoder")}
+
+
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")

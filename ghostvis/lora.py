@@ -24,6 +24,7 @@ from torch import nn
 
 from ghostvis.model.parallel import ColumnParallelLinear, RowParallelLinear
 from ghostvis.train.engine import ConfigError
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import ParamRule, Stage
 
 DEFAULT_TARGETS = r"\.(?:q|k|v|o|gate|up|down)_proj$"  # attention and MLP projections
@@ -73,10 +74,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = DEFAULT_T
     return names
 
 
-def lora_stage(stage: Stage, settings: dict[str, Any]) -> tuple[Stage, dict[str, Any]]:
+def lora_stage(stage: Stage, settings: Settings) -> tuple[Stage, Settings]:
     """The stage with the adapters trainable and the LLM's own weights frozen (its other rules unchanged)."""
     return (dataclasses.replace(stage, trainable=(LORA_RULE, *stage.trainable)),
-            {**settings, "train_llm_layers": 0})
+            dataclasses.replace(settings, train_llm_layers=0))
 
 
 def _adapted(model: nn.Module) -> list[tuple[str, nn.Module]]:

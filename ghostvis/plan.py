@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,7 @@ def build_meta_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None) ->
         from ghostvis.model.vlm import VLM
 
         if model_cfg.image_token_id is None:  # any id works for counting; the tokenizer sets the real one
-            model_cfg.image_token_id = model_cfg.vocab_size - 1
+            model_cfg = replace(model_cfg, image_token_id=model_cfg.vocab_size - 1)
         return VLM(model_cfg, vision_cfg)
 
 
@@ -177,12 +177,13 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
         raise PlanError("--lora-rank needs --stage: the adapters replace the stage's LLM rules")
     if stage is not None:
         from ghostvis.train.engine import ConfigError, build_param_groups
+        from ghostvis.train.settings import Settings
         from ghostvis.train.stages import get_stage
 
         spec = get_stage(stage)
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
-        settings = dict(spec.defaults)
+        settings = Settings.of(spec, spec.defaults)
         if lora_rank:
             from ghostvis import lora
 
@@ -197,12 +198,11 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
             unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
             if unknown:
                 raise PlanError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
-            settings["freeze"] = tuple(freeze)
+            settings = replace(settings, freeze=tuple(freeze))
         try:  # sets requires_grad from the stage's rules
-            build_param_groups(model, spec, {k: settings[k] for k in spec.lr_names}, 0.0, settings,
-                               model.config.n_layer)
+            build_param_groups(model, spec, settings, model.config.n_layer)
         except ConfigError as err:
-            raise PlanError(f"--stage {stage} --freeze {','.join(settings['freeze']) or 'none'}: {err}") from err
+            raise PlanError(f"--stage {stage} --freeze {','.join(settings.freeze) or 'none'}: {err}") from err
     out = []
     for name, p in model.named_parameters():
         part, block = classify(name)
@@ -458,10 +458,10 @@ def measure_activations(model_cfg: ModelConfig, layout: Layout, device: str = "c
 
     if not torch.cuda.is_available():
         raise PlanError("--measure needs a CUDA GPU")
-    model_cfg.activation_checkpointing = layout.activation_checkpointing
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, layout.seq_len)
+    model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, layout.seq_len))
     with torch.device("meta"):
         model = GPT(model_cfg)
+    model.set_activation_checkpointing(layout.activation_checkpointing)
     model.to_empty(device=device)
     model.init_weights()
     model.to(torch.bfloat16).train()

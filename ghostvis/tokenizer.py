@@ -45,9 +45,6 @@ SPECIAL_TOKENS = (
 )
 RANKS_FILE = "ranks.tiktoken"
 META_FILE = "tokenizer.json"
-# An imported Hugging Face tokenizer's directory holds this file (ghostvis/interop/hf_tokenizer.py);
-# `Tokenizer.load` looks for it here, so the name lives beside ours.
-HF_MARKER_FILE = "ghostvis_hf.json"
 FORMAT = "ghostvis-tokenizer/1"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
@@ -131,11 +128,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
+        """Our own kind of tokenizer directory; `ghostvis.tokenizer_dir.load_tokenizer` reads either kind."""
         d = Path(directory)
-        if (d / HF_MARKER_FILE).is_file():  # an imported Hugging Face tokenizer (ghostvis/interop)
-            from ghostvis.interop.hf_tokenizer import HFTokenizer
-
-            return HFTokenizer.load(d)
         for name in (RANKS_FILE, META_FILE):
             if not (d / name).is_file():
                 raise FileNotFoundError(

@@ -9,7 +9,7 @@ GhostVis export directory (llm.safetensors, config.json, tokenizer/) that `ghost
 `launch/train.py --init-from` starts from. GhostVis special tokens the vocabulary lacks are added (new embedding
 rows initialized from existing ones); --alias maps one to a token the vocabulary already has instead.
 --vision: a SigLIP/CLIP folder becomes a timm-format .safetensors, and the VisionConfig fields that fit it are
-printed (VisionConfig.pretrained_path also takes the folder itself). See docs/interop.md.
+printed (launch/train.py --encoder-weights also takes the folder itself). See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--out {args.out}: with --vision, give a .safetensors file name")
     state = timm_state_dict_from_hf(args.vision)
     save_file({k: v.to(dtype) if dtype else v for k, v in state.items()}, args.out)
-    print(f"wrote {args.out}; VisionConfig fields for it:")
-    print(json.dumps({**timm_spec_from_hf(args.vision), "pretrained_path": args.out}, indent=1))
+    print(f"wrote {args.out} (train with --encoder-weights {args.out}); VisionConfig fields for it:")
+    print(json.dumps(timm_spec_from_hf(args.vision), indent=1))
 
 
 if __name__ == "__main__":

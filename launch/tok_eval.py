@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from data_prep.readers import iter_documents
 from ghostvis.tokenizer import Tokenizer, bytes_per_token
+from ghostvis.tokenizer_dir import load_tokenizer
 
 NON_LATIN = [
     "天空是蓝色的，草是绿色的。我们今天去公园散步，看到了很多花。",
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
     args = p.parse_args(argv)
 
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     n_ranks = tok.vocab_size - len(tok.special_tokens)
     print(f"training a Hugging Face BPE ({n_ranks - 256} merges, same split pattern) on {args.train_input}")
     hf = train_hf_bpe(iter_documents(args.train_input, args.text_field, args.max_chars), n_ranks, tok.pattern)

@@ -21,6 +21,7 @@ from ghostvis.checkpoint_io import load_pretrained
 from ghostvis.data.features import FEATURES_KEY
 from ghostvis.data.manifest import DataError, Manifest, ShardInfo, read_manifest, write_manifest
 from ghostvis.data.multimodal import caption_batches
+from ghostvis.data.request import DataRequest
 from ghostvis.train import loop
 
 
@@ -36,8 +37,8 @@ def cached(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 
 
 def first_batch(data: Path, model, tokenizer, cached_features: bool) -> dict:
-    req = loop.DataRequest(data, "train", 64, 8, 0, 1, 0, tokenizer, torch.device("cpu"), True, model,
-                           cached_features)
+    req = DataRequest(data, "train", 64, 8, 0, 1, 0, tokenizer, torch.device("cpu"), True,
+                      **loop.data_inputs(model, cached_features))
     return next(iter(caption_batches(req)))
 
 

@@ -22,7 +22,8 @@ from data_prep.synth import generate, vqa_sample
 from ghostvis.checkpoint_io import export
 from ghostvis.config import get_preset
 from ghostvis.eval import evaluate_vqa, normalize_answer, read_metrics
-from ghostvis.eval.vqa import aggregate, blank_like, reply_text
+from ghostvis.eval.vqa import aggregate, blank_like
+from ghostvis.infer.chat import reply_text
 from ghostvis.infer.engine import Engine
 from ghostvis.model.vlm import VLM
 from ghostvis.train.logging import RunLogger

@@ -24,7 +24,8 @@ from ghostvis.infer.engine import Completion
 from ghostvis.model.gpt import GPT
 from ghostvis.train import loop
 from ghostvis.train.engine import ConfigError
-from ghostvis.train.grpo import GRPOSettings, completion_targets, group_advantages, policy_loss, token_logp
+from ghostvis.train.grpo import completion_targets, group_advantages, policy_loss, token_logp
+from ghostvis.train.settings import GRPOSettings, Settings
 from ghostvis.train.stages import STAGES
 
 PROMPTS, ANSWERS = ("pick a", "pick b", "pick c", "pick d"), ("red", "blue", "green", "fox")
@@ -91,7 +92,7 @@ def test_settings_refused_clearly():
         GRPOSettings(1, 8, 1.0, 0.0, 0.2)
     with pytest.raises(ConfigError, match="--temperature"):
         GRPOSettings(4, 8, 0.0, 0.0, 0.2)
-    req = loop.LossRequest(STAGES["rl"], dict(STAGES["rl"].defaults), None, torch.device("cpu"), "fp32",
+    req = loop.LossRequest(STAGES["rl"], Settings.of(STAGES["rl"], STAGES["rl"].defaults), None, torch.device("cpu"), "fp32",
                            {"zero_optimization": {"stage": 3}}, lambda: None)
     with pytest.raises(ConfigError, match="ZeRO-3.*zero2.json"):
         loop.LOSSES[STAGES["rl"].loss](req)

@@ -15,13 +15,17 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig,
 
 import ghostvis
 from conftest import tiny_corpus
+from ghostvis.checkpoint_io import load_encoder_weights
 from ghostvis.config import VisionConfig, get_preset
-from ghostvis.interop.hf_llm import InteropError, import_llm
+from ghostvis.interop.common import InteropError
+from ghostvis.interop.hf_llm import import_llm
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.interop.hf_vision import timm_spec_from_hf
 from ghostvis.model.vlm import VLM
 from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import engine as ds_engine
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import get_stage
 from ghostvis.vision.encoder import VisionEncoder
 from launch import export as export_cli
@@ -98,7 +102,7 @@ def test_import_logit_parity_and_greedy(imported, hf_folder):
 def test_imported_tokenizer_adds_specials_and_reloads(imported, hf_folder):
     out, model, tok, _ = imported
     hf_vocab = RawTokenizer.from_file(str(hf_folder[1] / "tokenizer.json")).get_vocab_size()
-    assert isinstance(tok, HFTokenizer) and isinstance(Tokenizer.load(out / "tokenizer"), HFTokenizer)
+    assert isinstance(tok, HFTokenizer) and isinstance(load_tokenizer(out / "tokenizer"), HFTokenizer)
     assert tok.bos_token_id == tok.raw.token_to_id("<|endoftext|>")  # aliased: Qwen-style vocab without a BOS
     assert sorted(tok.added_ids.values()) == list(range(hf_vocab, tok.vocab_size))
     assert set(tok.added_ids) == set(SPECIAL_TOKENS) - {"<|bos|>"}
@@ -108,7 +112,7 @@ def test_imported_tokenizer_adds_specials_and_reloads(imported, hf_folder):
     assert ids[:2] == [tok.bos_token_id, tok.special_id("<|user_start|>")] and ids[-1] == tok.special_id("<|assistant_end|>")
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "It is green.<|assistant_end|>"
     raw_cfg = json.loads((out / "config.json").read_text())
-    assert Tokenizer.load(out / "tokenizer").fingerprint == raw_cfg["tokenizer"]["fingerprint"]
+    assert load_tokenizer(out / "tokenizer").fingerprint == raw_cfg["tokenizer"]["fingerprint"]
     assert [t for t in tok.mergeable_ranks if len(t) == 1] and all(isinstance(t, bytes) for t in tok.mergeable_ranks)
 
 
@@ -182,8 +186,8 @@ def test_vision_features_match_transformers(family, tmp_path):
     hf = model_cls(config_cls(hidden_size=64, intermediate_size=136, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8)).eval()
     hf.save_pretrained(tmp_path)
-    encoder = VisionEncoder(VisionConfig(**timm_spec_from_hf(tmp_path), pretrained_path=str(tmp_path),
-                                         resampler="avgpool", num_vision_tokens=4))
+    encoder = VisionEncoder(VisionConfig(**timm_spec_from_hf(tmp_path), resampler="avgpool", num_vision_tokens=4))
+    load_encoder_weights(encoder, tmp_path)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         hidden = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
@@ -192,7 +196,7 @@ def test_vision_features_match_transformers(family, tmp_path):
     wrong_act = timm_spec_from_hf(tmp_path)
     wrong_act["encoder_kwargs"]["act_layer"] = "gelu"
     with pytest.raises(ValueError, match="act_layer"):
-        VisionEncoder(VisionConfig(**wrong_act, pretrained_path=str(tmp_path), resampler="avgpool", num_vision_tokens=4))
+        load_encoder_weights(VisionEncoder(VisionConfig(**wrong_act, resampler="avgpool", num_vision_tokens=4)), tmp_path)
 
 
 def test_imported_llm_with_new_vision_tower_trains_connector(imported):
@@ -201,7 +205,8 @@ def test_imported_llm_with_new_vision_tower_trains_connector(imported):
     _, vision_cfg = get_preset("vlm_tiny")
     vlm = VLM.from_llm(gpt, vision_cfg, image_token_id=tok.image_token_id).train()
     stage = get_stage("vision_pretrain")
-    ds_engine.build_param_groups(vlm, stage, {"vision_lr": 1e-3}, 0.0, dict(stage.defaults), gpt.config.n_layer)
+    ds_engine.build_param_groups(vlm, stage, Settings.of(stage, {**stage.defaults, "vision_lr": 1e-3}),
+                                 gpt.config.n_layer)
     conv = {"messages": [{"role": "user", "content": "<|image|>Describe it."}, {"role": "assistant", "content": "A red circle."}]}
     ids, mask = tok.render_conversation(conv, num_vision_tokens=vlm.num_vision_tokens)
     idx = torch.tensor([ids[:-1]])

@@ -19,7 +19,7 @@ import ghostvis
 from data_prep import synth
 from ghostvis import checkpoint_io
 from ghostvis.config import PRESETS, VisionConfig, get_preset, parse_vision_override
-from ghostvis.interop.hf_llm import InteropError
+from ghostvis.interop.common import InteropError
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.resampler import build_resampler
 from ghostvis.vision.transforms import data_config, image_transform, normalize_pixels

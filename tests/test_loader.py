@@ -22,8 +22,8 @@ from ghostvis.data.multimodal import CaptionBatches, caption_batches
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
 from ghostvis.train import loop
-from ghostvis.train.loop import DataRequest
-from ghostvis.vision.transforms import image_transform
+from ghostvis.data.request import DataRequest
+from ghostvis.train.loop import data_inputs
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def vlm(tiny_tokenizer) -> VLM:
 
 
 def request(data: Path, tokenizer, model, rank: int = 0, world_size: int = 1) -> DataRequest:
-    return DataRequest(data, "train", 48, 4, rank, world_size, 0, tokenizer, CPU, False, model)
+    return DataRequest(data, "train", 48, 4, rank, world_size, 0, tokenizer, CPU, False, **data_inputs(model))
 
 
 def take(it, n: int) -> list:
@@ -104,7 +104,7 @@ def corrupt_captions(limit: float):
         source = ShardStream(req.data_dir / req.split, seed=req.seed, rank=req.rank, world_size=req.world_size,
                              max_corrupt_fraction=limit, min_count=4, expected_kind="image-text", shuffle=False)
         return CaptionBatches(source, req.tokenizer, batch_size=2, max_len=32, num_vision_tokens=4,
-                              transform=image_transform(req.model.vision_config))
+                              transform=req.transform)
     return build
 
 

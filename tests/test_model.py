@@ -216,7 +216,8 @@ def test_activation_checkpointing_same_loss_and_grads():
     idx = torch.randint(0, 500, (2, 12))
     results = []
     for on in (False, True):
-        model = make_model(activation_checkpointing=on).train()
+        model = make_model().train()
+        model.set_activation_checkpointing(on)
         loss = model(idx, idx)
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
@@ -289,14 +290,14 @@ def test_activation_checkpointing_of_the_first_blocks_saves_memory_not_math():
     idx = torch.randint(0, 500, (2, 32))
     results = {}
     for ac in (False, 2, True):
-        model.config.activation_checkpointing = ac
+        model.set_activation_checkpointing(ac)
         results[ac] = _saved_bytes_and_grads(model, idx)
     assert results[True][0] < results[2][0] < results[False][0]
     for ac in (2, True):
         for name, grad in results[False][1].items():
             torch.testing.assert_close(results[ac][1][name], grad, msg=name)
     with pytest.raises(ValueError, match="activation checkpointing of 5 blocks: the model has 4"):
-        tiny(n_layer=4, activation_checkpointing=5)
+        model.set_activation_checkpointing(5)
 
 
 def test_attention_choice_on_cpu_is_expand_and_named_gpu_kernels_are_refused():

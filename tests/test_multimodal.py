@@ -220,7 +220,8 @@ def test_loop_builders_with_a_real_vlm(synth_dir: Path, tmp_path: Path, tiny_tok
     from ghostvis.config import get_preset
     from ghostvis.data.multimodal import caption_batches, conversation_batches
     from ghostvis.model.vlm import VLM
-    from ghostvis.train.loop import DataRequest
+    from ghostvis.data.request import DataRequest
+    from ghostvis.train.loop import data_inputs
 
     model_cfg, vision_cfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
                                        image_token_id=tiny_tokenizer.image_token_id)
@@ -228,7 +229,7 @@ def test_loop_builders_with_a_real_vlm(synth_dir: Path, tmp_path: Path, tiny_tok
 
     def req(data: Path, eval_mode: bool) -> DataRequest:
         return DataRequest(data, "val" if eval_mode else "train", 96, 4, 0, 1, 0, tiny_tokenizer,
-                           torch.device("cpu"), eval_mode, model)
+                           torch.device("cpu"), eval_mode, **data_inputs(model))
 
     val = caption_batches(req(synth_dir / "captions", True))
     first, second = list(val), list(val)  # finite, and restarts at each iter()
@@ -252,14 +253,15 @@ def test_text_rows_mixed_into_a_stage_by_weight_and_resumed(synth_dir: Path, tex
     from ghostvis.config import get_preset
     from ghostvis.data.multimodal import caption_batches, conversation_batches
     from ghostvis.model.vlm import VLM
-    from ghostvis.train.loop import DataRequest
+    from ghostvis.data.request import DataRequest
+    from ghostvis.train.loop import data_inputs
 
     model = VLM(*get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
                             image_token_id=tiny_tokenizer.image_token_id))
 
     def req(eval_mode: bool = False) -> DataRequest:
         return DataRequest(tmp_path, "val" if eval_mode else "train", 64, 4, 0, 1, 0, tiny_tokenizer,
-                           torch.device("cpu"), eval_mode, model)
+                           torch.device("cpu"), eval_mode, **data_inputs(model))
 
     (tmp_path / "mixture.json").write_text(json.dumps(
         {"datasets": [{"dir": str(synth_dir / "captions"), "weight": 3}, {"dir": str(text_data), "weight": 1}]}))

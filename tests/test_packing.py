@@ -105,11 +105,11 @@ def test_activation_checkpointing_keeps_documents(synth_dir, tiny_tokenizer, vlm
     _, packed = packed_and_unpacked(ConversationBatches, synth_dir / "vqa" / "train", tiny_tokenizer, vlm, 8, 96)
     vlm.train()
     loss, grads = loss_and_grads(vlm, packed)
-    vlm.config.activation_checkpointing = True
+    vlm.llm.set_activation_checkpointing(True)
     try:
         loss_ckpt, grads_ckpt = loss_and_grads(vlm, packed)
     finally:
-        vlm.config.activation_checkpointing = False
+        vlm.llm.set_activation_checkpointing(False)
     assert loss_ckpt.item() == pytest.approx(loss.item(), rel=LOSS_RTOL)
     assert all(torch.allclose(grads_ckpt[n], g, rtol=GRAD_RTOL, atol=1e-7) for n, g in grads.items())
 

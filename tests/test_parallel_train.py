@@ -19,6 +19,7 @@ from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
 from ghostvis.parallel import Topology
 from ghostvis.train import checkpoint, engine as ds_engine
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
 
 # ZeRO-1 (the most the pipeline engine allows), 2 micro-batches per step = 2 pipeline micro-batches
@@ -73,7 +74,8 @@ def _engine(tokenizer, universal: bool):
     cfg, _ = get_preset("tiny", vocab_size=tokenizer.vocab_size)
     model = GPT(cfg)
     lrs = {name: 3e-3 for name in STAGES["base"].lr_names}
-    groups = ds_engine.build_param_groups(model, STAGES["base"], lrs, 0.1, STAGES["base"].defaults, cfg.n_layer)
+    settings = Settings.of(STAGES["base"], {**STAGES["base"].defaults, **lrs, "weight_decay": 0.1})
+    groups = ds_engine.build_param_groups(model, STAGES["base"], settings, cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json"), micro_batch=4,
                                           grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32", universal=universal)
     return model, ds_engine.initialize(model, groups, ds_config, "cpu")
@@ -131,3 +133,18 @@ def test_layout_errors_name_the_flag(world1):
     tiny = get_preset("tiny")[0]
     with pytest.raises(ValueError, match="--activation-checkpointing 1: a block count is for --pp 1"):
         GPTPipe(tiny, None, topo.grid, None, activation_checkpointing=1)
+
+
+def test_pipeline_front_embeds_like_the_gpt():
+    """The first pipeline stage's embedding (text-only, `(idx,)` and `(idx, vision tokens)` inputs) is
+    GPT.embed's, image splice included."""
+    from ghostvis.model.pipeline import PipeEmbed
+
+    cfg, _ = get_preset("tiny", image_token_id=5)
+    torch.manual_seed(0)
+    gpt, front = GPT(cfg), PipeEmbed(cfg, None)
+    front.wte.load_state_dict(gpt.wte.state_dict())
+    text, idx, images = torch.tensor([[1, 3, 4, 2]]), torch.tensor([[1, 5, 5, 2]]), torch.randn(1, 2, cfg.n_embd)
+    assert torch.equal(front(text), gpt.embed(text)) and torch.equal(front((text,)), gpt.embed(text))
+    assert torch.equal(front((idx, images)), gpt.embed(idx, images))
+    assert not torch.equal(front((idx, images)), gpt.embed(idx, torch.zeros_like(images)))

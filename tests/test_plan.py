@@ -12,6 +12,7 @@ import torch
 
 from ghostvis.config import get_preset
 from ghostvis.plan import Layout, PlanError, build_meta_model, format_plan, plan
+from ghostvis.train.settings import Settings
 
 # DeepSpeed pads each flat parameter group to a multiple of 2·dp elements; the planner leaves that out.
 PAD_ELEMENTS_PER_GROUP = 2
@@ -61,7 +62,7 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     cfg.image_token_id = cfg.vocab_size - 1
     model = VLM(cfg, vcfg)
     stage = get_stage("vision_pretrain")
-    build_param_groups(model, stage, dict(stage.defaults), 0.0, stage.defaults, cfg.n_layer)
+    build_param_groups(model, stage, Settings.of(stage, stage.defaults), cfg.n_layer)
     n_img = model.num_vision_tokens
     idx = torch.cat([torch.full((1, n_img), cfg.image_token_id), torch.randint(0, 100, (1, 16))], dim=1)
     pixels = torch.randn(1, 3, vcfg.image_size, vcfg.image_size)
@@ -196,7 +197,8 @@ def _measure(out_dir: Path) -> None:
         cfg, _ = get_preset("tiny")
         model = GPT(cfg)
         stage = get_stage("base")
-        groups = ds_engine.build_param_groups(model, stage, dict(stage.defaults), 0.1, stage.defaults, cfg.n_layer)
+        settings = Settings.of(stage, {**stage.defaults, "weight_decay": 0.1})
+        groups = ds_engine.build_param_groups(model, stage, settings, cfg.n_layer)
         ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
               "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": zero}}
         engine = ds_engine.initialize(model, groups, ds, "cpu")

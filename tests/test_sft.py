@@ -17,8 +17,10 @@ from data_prep import synth
 from ghostvis.checkpoint_io import export
 from ghostvis.config import get_preset
 from ghostvis.data.multimodal import ConversationBatches, sample_source
+from ghostvis.data.request import DataRequest
 from ghostvis.model.vlm import VLM
 from ghostvis.train import engine as ds_engine, loop
+from ghostvis.train.settings import resolve_settings
 from ghostvis.train.stages import ALL_LAYERS, STAGES
 
 
@@ -43,8 +45,9 @@ def sft_data(tmp_path_factory) -> Path:
     return root / "mix"
 
 
-def request(data: Path, tokenizer, model, batch_size: int = 8) -> loop.DataRequest:
-    return loop.DataRequest(data, "train", 96, batch_size, 0, 1, 0, tokenizer, torch.device("cpu"), False, model)
+def request(data: Path, tokenizer, model, batch_size: int = 8) -> DataRequest:
+    return DataRequest(data, "train", 96, batch_size, 0, 1, 0, tokenizer, torch.device("cpu"), False,
+                       **loop.data_inputs(model))
 
 
 def test_sft_learns_and_trains_only_the_configured_parameters(tmp_path, sft_data, tiny_tokenizer,
@@ -69,11 +72,10 @@ def test_freeze_flags_become_parameter_groups(tiny_tokenizer_dir, tiny_tokenizer
     def trained(*argv) -> set[str]:
         args = parse("--model", "vlm_tiny", "--data", "x", "--out", "x", *argv)
         stage = STAGES[args.stage]
-        settings = loop.stage_settings(stage, args)
-        model = loop.build_model(args, stage, tiny_tokenizer, settings)
-        groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names}, 0.0, settings,
-                                              model.config.n_layer)
-        assert model.vision.encoder.frozen == ("encoder" in settings["freeze"])  # a trained encoder runs with grad
+        settings = resolve_settings(stage, args)
+        model = loop.starting_model(args, stage, tiny_tokenizer, settings)
+        groups = ds_engine.build_param_groups(model, stage, settings, model.config.n_layer)
+        assert model.vision.encoder.frozen == ("encoder" in settings.freeze)  # a trained encoder runs with grad
         return {n.split(".")[0] + "." + n.split(".")[1] for g in groups for n in g["param_names"]}
 
     assert trained("--stage", "vision_pretrain") == {"vision.projector"}
@@ -153,8 +155,9 @@ def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tok
 
     def build(*argv):
         args = parse("--stage", "vision_pretrain", "--data", "x", "--out", "x", "--seq-len", "64", *argv)
-        model = loop.build_model(args, stage, tiny_tokenizer, loop.stage_settings(stage, args))
-        return model, loop.random_encoder_warning(args, stage, model)
+        settings = resolve_settings(stage, args)
+        model = loop.starting_model(args, stage, tiny_tokenizer, settings)
+        return model, loop.random_encoder_warning(args, stage, settings, model)
 
     for start in (("--model", "vlm_tiny"), ("--model", "vlm_tiny", "--init-from", text)):
         model, warning = build(*start, "--encoder-weights", weights)

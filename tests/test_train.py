@@ -16,6 +16,7 @@ from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
 from ghostvis.train import checkpoint, engine as ds_engine, loop
 from ghostvis.train.schedule import lr_multiplier
+from ghostvis.train.settings import Settings
 from ghostvis.train.stages import DATA_KINDS, LOSS_KINDS, STAGES, ParamRule, Stage
 
 
@@ -60,7 +61,7 @@ def tiny_engine(stage: Stage, ds_file: str, lrs: dict[str, float], tokenizer) ->
     torch.manual_seed(0)
     cfg, _ = get_preset("tiny", vocab_size=tokenizer.vocab_size)
     model = GPT(cfg)
-    groups = ds_engine.build_param_groups(model, stage, lrs, 0.1, {}, cfg.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, Settings(lrs, weight_decay=0.1), cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / ds_file), micro_batch=2,
                                           grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32")
     return model, ds_engine.initialize(model, groups, ds_config, "cpu")
@@ -93,12 +94,25 @@ def test_frozen_rules_keep_weights_and_stay_out_of_the_optimizer(world1, tiny_to
     assert masters < sum(p.numel() for p in model.parameters())
 
 
+class Step:
+    """The smallest training state a checkpoint saves and restores."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
 def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer, tmp_path, monkeypatch):
     model, engine = tiny_engine(STAGES["base"], "zero2.json",
                                 {"embed_lr": 1e-2, "head_lr": 1e-2, "llm_lr": 1e-2}, tiny_tokenizer)
     batches = random_batches(tiny_tokenizer.vocab_size)
     loop.train_step(engine, batches, loop.lm_loss, 1)
-    checkpoint.save(engine, tmp_path, 1, {"step": 1}, keep=2)
+    checkpoint.save(engine, tmp_path, 1, Step(1), keep=2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     loop.train_step(engine, batches, loop.lm_loss, 1)
 
@@ -108,18 +122,19 @@ def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer,
     with monkeypatch.context() as m:  # the disk fills while DeepSpeed writes its files
         m.setattr(torch, "save", disk_full)
         with pytest.raises(checkpoint.CheckpointError, match="No space left.*still names the previous"):
-            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+            checkpoint.save(engine, tmp_path, 2, Step(2), keep=2)
     with monkeypatch.context() as m:  # every file written, then publishing fails
         m.setattr(os, "replace", disk_full)
         with pytest.raises(checkpoint.CheckpointError, match="publishing.*still names the previous"):
-            checkpoint.save(engine, tmp_path, 2, {"step": 2}, keep=2)
+            checkpoint.save(engine, tmp_path, 2, Step(2), keep=2)
     assert checkpoint.read_latest(tmp_path) == "step-00000001"
     assert not any(torch.equal(p, saved[n]) for n, p in model.named_parameters() if p.requires_grad)
 
-    state = checkpoint.load(engine, tmp_path)
-    assert state["step"] == 1 and state["world_size"] == 1
+    restored = Step()
+    client = checkpoint.load(engine, tmp_path, restored)
+    assert restored.step == 1 and client["world_size"] == 1
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
-    checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)  # a good save clears the failed leftovers
+    checkpoint.save(engine, tmp_path, 3, Step(3), keep=2)  # a good save clears the failed leftovers
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step-00000001", "step-00000003"]
 
     # saving step 3 again (e.g. `--resume none` into the same --out) sets the old copy aside first; a crash
@@ -134,7 +149,7 @@ def test_failed_save_leaves_previous_checkpoint_loadable(world1, tiny_tokenizer,
     with monkeypatch.context() as m:
         m.setattr(os, "replace", crash_on_new_copy)
         with pytest.raises(checkpoint.CheckpointError, match="publishing"):
-            checkpoint.save(engine, tmp_path, 3, {"step": 3}, keep=2)
+            checkpoint.save(engine, tmp_path, 3, Step(3), keep=2)
     assert not (tmp_path / "ckpt" / "step-00000003").exists()
     assert checkpoint.read_latest(tmp_path) == "step-00000003"  # restored from the set-aside copy
     assert checkpoint.load(engine, tmp_path)["step"] == 3
@@ -190,8 +205,9 @@ def test_micro_batches_weigh_by_loss_tokens(world1, tiny_tokenizer):
     cfg, _ = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)
     model = GPT(cfg)
     stage = STAGES["base"]
-    groups = ds_engine.build_param_groups(model, stage, {"embed_lr": 0.0, "head_lr": 0.0, "llm_lr": 0.0}, 0.0,
-                                          dict(stage.defaults), cfg.n_layer)
+    settings = Settings.of(stage, {**stage.defaults, "embed_lr": 0.0, "head_lr": 0.0, "llm_lr": 0.0,
+                                   "weight_decay": 0.0})
+    groups = ds_engine.build_param_groups(model, stage, settings, cfg.n_layer)
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json"),
                                           micro_batch=2, grad_accum=2, world_size=1, grad_clip=1.0, dtype="fp32")
     engine = ds_engine.initialize(model, groups, ds_config, "cpu")
@@ -209,3 +225,19 @@ def test_micro_batches_weigh_by_loss_tokens(world1, tiny_tokenizer):
     assert result.loss == pytest.approx(sum(sums) / 32, rel=1e-5)
     means = [s / n for s, n in zip(sums, (3, 29))]
     assert abs(result.loss - sum(means) / 2) > 0.01  # the unweighted mean would differ
+
+
+def test_resume_check_reads_client_states_whose_config_held_run_settings(tmp_path):
+    """Checkpoints written when ModelConfig carried activation_checkpointing still resume; another
+    architecture is still refused, naming the field."""
+    import dataclasses
+
+    cfg = get_preset("tiny")[0]
+    tag = checkpoint.step_tag(5)
+    (tmp_path / "ckpt" / tag).mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text(tag)
+    saved = {"stage": "base", "model": {**cfg.to_dict(), "activation_checkpointing": True}}
+    (tmp_path / "ckpt" / tag / "client_state_rank0.json").write_text(json.dumps(saved))
+    loop.check_resumable(tmp_path, "base", cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="holds a base run of another model.*n_layer 2 vs 3"):
+        loop.check_resumable(tmp_path, "base", dataclasses.replace(cfg, n_layer=3))

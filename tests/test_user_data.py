@@ -130,7 +130,8 @@ def test_bad_input_gets_one_line_errors(user_data, tmp_path, tiny_tokenizer_dir,
                                                               {"role": "assistant", "content": "x"}]}).encode()}
         for i in range(4)] + [{"__key__": f"q{i}", "json": json.dumps(
             {"messages": [{"role": "user", "content": "hi"}]}).encode()} for i in range(4)])
-    from ghostvis.eval.vqa import Skips, iter_samples
+    from ghostvis.eval.vqa import iter_samples
+    from ghostvis.tasks.qa import Skips
 
     skips = Skips()
     stream, samples = iter_samples(bad, None, skips)

@@ -12,6 +12,7 @@ import timm.data
 import torch
 from PIL import Image
 
+from ghostvis.checkpoint_io import load_encoder_weights
 from ghostvis.config import VisionConfig, get_preset
 from ghostvis.model.vlm import VLM
 from ghostvis.vision.encoder import VisionEncoder
@@ -196,14 +197,15 @@ def test_encoder_weights_roundtrip_and_full_timm_checkpoint(tmp_path):
         (expected,) = full.forward_intermediates(pixels, indices=[1], output_fmt="NLC", intermediates_only=True)
 
     torch.manual_seed(2)  # different init: only loading can make the features match
-    loaded = VisionEncoder(dataclasses.replace(cfg, pretrained_path=str(tmp_path / "timm.safetensors")))
+    loaded = VisionEncoder(cfg)
+    load_encoder_weights(loaded, tmp_path / "timm.safetensors")
     assert torch.equal(loaded(pixels), expected)
     assert len(loaded.model.blocks) == 2  # the unused last block is pruned
 
     loaded.save_encoder_weights(tmp_path / "encoder.safetensors")
     fresh = VisionEncoder(cfg)
     assert not torch.equal(fresh(pixels), expected)
-    fresh.load_encoder_weights(tmp_path / "encoder.safetensors")
+    load_encoder_weights(fresh, tmp_path / "encoder.safetensors")
     assert torch.equal(fresh(pixels), expected)
 
 
@@ -212,8 +214,7 @@ def test_cnn_encoder_feature_map_as_patch_tokens(tmp_path):
     tokens, trains when unfrozen, and saves/loads its pruned weights."""
     torch.manual_seed(0)
     model_cfg, cfg = get_preset("vlm_tiny_cnn", image_token_id=IMG)
-    cfg = dataclasses.replace(cfg, freeze_encoder=False)
-    enc = VisionEncoder(cfg)
+    enc = VisionEncoder(cfg, frozen=False)
     assert enc.grid == (8, 8) and enc.dim == 128 and len(enc.model.layer3) == 0  # later stages pruned
     pixels = torch.randn(2, 3, 64, 64)
     feats = enc(pixels)
@@ -226,7 +227,7 @@ def test_cnn_encoder_feature_map_as_patch_tokens(tmp_path):
     assert vlm.num_vision_tokens == 16
     enc.save_encoder_weights(tmp_path / "cnn.safetensors")
     other = VisionEncoder(cfg)
-    other.load_encoder_weights(tmp_path / "cnn.safetensors")
+    load_encoder_weights(other, tmp_path / "cnn.safetensors")
     assert torch.equal(other.eval()(pixels), enc.eval()(pixels))
     with pytest.raises(ValueError, match="feature stages"):
         VisionEncoder(dataclasses.replace(cfg, feature_layer=5))
@@ -244,12 +245,12 @@ def test_encoder_refuses_downloads_and_unsafe_files(tmp_path):
     (hf / "config.json").write_text("{}")
     (hf / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a SigLIP/CLIP"):
-        VisionEncoder(_encoder_cfg(pretrained_path=str(hf)))
+        load_encoder_weights(VisionEncoder(_encoder_cfg()), hf)
     (tmp_path / "w.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="never loaded"):
-        VisionEncoder(_encoder_cfg(pretrained_path=str(tmp_path / "w.bin")))
-    with pytest.raises(FileNotFoundError, match="pretrained_path"):
-        VisionEncoder(_encoder_cfg(pretrained_path=str(tmp_path / "missing.safetensors")))
+        load_encoder_weights(VisionEncoder(_encoder_cfg()), tmp_path / "w.bin")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors.*do not exist"):
+        load_encoder_weights(VisionEncoder(_encoder_cfg()), tmp_path / "missing.safetensors")
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -335,7 +336,7 @@ def test_cnn_tower_export_keeps_batchnorm_statistics(tmp_path):
 
     torch.manual_seed(0)
     model_cfg, cfg = get_preset("vlm_tiny_cnn", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
-    vlm = VLM(model_cfg, dataclasses.replace(cfg, freeze_encoder=False))  # a tower that trains
+    vlm = VLM(model_cfg, cfg, freeze_encoder=False)  # a tower that trains
     vlm.train()
     vlm.vision.encoder(torch.rand(4, 3, 64, 64))  # a training-mode pass moves the running statistics
     export(vlm.eval(), tmp_path / "out", tokenizer=TOK)
@@ -344,6 +345,26 @@ def test_cnn_tower_export_keeps_batchnorm_statistics(tmp_path):
     got = loaded.vision.state_dict()
     assert want and all(torch.equal(got[k], v) for k, v in want.items())
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in want.items() if "running_mean" in k)
+
+
+def test_configs_written_with_run_settings_still_load(tmp_path):
+    """Earlier exports stored the encoder's weight path and freeze choice in VisionConfig (run settings
+    now): such a config.json reads, the old fields are ignored, and the export loads."""
+    import json
+
+    from conftest import TOK
+
+    from ghostvis.checkpoint_io import export, load_export
+
+    model_cfg, cfg = get_preset("vlm_tiny", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    export(VLM(model_cfg, cfg).eval(), tmp_path, tokenizer=TOK)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["vision"].update(pretrained_path="/gone/encoder.safetensors", freeze_encoder=False)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model, _, _ = load_export(tmp_path)
+    assert model.vision_config == cfg and model.vision.encoder.frozen
+    with pytest.raises(ValueError, match="unknown field"):
+        VisionConfig.from_dict({**cfg.to_dict(), "no_such_field": 1})
 
 
 def test_tower_attention_never_runs_cudnn_on_cuda() -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ghostvis.config import VisionConfig
 from ghostvis.data.manifest import DataError
+from ghostvis.data.request import EncoderSpec
 from ghostvis.vision.encoder import VisionEncoder
 
 FEATURES_KEY = "features"  # the manifest entry
@@ -61,11 +62,12 @@ def find_encoder(model: nn.Module) -> VisionEncoder | None:
     return next((m for m in model.modules() if isinstance(m, VisionEncoder)), None)
 
 
-def check_features(metas: dict[str, Any], model: nn.Module) -> tuple[int, int]:
-    """Refuse cached features that the model's encoder would not have produced (`metas`: shard directory
-    -> its manifest's `features` entry), or a run whose encoder trains; returns the feature shape (P, D)."""
-    redo = ("re-encode with python -m data_prep.encode_features --ckpt <the --init-from export> (or --model "
-            "<preset> --encoder-weights <file>), or drop --cached-features to read pixels")
+def encoder_spec(model: nn.Module, cached_features: bool) -> EncoderSpec | None:
+    """What `check_features` compares the cache with, read off the model (None without --cached-features).
+    Refuses a text model and an encoder that trains. The fingerprint is a collective under ZeRO-3: every
+    data-parallel rank calls this at the same point."""
+    if not cached_features:
+        return None
     vision_cfg = getattr(model, "vision_config", None)
     if vision_cfg is None:
         raise DataError("--cached-features needs a VLM (a vlm_* --model or a VLM --init-from)")
@@ -74,23 +76,32 @@ def check_features(metas: dict[str, Any], model: nn.Module) -> tuple[int, int]:
         raise DataError("--cached-features stands for a frozen encoder, but this run trains it (--encoder-lr "
                         "given, or a --freeze list without 'encoder'): drop --encoder-lr / freeze the encoder, "
                         "or drop --cached-features")
-    have = encoder_fingerprint(encoder) if encoder is not None else None
+    return EncoderSpec({k: getattr(vision_cfg, k) for k in _CONFIG_FIELDS},
+                       None if encoder is None else (encoder.num_patches, encoder.dim),
+                       None if encoder is None else encoder_fingerprint(encoder))
+
+
+def check_features(metas: dict[str, Any], spec: EncoderSpec) -> tuple[int, int]:
+    """Refuse cached features that the model's encoder (`spec`) would not have produced (`metas`: shard
+    directory -> its manifest's `features` entry); returns the feature shape (P, D)."""
+    redo = ("re-encode with python -m data_prep.encode_features --ckpt <the --init-from export> (or --model "
+            "<preset> --encoder-weights <file>), or drop --cached-features to read pixels")
     shapes = set()
     for where, meta in metas.items():
         if not isinstance(meta, dict) or "weights" not in meta:
             raise DataError(f"--cached-features: {where}/manifest.json has no '{FEATURES_KEY}' entry (no cached "
                             f"features there); {redo}")
         for k in _CONFIG_FIELDS:
-            if meta.get(k) != getattr(vision_cfg, k):
+            if meta.get(k) != spec.config[k]:
                 raise DataError(f"--cached-features: {where} holds features for {k}={meta.get(k)!r}, the "
-                                f"model's encoder has {k}={getattr(vision_cfg, k)!r}; {redo}")
+                                f"model's encoder has {k}={spec.config[k]!r}; {redo}")
         shape = tuple(meta.get("feature_shape", ()))
-        if encoder is not None and shape != (encoder.num_patches, encoder.dim):
+        if spec.feature_shape is not None and shape != spec.feature_shape:
             raise DataError(f"--cached-features: {where} holds features of shape {list(shape)}, the model's "
-                            f"encoder makes {[encoder.num_patches, encoder.dim]}; {redo}")
-        if have is not None and meta["weights"] != have:
+                            f"encoder makes {list(spec.feature_shape)}; {redo}")
+        if spec.weights is not None and meta["weights"] != spec.weights:
             raise DataError(f"--cached-features: {where} was encoded with other encoder weights (fingerprint "
-                            f"{meta['weights'][:12]}, the model's {have[:12]}); {redo}")
+                            f"{meta['weights'][:12]}, the model's {spec.weights[:12]}); {redo}")
         shapes.add(shape)
     if len(shapes) != 1:
         raise DataError(f"--cached-features: the datasets hold features of different shapes {sorted(shapes)}")

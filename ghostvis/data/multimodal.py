@@ -68,10 +68,11 @@ from PIL import Image
 from ghostvis.data.features import FEATURES_KEY, check_features
 from ghostvis.data.manifest import DataError, read_manifest, split_dir
 from ghostvis.data.packing import PACK_WINDOW_BATCHES, pack_rows
+from ghostvis.data.request import DataRequest
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
 from ghostvis.tokenizer import Tokenizer, message_images
-from ghostvis.vision.transforms import BadImage, image_transform, load_image
+from ghostvis.vision.transforms import BadImage, load_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Batch = dict[str, Any]
@@ -426,7 +427,7 @@ def mixture_entries(data_dir: Path) -> list[tuple[Path, float]] | None:
     return [(spec_path.parent / e["dir"], float(e["weight"])) for e in entries]
 
 
-def sample_source(req: Any, kind: str, entries: list[tuple[Path, float]] | None = None) -> SampleSource:
+def sample_source(req: DataRequest, kind: str, entries: list[tuple[Path, float]] | None = None) -> SampleSource:
     """The split's ShardStream of `req.data_dir`, or a weighted MixtureBatches of the `entries` datasets
     (default: those of `req.data_dir/mixture.json` where it exists)."""
     def stream(d: Path, seed: int) -> ShardStream:
@@ -462,7 +463,7 @@ class TextRows:
         self.loader.load_state_dict(state)
 
 
-def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any]) -> Any:
+def multimodal_batches(req: DataRequest, kind: str, make: Callable[[SampleSource], Any]) -> Any:
     """`make(source)` over the stage's data; when a mixture.json lists text-tokens datasets as well, their
     rows are mixed in per batch by weight (training only: validation measures the stage's own data)."""
     entries = mixture_entries(req.data_dir)
@@ -477,7 +478,7 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     text = [(i, e) for i, (e, t) in enumerate(zip(entries, is_text)) if t]
     if not text or req.eval_mode:
         return main
-    if not any(p.requires_grad for n, p in req.model.named_parameters() if "vision." not in n):
+    if not req.llm_trains:
         # a text-only batch would reach no trainable parameter: a loss without gradient, which DeepSpeed rejects
         raise DataError(f"{Path(req.data_dir) / MIXTURE_FILE} mixes text-tokens datasets in, but the LLM is frozen, "
                         "so text rows train nothing: pass --train-llm-layers K (or all), or drop them from the mixture")
@@ -485,29 +486,26 @@ def multimodal_batches(req: Any, kind: str, make: Callable[[SampleSource], Any])
     return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.seed, name="text-mix")
 
 
-def _batcher_args(req: Any, source: SampleSource) -> dict[str, Any]:
+def _batcher_args(req: DataRequest, source: SampleSource) -> dict[str, Any]:
     """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only); with
     `req.cached_features`, the checked cached features instead of the preprocessing."""
-    vision_cfg = getattr(req.model, "vision_config", None)
     args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
-            "restart": req.eval_mode, "pack": getattr(req, "pack", False),
-            "pack_images": getattr(req, "pack_images", 0),
-            "num_vision_tokens": req.model.num_vision_tokens if vision_cfg is not None else 0,
-            "transform": image_transform(vision_cfg) if vision_cfg is not None else None}
-    if getattr(req, "cached_features", False):
+            "restart": req.eval_mode, "pack": req.pack, "pack_images": req.pack_images,
+            "num_vision_tokens": req.num_vision_tokens, "transform": req.transform}
+    if req.cached_features:
         streams = getattr(source, "sources", [source])  # a MixtureBatches' ShardStreams, or the one stream
-        shape = check_features({str(s.data_dir): s.manifest.extra.get(FEATURES_KEY) for s in streams}, req.model)
+        shape = check_features({str(s.data_dir): s.manifest.extra.get(FEATURES_KEY) for s in streams}, req.encoder)
         args.update(transform=None, use_features=True, feature_shape=shape)
     return args
 
 
-def caption_batches(req: Any) -> CaptionBatches | MixtureBatches:
-    """vision_pretrain data: `req` is a ghostvis.train.loop.DataRequest."""
+def caption_batches(req: DataRequest) -> CaptionBatches | MixtureBatches:
+    """vision_pretrain data."""
     return multimodal_batches(req, "image-text", lambda source: CaptionBatches(
         source, req.tokenizer, **_batcher_args(req, source)))
 
 
-def conversation_batches(req: Any) -> ConversationBatches | MixtureBatches:
+def conversation_batches(req: DataRequest) -> ConversationBatches | MixtureBatches:
     """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
     return multimodal_batches(req, "conversation", lambda source: ConversationBatches(
         source, req.tokenizer, group_batches=1 if req.eval_mode else 8, **_batcher_args(req, source)))

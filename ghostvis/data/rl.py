@@ -6,12 +6,12 @@ one directory or a `mixture.json` (the same mixing as sft). Each sample becomes
     prompt   the conversation up to its last user turn, rendered for completion
              (`Tokenizer.render_for_completion`: ends with <|assistant_start|>, images expanded)
     images   its images, preprocessed for the model's encoder ([3, S, S] each)
-    answer   the reference answer, compared after `normalize_answer` (ghostvis/eval/vqa.py)
+    answer   the reference answer, compared after `normalize_answer` (ghostvis/tasks/qa.py)
     type     the question type ("other" when the sample names none)
 
 and a batch is `{"prompts": [[ids]], "images": [[tensor]], "answers": [str], "types": [str],
 "num_tokens": int, "skipped": {cause: n}}` of `req.batch_size` prompts. The reference answer is the
-sample's `answer` field, else its last assistant turn (`ghostvis.eval.vqa.reference_answer`). Samples that
+sample's `answer` field, else its last assistant turn (`ghostvis.tasks.qa.reference_answer`). Samples that
 can't be used are skipped and counted by cause ("no answer", "image missing", "prompt too long" = no room
 to answer in `req.seq_len`, "unreadable"; logged as `skipped_<cause>` metrics); broken ones also count as
 corrupt in their stream. A whole pass over the data without one usable prompt is a DataError naming the causes.
@@ -32,9 +32,9 @@ import torch
 from ghostvis.data.manifest import DataError
 from ghostvis.data.multimodal import (ConversationBatches, SampleSource, Unusable, conversation_batches,
                                       sample_source)
-from ghostvis.eval.vqa import Skips, parse_sample, qa_prompt
+from ghostvis.data.request import DataRequest
+from ghostvis.tasks.qa import Skips, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
-from ghostvis.vision.transforms import image_transform
 
 
 class PromptBatches:
@@ -99,13 +99,10 @@ class PromptBatches:
         self.skips = Skips(Counter(state["skips"]), int(state["marked"]))
 
 
-def prompt_batches(req: Any) -> PromptBatches | ConversationBatches:
-    """The rl data builder (`req` is a ghostvis.train.loop.DataRequest); see the module doc for eval_mode."""
+def prompt_batches(req: DataRequest) -> PromptBatches | ConversationBatches:
+    """The rl data builder; see the module doc for eval_mode."""
     if req.eval_mode:
         return conversation_batches(req)
-    vision_cfg = getattr(req.model, "vision_config", None)
     return PromptBatches(sample_source(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
-                         max_prompt_len=req.seq_len,
-                         num_vision_tokens=req.model.num_vision_tokens if vision_cfg is not None else 0,
-                         transform=image_transform(vision_cfg) if vision_cfg is not None else None,
-                         device=req.device)
+                         max_prompt_len=req.seq_len, num_vision_tokens=req.num_vision_tokens,
+                         transform=req.transform, device=req.device)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ghostvis.data.manifest import DataError, split_dir
+from ghostvis.data.request import DataRequest
 from ghostvis.data.shards import ShardStream
 
 
@@ -173,8 +174,8 @@ class TokenRowLoader:
         return ids
 
 
-def text_batches(req: Any) -> TokenRowLoader:
-    """The text-tokens data builder (`req` is a ghostvis.train.loop.DataRequest): `req.data_dir/req.split`."""
+def text_batches(req: DataRequest) -> TokenRowLoader:
+    """The text-tokens data builder: `req.data_dir/req.split`."""
     return TokenRowLoader(split_dir(req.data_dir, req.split), seq_len=req.seq_len, batch_size=req.batch_size, rank=req.rank,
                           world_size=req.world_size, seed=req.seed, tokenizer=req.tokenizer, device=req.device,
                           eval_mode=req.eval_mode, max_corrupt_fraction=req.max_corrupt_fraction)

@@ -2,7 +2,8 @@
 
 from ghostvis.eval.losses import caption_loss, text_bpb
 from ghostvis.eval.report import read_metrics, write_report
-from ghostvis.eval.vqa import WrongCheckpoint, evaluate_vqa, normalize_answer
+from ghostvis.eval.vqa import WrongCheckpoint, evaluate_vqa
+from ghostvis.tasks.qa import normalize_answer
 
 __all__ = ["WrongCheckpoint", "caption_loss", "evaluate_vqa", "normalize_answer", "read_metrics", "text_bpb",
            "write_report"]

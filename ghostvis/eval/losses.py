@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ghostvis.data.multimodal import CaptionBatches
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, bpb_sums, token_bytes
-from ghostvis.eval.vqa import check_model, evaluating
+from ghostvis.eval.vqa import check_model
+from ghostvis.infer.engine import evaluating
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
 

@@ -166,6 +166,14 @@ class Reply:
         return self.messages + [self.message()], self.images
 
 
+def reply_text(engine: Engine, tokens: list[int]) -> str:
+    """The text parts of a generated reply (tool calls and their outputs left out)."""
+    stream = ReplyStream(engine)
+    for token in tokens:
+        stream.feed(token)
+    return "".join(p["text"] for p in stream.finish()["content"] if p["type"] == "text")
+
+
 @dataclass
 class ChatModel:
     """A loaded checkpoint ready to chat: the engine and, for a VLM, its image preprocessing."""

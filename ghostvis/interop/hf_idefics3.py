@@ -18,7 +18,7 @@ import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import VLMExport, language_tensors, read_vlm, vision_tensors, write_vlm_folder
-from ghostvis.interop.hf_llm import InteropError
+from ghostvis.interop.common import InteropError
 
 
 def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:

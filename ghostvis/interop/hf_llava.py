@@ -24,9 +24,11 @@ from safetensors.torch import save_file
 
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llm import InteropError, hf_llm_state, write_generation_and_tokenizer
+from ghostvis.interop.common import InteropError
+from ghostvis.interop.hf_llm import hf_llm_state, write_generation_and_tokenizer
 from ghostvis.interop.hf_vision import hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 
 _ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
 _PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
@@ -76,7 +78,7 @@ def read_vlm(ckpt_dir: str | Path, dtype: torch.dtype | None, refusal: Callable[
     reason = refusal(model_cfg, vision_cfg)
     if reason:
         raise InteropError(f"{ckpt}: this VLM cannot be exported as a transformers {target}: {reason}")
-    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    tok = load_tokenizer(ckpt / checkpoint_io.TOKENIZER_DIR)
     text_cfg, llm_state = hf_llm_state(ckpt, model_cfg, tok, dtype)
     store_dtype = llm_state["model.norm.weight"].dtype
     # the architecture only (shapes, activation, eps, kept blocks); the weights are read from the files

@@ -18,18 +18,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ghostvis import checkpoint_io
-from ghostvis.cli import UserError
 from ghostvis.config import ModelConfig
+from ghostvis.interop.common import InteropError, SafetensorsFolder
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 
 ARCHITECTURES = ("qwen2", "llama")  # HF model_type values we read and write
 VOCAB_TENSORS = ("wte.weight", "lm_head.weight")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class InteropError(UserError, ValueError):
-    """Input that cannot be converted; the message names the file/field and what was expected."""
 
 
 # ---------------------------------------------------------------- names and configs
@@ -122,45 +119,6 @@ def hf_config_from_model(cfg: ModelConfig, tok: Tokenizer, dtype: torch.dtype) -
 
 # ---------------------------------------------------------------- reading HF weights
 
-class SafetensorsFolder:
-    """Tensor name -> shard file of a HF folder (``model.safetensors.index.json`` or a single file);
-    ``get`` opens the shard lazily and reads one tensor."""
-
-    def __init__(self, hf_dir: str | Path):
-        d = Path(hf_dir)
-        index = d / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(d.glob("*.safetensors"))
-            if not files:
-                pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
-                hint = (f" (found {pickled[:3]}: pickled weights are never loaded; convert them once where you trust "
-                        "them with transformers: model.save_pretrained(dir, safe_serialization=True))") if pickled else ""
-                raise FileNotFoundError(f"{d}: no *.safetensors weights{hint}")
-            if len(files) > 1:
-                raise InteropError(f"{d}: several .safetensors files {[f.name for f in files]} but no "
-                                   "model.safetensors.index.json saying which tensor is where")
-            with safe_open(str(files[0]), framework="pt") as f:
-                weight_map = {k: files[0].name for k in f.keys()}
-        missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{d}: shard(s) {missing} listed in model.safetensors.index.json are missing")
-        self.dir, self.weight_map = d, weight_map
-        self._open: dict[str, Any] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise InteropError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.dir / file), framework="pt", device="cpu")
-        return self._open[file].get_tensor(name)
-
-
 def _grow_vocab(rows: torch.Tensor, cfg: ModelConfig, tok: HFTokenizer, spelling_init: bool) -> torch.Tensor:
     """[padded_vocab, d] table: the HF rows of the original vocabulary, new special tokens initialized
     from existing rows, padding rows zero. Embedding rows (``spelling_init``) start as the mean of the
@@ -247,7 +205,7 @@ def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype 
     ckpt = Path(ckpt_dir)
     if cfg is None:
         cfg = checkpoint_io.read_config(ckpt)[0]
-    tok = Tokenizer.load(ckpt / checkpoint_io.TOKENIZER_DIR)
+    tok = load_tokenizer(ckpt / checkpoint_io.TOKENIZER_DIR)
     hf_cfg, state = hf_llm_state(ckpt, cfg, tok, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

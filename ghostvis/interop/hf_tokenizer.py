@@ -8,8 +8,8 @@ some may instead be *aliased* to a token the vocabulary already has (``<|bos|>``
 ``<|endoftext|>`` for Qwen, which has none).
 
 Files (``save``): the HF ``tokenizer.json`` with the added tokens, and ``ghostvis_hf.json`` (GhostVis
-special name -> id, the size of the original vocabulary). ``Tokenizer.load`` recognizes the latter and
-hands the directory to ``HFTokenizer.load``.
+special name -> id, the size of the original vocabulary). ``ghostvis.tokenizer_dir.load_tokenizer``
+recognizes the latter and hands the directory to ``HFTokenizer.load``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
-from ghostvis.tokenizer import HF_MARKER_FILE, SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
 
+HF_MARKER_FILE = "ghostvis_hf.json"  # marks an imported tokenizer's directory (load_tokenizer looks for it)
 HF_TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "ghostvis-hf-tokenizer/1"
 

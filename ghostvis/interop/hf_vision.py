@@ -2,8 +2,8 @@
 
 A local folder holding a ``SiglipVisionModel``/``CLIPVisionModel`` (or a full ``SiglipModel``/``CLIPModel``,
 whose text tower is ignored) becomes the timm ``vit_*_siglip_*`` / ``vit_*_clip_*`` model's state dict.
-``VisionConfig.pretrained_path`` accepts such a folder directly (ghostvis/vision/encoder.py calls
-``timm_state_dict_from_hf``); ``timm_spec_from_hf`` says which timm name and kwargs fit it.
+``--encoder-weights`` accepts such a folder directly (``read_encoder_weights`` reads it, or a timm-format
+``.safetensors`` file); ``timm_spec_from_hf`` says which timm name and kwargs fit it.
 
 Name map (HF -> timm): q/k/v projections are concatenated into ``attn.qkv``; CLIP's ``class_embedding`` is
 ``cls_token`` and ``pre_layrnorm`` is ``norm_pre``; ``post_layernorm`` is ``norm``; SigLIP's attention-pool
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ghostvis.interop.hf_llm import InteropError, SafetensorsFolder
+from ghostvis.files import safetensors_shapes
+from ghostvis.interop.common import InteropError, SafetensorsFolder
 
 _PATCH = "embeddings.patch_embedding.weight"
 # HF hidden_act -> timm act_layer
@@ -138,6 +140,27 @@ def timm_state_dict_from_hf(hf_dir: str | Path, model: nn.Module | None = None) 
         for name, t in zip(timm_names, _regroup([weights.get(pre + n) for n in hf_names], timm_names)):
             out[name] = t.reshape((1,) * _TIMM_EXTRA_DIMS.get(name, 0) + tuple(t.shape)).contiguous()
     return out
+
+
+def read_encoder_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A timm state dict from a local timm-format safetensors file or a Hugging Face SigLIP/CLIP folder
+    (converted on the fly; `model`, the timm encoder, lets the converter check the activation), with errors
+    that say what to do."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"encoder weights {str(p)!r} do not exist: give a local timm .safetensors file "
+                                "or a Hugging Face SigLIP/CLIP folder")
+    if p.is_dir():
+        if (p / "config.json").exists():
+            return timm_state_dict_from_hf(p, model)
+        raise ValueError(f"encoder weights {str(p)!r}: a folder without a model; give a .safetensors file")
+    if p.suffix != ".safetensors":
+        raise ValueError(
+            f"encoder weights {str(p)!r}: only .safetensors weights are read (pickled "
+            ".bin/.pt/.pth files are never loaded); convert it with safetensors.torch.save_file"
+        )
+    safetensors_shapes(p)  # refuses a renamed pickle before safetensors reads it
+    return load_file(str(p))
 
 
 def hf_state_dict_from_timm(state: dict[str, torch.Tensor], family: str,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ghostvis.config import ModelConfig
+from ghostvis.config import ModelConfig, checkpointed_blocks
 from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -103,8 +103,14 @@ class GPT(nn.Module):
         # tied: the head is wte's table, used through wte.forward(as_head=True)
         self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
         self.cp: ContextParallel | None = None
         self.init_weights()
+
+    def set_activation_checkpointing(self, activation_checkpointing: bool | int) -> None:
+        """Recompute the activations of every block (True), none (False) or the first N in backward
+        (less memory, ~1/3 more compute; docs/training.md). A count outside 0..n_layer fails now."""
+        self.checkpointed_blocks = checkpointed_blocks(activation_checkpointing, self.config.n_layer)
 
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         """Train with the sequence split over a CP group (ghostvis/parallel/context.py); None = whole."""
@@ -172,7 +178,7 @@ class GPT(nn.Module):
             else:
                 cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
-        n_ckpt = self.config.checkpointed_blocks if training else 0
+        n_ckpt = self.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
             x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False) if i < n_ckpt
                  else block(x, cos, sin, kv_cache, docs))
@@ -188,11 +194,11 @@ class GPT(nn.Module):
 
     def embed(self, idx: torch.Tensor, image_embeds: torch.Tensor | None = None,
               positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image tokens spliced in (the front of the model; pipeline stages reuse it).
-        With `positions` (context parallelism) only those columns of `idx` are embedded, each image token
-        taking the vision token of its place in the whole sequence."""
+        """Token embeddings with image tokens spliced in (the front of the model). With `positions`
+        (context parallelism) only those columns of `idx` are embedded, each image token taking the vision
+        token of its place in the whole sequence."""
         local = idx if positions is None else idx[:, positions]
-        return self._splice_images(idx, self.wte(local), image_embeds, positions)
+        return splice_images(self.config, idx, self.wte(local), image_embeds, positions)
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Final norm, output head and loss (the back of the model): logits or loss as in `forward`."""
@@ -205,32 +211,34 @@ class GPT(nn.Module):
         loss = head(x, targets=targets, vocab_size=cfg.vocab_size, softcap=cfg.logit_softcap)
         return reduce_loss(loss, targets, reduction)
 
-    def _splice_images(self, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None,
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Overwrite, in order (row-major over batch then time), the embeddings at image-token
-        positions with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient. With
-        `positions`, `x` holds only those columns of `idx`."""
-        token = self.config.image_token_id
-        if image_embeds is None:
-            if token is not None:
-                n_pos = int((idx == token).sum())
-                if n_pos:
-                    raise ValueError(f"idx holds {n_pos} image-token positions but no image_embeds were given")
-            return x
-        if token is None:
-            raise ValueError("image_embeds given but ModelConfig.image_token_id is None (set it from the tokenizer)")
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != x.shape[-1]:
-            raise ValueError(f"image_embeds must be [N, n_vision_tokens, {x.shape[-1]}], got {tuple(image_embeds.shape)}")
-        mask = idx == token
-        n_pos, (n_img, n_tok) = int(mask.sum()), image_embeds.shape[:2]
-        if n_pos != n_img * n_tok:
-            raise ValueError(
-                f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
-                f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
-            )
-        embeds = image_embeds.to(x.dtype).flatten(0, 1)
-        if positions is not None:  # the local image positions take the vision tokens of their global ordinals
-            ordinal = (mask.flatten().cumsum(0) - 1).view(mask.shape)[:, positions]
-            mask = mask[:, positions]
-            embeds = embeds[ordinal[mask]]
-        return x.masked_scatter(mask.unsqueeze(-1), embeds)
+
+def splice_images(config: ModelConfig, idx: torch.Tensor, x: torch.Tensor, image_embeds: torch.Tensor | None,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Overwrite, in order (row-major over batch then time), the embeddings `x` at image-token positions
+    of `idx` with `image_embeds` [N, n_vision_tokens, d]; masked_scatter keeps the gradient. With
+    `positions`, `x` holds only those columns of `idx`. The front of the model: `GPT.embed` and the
+    pipeline's first stage both call it."""
+    token = config.image_token_id
+    if image_embeds is None:
+        if token is not None:
+            n_pos = int((idx == token).sum())
+            if n_pos:
+                raise ValueError(f"idx holds {n_pos} image-token positions but no image_embeds were given")
+        return x
+    if token is None:
+        raise ValueError("image_embeds given but ModelConfig.image_token_id is None (set it from the tokenizer)")
+    if image_embeds.dim() != 3 or image_embeds.shape[-1] != x.shape[-1]:
+        raise ValueError(f"image_embeds must be [N, n_vision_tokens, {x.shape[-1]}], got {tuple(image_embeds.shape)}")
+    mask = idx == token
+    n_pos, (n_img, n_tok) = int(mask.sum()), image_embeds.shape[:2]
+    if n_pos != n_img * n_tok:
+        raise ValueError(
+            f"image splice: idx holds {n_pos} image-token positions but image_embeds holds "
+            f"{n_img} images x {n_tok} tokens = {n_img * n_tok}"
+        )
+    embeds = image_embeds.to(x.dtype).flatten(0, 1)
+    if positions is not None:  # the local image positions take the vision tokens of their global ordinals
+        ordinal = (mask.flatten().cumsum(0) - 1).view(mask.shape)[:, positions]
+        mask = mask[:, positions]
+        embeds = embeds[ordinal[mask]]
+    return x.masked_scatter(mask.unsqueeze(-1), embeds)

@@ -3,7 +3,7 @@
 Layers, in order:
 
     [PipeVision]        VLMs only: images (pixels or cached features) -> (idx, vision tokens)
-    PipeEmbed           token embedding + the image splice (GPT.embed's own code)
+    PipeEmbed           token embedding + the image splice (gpt.splice_images, as GPT.embed)
     PipeBlock × L       the GPT's blocks (RoPE tables shared by the blocks of a stage)
     PipeNorm            final norm
     PipeLMHead          holds the output head (the embedding table when tied: a `TiedLayerSpec`, whose
@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.model.gpt import GPT, Block, lm_targets, reduce_loss
+from ghostvis.model.gpt import Block, lm_targets, reduce_loss, splice_images
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding
 from ghostvis.model.parallel import ParallelLMHead, VocabParallelEmbedding
 from ghostvis.vision.tower import VisionTower
@@ -42,9 +42,9 @@ PARTITIONS = ("type:PipeBlock", "uniform")
 class PipeVision(nn.Module):
     """(idx, images) -> (idx, vision tokens); images are pixels [N, 3, S, S] or cached features [N, P, D]."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int) -> None:
+    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, freeze_encoder: bool) -> None:
         super().__init__()
-        self.vision = VisionTower(vision_cfg, llm_dim)
+        self.vision = VisionTower(vision_cfg, llm_dim, freeze_encoder=freeze_encoder)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if torch.is_tensor(inputs) or len(inputs) == 1:  # a text-only micro-batch
@@ -56,10 +56,7 @@ class PipeVision(nn.Module):
 
 
 class PipeEmbed(nn.Module):
-    """idx or (idx, vision tokens) -> embeddings with the vision tokens spliced in (GPT's own methods)."""
-
-    embed = GPT.embed
-    _splice_images = GPT._splice_images
+    """idx or (idx, vision tokens) -> embeddings with the vision tokens spliced in (as `GPT.embed`)."""
 
     def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None) -> None:
         super().__init__()
@@ -67,9 +64,8 @@ class PipeEmbed(nn.Module):
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.n_embd, tp_group)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if torch.is_tensor(inputs):
-            return self.embed(inputs)
-        return self.embed(*inputs)
+        idx, *images = (inputs,) if torch.is_tensor(inputs) else inputs  # (idx,): a text-only micro-batch
+        return splice_images(self.config, idx, self.wte(idx), images[0] if images else None)
 
 
 class PipeBlock(Block):
@@ -122,7 +118,8 @@ class GPTPipe(PipelineModule):
 
     def __init__(self, config: ModelConfig, vision_cfg: VisionConfig | None, topology: ProcessTopology,
                  tp_group: dist.ProcessGroup | None, *, partition: str = "type:PipeBlock",
-                 activation_checkpointing: bool | int = False, num_vision_tokens: int = 0) -> None:
+                 activation_checkpointing: bool | int = False, num_vision_tokens: int = 0,
+                 freeze_encoder: bool = True) -> None:
         if not isinstance(activation_checkpointing, bool):  # an int N (even 1) is a block count
             raise ValueError(f"--activation-checkpointing {activation_checkpointing}: a block count is for --pp 1; "
                              "with pipeline stages give the flag alone (every block is recomputed)")
@@ -134,7 +131,7 @@ class GPTPipe(PipelineModule):
         specs: list[LayerSpec] = []
         self._prefixes: list[str] = []  # layer index -> the plain model's name prefix of its parameters
         if vision_cfg is not None:
-            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd))
+            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd, freeze_encoder))
             self._prefixes.append("")
         embed = (partial(TiedLayerSpec, "wte", tied_weight_attr=["wte.weight"]) if config.tie_embeddings
                  else LayerSpec)

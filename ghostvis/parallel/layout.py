@@ -29,8 +29,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     `copy_to_tp`). Under context parallelism the LLM splits each sequence over the CP group."""
     llm = _llm(model)
     config = llm.config
-    config.activation_checkpointing = activation_checkpointing
-    config.checkpointed_blocks  # a block count outside 0..n_layer fails now, not at the first forward
+    llm.set_activation_checkpointing(activation_checkpointing)  # a bad block count fails now
     if topo.tp_size * topo.pp_size == 1:
         llm.set_context_parallel(topo.context_parallel)
         return model
@@ -47,10 +46,12 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
 
             pipe = GPTPipe(config, getattr(model, "vision_config", None), topo.grid, topo.tp_group,
                            activation_checkpointing=activation_checkpointing,
-                           num_vision_tokens=getattr(model, "num_vision_tokens", 0))
+                           num_vision_tokens=getattr(model, "num_vision_tokens", 0),
+                           freeze_encoder=model.vision.encoder.frozen if llm is not model else True)
             pipe.load_canonical(full)
             return pipe
         tp_llm = GPT(config, tp_group=topo.tp_group)
+    tp_llm.set_activation_checkpointing(activation_checkpointing)
     tp_llm.set_context_parallel(topo.context_parallel)
     tp_llm.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     if llm is model:

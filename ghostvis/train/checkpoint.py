@@ -3,7 +3,8 @@
 Layout under `<out>/ckpt/`:
 
     step-00000100/            DeepSpeed files (model + ZeRO optimizer shards) and, per rank r,
-                              client_state_rank{r}.json (step, data position, config, args, world size)
+                              client_state_rank{r}.json (the training state: step, data position, ...;
+                              the run's meta: stage, config, args, layout; world size)
                               rng_rank{r}.safetensors (python, numpy, torch CPU and CUDA generator states)
     latest                    the tag of the newest complete checkpoint (written last, atomically)
 
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,9 +76,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Non
 
 # ---- save ----------------------------------------------------------------------------------------
 
-def save(engine: Any, out_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
-    """Every rank calls this. Returns the published `ckpt/step-N` directory; raises CheckpointError
-    (with `latest` untouched) when any part fails, e.g. OSError for a full disk."""
+class Stateful(Protocol):
+    """A training object a checkpoint saves and restores (JSON-able state), as torchtitan's are."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def save(engine: Any, out_dir: str | Path, step: int, state: Stateful, keep: int,
+         meta: dict[str, Any] | None = None) -> Path:
+    """Every rank calls this: the engine's state, `state.state_dict()` and this rank's RNG states, with
+    `meta` (what run wrote it; JSON) beside them. Returns the published `ckpt/step-N` directory; raises
+    CheckpointError (with `latest` untouched) when any part fails, e.g. OSError for a full disk."""
+    client_state = {**(meta or {}), **state.state_dict()}
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_dir = Path(out_dir) / "ckpt"
     tmp_tag, tag = f"tmp-{step_tag(step)}", step_tag(step)
@@ -268,9 +280,11 @@ def _agree(error: str, fallback: str) -> None:
         raise CheckpointError(error or fallback)
 
 
-def load(engine: Any, out_dir: str | Path, *, universal: bool = False) -> dict[str, Any] | None:
-    """Every rank calls this. Restores the engine, the RNG states and returns this rank's client state
-    (None when `out_dir` holds no checkpoint). A changed world size needs a universal checkpoint."""
+def load(engine: Any, out_dir: str | Path, state: Stateful | None = None, *,
+         universal: bool = False) -> dict[str, Any] | None:
+    """Every rank calls this. Restores the engine, the RNG states and `state` (`load_state_dict` of what
+    `save` took from it), and returns this rank's whole client state (None when `out_dir` holds no
+    checkpoint: nothing is touched). A changed world size needs a universal checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt_dir = Path(out_dir) / "ckpt"
     tag = read_latest(out_dir)
@@ -296,8 +310,10 @@ def load(engine: Any, out_dir: str | Path, *, universal: bool = False) -> dict[s
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / load_tag}")
     # after a world-size change rank r takes rank (r mod old world)'s data position; RNG restarts from seed
     own = rank if saved_world == world else rank % saved_world
-    state = json.loads((src / f"client_state_rank{own}.json").read_text())
+    client = json.loads((src / f"client_state_rank{own}.json").read_text())
     if saved_world == world:
         with safe_open(str(src / f"rng_rank{rank}.safetensors"), framework="pt") as f:
             set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
-    return state
+    if state is not None:
+        state.load_state_dict(client)
+    return client

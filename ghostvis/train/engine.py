@@ -7,7 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import torch
@@ -16,6 +16,9 @@ import torch.distributed as dist
 from ghostvis.cli import UserError
 from ghostvis.parallel.layout import canonical_named_parameters
 from ghostvis.train.stages import Stage
+
+if TYPE_CHECKING:
+    from ghostvis.train.settings import Settings
 
 # Set from the CLI only: DeepSpeed can't resolve "auto" for them, and two sources would disagree.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -90,8 +93,7 @@ def build_ds_config(base: dict[str, Any], *, micro_batch: int, grad_accum: int, 
     return cfg
 
 
-def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, float], weight_decay: float,
-                       settings: dict[str, Any], n_layer: int) -> list[dict[str, Any]]:
+def build_param_groups(model: torch.nn.Module, stage: Stage, settings: Settings, n_layer: int) -> list[dict[str, Any]]:
     """One group per (lr name, decay) the stage's rules produce, from trainable parameters only.
 
     Parameters no rule matches get requires_grad=False and join no group: ZeRO-1/2 crash on a group of
@@ -105,8 +107,9 @@ def build_param_groups(model: torch.nn.Module, stage: Stage, lrs: dict[str, floa
             continue
         key = f"{rule.lr}/{'decay' if rule.weight_decay else 'no_decay'}"
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "param_names": [], "lr": lrs[rule.lr], "base_lr": lrs[rule.lr],
-                           "weight_decay": weight_decay if rule.weight_decay else 0.0}
+            lr = settings.lrs[rule.lr]
+            groups[key] = {"name": key, "params": [], "param_names": [], "lr": lr, "base_lr": lr,
+                           "weight_decay": settings.weight_decay if rule.weight_decay else 0.0}
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     if not groups:

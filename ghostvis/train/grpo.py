@@ -6,7 +6,8 @@ training loop:
 1. rollout: G = `--group-size` completions per prompt from the inference engine (KV cache, eval mode,
    no grad, `--temperature`, at most `--rl-max-new-tokens`), calculator tool use included;
 2. reward: 1 if the reply's text (tool calls and their outputs left out) equals the reference answer after
-   `normalize_answer`, else 0 — exact match for visual QA, the final number for calculator arithmetic;
+   `normalize_answer` (ghostvis/tasks/qa.py), else 0 — exact match for visual QA, the final number for
+   calculator arithmetic;
 3. advantages: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), population std (ddof 0) over the G
    completions of one prompt. A group whose rewards are all equal (all right or all wrong) has nothing to
    compare and gets A = 0 everywhere: it adds no gradient;
@@ -29,35 +30,18 @@ Rollouts need every weight on every rank, so ZeRO-3 (partitioned parameters) is 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-from ghostvis.eval.vqa import SKIP_CAUSES, evaluating, is_correct, reply_text
-from ghostvis.infer.engine import Completion, Engine
+from ghostvis.infer.chat import reply_text
+from ghostvis.infer.engine import Completion, Engine, evaluating
+from ghostvis.tasks.qa import SKIP_CAUSES, reward
 from ghostvis.train.engine import ConfigError
+from ghostvis.train.settings import GRPOSettings
 
 ADVANTAGE_EPS = 1e-4
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    group_size: int
-    max_new_tokens: int
-    temperature: float
-    kl_coef: float
-    clip_eps: float
-
-    def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ConfigError(f"--group-size {self.group_size}: GRPO compares completions of one prompt, use >= 2")
-        if self.max_new_tokens < 1 or self.temperature <= 0:
-            raise ConfigError(f"--rl-max-new-tokens ({self.max_new_tokens}) must be >= 1 and --temperature "
-                              f"({self.temperature}) > 0: rollouts must sample")
-        if self.kl_coef < 0 or self.clip_eps <= 0:
-            raise ConfigError(f"--kl-coef ({self.kl_coef}) must be >= 0 and --clip-eps ({self.clip_eps}) > 0")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
@@ -103,7 +87,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 def rewards_of(engine: Engine, completions: Sequence[Completion], answers: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([float(is_correct(reply_text(engine, c.tokens), a)) for c, a in zip(completions, answers)])
+    return torch.tensor([reward(reply_text(engine, c.tokens), a) for c, a in zip(completions, answers)])
 
 
 def token_logp(model: Any, idx: torch.Tensor, targets: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -153,11 +137,9 @@ def grpo_loss(engine: Any, batch: dict[str, Any], *, settings: GRPOSettings, tok
 
 
 def make_grpo_loss(req: Any) -> Callable:
-    """The loss builder (`req` is a ghostvis.train.loop.LossRequest): checks the settings, refuses ZeRO-3,
-    keeps a frozen copy of the starting model when the KL penalty is on."""
-    s = req.settings
-    settings = GRPOSettings(int(s["group_size"]), int(s["rl_max_new_tokens"]), float(s["temperature"]),
-                            float(s["kl_coef"]), float(s["clip_eps"]))
+    """The loss builder (`req` is a ghostvis.train.loop.LossRequest; its settings were checked when
+    resolved): refuses ZeRO-3, keeps a frozen copy of the starting model when the KL penalty is on."""
+    settings = req.settings.grpo
     if req.ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
         raise ConfigError("--stage rl samples completions with the whole model on every rank, but ZeRO-3 "
                           "partitions the weights; use --ds_config ds_configs/zero2.json (or zero1)")

@@ -1,13 +1,14 @@
-"""The one training loop. Every stage runs through `run(args)`; what differs between stages is data:
-the `Stage` spec (stages.py) and the data builder and loss registered for its kinds below.
+"""The one training loop. Every stage runs through `run(args)` = `train(build(args))`: `build` returns a
+typed `Run`, `train` steps it. What differs between stages is data: the `Stage` spec (stages.py), its
+resolved `Settings` (settings.py) and the data builder and loss registered for its kinds below.
 
 Seams: `DATA_BUILDERS[kind]` and `LOSSES[kind]`; a new data kind or loss plugs in by writing its function
 in its own module and registering it there:
 
-- data builder `f(req: DataRequest) -> batches`: an iterable with `state_dict()` / `load_state_dict()`
-  yielding `(idx, targets)` tuples or dicts with `input_ids`, `targets`, optionally `pixel_values` /
-  `image_features` (passed to the model) and `num_tokens`; with `req.eval_mode` it is finite and
-  restarts at each `iter()`.
+- data builder `f(req: DataRequest) -> batches` (ghostvis/data/request.py: plain values, no model): an
+  iterable with `state_dict()` / `load_state_dict()` yielding `(idx, targets)` tuples or dicts with
+  `input_ids`, `targets`, optionally `pixel_values` / `image_features` (passed to the model) and
+  `num_tokens`; with `req.eval_mode` it is finite and restarts at each `iter()`.
 - loss builder `f(req: LossRequest) -> loss`, called once before the engine exists (it may refuse a
   setting, or build what the loss keeps, e.g. GRPO's frozen reference model); the loss
   `loss(engine, batch)` returns a scalar tensor (mean over the micro-batch's counted tokens), or
@@ -31,10 +32,12 @@ import torch.distributed as dist
 from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, get_preset
+from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
 from ghostvis.data.packing import check_packing
+from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
 from ghostvis.data.text import bpb_sums, text_batches, token_bytes
@@ -43,37 +46,15 @@ from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import checkpoint, engine as ds_engine
 from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
-from ghostvis.train.stages import FREEZE_GROUPS, Stage, get_stage
-
-MAX_LR = 1e30
-SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
-                 "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")  # flags that override stage defaults
-
-
-@dataclass
-class DataRequest:
-    """What a data builder is asked for: `split` is "train" or "val" (subdirectories of `data_dir`)."""
-
-    data_dir: Path
-    split: str
-    seq_len: int
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    tokenizer: Tokenizer
-    device: torch.device
-    eval_mode: bool
-    model: torch.nn.Module  # VLM builders read num_vision_tokens / image size from it
-    cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
-    max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
-    pack: bool = False  # --pack: several samples per row (ghostvis/data/packing.py)
-    pack_images: int = 0  # --pack-images: the most images a packed row holds (0 = no bound)
+from ghostvis.train.settings import Settings, resolve_settings
+from ghostvis.train.stages import Stage, get_stage
+from ghostvis.vision.transforms import image_transform
 
 
 @dataclass
@@ -81,7 +62,7 @@ class LossRequest:
     """What a loss builder is given: the resolved stage settings and how to rebuild the starting model."""
 
     stage: Stage
-    settings: dict[str, Any]
+    settings: Settings
     tokenizer: Tokenizer
     device: torch.device
     dtype: str  # resolved: bf16 | fp32
@@ -123,54 +104,24 @@ DATA_BUILDERS: dict[str, Callable[[DataRequest], Any]] = {
 LOSSES: dict[str, Callable[[LossRequest], Callable]] = {"lm": make_lm_loss, "grpo": make_grpo_loss}
 
 
-# ---- settings ------------------------------------------------------------------------------------
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def stage_settings(stage: Stage, args: argparse.Namespace) -> dict[str, Any]:
-    """Stage defaults overridden by every flag the user gave (flags default to None = "stage default";
-    `--lr` sets every learning rate the stage uses that has no flag of its own). `--encoder-lr` unfreezes
-    the encoder; a group named in an explicit `--freeze` refuses the flags that would train it."""
-    settings = dict(stage.defaults)
-    for name in stage.lr_names:
-        given = getattr(args, name, None)
-        if given is None:
-            given = args.lr
-        if given is not None:
-            settings[name] = given
-        if name not in settings:
-            raise ds_engine.ConfigError(f"--stage {stage.name}: no learning rate for '{name}'; pass {_flag(name)}")
-        if not 0 <= settings[name] <= MAX_LR:  # beyond, AdamW's fp32 step size overflows inside the optimizer
-            flag = _flag(name) if getattr(args, name, None) is not None else "--lr"
-            raise ds_engine.ConfigError(f"{flag} {settings[name]:g} is out of range: a learning rate must be finite "
-                                        f"and in [0, {MAX_LR:g}] (typical values are 1e-5 to 3e-3)")
-    for key in SETTING_FLAGS:
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    freeze = tuple(settings.get("freeze", ()))
-    unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
-    if unknown:
-        raise ds_engine.ConfigError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
-    if getattr(args, "freeze", None) is not None:
-        given = {r.lr: r.group for r in stage.trainable if getattr(args, r.lr, None) is not None}
-        if getattr(args, "train_llm_layers", None):
-            given["train_llm_layers"] = "llm"
-        for key, group in given.items():
-            if group in freeze:
-                raise ds_engine.ConfigError(f"{_flag(key)} trains the {group} but --freeze lists it; drop one")
-    elif getattr(args, "encoder_lr", None) is not None:
-        freeze = tuple(g for g in freeze if g != "encoder")
-    settings["freeze"] = freeze
-    return settings
+def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[str, Any]:
+    """The DataRequest fields read off the model: vision tokens per image, the encoder's preprocessing,
+    whether any LLM weight trains, and with --cached-features what the cache must match (a collective
+    under ZeRO-3: every rank calls this at the same point)."""
+    vision_cfg = getattr(model, "vision_config", None)
+    return {"num_vision_tokens": model.num_vision_tokens if vision_cfg is not None else 0,
+            "transform": image_transform(vision_cfg) if vision_cfg is not None else None,
+            "llm_trains": any(p.requires_grad for n, p in model.named_parameters() if "vision." not in n),
+            "cached_features": cached_features, "encoder": encoder_spec(model, cached_features)}
 
 
-def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: dict[str, Any]) -> torch.nn.Module:
-    """The preset (or the `--init-from` export) sized to this tokenizer, with its weights loaded. A vision
-    stage on a text export grows a new tower from the `--model` preset; a new tower's encoder weights come
-    from `--encoder-weights`. A trained encoder (not in `settings["freeze"]`) is built unfrozen: a frozen
-    one runs under no_grad."""
+# ---- the starting model -------------------------------------------------------------------------
+
+def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings) -> torch.nn.Module:
+    """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
+    loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
+    encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
+    unfrozen: a frozen one runs under no_grad."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -179,7 +130,8 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
                                         f"--tokenizer {args.tokenizer}; use its tokenizer/ directory")
     else:
         model_cfg, vision_cfg = get_preset(args.model, args.depth, vocab_size=tokenizer.vocab_size)
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
+    # the model's context covers the sequences it trains on (the export declares it)
+    model_cfg = dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, args.seq_len))
     encoder_weights = args.encoder_weights
     if not stage.needs_vision:
         if encoder_weights:
@@ -211,10 +163,9 @@ def build_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, se
             raise ds_engine.ConfigError(f"--encoder-weights {encoder_weights}: only .safetensors weights are read "
                                         "(pickled .bin/.pt/.pth files are never loaded); convert it with "
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
-        vision_cfg.pretrained_path = str(encoder_weights)
-    vision_cfg.freeze_encoder = "encoder" in settings.get("freeze", ())
-    model_cfg.image_token_id = tokenizer.image_token_id
-    return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from)
+    model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
+    return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
+                                     freeze_encoder="encoder" in settings.freeze)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -222,11 +173,13 @@ def tower_saved(args: argparse.Namespace) -> bool:
     return bool(args.init_from) and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file()
 
 
-def random_encoder_warning(args: argparse.Namespace, stage: Stage, model: torch.nn.Module) -> str | None:
+def random_encoder_warning(args: argparse.Namespace, stage: Stage, settings: Settings,
+                           model: torch.nn.Module) -> str | None:
     """The warning for a vision stage whose frozen encoder starts from random weights (it would never
     learn to see), or None."""
     vision_cfg = getattr(model, "vision_config", None)
-    if vision_cfg is None or not vision_cfg.freeze_encoder or vision_cfg.pretrained_path or tower_saved(args):
+    if (vision_cfg is None or "encoder" not in settings.freeze or args.encoder_weights
+            or tower_saved(args)):
         return None
     return (f"WARNING: --stage {stage.name} starts with a randomly initialised, frozen vision encoder "
             f"({vision_cfg.encoder}): its features carry little about the images and will not improve. Pass "
@@ -386,7 +339,7 @@ class TimedBatches:
         return batch
 
     def padding_frac(self) -> float | None:
-        """The fraction of row positions that held padding since the last call (None: no dict batches)."""
+        """The fraction of row positions that held padding since the last call (None: no batches of rows)."""
         out = 1 - self.real / self.slots if self.slots else None
         self.slots = self.real = 0
         return out
@@ -397,13 +350,60 @@ class TimedBatches:
         return out
 
 
-# ---- the run ------------------------------------------------------------------------------------
+# ---- the run: build, then train ------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
+class TrainState:
+    """What a checkpoint restores besides DeepSpeed's own state (model, optimizer): the step, the tokens
+    seen, the bad updates so far and the training data's position. `checkpoint.save` / `checkpoint.load`
+    write and restore it through `state_dict` / `load_state_dict`, with each rank's RNG states beside it."""
+
+    def __init__(self, data: WorkerBatches) -> None:
+        self.step, self.tokens_seen, self.skipped, self.data = 0, 0, 0, data
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
+                "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.skipped, self.tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
+        self.data.load_state_dict(state["data"])
+
+
+@dataclass
+class Run:
+    """Everything `train` needs, built once by `build`."""
+
+    args: argparse.Namespace
+    stage: Stage
+    settings: Settings
+    topo: Topology
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    engine: Any
+    groups: list[dict[str, Any]]
+    loss_fn: Callable
+    step_fn: Callable
+    grad_accum: int
+    state: TrainState
+    val_data: Any  # finite validation batches, or None
+    byte_counts: torch.Tensor | None  # bytes of each token id, for validation bits per byte
+    log: RunLogger
+    meta: dict[str, Any]  # saved with every checkpoint: what run wrote it (resume checks read it)
+    flops: int  # per token, for MFU
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def build(args: argparse.Namespace) -> Run:
+    """Settings, process groups, the model in its (tp, pp) layout, parameter groups, the DeepSpeed engine,
+    the loss, the data, the resumed state and the logger of `args.stage` (launch/train.py)."""
     stage = get_stage(args.stage)
-    data_builder, loss_builder = DATA_BUILDERS[stage.data_kind], LOSSES[stage.loss]
-    settings = stage_settings(stage, args)
+    settings = resolve_settings(stage, args)
     rank, world, device = ds_engine.init_distributed()
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
@@ -411,12 +411,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     topo = Topology(args.tp, args.pp, args.cp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
-    tokenizer = Tokenizer.load(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
 
     def initial_model() -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
-            return build_model(args, stage, tokenizer, settings)
+            return starting_model(args, stage, tokenizer, settings)
 
     # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
     model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
@@ -429,8 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg: ModelConfig = model.config
     if args.resume == "auto":
         check_resumable(out, stage.name, model_cfg)
-    groups = ds_engine.build_param_groups(model, stage, {k: settings[k] for k in stage.lr_names},
-                                          settings["weight_decay"], settings, model_cfg.n_layer)
+    groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
     layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
@@ -440,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
                                           grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
-    loss_fn = loss_builder(LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
+    loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
@@ -452,112 +451,149 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  model_cfg.head_dim, packed=getattr(args, "pack", False))
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
-    step_fn = pipeline_step if topo.pp_size > 1 else train_step
     if args.compile:
         engine.compile()  # compiles inside the engine: parameter and checkpoint names stay the same
+
+    inputs = data_inputs(model, getattr(args, "cached_features", False))
 
     def request(split: str, eval_mode: bool) -> DataRequest:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
-                           tokenizer, device, eval_mode, model, getattr(args, "cached_features", False),
-                           args.max_corrupt_fraction, getattr(args, "pack", False), getattr(args, "pack_images", 0))
+                           tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction,
+                           pack=getattr(args, "pack", False), pack_images=getattr(args, "pack_images", 0))
 
-    train_data = WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None), device)
+    data_builder = DATA_BUILDERS[stage.data_kind]
+    state = TrainState(WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None),
+                                     device))
     val_data = data_builder(request("val", True)) if args.eval_every > 0 else None
+    if args.resume == "auto" and checkpoint.load(engine, out, state, universal=universal):
+        set_base_lrs(engine, groups, 1.0)
 
-    start_step, skipped, tokens_seen = 0, 0, 0
-    if args.resume == "auto":
-        state = checkpoint.load(engine, out, universal=universal)
-        if state is not None:
-            start_step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
-            train_data.load_state_dict(state["data"])
-            set_base_lrs(engine, groups, 1.0)
-
-    flops = flops_per_token(model_cfg, args.seq_len)
-    peak = args.peak_flops if device.type == "cuda" else None
     n_train = sum(p.numel() for g in groups for p in g["params"])
-    log = RunLogger(out_dir=out, total_steps=args.steps, start_step=start_step, enabled=rank == 0,
+    log = RunLogger(out_dir=out, total_steps=args.steps, start_step=state.step, enabled=rank == 0,
                     wandb_mode=args.wandb, run_config=_jsonable(vars(args)),
                     header=f"stage `{stage.name}`, {world} rank(s) as {topo}, {dtype}, "
                            f"{n_train:,} trainable parameters (rank 0's), "
-                           f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {start_step}")
-
+                           f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {state.step}")
     log.note(f"attention: {attention.describe()}")
-    warning = random_encoder_warning(args, stage, model)
+    warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
+    meta = {"stage": stage.name, "model": model_cfg.to_dict(), "args": _jsonable(vars(args)), "layout": layout}
+    return Run(args, stage, settings, topo, rank, world, device, tokenizer, model, engine, groups, loss_fn,
+               pipeline_step if topo.pp_size > 1 else train_step, grad_accum, state, val_data,
+               token_bytes(tokenizer).to(device) if val_data is not None else None, log, meta,
+               flops_per_token(model_cfg, args.seq_len))
 
-    def client_state(step: int) -> dict[str, Any]:
-        return {"step": step, "data": train_data.state_dict(), "stage": stage.name, "model": model_cfg.to_dict(),
-                "skipped_steps": skipped, "tokens_seen": tokens_seen, "args": _jsonable(vars(args)), "layout": layout}
 
-    byte_counts = token_bytes(tokenizer).to(device) if val_data is not None else None
-    batches = TimedBatches(iter(train_data))
-    metrics: dict[str, Any] = {}
-    step = start_step
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train `args.stage` as launch/train.py describes; returns the final metrics (rank 0's view)."""
+    return train(build(args))
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Optimizer steps up to --steps (or --stop-at): each one logged, validated and checkpointed on its
+    interval; a diverging run rolls back or stops. Then the export. Returns the last step's metrics."""
+    args, state = run.args, run.state
+    batches = TimedBatches(iter(state.data))
     guard = DivergenceGuard(args.max_skipped_updates, args.max_skipped_fraction)
-    guard.reset(start_step if start_step else None)  # the checkpoint resumed from is confirmed by its next step
-    rollbacks = 0
+    guard.reset(state.step if state.step else None)  # the checkpoint resumed from is confirmed by its next step
+    rollbacks, metrics = 0, {}
     end = min(args.steps, args.stop_at or args.steps)
-    while step < end:
-        mult = lr_multiplier(step, total=args.steps, warmup=settings["warmup"], schedule=settings["schedule"],
-                             warmdown=settings.get("warmdown", 0.2))
-        apply_lr(engine.optimizer.param_groups, mult)
-        result = step_fn(engine, batches, loss_fn, grad_accum)
-        step += 1
-        step_tokens = result.tokens * dp  # replicas see equal shapes for text; close enough for padded batches
-        tokens_seen += step_tokens
-        stop = guard.check(result.applied, result.loss, result.grad_norm, engine.device)
-        if guard.consecutive:  # this step was bad on some rank
-            skipped += 1
-            log.note(f"step {step}: bad update (skipped, or non-finite loss or gradients), {skipped} so far")
-        tps = step_tokens / result.seconds
-        wait_s, images = batches.take()
-        metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
-                   "mfu": mfu(flops, tps / world, peak), "skipped_steps": skipped, "step_s": result.seconds,
-                   "data_wait_frac": min(1.0, wait_s / result.seconds), "images_per_s": images * dp / result.seconds,
-                   "padding_frac": batches.padding_frac(),
-                   **result.extra, **corrupt_metrics(train_data.state_dict())}
-        if device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if val_data is not None and (step % args.eval_every == 0 or step == end):
-            metrics["val_bpb"] = evaluate_bpb(engine, val_data, byte_counts, args.eval_batches)
-        log.step(step, metrics)
-        if "val_bpb" in metrics:
-            log.row(step, metrics)
+    while state.step < end:
+        mult = lr_multiplier(state.step, total=args.steps, warmup=run.settings.warmup,
+                             schedule=run.settings.schedule, warmdown=run.settings.warmdown)
+        apply_lr(run.engine.optimizer.param_groups, mult)
+        result = run.step_fn(run.engine, batches, run.loss_fn, run.grad_accum)
+        stop = account(run, result, guard)
+        metrics = step_metrics(run, result, mult, batches, validate=run.val_data is not None and (
+            state.step % args.eval_every == 0 or state.step == end))
         if stop:
-            kept = checkpoint.discard(out, guard.unconfirmed)
+            kept = checkpoint.discard(run.out, guard.unconfirmed)
             if rollbacks < args.rollbacks and kept is not None:
-                rollbacks, stopped_at = rollbacks + 1, step
-                batches.batches.close()  # stops the data workers before the position is rewound
-                state = checkpoint.load(engine, out)
-                step, skipped, tokens_seen = state["step"], state["skipped_steps"], state["tokens_seen"]
-                train_data.load_state_dict(state["data"])
-                batches = TimedBatches(iter(train_data))
-                set_base_lrs(engine, groups, args.rollback_lr_factor ** rollbacks)
-                guard.reset(step)
-                log.note(f"step {stopped_at}: {stop}; rolled back to {kept} with learning rates "
-                         f"x{args.rollback_lr_factor ** rollbacks:g} (rollback {rollbacks} of {args.rollbacks})")
+                rollbacks += 1
+                batches = roll_back(run, batches, guard, f"{stop}; rolled back to {kept}", rollbacks)
                 continue
-            message = (f"training diverged at step {step}: {stop}; {skipped} bad updates in all. Kept checkpoint: "
-                       f"{out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr (or "
-                       "--rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
-            log.note(message)
-            log.close()
-            raise Diverged(message)
-        if args.save_every > 0 and (step % args.save_every == 0 or step == end):
-            path = checkpoint.save(engine, out, step, client_state(step), args.keep)
-            guard.saved(step)
-            log.note(f"step {step}: checkpoint {path}")
-    if args.lora_rank:  # the adapter on its own, then the merged model as the run's export
-        lora.save_adapter(model, out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
-                                       "targets": args.lora_targets, "base": args.init_from}, rank == 0)
-        lora.merge(model)
-    checkpoint_io.export(model, out, tokenizer=tokenizer, extra={"stage": stage.name, "step": step},
-                         is_writer=rank == 0, topology=topo)
-    log.note(f"done: {step} steps, {tokens_seen:,} tokens, {skipped} skipped updates; exported to {out}")
-    log.close()
+            diverged(run, stop, kept)
+        if args.save_every > 0 and (state.step % args.save_every == 0 or state.step == end):
+            path = checkpoint.save(run.engine, run.out, state.step, state, args.keep, run.meta)
+            guard.saved(state.step)
+            run.log.note(f"step {state.step}: checkpoint {path}")
+    finish(run)
     return metrics
+
+
+def account(run: Run, result: StepResult, guard: DivergenceGuard) -> str | None:
+    """Count the step, its tokens and a bad update; the divergence guard's verdict (None = go on)."""
+    state = run.state
+    state.step += 1
+    state.tokens_seen += result.tokens * run.topo.dp_size  # replicas see equal shapes for text; close for padded
+    stop = guard.check(result.applied, result.loss, result.grad_norm, run.engine.device)
+    if guard.consecutive:  # this step was bad on some rank
+        state.skipped += 1
+        run.log.note(f"step {state.step}: bad update (skipped, or non-finite loss or gradients), "
+                     f"{state.skipped} so far")
+    return stop
+
+
+def step_metrics(run: Run, result: StepResult, mult: float, batches: TimedBatches, validate: bool) -> dict[str, Any]:
+    """The step's metrics, with validation bits per byte when `validate`; logged."""
+    dp, step = run.topo.dp_size, run.state.step
+    tps = result.tokens * dp / result.seconds
+    peak = run.args.peak_flops if run.device.type == "cuda" else None
+    wait_s, images = batches.take()
+    metrics = {"loss": result.loss, "lr_mult": mult, "grad_norm": result.grad_norm, "tokens_per_s": tps,
+               "mfu": mfu(run.flops, tps / run.world, peak), "skipped_steps": run.state.skipped,
+               "step_s": result.seconds, "data_wait_frac": min(1.0, wait_s / result.seconds),
+               "images_per_s": images * dp / result.seconds, "padding_frac": batches.padding_frac(),
+               **result.extra, **corrupt_metrics(run.state.data.state_dict())}
+    if run.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    if validate:
+        metrics["val_bpb"] = evaluate_bpb(run.engine, run.val_data, run.byte_counts, run.args.eval_batches)
+    run.log.step(step, metrics)
+    if "val_bpb" in metrics:
+        run.log.row(step, metrics)
+    return metrics
+
+
+def roll_back(run: Run, batches: TimedBatches, guard: DivergenceGuard, why: str, rollbacks: int) -> TimedBatches:
+    """Reload the last trusted checkpoint and go on with learning rates x --rollback-lr-factor per rollback;
+    the training batches from the restored position."""
+    stopped_at = run.state.step
+    batches.batches.close()  # stops the data workers before the position is rewound
+    checkpoint.load(run.engine, run.out, run.state)
+    factor = run.args.rollback_lr_factor ** rollbacks
+    set_base_lrs(run.engine, run.groups, factor)
+    guard.reset(run.state.step)
+    run.log.note(f"step {stopped_at}: {why} with learning rates x{factor:g} (rollback {rollbacks} of "
+                 f"{run.args.rollbacks})")
+    return TimedBatches(iter(run.state.data))
+
+
+def diverged(run: Run, why: str, kept: str | None) -> None:
+    """Stop the run: no export; the message names the checkpoint kept and what to change."""
+    state = run.state
+    message = (f"training diverged at step {state.step}: {why}; {state.skipped} bad updates in all. Kept "
+               f"checkpoint: {run.out / 'ckpt' / kept if kept else 'none'}; no export was written. Lower --lr "
+               "(or --rollbacks N --rollback-lr-factor F) or check the data, then run again to resume")
+    run.log.note(message)
+    run.log.close()
+    raise Diverged(message)
+
+
+def finish(run: Run) -> None:
+    """The export (with LoRA: the adapter alone, then the merged model) and the run log's last note."""
+    args, state = run.args, run.state
+    if args.lora_rank:
+        lora.save_adapter(run.model, run.out, {"rank": args.lora_rank, "alpha": args.lora_alpha or args.lora_rank,
+                                               "targets": args.lora_targets, "base": args.init_from}, run.rank == 0)
+        lora.merge(run.model)
+    checkpoint_io.export(run.model, run.out, tokenizer=run.tokenizer, extra={"stage": run.stage.name,
+                         "step": state.step}, is_writer=run.rank == 0, topology=run.topo)
+    run.log.note(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped} skipped updates; "
+                 f"exported to {run.out}")
+    run.log.close()
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
@@ -566,7 +602,8 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
     saved = checkpoint.saved_state(out)
     if saved is None:
         return
-    now, then = _shape(model_cfg.to_dict()), _shape(saved["model"])
+    # the saved config read as a config: fields of older versions that were run settings drop out
+    now, then = model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict()
     differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
@@ -590,11 +627,6 @@ def corrupt_metrics(data_state: dict[str, Any]) -> dict[str, Any]:
         return {"corrupt_samples": 0}
     return {"corrupt_samples": summary["corrupt"], "corrupt_by_reason": summary["by_reason"],
             "corrupt_by_shard": summary["by_shard"]}
-
-
-def _shape(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """A model config without the settings that may change between a run and its resume."""
-    return {k: v for k, v in model_cfg.items() if k != "activation_checkpointing"}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

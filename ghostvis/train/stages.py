@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ghostvis.train.settings import Settings
 
 DATA_KINDS = ("text-tokens", "image-text", "conversation", "prompts")  # prompts: conversation shards read for RL
 LOSS_KINDS = ("lm", "grpo")
@@ -26,24 +29,25 @@ LLM_BLOCK = r"(?:llm\.)?blocks\.(\d+)\."
 @dataclass(frozen=True)
 class ParamRule:
     """Parameters whose name matches `pattern` (re.match, i.e. anchored at the start) train at the learning
-    rate named `lr` (a key of the stage's resolved lrs, set by the `--<lr>` flag), with weight decay on or
-    off. `group` (llm | encoder | connector) is what `--freeze` names: a rule of a frozen group matches
-    nothing. `last_layers` names a setting K (`--train-llm-layers`): the rule then covers only the LLM's
-    last K blocks (K = 0: none), and every LLM weight, embeddings and head included, when K < 0 (= all).
+    rate named `lr` (a key of `Settings.lrs`, set by the `--<lr>` flag), with weight decay on or off.
+    `group` (llm | encoder | connector) is what `--freeze` names: a rule of a frozen group matches
+    nothing. With `last_layers`, the rule covers only the LLM's last K = `Settings.train_llm_layers`
+    blocks (`--train-llm-layers`; K = 0: none), and every LLM weight, embeddings and head included, when
+    K < 0 (= all).
     """
 
     pattern: str
     lr: str
     weight_decay: bool
     group: str = "llm"
-    last_layers: str | None = None
+    last_layers: bool = False
 
-    def matches(self, name: str, n_layer: int, settings: dict[str, Any]) -> bool:
-        if self.group in settings.get("freeze", ()) or re.match(self.pattern, name) is None:
+    def matches(self, name: str, n_layer: int, settings: Settings) -> bool:
+        if self.group in settings.freeze or re.match(self.pattern, name) is None:
             return False
-        if self.last_layers is None:
+        if not self.last_layers:
             return True
-        k = int(settings.get(self.last_layers, ALL_LAYERS))  # unset: no limit
+        k = settings.train_llm_layers
         block = re.match(LLM_BLOCK, name)
         return k < 0 or (k > 0 and block is not None and int(block.group(1)) >= n_layer - k)
 
@@ -58,7 +62,7 @@ class Stage:
     loss: str
     trainable: tuple[ParamRule, ...]
     needs_vision: bool = False
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # Settings fields (lrs by name), before flags
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -72,7 +76,7 @@ class Stage:
         """The learning-rate settings this stage uses, in rule order, without repeats."""
         return tuple(dict.fromkeys(rule.lr for rule in self.trainable))
 
-    def rule_for(self, name: str, n_layer: int, settings: dict[str, Any]) -> ParamRule | None:
+    def rule_for(self, name: str, n_layer: int, settings: Settings) -> ParamRule | None:
         return next((r for r in self.trainable if r.matches(name, n_layer, settings)), None)
 
 
@@ -85,7 +89,7 @@ FREEZE_GROUPS = ("llm", "encoder", "connector")
 ALL_LAYERS = -1  # --train-llm-layers all
 
 # Every LLM rule is limited by --train-llm-layers K (embeddings, head and final norm train only with `all`).
-_LLM_RULES = tuple(ParamRule(p, lr, weight_decay=wd, group="llm", last_layers="train_llm_layers") for p, lr, wd in (
+_LLM_RULES = tuple(ParamRule(p, lr, weight_decay=wd, group="llm", last_layers=True) for p, lr, wd in (
     (_LLM + r"wte\.", "embed_lr", False),
     (_LLM + r"lm_head\.", "head_lr", True),
     (_LLM + r"(?:norm_f\.|blocks\.\d+\." + _GAINS + ")", "llm_lr", False),
@@ -108,8 +112,8 @@ def _llm_lrs(lr: float) -> dict[str, float]:
     return {"embed_lr": lr, "head_lr": lr, "llm_lr": lr}
 
 
-# GRPO (ghostvis/train/grpo.py): completions per prompt, their length cap, sampling temperature, KL
-# penalty against the frozen starting model (0 = off), PPO clip range of the per-token ratio.
+# GRPO (ghostvis/train/grpo.py; settings.GRPOSettings): completions per prompt, their length cap, sampling
+# temperature, KL penalty against the frozen starting model (0 = off), PPO clip range of the per-token ratio.
 _GRPO_DEFAULTS = {"group_size": 8, "rl_max_new_tokens": 64, "temperature": 1.0, "kl_coef": 0.0, "clip_eps": 0.2}
 
 STAGES: dict[str, Stage] = {

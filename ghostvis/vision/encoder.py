@@ -4,8 +4,9 @@ A ViT gives the patch tokens of block `feature_layer`; a CNN (ResNet, ConvNeXt, 
 `feature_info`) gives the feature map of stage `feature_layer` (an index into `model.feature_info`), each
 cell a patch token in row-major order: a small CNN learns local features from little data, from scratch.
 
-Nothing is downloaded: the model is built with `pretrained=False` and weights come from a local
-timm-format `.safetensors` file or a Hugging Face SigLIP/CLIP folder (ghostvis/interop/hf_vision.py).
+Nothing is downloaded: the model is built with `pretrained=False`. Weights come in as a timm state dict
+(`load_timm_state_dict`); reading them from a local timm `.safetensors` file or a Hugging Face SigLIP/CLIP
+folder is the loading layer's job (`ghostvis.checkpoint_io.load_encoder_weights`).
 Blocks after the feature layer (and the final norm/head) are pruned, so they cost no compute, no memory
 and hold no never-trained parameters.
 """
@@ -18,11 +19,10 @@ from typing import Any
 
 import torch
 import timm
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ghostvis.config import VisionConfig
-from ghostvis.files import safetensors_shapes
 from ghostvis.vision.transforms import data_config, normalize_pixels
 
 def _tower_sdpa(cuda: bool) -> contextlib.AbstractContextManager:
@@ -40,7 +40,7 @@ def _no_download_error(what: str) -> ValueError:
     return ValueError(
         f"vision encoder: {what} would need a download, and GhostVis never downloads at run time. "
         "Build the architecture by its timm name (VisionConfig.encoder, e.g. 'vit_so400m_patch14_siglip_384') "
-        "and give the weights locally: VisionConfig.pretrained_path = a timm-format .safetensors "
+        "and give the weights locally: --encoder-weights = a timm-format .safetensors "
         "or a Hugging Face SigLIP/CLIP folder (see docs/interop.md)."
     )
 
@@ -69,35 +69,14 @@ def _create_timm_model(cfg: VisionConfig, timm_kwargs: dict[str, Any]) -> nn.Mod
         raise ValueError(f"timm model {name!r} does not accept {sorted(kwargs)} ({e})") from e
 
 
-def read_timm_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read encoder weights from a local timm-format safetensors file or a Hugging Face SigLIP/CLIP folder
-    (converted on the fly; `model` lets the converter check the activation), with errors that say what to do."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"VisionConfig.pretrained_path={str(p)!r} does not exist")
-    if p.is_dir():
-        if (p / "config.json").exists():
-            from ghostvis.interop.hf_vision import timm_state_dict_from_hf
-
-            return timm_state_dict_from_hf(p, model)
-        raise ValueError(f"VisionConfig.pretrained_path={str(p)!r} is a folder without a model; give a .safetensors file")
-    if p.suffix != ".safetensors":
-        raise ValueError(
-            f"VisionConfig.pretrained_path={str(p)!r}: only .safetensors weights are read (pickled "
-            ".bin/.pt/.pth files are never loaded); convert it with safetensors.torch.save_file"
-        )
-    safetensors_shapes(p)  # refuses a renamed pickle before safetensors reads it
-    return load_file(str(p))
-
-
 class VisionEncoder(nn.Module):
     """timm ViT or CNN -> patch features [N, num_patches, dim] from layer `cfg.feature_layer` (a ViT's
-    prefix cls/register tokens dropped, a CNN's feature map flattened row by row). Frozen (the default):
-    no grads, always eval, run under no_grad."""
+    prefix cls/register tokens dropped, a CNN's feature map flattened row by row). `frozen` (the default;
+    a run setting, not architecture): no grads, always eval, run under no_grad."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, *, frozen: bool = True):
         super().__init__()
-        self.frozen = cfg.freeze_encoder
+        self.frozen = frozen
         model = _create_timm_model(cfg, dict(cfg.encoder_kwargs))
         self.is_vit = hasattr(model, "blocks") and hasattr(model, "patch_embed")
         if not hasattr(model, "forward_intermediates") or not (self.is_vit or hasattr(model, "feature_info")):
@@ -115,8 +94,6 @@ class VisionEncoder(nn.Module):
         norm = data_config(cfg)  # uint8 pixels are normalised here, on the accelerator (transforms.py)
         self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
         full_keys = set(model.state_dict())
-        if cfg.pretrained_path:
-            self._load_full(read_timm_state_dict(cfg.pretrained_path, model), cfg.pretrained_path)
         self.feature_norm = cfg.feature_norm
         model.prune_intermediate_layers([layer], prune_norm=not cfg.feature_norm, prune_head=True)
         # keys a full timm checkpoint has but the pruned encoder doesn't: tolerated when loading
@@ -138,27 +115,17 @@ class VisionEncoder(nn.Module):
         # a frozen encoder stays in eval mode (dropout/drop-path off) even inside model.train()
         return super().train(mode and not self.frozen)
 
-    def _load_full(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
-        # a timm checkpoint of a classifier carries head weights we built without (num_classes=0)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    def load_timm_state_dict(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        """Load timm-format weights: a full timm checkpoint (its pruned blocks and classifier head are
+        dropped) or one written by `save_encoder_weights`; `source` names them in errors."""
+        state = {k: v for k, v in state.items() if k not in self._pruned_keys and not k.startswith("head.")}
         result = self.model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
-                f"encoder weights {str(source)!r} do not match timm model {type(self.model).__name__}: "
-                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} "
-                "(is VisionConfig.encoder the architecture these weights belong to?)"
-            )
-
-    def load_encoder_weights(self, path: str | Path) -> None:
-        """Load a timm-format safetensors: a full timm checkpoint or one written by `save_encoder_weights`."""
-        state = {k: v for k, v in read_timm_state_dict(path, self.model).items()
-                 if k not in self._pruned_keys and not k.startswith("head.")}
-        result = self.model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"encoder weights {str(path)!r} do not match {type(self.model).__name__} "
+                f"encoder weights {str(source)!r} do not match timm model {type(self.model).__name__} "
                 f"(feature layer {self.layer}): missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
+                f"unexpected {result.unexpected_keys[:5]} "
+                "(is VisionConfig.encoder the architecture these weights belong to?)"
             )
 
     def save_encoder_weights(self, path: str | Path) -> None:

@@ -16,10 +16,10 @@ class VisionTower(nn.Module):
     """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP), `projector.proj.*`
     (linear) or `projector.gate_proj/up_proj/down_proj.*` (the perceiver's SwiGLU)."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int):
+    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, *, freeze_encoder: bool = True):
         super().__init__()
         self.config = vision_cfg
-        self.encoder = VisionEncoder(vision_cfg)
+        self.encoder = VisionEncoder(vision_cfg, frozen=freeze_encoder)
         self.project_first = vision_cfg.resampler == "perceiver"
         if self.project_first:
             self.projector = build_projector(self.encoder.dim, vision_cfg.projector_hidden, llm_dim, gated=True)

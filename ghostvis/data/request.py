@@ -1,0 +1,49 @@
+"""`DataRequest`: what the training loop asks a data builder for. Plain values only: the data layer never
+sees the model; the loop reads what the batches depend on (vision tokens per image, the encoder's image
+preprocessing, the cached-features check) off the model once and passes it down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ghostvis.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What cached encoder features must match (ghostvis/data/features.py): the VisionConfig fields that
+    change features, and, where this rank holds the (frozen) encoder, its feature shape and weights
+    fingerprint."""
+
+    config: dict[str, Any]
+    feature_shape: tuple[int, int] | None
+    weights: str | None
+
+
+@dataclass
+class DataRequest:
+    """What a data builder is asked for: `split` is "train" or "val" (subdirectories of `data_dir`)."""
+
+    data_dir: Path
+    split: str
+    seq_len: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    tokenizer: Tokenizer
+    device: torch.device
+    eval_mode: bool
+    num_vision_tokens: int = 0  # ids each <|image|> expands to; 0 = a text-only model
+    transform: Callable[[Any], torch.Tensor] | None = None  # image -> the encoder's uint8 pixels; None: no tower
+    llm_trains: bool = True  # some LLM weight trains (text-only rows in a vision mixture need one)
+    cached_features: bool = False  # --cached-features: read data_prep's encoder features, not pixels
+    encoder: EncoderSpec | None = None  # with cached_features: what the cache must match
+    max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
+    pack: bool = False  # --pack: several samples per row (ghostvis/data/packing.py)
+    pack_images: int = 0  # --pack-images: the most images a packed row holds (0 = no bound)
