@@ -58,17 +58,21 @@ def _vlm(tok, family: str, resampler: str = "none", num_vision_tokens: int = PAT
     return vlm.eval()
 
 
+def _export_and_load(vlm, tok, tmp_path, loader=AutoModelForImageTextToText):
+    """Export through launch/export.py --format hf, then load the folder with transformers: every weight
+    mapped both ways, eval mode."""
+    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
+    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    hf, info = loader.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return hf.eval()
+
+
 @pytest.mark.parametrize("family", ["siglip", "clip"])
 def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
     vlm = _vlm(tok, family)
-    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
-    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
-
-    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                             output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    hf.eval()
+    hf = _export_and_load(vlm, tok, tmp_path, LlavaForConditionalGeneration)
     assert hf.config.image_seq_length == PATCHES and hf.config.image_token_id == tok.image_token_id
     assert hf.config.vision_config.num_hidden_layers == 2  # only the blocks up to the feature layer
 
@@ -98,14 +102,8 @@ def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     tokens = PATCHES // 4  # pixel shuffle r = 2
     vlm = _vlm(tok, "siglip", resampler="pixel_shuffle", num_vision_tokens=tokens, projector_hidden=0,
                feature_norm=True, llama=llama)
-    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
-    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
-
-    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                           output_loading_info=True)
+    hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "Idefics3ForConditionalGeneration"
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    hf.eval()
     assert hf.config.scale_factor == 2 and hf.config.text_config.model_type == ("llama" if llama else "qwen2")
     ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -122,14 +120,8 @@ def test_idefics2_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     tokens = 6  # latents: any count, not tied to the patch grid
     vlm = _vlm(tok, "siglip", resampler="perceiver", num_vision_tokens=tokens, projector_hidden=128,  # tiny's ffn_dim
                feature_norm=True, llama=llama)
-    checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tok)
-    export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
-
-    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                           output_loading_info=True)
+    hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    hf.eval()
     assert hf.config.perceiver_config.resampler_n_latents == tokens
     assert hf.config.text_config.model_type == ("llama" if llama else "qwen2")
     ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
