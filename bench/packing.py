@@ -44,7 +44,7 @@ import torch
 import webdataset as wds
 
 from learning import MIN_DROP, check_learning
-from pipeline import REPO, child_env, device_name, launcher, prepare_data, sh
+from pipeline import REPO, append_to_benchmarks, child_env, device_name, launcher, prepare_data, sh
 
 IMAGE = "<|image|>"
 # turns per image conversation (weight, lowest, highest): many short, a long tail (LLaVA-665K's VQA/GQA
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(run(args))
     print(text)
     if args.append:
-        cmd = "python bench/packing.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with (REPO / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n### packing, {time.strftime('%Y-%m-%d')}, {device_name()}\n\n`{cmd}`\n\n{text}\n")
+        append_to_benchmarks("packing", argv, text)
 
 
 if __name__ == "__main__":

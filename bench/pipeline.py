@@ -171,6 +171,13 @@ def device_name() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, CPU"
 
 
+def append_to_benchmarks(bench: str, argv: list[str] | None, text: str) -> None:
+    """Append `text` to BENCHMARKS.md under a heading naming the bench, the date and the device, with the command."""
+    cmd = f"python bench/{bench}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with (REPO / "BENCHMARKS.md").open("a") as f:
+        f.write(f"\n### {bench}, {time.strftime('%Y-%m-%d')}, {device_name()}\n\n`{cmd}`\n\n{text}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_pipeline"), help="data, runs and logs (data is reused)")
@@ -189,9 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(results, vqa)
     print(text)
     if args.append:
-        cmd = "python bench/pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with (REPO / "BENCHMARKS.md").open("a") as f:
-            f.write(f"\n### pipeline, {time.strftime('%Y-%m-%d')}, {device_name()}\n\n`{cmd}`\n\n{text}\n")
+        append_to_benchmarks("pipeline", argv, text)
 
 
 if __name__ == "__main__":
