@@ -35,7 +35,6 @@ import os
 import random
 import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ import torch
 import webdataset as wds
 
 from learning import MIN_DROP, check_learning
-from pipeline import REPO, append_to_benchmarks, child_env, device_name, launcher, prepare_data, sh
+from pipeline import REPO, append_to_benchmarks, child_env, launcher, prepare_data, sh
 
 IMAGE = "<|image|>"
 # turns per image conversation (weight, lowest, highest): many short, a long tail (LLaVA-665K's VQA/GQA
