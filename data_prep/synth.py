@@ -56,21 +56,21 @@ def capchat_sample(seed: int, split: str, index: int, image_size: int) -> dict:
     return {"__key__": sample["__key__"], "json": json.dumps(record).encode(), "0.png": sample["png"]}
 
 
-def vqa_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+def vqa_sample(seed: int, split: str, index: int, image_size: int, turns: int = 1) -> dict:
+    """One scene and a question about it; on the train split with `turns` > 1, a conversation of up to
+    `turns` questions whose answers no earlier turn gives away (scenes.conversation_qas). The record's
+    `answer`/`type` are the last turn's, so eval and RL ask that one; val and test stay single-question."""
     # Question types take turns so every split is balanced across types.
     qtype = scenes.QUESTION_TYPES[index % len(scenes.QUESTION_TYPES)]
     rng = scenes.scene_rng(seed, split, index, "vqa")
     scene, qas = scenes.sample_split_scene(rng, split, qtype)
     qa = rng.choice([q for q in qas if q.type == qtype])
-    record = {
-        "messages": [
-            {"role": "user", "content": f"{IMAGE}\n{qa.question}"},
-            {"role": "assistant", "content": qa.answer},
-        ],
-        "answer": qa.answer,
-        "type": qa.type,
-        "scene": scene.to_json(),
-    }
+    chat = scenes.conversation_qas(scene, qa, rng, turns) if split == "train" and turns > 1 else [qa]
+    messages: list[dict] = []
+    for i, q in enumerate(chat):
+        messages += [{"role": "user", "content": f"{IMAGE}\n{q.question}" if i == 0 else q.question},
+                     {"role": "assistant", "content": q.answer}]
+    record = {"messages": messages, "answer": chat[-1].answer, "type": chat[-1].type, "scene": scene.to_json()}
     return {
         "__key__": f"{split}-{index:07d}",
         "json": json.dumps(record).encode(),
@@ -133,19 +133,21 @@ SAMPLERS = {"captions": caption_sample, "capchat": capchat_sample, "vqa": vqa_sa
 KINDS = {"captions": "image-text", "capchat": "conversation", "vqa": "conversation", "arith": "conversation"}
 
 
-def _make(job: tuple[str, int, str, int, int]) -> dict:
-    dataset, seed, split, index, image_size = job
+def _make(job: tuple[str, int, str, int, int, int]) -> dict:
+    dataset, seed, split, index, image_size, vqa_turns = job
+    if dataset == "vqa":
+        return vqa_sample(seed, split, index, image_size, vqa_turns)
     return SAMPLERS[dataset](seed, split, index, image_size)
 
 
 def write_split(out: Path, dataset: str, split: str, n: int, *, seed: int, image_size: int,
-                shard_size: int, pool: Pool | None) -> Manifest:
+                shard_size: int, pool: Pool | None, vqa_turns: int = 1) -> Manifest:
     """Render `n` samples in order (in parallel when a pool is given) into `<split>-%06d.tar` shards."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{split}-*.tar"):
         old.unlink()  # a smaller re-run must not leave stale shards behind
     shards: list[ShardInfo] = []
-    jobs = [(dataset, seed, split, i, image_size) for i in range(n)]
+    jobs = [(dataset, seed, split, i, image_size, vqa_turns) for i in range(n)]
     samples = pool.imap(_make, jobs, chunksize=64) if pool else map(_make, jobs)
     # mtime/user fixed so the same seed gives byte-identical tars.
     writer = wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, encoder=False, mtime=0,
@@ -178,7 +180,7 @@ def write_text(out: Path, num_docs: int, *, seed: int, docs_per_file: int = 5000
 def generate(out: str | os.PathLike, *, seed: int = 0, image_size: int = 64, num_captions: int = 8000,
              num_vqa: int = 16000, num_val: int = 400, num_test: int = 800, num_arith: int = 4000,
              num_arith_test: int = 400, num_text_docs: int = 10000, shard_size: int = 1000,
-             workers: int = 1) -> dict[str, Manifest]:
+             workers: int = 1, vqa_turns: int = 1) -> dict[str, Manifest]:
     """Write every dataset under `out`; returns {"captions/train": manifest, ...}."""
     out = Path(out)
     plan = [("captions", "train", num_captions), ("captions", "val", num_val),
@@ -188,7 +190,8 @@ def generate(out: str | os.PathLike, *, seed: int = 0, image_size: int = 64, num
     pool = Pool(workers) if workers > 1 else None
     try:
         written = {f"{d}/{s}": write_split(out / d / s, d, s, n, seed=seed, image_size=image_size,
-                                           shard_size=shard_size, pool=pool) for d, s, n in plan}
+                                           shard_size=shard_size, pool=pool, vqa_turns=vqa_turns)
+                   for d, s, n in plan}
     finally:
         if pool:
             pool.close()
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=64, help="square image side in pixels (64 or 96 suit CPU)")
     p.add_argument("--num-captions", type=int, default=8000, help="caption training samples")
     p.add_argument("--num-vqa", type=int, default=16000, help="visual-QA training samples")
+    p.add_argument("--vqa-turns", type=int, default=1,
+                   help="questions per training conversation about one scene (val/test stay at one)")
     p.add_argument("--num-val", type=int, default=400, help="validation samples (captions and vqa)")
     p.add_argument("--num-test", type=int, default=800, help="held-out vqa test samples")
     p.add_argument("--num-arith", type=int, default=4000, help="arithmetic training problems")
@@ -212,12 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     a = p.parse_args(argv)
+    if a.vqa_turns < 1:
+        p.error(f"--vqa-turns {a.vqa_turns}: give at least 1")
     if a.image_size < 16:
         p.error(f"--image-size {a.image_size} is too small to draw shapes; use 64 or 96")
     written = generate(a.out, seed=a.seed, image_size=a.image_size, num_captions=a.num_captions,
                        num_vqa=a.num_vqa, num_val=a.num_val, num_test=a.num_test, num_arith=a.num_arith,
                        num_arith_test=a.num_arith_test, num_text_docs=a.num_text_docs,
-                       shard_size=a.shard_size, workers=a.workers)
+                       shard_size=a.shard_size, workers=a.workers, vqa_turns=a.vqa_turns)
     for name, m in written.items():
         print(f"{name:16s} {m.kind:12s} {m.num_samples:7d} samples in {len(m.shards)} shards")
     print(f"text corpus      {a.out}/text")

@@ -179,3 +179,37 @@ def test_chance_accuracy() -> None:
     assert synth.chance_accuracy("count") == 0.25
     with pytest.raises(ValueError, match="unknown question type"):
         synth.chance_accuracy("size")
+
+
+def test_multi_turn_conversations_answer_from_the_image_only() -> None:
+    """--vqa-turns: every turn's answer is right for the scene, and no earlier turn gives it away."""
+    import json
+
+    from data_prep.synth import vqa_sample
+    from ghostvis.data import scenes
+
+    lengths = []
+    for i in range(300):
+        record = json.loads(vqa_sample(0, "train", i, 32, turns=6)["json"])
+        scene = scenes.Scene(tuple(scenes.Shape(**o) for o in record["scene"]["objects"]))
+        truth = {(q.question, q.answer) for q in scenes.questions(scene)}
+        msgs = record["messages"]
+        turns = [(msgs[k]["content"].split("\n")[-1], msgs[k + 1]["content"]) for k in range(0, len(msgs), 2)]
+        assert set(turns) <= truth and len(set(turns)) == len(turns)
+        assert (record["answer"], turns[-1][1]) == (turns[-1][1], record["answer"])
+        assert all("how many" not in q for q, _ in turns[1:])
+        for k, (q, a) in enumerate(turns):
+            before = " ".join(f"{q0} {a0}" for q0, a0 in turns[:k])
+            for o in scene.objects:
+                # a colour or shape answer about `o` must not follow a turn that paired o's colour and shape
+                asked_about_o = f"the {o.colour} object" in q or f"the {o.shape}?" in q
+                paired_before = o.name in before or f"the {o.colour} object? {o.shape}" in before \
+                    or f"the {o.shape}? {o.colour}" in before
+                assert not (asked_about_o and paired_before), (turns, k)
+        pairs = [frozenset(n for n in (o.name for o in scene.objects) if n in q) for q, _ in turns if "left or" in q]
+        assert len(pairs) == len(set(pairs)) <= 2
+        lengths.append(len(turns))
+    assert max(lengths) == 6 and sum(lengths) / len(lengths) > 3  # multi-object scenes get several turns
+    # val/test stay one question, so the held-out eval is unchanged
+    assert len(json.loads(vqa_sample(0, "test", 3, 32, turns=6)["json"])["messages"]) == 2
+    assert vqa_sample(0, "train", 5, 32, turns=1) == vqa_sample(0, "train", 5, 32)

@@ -148,6 +148,43 @@ def questions(scene: Scene) -> list[QA]:
     return qas
 
 
+def _revealed(qa: QA, scene: Scene) -> tuple[set[str], frozenset[str] | None]:
+    """What a question and its answer give away: the objects whose colour-shape pairing it names or answers,
+    and for a left/right question the pair it relates."""
+    named = {o.name for o in scene.objects if o.name in qa.question
+             or (qa.type == "shape" and f"the {o.colour} object" in qa.question)
+             or (qa.type == "colour" and f"the {o.shape}?" in qa.question)}
+    return named, frozenset(named) if qa.type == "position" else None
+
+
+def conversation_qas(scene: Scene, first: QA, rng: random.Random, max_turns: int) -> list[QA]:
+    """`first`, then up to `max_turns - 1` more questions about the same scene, none of whose answers an
+    earlier turn gives away: a shape or colour question is skipped once its object's colour-shape pairing
+    was named or answered, a left/right pair is asked once, and the count comes only first (later turns
+    enumerate objects). Colour questions (the rarest: asked only of a shape that occurs once) go first,
+    then shape, then at most two left/right ones, which name two objects and would give their pairings
+    away. Several answers per image spread the cost of encoding it over more supervised tokens."""
+    turns = [first]
+    known, asked = _revealed(first, scene)
+    related = {asked} if asked else set()
+    rest = [q for q in questions(scene) if q.type != "count" and q != first]
+    rng.shuffle(rest)
+    pool = sorted(rest, key=lambda q: ("colour", "shape", "position").index(q.type))  # stable: shuffled within
+    for q in pool:
+        if len(turns) >= max_turns:
+            break
+        named, pair = _revealed(q, scene)
+        if pair is not None:
+            if pair in related or len(related) >= 2:
+                continue
+            related.add(pair)
+        elif named & known:
+            continue
+        turns.append(q)
+        known |= named
+    return turns
+
+
 def split_of(scene: Scene) -> str:
     """Which split a scene belongs to, from its content, so splits are disjoint by construction."""
     bucket = int(hashlib.sha256(scene.signature().encode()).hexdigest()[:8], 16) % 10
