@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from multiprocessing import Pool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,35 +38,45 @@ __all__ = ["generate", "chance_accuracy", "main"]
 IMAGE = "<|image|>"
 
 
-def caption_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+@dataclass(frozen=True)
+class Style:
+    """How captions and training conversations are worded (docs/demo.md measures each choice)."""
+
+    vqa_turns: int = 1  # questions per training conversation (scenes.conversation_qas); val/test keep one
+    count_first: bool = False  # multi-turn conversations open with the count
+    places: bool = False  # captions say where each object lies (scenes.place), not only the order
+
+
+def caption_sample(seed: int, split: str, index: int, image_size: int, style: Style = Style()) -> dict:
     rng = scenes.scene_rng(seed, split, index, "captions")
     scene, _ = scenes.sample_split_scene(rng, split)
     return {
         "__key__": f"{split}-{index:07d}",
         "png": scenes.png_bytes(scenes.render(scene, image_size)),
-        "txt": scenes.caption(scene).encode(),
+        "txt": scenes.caption(scene, style.places).encode(),
         "json": json.dumps(scene.to_json()).encode(),
     }
 
 
-def capchat_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+def capchat_sample(seed: int, split: str, index: int, image_size: int, style: Style = Style()) -> dict:
     """A caption as a chat turn, for the SFT mixture (same scenes as captions/, in the chat format)."""
-    sample = caption_sample(seed, split, index, image_size)
+    sample = caption_sample(seed, split, index, image_size, style)
     record = {"messages": [{"role": "user", "content": f"{IMAGE}\ndescribe the image."},
                            {"role": "assistant", "content": sample["txt"].decode()}], "type": "caption"}
     return {"__key__": sample["__key__"], "json": json.dumps(record).encode(), "0.png": sample["png"]}
 
 
-def vqa_sample(seed: int, split: str, index: int, image_size: int, turns: int = 1) -> dict:
-    """One scene and a question about it; on the train split with `turns` > 1, a conversation of up to
-    `turns` questions whose answers no earlier turn gives away (scenes.conversation_qas). The record's
+def vqa_sample(seed: int, split: str, index: int, image_size: int, style: Style = Style()) -> dict:
+    """One scene and a question about it; on the train split with `style.vqa_turns` > 1, a conversation of up
+    to that many questions whose answers no earlier turn gives away (scenes.conversation_qas). The record's
     `answer`/`type` are the last turn's, so eval and RL ask that one; val and test stay single-question."""
     # Question types take turns so every split is balanced across types.
     qtype = scenes.QUESTION_TYPES[index % len(scenes.QUESTION_TYPES)]
     rng = scenes.scene_rng(seed, split, index, "vqa")
     scene, qas = scenes.sample_split_scene(rng, split, qtype)
     qa = rng.choice([q for q in qas if q.type == qtype])
-    chat = scenes.conversation_qas(scene, qa, rng, turns) if split == "train" and turns > 1 else [qa]
+    multi = split == "train" and style.vqa_turns > 1
+    chat = scenes.conversation_qas(scene, qa, rng, style.vqa_turns, style.count_first) if multi else [qa]
     messages: list[dict] = []
     for i, q in enumerate(chat):
         messages += [{"role": "user", "content": f"{IMAGE}\n{q.question}" if i == 0 else q.question},
@@ -95,7 +106,7 @@ def arith_problem(seed: int, split: str, index: int) -> tuple[int, str, int]:
             return a, op, b
 
 
-def arith_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+def arith_sample(seed: int, split: str, index: int, image_size: int, style: Style = Style()) -> dict:
     """The reference assistant turn calls the calculator (python/output parts); RL keeps only the prompt."""
     a, op, b = arith_problem(seed, split, index)
     expr, answer = f"{a} {op} {b}", str(ARITH_OPS[op](a, b))
@@ -133,21 +144,19 @@ SAMPLERS = {"captions": caption_sample, "capchat": capchat_sample, "vqa": vqa_sa
 KINDS = {"captions": "image-text", "capchat": "conversation", "vqa": "conversation", "arith": "conversation"}
 
 
-def _make(job: tuple[str, int, str, int, int, int]) -> dict:
-    dataset, seed, split, index, image_size, vqa_turns = job
-    if dataset == "vqa":
-        return vqa_sample(seed, split, index, image_size, vqa_turns)
-    return SAMPLERS[dataset](seed, split, index, image_size)
+def _make(job: tuple[str, int, str, int, int, Style]) -> dict:
+    dataset, seed, split, index, image_size, style = job
+    return SAMPLERS[dataset](seed, split, index, image_size, style)
 
 
 def write_split(out: Path, dataset: str, split: str, n: int, *, seed: int, image_size: int,
-                shard_size: int, pool: Pool | None, vqa_turns: int = 1) -> Manifest:
+                shard_size: int, pool: Pool | None, style: Style = Style()) -> Manifest:
     """Render `n` samples in order (in parallel when a pool is given) into `<split>-%06d.tar` shards."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{split}-*.tar"):
         old.unlink()  # a smaller re-run must not leave stale shards behind
     shards: list[ShardInfo] = []
-    jobs = [(dataset, seed, split, i, image_size, vqa_turns) for i in range(n)]
+    jobs = [(dataset, seed, split, i, image_size, style) for i in range(n)]
     samples = pool.imap(_make, jobs, chunksize=64) if pool else map(_make, jobs)
     # mtime/user fixed so the same seed gives byte-identical tars.
     writer = wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, encoder=False, mtime=0,
@@ -180,7 +189,7 @@ def write_text(out: Path, num_docs: int, *, seed: int, docs_per_file: int = 5000
 def generate(out: str | os.PathLike, *, seed: int = 0, image_size: int = 64, num_captions: int = 8000,
              num_vqa: int = 16000, num_val: int = 400, num_test: int = 800, num_arith: int = 4000,
              num_arith_test: int = 400, num_text_docs: int = 10000, shard_size: int = 1000,
-             workers: int = 1, vqa_turns: int = 1) -> dict[str, Manifest]:
+             workers: int = 1, style: Style = Style()) -> dict[str, Manifest]:
     """Write every dataset under `out`; returns {"captions/train": manifest, ...}."""
     out = Path(out)
     plan = [("captions", "train", num_captions), ("captions", "val", num_val),
@@ -190,7 +199,7 @@ def generate(out: str | os.PathLike, *, seed: int = 0, image_size: int = 64, num
     pool = Pool(workers) if workers > 1 else None
     try:
         written = {f"{d}/{s}": write_split(out / d / s, d, s, n, seed=seed, image_size=image_size,
-                                           shard_size=shard_size, pool=pool, vqa_turns=vqa_turns)
+                                           shard_size=shard_size, pool=pool, style=style)
                    for d, s, n in plan}
     finally:
         if pool:
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-vqa", type=int, default=16000, help="visual-QA training samples")
     p.add_argument("--vqa-turns", type=int, default=1,
                    help="questions per training conversation about one scene (val/test stay at one)")
+    p.add_argument("--count-first", action="store_true", help="multi-turn training conversations open with the count")
+    p.add_argument("--places", action="store_true", help="captions say where each object lies (\"at the top left\")")
     p.add_argument("--num-val", type=int, default=400, help="validation samples (captions and vqa)")
     p.add_argument("--num-test", type=int, default=800, help="held-out vqa test samples")
     p.add_argument("--num-arith", type=int, default=4000, help="arithmetic training problems")
@@ -224,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     written = generate(a.out, seed=a.seed, image_size=a.image_size, num_captions=a.num_captions,
                        num_vqa=a.num_vqa, num_val=a.num_val, num_test=a.num_test, num_arith=a.num_arith,
                        num_arith_test=a.num_arith_test, num_text_docs=a.num_text_docs,
-                       shard_size=a.shard_size, workers=a.workers, vqa_turns=a.vqa_turns)
+                       shard_size=a.shard_size, workers=a.workers,
+                       style=Style(a.vqa_turns, a.count_first, a.places))
     for name, m in written.items():
         print(f"{name:16s} {m.kind:12s} {m.num_samples:7d} samples in {len(m.shards)} shards")
     print(f"text corpus      {a.out}/text")

@@ -185,12 +185,12 @@ def test_multi_turn_conversations_answer_from_the_image_only() -> None:
     """--vqa-turns: every turn's answer is right for the scene, and no earlier turn gives it away."""
     import json
 
-    from data_prep.synth import vqa_sample
+    from data_prep.synth import Style, vqa_sample
     from ghostvis.data import scenes
 
     lengths = []
     for i in range(300):
-        record = json.loads(vqa_sample(0, "train", i, 32, turns=6)["json"])
+        record = json.loads(vqa_sample(0, "train", i, 32, Style(vqa_turns=6))["json"])
         scene = scenes.Scene(tuple(scenes.Shape(**o) for o in record["scene"]["objects"]))
         truth = {(q.question, q.answer) for q in scenes.questions(scene)}
         msgs = record["messages"]
@@ -211,5 +211,5 @@ def test_multi_turn_conversations_answer_from_the_image_only() -> None:
         lengths.append(len(turns))
     assert max(lengths) == 6 and sum(lengths) / len(lengths) > 3  # multi-object scenes get several turns
     # val/test stay one question, so the held-out eval is unchanged
-    assert len(json.loads(vqa_sample(0, "test", 3, 32, turns=6)["json"])["messages"]) == 2
-    assert vqa_sample(0, "train", 5, 32, turns=1) == vqa_sample(0, "train", 5, 32)
+    assert len(json.loads(vqa_sample(0, "test", 3, 32, Style(vqa_turns=6))["json"])["messages"]) == 2
+    assert vqa_sample(0, "train", 5, 32, Style(vqa_turns=1)) == vqa_sample(0, "train", 5, 32)

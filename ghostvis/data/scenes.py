@@ -121,13 +121,25 @@ def left_to_right(scene: Scene) -> list[Shape]:
     return sorted(scene.objects, key=lambda o: o.x)
 
 
-def caption(scene: Scene) -> str:
-    """One template per object count, objects named left to right."""
+def place(o: Shape) -> str:
+    """Where an object lies on a 3 x 3 grid, in words: "at the top left", "on the right", "in the centre"."""
+    row = ("top", "", "bottom")[min(2, int(o.y * 3))]
+    col = ("left", "", "right")[min(2, int(o.x * 3))]
+    if row and col:
+        return f"at the {row} {col}"
+    if row or col:
+        return f"{'at' if row else 'on'} the {row or col}"
+    return "in the centre"
+
+
+def caption(scene: Scene, places: bool = False) -> str:
+    """One template per object count, objects named left to right; with `places`, each object also says
+    where it lies (`place`), so the caption supervises every object's position, not only their order."""
     objs = left_to_right(scene)
-    names = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.name}" for o in objs]
+    names = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.name}" + (f" {place(o)}" if places else "") for o in objs]
     if len(objs) == 1:
         return f"{names[0]}."
-    if len(objs) == 2:
+    if len(objs) == 2 and not places:
         return f"{names[0]} to the left of {names[1]}."
     listed = ", ".join(names[:-1]) + f" and {names[-1]}"
     return f"{NUMBER_WORDS[len(objs)]} shapes: {listed}, from left to right."
@@ -157,13 +169,18 @@ def _revealed(qa: QA, scene: Scene) -> tuple[set[str], frozenset[str] | None]:
     return named, frozenset(named) if qa.type == "position" else None
 
 
-def conversation_qas(scene: Scene, first: QA, rng: random.Random, max_turns: int) -> list[QA]:
+def conversation_qas(scene: Scene, first: QA, rng: random.Random, max_turns: int,
+                     count_first: bool = False) -> list[QA]:
     """`first`, then up to `max_turns - 1` more questions about the same scene, none of whose answers an
     earlier turn gives away: a shape or colour question is skipped once its object's colour-shape pairing
     was named or answered, a left/right pair is asked once, and the count comes only first (later turns
     enumerate objects). Colour questions (the rarest: asked only of a shape that occurs once) go first,
     then shape, then at most two left/right ones, which name two objects and would give their pairings
-    away. Several answers per image spread the cost of encoding it over more supervised tokens."""
+    away. Several answers per image spread the cost of encoding it over more supervised tokens. With
+    `count_first`, every conversation opens with the count, which otherwise gets a shrinking share of the
+    answers as the turns grow."""
+    if count_first and first.type != "count" and max_turns > 1:
+        return [questions(scene)[0]] + conversation_qas(scene, first, rng, max_turns - 1)
     turns = [first]
     known, asked = _revealed(first, scene)
     related = {asked} if asked else set()
