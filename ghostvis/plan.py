@@ -337,6 +337,12 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     train_blocks = {p.block for p in held if p.part == "block" and p.trainable}
     # under CP attention keeps the K/V all-gathered over the whole sequence, not only this rank's tokens
     gathered_kv = (lay.micro_batch * lay.seq_len - tokens) * 2 * cfg.n_kv_head * cfg.head_dim // lay.tp * act_bytes
+    if lay.cp > 1:
+        # the prefix attention (a chunk's queries against all earlier keys) repeats the gathered K/V to every
+        # query head under fa4/cuDNN, Hopper's defaults (only FA2/FA3 take the shorter query block natively),
+        # and keeps the copies for backward; the busiest rank (cp-1) repeats (2cp+1) chunks' keys
+        chunk = lay.seq_len // (2 * lay.cp)
+        gathered_kv += lay.micro_batch * (2 * lay.cp + 1) * chunk * 2 * cfg.n_head * cfg.head_dim // lay.tp * act_bytes
     per_layer = [llm_layer_activation_bytes(cfg, tokens, lay.tp, b in train_blocks, act_bytes) + gathered_kv
                  for b in blocks]
     # kept until backward, plus the largest transient: a block recomputed (checkpointing) or the loss
