@@ -72,14 +72,20 @@ def test_splice_count_mismatch_is_a_clear_error():
         vlm(idx, pixel_values=torch.randn(2, 3, 64, 64), image_features=torch.randn(2, 64, 192))
 
 
-def test_text_only_batch_with_empty_images_gives_zero_vision_grads():
-    vlm = tiny_vlm()
+@pytest.mark.parametrize("tower", [
+    {},  # ViT + avgpool
+    {"resampler": "perceiver", "num_vision_tokens": 8, "resampler_heads": 2},
+    {"encoder": "resnet10t", "feature_layer": 2, "resampler": "pixel_shuffle", "encoder_kwargs": {}},
+])
+def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower):
+    """An SFT mixture has text-only batches (arithmetic): every tower must take zero images."""
+    vlm = tiny_vlm(**tower)
     idx = torch.randint(0, 400, (2, 24))
     loss = vlm(idx, idx, pixel_values=torch.zeros(0, 3, 64, 64))
     assert torch.equal(loss, vlm.llm(idx, idx))
     loss.backward()
-    grad = vlm.vision.projector.fc1.weight.grad
-    assert grad is not None and not grad.any()
+    grads = [p.grad for p in vlm.vision.projector.parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)
 
 
 def test_cached_features_path_matches_pixels():
@@ -378,3 +384,24 @@ def test_tower_attention_never_runs_cudnn_on_cuda() -> None:
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with _tower_sdpa(False):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_bf16_engine_trains_a_batchnorm_tower(world1):
+    """DeepSpeed's bf16 casts parameters only; a CNN tower's BatchNorm statistics must follow its weights."""
+    from ghostvis.train import engine as ds_engine
+
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset("vlm_tiny_cnn", image_token_id=IMG)
+    vlm = VLM(model_cfg, vision_cfg, freeze_encoder=False)  # a training encoder: its statistics move
+    groups = [{"name": "all", "params": list(vlm.parameters()), "lr": 1e-3, "weight_decay": 0.0}]
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 1}}
+    engine = ds_engine.initialize(vlm, groups, config, "cpu")
+    bn = next(m for m in engine.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.running_mean.dtype == bn.weight.dtype == torch.bfloat16
+    idx = torch.cat([torch.full((2, 16), IMG), torch.randint(0, 400, (2, 8))], dim=1)
+    before = bn.running_mean.clone()
+    loss = engine(idx, idx, pixel_values=torch.rand(2, 3, 64, 64))
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss) and not torch.equal(bn.running_mean, before)

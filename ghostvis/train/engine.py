@@ -178,10 +178,23 @@ def initialize(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: 
     `mpu` (a `ghostvis.parallel.Topology`) under tensor parallelism; a pipeline module brings its own."""
     optimizer = make_optimizer(groups, ds_config, device_type)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    match_norm_statistics(engine.module)
     got = [g.get("name") for g in engine.optimizer.param_groups]
     if sorted(got) != sorted(g["name"] for g in groups):
         raise RuntimeError(f"DeepSpeed changed the parameter groups: built {[g['name'] for g in groups]}, got {got}")
     return engine
+
+
+def match_norm_statistics(model: torch.nn.Module) -> None:
+    """Give each BatchNorm's running statistics its weight's dtype. DeepSpeed's bf16 casts parameters only and
+    keeps buffers in fp32 (for RoPE tables); batch_norm then refuses a bf16 weight with fp32 statistics, so a
+    CNN tower (vlm_tiny_cnn) failed at its first bf16 step."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name)
+                if buf is not None and buf.dtype != m.weight.dtype:
+                    setattr(m, name, buf.to(m.weight.dtype))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -26,10 +26,11 @@ from ghostvis.config import VisionConfig
 from ghostvis.vision.transforms import data_config, normalize_pixels
 
 def _tower_sdpa(cuda: bool) -> contextlib.AbstractContextManager:
-    """The SDPA backends a timm tower may use on CUDA: all but cuDNN. In the conversation stages the number of
-    images changes from batch to batch, and under torch 2.11 the cuDNN backend returned None for the ViT's
-    attention on one such batch (H100, sft step 48 of 150; BENCHMARKS.md, 2026-12-06); the flash and
-    memory-efficient backends take any batch."""
+    """The SDPA backends a timm tower may use on CUDA: all but cuDNN. A text-only batch of an SFT mixture (the
+    arithmetic) hands the tower zero images, and under torch 2.11 the cuDNN backend returned None for the
+    ViT's attention over that empty batch (H100, sft step 48, the first such batch; the perceiver then
+    failed on the same batch until its reshape named its lengths); the flash and memory-efficient backends
+    take any batch, empty ones included."""
     if not cuda:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

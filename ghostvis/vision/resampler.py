@@ -79,8 +79,9 @@ class PerceiverAttention(nn.Module):
         h = self.heads
         both = torch.cat([context, latents], dim=1)
         q = self.q_proj(latents).view(n, t, h, d // h).transpose(1, 2)
-        k = self.k_proj(both).view(n, -1, h, d // h).transpose(1, 2)
-        v = self.v_proj(both).view(n, -1, h, d // h).transpose(1, 2)
+        # explicit lengths: a text-only batch passes n = 0 images, where -1 cannot be inferred
+        k = self.k_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
+        v = self.v_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
         return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
 
 
