@@ -1,0 +1,150 @@
+"""Does the whole VLM learn to answer? The demo's model, trained directly on fresh synth scenes, no DeepSpeed,
+no shards: a fast way to compare recipes before running `make demo` (docs/demo.md, "Learning to look").
+
+    python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --model vlm_tiny_cnn --steps 600
+    python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --captions 0.5 --places --lr 3e-3
+
+Each step draws `--batch` scenes (64 px); a `--captions` fraction of the rows are captions (loss on every
+caption token, as vision_pretrain trains), the rest one visual question each, rendered with the chat
+template as SFT renders it (loss on the answer). The LLM, the connector and the encoder all train from the
+preset's random weights (or `--init-from` an export's LLM). Every `--eval-every` steps it prints held-out
+accuracy per question type on 400 fixed scenes (100 per type): the answer's first token, by argmax after
+`<|assistant_start|>`, the check `launch/eval.py` makes by generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from ghostvis.config import get_preset, parse_vision_override
+from ghostvis.data import scenes
+from ghostvis.data.multimodal import shift_targets
+from ghostvis.model.vlm import VLM
+from ghostvis.tokenizer_dir import load_tokenizer
+from ghostvis.vision.transforms import image_transform
+
+IMAGE = "<|image|>"
+
+
+def _vision_override(text: str) -> tuple[str, object]:
+    try:
+        return parse_vision_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
+    while True:
+        scene = scenes.sample_scene(rng)
+        options = [q for q in scenes.questions(scene) if q.type == qtype]
+        if options:
+            return scene, rng.choice(options)
+
+
+def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, tok, n_vis: int, transform
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, images = [], []
+    for _ in range(n):
+        if rng.random() < caption_frac:
+            scene = scenes.sample_scene(rng)
+            text = tok.encode(scenes.caption(scene, places))
+            ids = [tok.bos_token_id] + [tok.image_token_id] * n_vis + text
+            mask = [0] * (1 + n_vis) + [1] * len(text)
+        else:
+            scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES))
+            record = {"messages": [{"role": "user", "content": f"{IMAGE}\n{qa.question}"},
+                                   {"role": "assistant", "content": qa.answer}]}
+            ids, mask = tok.render_conversation(record, 10_000, n_vis)
+        rows.append((ids, shift_targets(ids, mask)))
+        images.append(transform(scenes.render(scene, 64)))
+    T = max(len(ids) for ids, _ in rows)
+    pad = tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
+    idx = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in rows])
+    tgt = torch.tensor([t + [-1] * (T - len(t)) for _, t in rows])
+    return idx, tgt, torch.stack(images)
+
+
+def held_out(tok, n_vis: int, transform) -> list[tuple[str, list[int], int, torch.Tensor]]:
+    rng = random.Random(12345)
+    out = []
+    for qtype in scenes.QUESTION_TYPES:
+        for _ in range(100):
+            scene, qa = qa_sample(rng, qtype)
+            prompt = tok.render_for_completion({"messages": [{"role": "user", "content": f"{IMAGE}\n{qa.question}"}]},
+                                               n_vis)
+            out.append((qtype, prompt, tok.encode(qa.answer)[0], transform(scenes.render(scene, 64))))
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: VLM, cases, pad: int) -> dict[str, float]:
+    model.eval()
+    hits: dict[str, list[int]] = {}
+    for i in range(0, len(cases), 100):
+        chunk = cases[i:i + 100]
+        T = max(len(p) for _, p, _, _ in chunk)
+        idx = torch.tensor([p + [pad] * (T - len(p)) for _, p, _, _ in chunk])
+        logits = model(idx, pixel_values=torch.stack([im for *_, im in chunk]))
+        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk])
+        pred = logits[torch.arange(len(chunk)), last].argmax(-1)
+        for (qtype, _, answer, _), p in zip(chunk, pred.tolist()):
+            hits.setdefault(qtype, []).append(int(p == answer))
+    model.train()
+    return {t: sum(h) / len(h) for t, h in hits.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="a tokenizer directory (launch/tok_train.py)")
+    p.add_argument("--model", default="vlm_tiny_cnn", help="a vlm preset")
+    p.add_argument("--vision", type=_vision_override, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--captions", type=float, default=0.0, help="fraction of rows that are captions")
+    p.add_argument("--places", action="store_true", help="captions say where each object lies")
+    p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
+    p.add_argument("--vision-lr", type=float, default=2e-3, help="connector (resampler + projector)")
+    p.add_argument("--encoder-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    torch.manual_seed(a.seed)
+    tok = load_tokenizer(a.tokenizer)
+    model_cfg, vision_cfg = get_preset(a.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                                       **dict(a.vision))
+    model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
+    n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
+    groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
+              {"params": [q for n, q in model.vision.named_parameters() if not n.startswith("encoder.")],
+               "lr": a.vision_lr},
+              {"params": list(model.vision.encoder.parameters()), "lr": a.encoder_lr}]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    peak = [g["lr"] for g in opt.param_groups]
+    cases = held_out(tok, n_vis, transform)
+    pad = tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
+    rng = random.Random(a.seed)
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        scale = min(1.0, step / a.warmup)
+        for g, lr in zip(opt.param_groups, peak):
+            g["lr"] = lr * scale
+        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, tok, n_vis, transform)
+        loss = model(idx, tgt, pixel_values=pixels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % a.eval_every == 0 or step == a.steps:
+            acc = accuracy(model, cases, pad)
+            cells = " ".join(f"{t} {acc[t]:5.1%}" for t in scenes.QUESTION_TYPES)
+            print(f"step {step:5d}  loss {loss.item():.3f}  {cells}  ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
