@@ -43,7 +43,6 @@ class Style:
     """How captions and training conversations are worded (docs/demo.md measures each choice)."""
 
     vqa_turns: int = 1  # questions per training conversation (scenes.conversation_qas); val/test keep one
-    count_first: bool = False  # multi-turn conversations open with the count
     places: bool = False  # captions say where each object lies (scenes.place), not only the order
 
 
@@ -76,7 +75,7 @@ def vqa_sample(seed: int, split: str, index: int, image_size: int, style: Style 
     scene, qas = scenes.sample_split_scene(rng, split, qtype)
     qa = rng.choice([q for q in qas if q.type == qtype])
     multi = split == "train" and style.vqa_turns > 1
-    chat = scenes.conversation_qas(scene, qa, rng, style.vqa_turns, style.count_first) if multi else [qa]
+    chat = scenes.conversation_qas(scene, qa, rng, style.vqa_turns) if multi else [qa]
     messages: list[dict] = []
     for i, q in enumerate(chat):
         messages += [{"role": "user", "content": f"{IMAGE}\n{q.question}" if i == 0 else q.question},
@@ -218,7 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-vqa", type=int, default=16000, help="visual-QA training samples")
     p.add_argument("--vqa-turns", type=int, default=1,
                    help="questions per training conversation about one scene (val/test stay at one)")
-    p.add_argument("--count-first", action="store_true", help="multi-turn training conversations open with the count")
     p.add_argument("--places", action="store_true", help="captions say where each object lies (\"at the top left\")")
     p.add_argument("--num-val", type=int, default=400, help="validation samples (captions and vqa)")
     p.add_argument("--num-test", type=int, default=800, help="held-out vqa test samples")
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                        num_vqa=a.num_vqa, num_val=a.num_val, num_test=a.num_test, num_arith=a.num_arith,
                        num_arith_test=a.num_arith_test, num_text_docs=a.num_text_docs,
                        shard_size=a.shard_size, workers=a.workers,
-                       style=Style(a.vqa_turns, a.count_first, a.places))
+                       style=Style(a.vqa_turns, a.places))
     for name, m in written.items():
         print(f"{name:16s} {m.kind:12s} {m.num_samples:7d} samples in {len(m.shards)} shards")
     print(f"text corpus      {a.out}/text")

@@ -169,18 +169,14 @@ def _revealed(qa: QA, scene: Scene) -> tuple[set[str], frozenset[str] | None]:
     return named, frozenset(named) if qa.type == "position" else None
 
 
-def conversation_qas(scene: Scene, first: QA, rng: random.Random, max_turns: int,
-                     count_first: bool = False) -> list[QA]:
+def conversation_qas(scene: Scene, first: QA, rng: random.Random, max_turns: int) -> list[QA]:
     """`first`, then up to `max_turns - 1` more questions about the same scene, none of whose answers an
     earlier turn gives away: a shape or colour question is skipped once its object's colour-shape pairing
     was named or answered, a left/right pair is asked once, and the count comes only first (later turns
     enumerate objects). Colour questions (the rarest: asked only of a shape that occurs once) go first,
     then shape, then at most two left/right ones, which name two objects and would give their pairings
-    away. Several answers per image spread the cost of encoding it over more supervised tokens. With
-    `count_first`, every conversation opens with the count, which otherwise gets a shrinking share of the
-    answers as the turns grow."""
-    if count_first and first.type != "count" and max_turns > 1:
-        return [questions(scene)[0]] + conversation_qas(scene, first, rng, max_turns - 1)
+    away. Several answers per image spread the cost of encoding it over more supervised tokens. The first
+    turn keeps the single-question data's type balance: the held-out questions are all first turns."""
     turns = [first]
     known, asked = _revealed(first, scene)
     related = {asked} if asked else set()
