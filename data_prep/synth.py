@@ -21,8 +21,8 @@ import argparse
 import hashlib
 import json
 import os
-from multiprocessing import Pool
 from dataclasses import dataclass
+from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable
 
