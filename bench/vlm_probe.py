@@ -45,8 +45,12 @@ def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
             return scene, rng.choice(options)
 
 
-def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, tok, n_vis: int, transform
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt(question: str, question_first: bool) -> str:
+    return f"{question}\n{IMAGE}" if question_first else f"{IMAGE}\n{question}"
+
+
+def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, question_first: bool, tok,
+               n_vis: int, transform) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, images = [], []
     for _ in range(n):
         if rng.random() < caption_frac:
@@ -56,7 +60,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, to
             mask = [0] * (1 + n_vis) + [1] * len(text)
         else:
             scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES))
-            record = {"messages": [{"role": "user", "content": f"{IMAGE}\n{qa.question}"},
+            record = {"messages": [{"role": "user", "content": prompt(qa.question, question_first)},
                                    {"role": "assistant", "content": qa.answer}]}
             ids, mask = tok.render_conversation(record, 10_000, n_vis)
         rows.append((ids, shift_targets(ids, mask)))
@@ -68,15 +72,15 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, to
     return idx, tgt, torch.stack(images)
 
 
-def held_out(tok, n_vis: int, transform) -> list[tuple[str, list[int], int, torch.Tensor]]:
+def held_out(tok, n_vis: int, transform, question_first: bool) -> list[tuple[str, list[int], int, torch.Tensor]]:
     rng = random.Random(12345)
     out = []
     for qtype in scenes.QUESTION_TYPES:
         for _ in range(100):
             scene, qa = qa_sample(rng, qtype)
-            prompt = tok.render_for_completion({"messages": [{"role": "user", "content": f"{IMAGE}\n{qa.question}"}]},
-                                               n_vis)
-            out.append((qtype, prompt, tok.encode(qa.answer)[0], transform(scenes.render(scene, 64))))
+            ids = tok.render_for_completion(
+                {"messages": [{"role": "user", "content": prompt(qa.question, question_first)}]}, n_vis)
+            out.append((qtype, ids, tok.encode(qa.answer)[0], transform(scenes.render(scene, 64))))
     return out
 
 
@@ -106,6 +110,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--captions", type=float, default=0.0, help="fraction of rows that are captions")
     p.add_argument("--places", action="store_true", help="captions say where each object lies")
+    p.add_argument("--question-first", action="store_true",
+                   help="the question before the image in the prompt, so image tokens can attend to it")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="connector (resampler + projector)")
     p.add_argument("--encoder-lr", type=float, default=1e-3)
@@ -126,7 +132,7 @@ def main() -> None:
               {"params": list(model.vision.encoder.parameters()), "lr": a.encoder_lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
-    cases = held_out(tok, n_vis, transform)
+    cases = held_out(tok, n_vis, transform, a.question_first)
     pad = tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
     rng = random.Random(a.seed)
     t0 = time.time()
@@ -134,7 +140,7 @@ def main() -> None:
         scale = min(1.0, step / a.warmup)
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = lr * scale
-        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, tok, n_vis, transform)
+        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, a.question_first, tok, n_vis, transform)
         loss = model(idx, tgt, pixel_values=pixels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
