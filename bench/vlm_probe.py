@@ -1,5 +1,6 @@
 """Does the whole VLM learn to answer? The demo's model, trained directly on fresh synth scenes, no DeepSpeed,
 no shards: a fast way to compare recipes before running `make demo` (docs/demo.md, "Learning to look").
+The LLM is make demo's shape (`small --depth 4`) from random weights; the tower is the preset's.
 
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --model vlm_tiny_cnn --steps 600
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --captions 0.5 --places --lr 3e-3
@@ -15,12 +16,13 @@ accuracy per question type on 400 fixed scenes (100 per type): the answer's firs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 
 import torch
 
-from ghostvis.config import get_preset, parse_vision_override
+from ghostvis.config import get_preset, parse_vision_override, small_config
 from ghostvis.data import scenes
 from ghostvis.data.multimodal import shift_targets
 from ghostvis.model.vlm import VLM
@@ -105,6 +107,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="a tokenizer directory (launch/tok_train.py)")
     p.add_argument("--model", default="vlm_tiny_cnn", help="a vlm preset")
+    p.add_argument("--llm-depth", type=int, default=4,
+                   help="the LLM is `small --depth D` (make demo's base: 4, i.e. 256 wide, 2 heads of 128)")
+    p.add_argument("--llm-heads", type=int, default=None, help="query heads instead of the family's ~128-wide ones")
     p.add_argument("--vision", type=_vision_override, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
@@ -122,8 +127,11 @@ def main() -> None:
 
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.tokenizer)
-    model_cfg, vision_cfg = get_preset(a.model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                                       **dict(a.vision))
+    _, vision_cfg = get_preset(a.model, **dict(a.vision))
+    heads = {} if a.llm_heads is None else {"n_head": a.llm_heads, "n_kv_head": max(1, a.llm_heads // 2),
+                                             "head_dim": 64 * a.llm_depth // a.llm_heads}
+    model_cfg = dataclasses.replace(small_config(a.llm_depth), vocab_size=tok.vocab_size,
+                                    image_token_id=tok.image_token_id, **heads)
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
