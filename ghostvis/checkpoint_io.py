@@ -111,6 +111,12 @@ def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer,
     out.mkdir(parents=True, exist_ok=True)
     for file_name, part in tensors.items():
         _save(part, out / file_name)
+    write_config(out, model_cfg, vision_cfg, tokenizer, extra)
+
+
+def write_config(out: Path, model_cfg: ModelConfig, vision_cfg: VisionConfig | None, tokenizer: Tokenizer,
+                 extra: dict[str, Any] | None = None) -> None:
+    """The export's tokenizer/ and config.json (written last: its presence means the weights are complete)."""
     tokenizer.save(out / TOKENIZER_DIR)
     config = {"format": FORMAT, "model": model_cfg.to_dict(), "vision": vision_cfg.to_dict() if vision_cfg else None,
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}, **(extra or {})}

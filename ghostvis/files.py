@@ -9,8 +9,11 @@ refused with one line before a loader allocates anything or fails half-way. A fi
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ghostvis.cli import UserError
 
@@ -72,3 +75,42 @@ def current_umask() -> int:
 def follow_umask(path: str | Path) -> None:
     """Give a file written through a private temporary file (mkstemp: 0600) the mode a plain open() would."""
     os.chmod(path, 0o666 & ~current_umask())
+
+
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64", "int32": "I32",
+              "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str | Path, specs: list[tuple[str, Any, tuple[int, ...]]],
+                      tensors: Iterator[Any], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time: `specs` [(name, torch dtype, shape)] fixes the header up
+    front, then `tensors` yields them in that order and each is written and dropped, so the file's contents
+    are never all in memory (safetensors' own `save_file` holds a bytes copy of every tensor). Written under
+    a temporary name and renamed, following the umask."""
+    import torch
+
+    path = Path(path)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-aligned, as safetensors writes it
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"write_safetensors: {name} is {tensor.dtype} {tuple(tensor.shape)}, the "
+                                     f"header says {dtype} {tuple(shape)}")
+                f.write(memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    follow_umask(tmp)
+    os.replace(tmp, path)

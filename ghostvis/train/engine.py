@@ -160,6 +160,14 @@ def check_compile(ds_config: dict[str, Any], compile_model: bool, has_vision: bo
                           "use ZeRO-1/2 (ds_configs/zero2.json) where the model fits")
 
 
+def builds_partitioned(ds_config: dict[str, Any], tp: int = 1, pp: int = 1, lora_rank: int = 0) -> bool:
+    """Whether the model is built under `deepspeed.zero.Init` (each rank allocates only its ZeRO-3 partition):
+    ZeRO stage 3 at tp = pp = 1. LoRA wraps full weights after construction, and a TP/PP layout cuts its
+    part from the built model, so those build it whole first (docs/parallelism.md, "Model construction")."""
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return zero >= 3 and tp == 1 and pp == 1 and not lora_rank
+
+
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW created by us, so every group keeps its own lr. With optimizer offload DeepSpeed requires its

@@ -117,11 +117,13 @@ def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[s
 
 # ---- the starting model -------------------------------------------------------------------------
 
-def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings) -> torch.nn.Module:
+def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
+                   zero3: dict[str, Any] | None = None) -> torch.nn.Module:
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
     encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
-    unfrozen: a frozen one runs under no_grad."""
+    unfrozen: a frozen one runs under no_grad. `zero3`: the ZeRO-3 DeepSpeed config to build this rank's
+    partitions with (checkpoint_io.build_model)."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -136,7 +138,7 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     if not stage.needs_vision:
         if encoder_weights:
             raise ds_engine.ConfigError(f"--encoder-weights: --stage {stage.name} trains no vision tower; drop it")
-        return checkpoint_io.build_model(model_cfg, None, args.init_from)
+        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3)
     if vision_cfg is None and args.init_from:  # a text export grows a new tower from the preset
         vision_cfg = get_preset(args.model, args.depth)[1]
         if vision_cfg is None:
@@ -165,7 +167,7 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
     model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
     return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
-                                     freeze_encoder="encoder" in settings.freeze)
+                                     freeze_encoder="encoder" in settings.freeze, seed=args.seed, zero3=zero3)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -413,13 +415,26 @@ def build(args: argparse.Namespace) -> Run:
     out = Path(args.out)
     tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
 
-    def initial_model() -> torch.nn.Module:
+    grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
+    dtype = ds_engine.resolve_dtype(args.dtype, device.type)
+    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
+    # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
+    universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
+    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
+                                          grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
+                                          grad_clip=args.grad_clip, dtype=dtype,
+                                          universal=universal)
+
+    def initial_model(zero3: dict[str, Any] | None = None) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
-            return starting_model(args, stage, tokenizer, settings)
+            return starting_model(args, stage, tokenizer, settings, zero3)
 
-    # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
-    model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
+    # every layout starts from the same weights: ZeRO-3 ranks build only their partitions (zero.Init);
+    # other layouts take their part of the full (tp=1) model
+    zero_init = ds_engine.builds_partitioned(ds_config, topo.tp_size, topo.pp_size, args.lora_rank)
+    model = parallelize(initial_model(ds_config if zero_init else None), topo,
+                        activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
     if args.lora_rank:
         if topo.tp_size > 1 or topo.pp_size > 1:
@@ -430,15 +445,6 @@ def build(args: argparse.Namespace) -> Run:
     if args.resume == "auto":
         check_resumable(out, stage.name, model_cfg)
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
-    grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
-    dtype = ds_engine.resolve_dtype(args.dtype, device.type)
-    layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
-    # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
-    universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
-    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
-                                          grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
-                                          grad_clip=args.grad_clip, dtype=dtype,
-                                          universal=universal)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
