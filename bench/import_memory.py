@@ -6,8 +6,8 @@
 Writes a random Hugging Face Qwen2 checkpoint of the preset's shape (bf16, 4 GB shards with
 model.safetensors.index.json, each tensor written as it is drawn, so building it never holds the model), a
 byte-level BPE tokenizer.json of the preset's vocabulary, then runs `launch/import_hf.py --hf-dir` on it in a
-fresh process and reports that process's peak resident memory (getrusage of the child: anonymous memory and
-the shard pages it maps) divided by the checkpoint's bytes. Target: <= 1.2.
+fresh process and reports that process's peak resident memory (VmHWM: anonymous memory and any file pages it
+maps) divided by the checkpoint's bytes. Target: <= 1.2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -103,6 +102,18 @@ def write_checkpoint(d: Path, preset: str, layers: int | None) -> int:
     return total
 
 
+# the script run in the measured process, which then prints its own peak: VmHWM, as bench/init_memory.py's
+# `peak_rss` reads it (not imported here: the measured checkout's ghostvis must be the one on sys.path)
+_MEASURED = """
+import re, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("VmHWM=" + re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1), flush=True)
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen25_7b", help="a Qwen2.5-shaped preset of ghostvis/config.py")
@@ -120,12 +131,13 @@ def main(argv: list[str] | None = None) -> None:
         env = child_env(cuda=False)
         env["PYTHONPATH"] = str(args.repo)
         t0 = time.time()
-        proc = subprocess.run([sys.executable, str(Path(args.repo) / "launch" / "import_hf.py"), "--hf-dir",
-                               str(hf_dir), "--out", str(out)], cwd=args.repo, env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _MEASURED, str(Path(args.repo) / "launch" / "import_hf.py"),
+                               "--hf-dir", str(hf_dir), "--out", str(out)], cwd=args.repo, env=env,
+                              capture_output=True, text=True)
         seconds = time.time() - t0
         if proc.returncode:
             raise SystemExit(f"import_hf.py exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        peak = int(proc.stdout.split("VmHWM=")[-1]) * 1024  # /proc reports kB (KiB)
         out_bytes = (out / "llm.safetensors").stat().st_size
     shape = f"{args.preset}" + (f" with {args.layers} layers" if args.layers else "")
     text = (f"| model | checkpoint | import peak RSS | peak / model | import time |\n|---|---|---|---|---|\n"

@@ -8,7 +8,7 @@
 `--world` ranks are started with torch.multiprocessing on this host's CPU (DeepSpeed's CPU accelerator, gloo).
 Each builds the preset through `checkpoint_io.build_model` with the DeepSpeed config the trainer makes from
 `--ds-config` (ZeRO-3: under deepspeed.zero.Init, docs/parallelism.md "Model construction"), then reports its
-peak resident memory (getrusage maxrss, which includes the interpreter, torch and DeepSpeed: its RSS after the
+peak resident memory (VmHWM, which includes the interpreter, torch and DeepSpeed: its RSS after the
 imports is printed beside it). Target per rank: the fp32 model's bytes / world + 2 GiB.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import socket
 import sys
 import time
@@ -34,6 +33,16 @@ GiB = 2**30
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since it was exec'd (VmHWM). Not getrusage's maxrss: Linux folds
+    the parent's RSS at fork into a child's maxrss, so a small child of a big parent would read big."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _configs(args: argparse.Namespace):
@@ -66,7 +75,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, results) -> None:
     model = checkpoint_io.build_model(model_cfg, vision_cfg, seed=0, zero3=zero3)
     seconds = time.time() - t0
     torch.distributed.barrier()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss()
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     results.put((rank, before, peak, held, seconds))
     torch.distributed.barrier()

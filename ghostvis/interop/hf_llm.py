@@ -1,8 +1,8 @@
 """Qwen2/Llama (transformers) <-> GhostVis GPT: configs, parameter names, streaming import and export.
 
-Import streams: each tensor is read from the folder's safetensors (``safe_open``), converted and written to
-``llm.safetensors`` before the next is read, so about one tensor and one mapped shard are ever held, never the
-model; pickled ``.bin`` files are refused. The result is the layout training exports, so
+Import streams: each tensor is read from the folder's safetensors (plain reads, no memory map), converted and
+written to ``llm.safetensors`` before the next is read, so about one tensor is ever held, never the model;
+pickled ``.bin`` files are refused. The result is the layout training exports, so
 ``ghostvis.load_pretrained`` and ``launch/train.py --init-from`` open it. See docs/interop.md.
 """
 
@@ -127,31 +127,37 @@ def _grow_vocab(rows: torch.Tensor, cfg: ModelConfig, tok: HFTokenizer, spelling
     rows of the pieces their spelling encodes to, so each new token starts distinct (a frozen embedding
     keeps them apart); output-head rows start as the mean of all rows (an average logit)."""
     base = tok.base_vocab_size
-    if rows.shape[0] < base:
-        raise InteropError(f"embedding has {rows.shape[0]} rows but tokenizer.json has {base} tokens; the "
-                           "tokenizer does not belong to these weights")
-    out = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
-    out[:base] = rows[:base]
-    mean = rows[:base].float().mean(0)
+    mean = torch.zeros(rows.shape[1], dtype=torch.float64)
+    for start in range(0, base, 8192):  # in chunks: no float copy of the whole table
+        mean += rows[start:min(start + 8192, base)].double().sum(0)
+    mean = (mean / base).float()
+    new_rows = {}
     for name, i in tok.added_ids.items():
         pieces = tok.spelling_ids(name) if spelling_init else []
-        out[i] = (rows[pieces].float().mean(0) if pieces else mean).to(rows.dtype)
+        new_rows[i] = (rows[pieces].float().mean(0) if pieces else mean).to(rows.dtype)
+    if rows.shape[0] >= cfg.padded_vocab_size:  # the file's table has room: rewrite it in place, no second copy
+        out = rows[:cfg.padded_vocab_size]
+        out[base:].zero_()
+    else:
+        out = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
+        out[:base] = rows[:base]
+    for i, row in new_rows.items():
+        out[i] = row
     return out
 
 
 def _llm_specs(weights: SafetensorsFolder, cfg: ModelConfig, tok: HFTokenizer,
                dtype: torch.dtype | None) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
-    """[(GhostVis name, HF name, dtype, shape)] of the import, shard by shard, checked against ``cfg`` from the
+    """[(GhostVis name, HF name, dtype, shape)] of the import, checked against ``cfg`` from the
     files' headers alone: a mismatch is refused before any tensor is read."""
     from ghostvis.model.gpt import GPT
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     names = hf_names(cfg)
-    theirs_to_ours = {theirs: ours for ours, theirs in names.items()}
     specs = []
-    for theirs in weights.in_shard_order(list(theirs_to_ours)):
-        ours, shape = theirs_to_ours[theirs], weights.shape(theirs)
+    for ours, theirs in names.items():
+        shape = weights.shape(theirs)
         if ours in VOCAB_TENSORS:
             if len(shape) == 2 and shape[0] < tok.base_vocab_size:
                 raise InteropError(f"{weights.dir}: tensor {theirs} has {shape[0]} rows but tokenizer.json has "
@@ -166,9 +172,8 @@ def _llm_specs(weights: SafetensorsFolder, cfg: ModelConfig, tok: HFTokenizer,
 
 def _llm_tensors(weights: SafetensorsFolder, specs: list[tuple[str, str, torch.dtype, tuple[int, ...]]],
                  cfg: ModelConfig, tok: HFTokenizer) -> Iterator[torch.Tensor]:
-    """The tensors of `specs`, read, converted and handed on one at a time, one shard mapped at a time."""
+    """The tensors of `specs`, read, converted and handed on one at a time."""
     for ours, theirs, dtype, _ in tqdm(specs, desc="import", unit="tensor"):
-        weights.close_others(theirs)
         t = weights.get(theirs)
         if ours in VOCAB_TENSORS:
             t = _grow_vocab(t, cfg, tok, spelling_init=ours == "wte.weight")
@@ -179,7 +184,7 @@ def import_llm(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | 
                aliases: dict[str, str] | None = None) -> ModelConfig:
     """HF Qwen2/Llama folder -> GhostVis export directory (llm.safetensors, config.json, tokenizer/), the layout
     training exports. Streams: each tensor is read, converted and written before the next is read, so the
-    process holds about one tensor and one mapped shard, never the model (docs/interop.md)."""
+    process holds about one tensor, never the model (docs/interop.md)."""
     where = str(Path(hf_dir) / "config.json")
     hf = read_hf_config(hf_dir)
     tok = HFTokenizer.from_hf_dir(hf_dir, aliases)
