@@ -184,6 +184,21 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
         check_export_files(weights_dir)
     tower_saved = weights_dir is not None and (Path(weights_dir) / VISION_FILE).is_file()
     device = torch.device(device)
+    tower = None
+    if vision_cfg is not None:  # first: under ZeRO-3 its whole copy is gone before the LLM's partitions exist
+        from ghostvis.vision.tower import VisionTower
+
+        with torch.device("cpu" if zero3 is not None else device):
+            tower = VisionTower(vision_cfg, model_cfg.n_embd, freeze_encoder=freeze_encoder)
+        if device.type != "meta":
+            if tower_saved:
+                load_weights(tower, Path(weights_dir) / VISION_FILE)
+            elif encoder_weights:
+                load_encoder_weights(tower.encoder, encoder_weights)
+        if zero3 is not None:
+            import deepspeed
+
+            deepspeed.zero.Init(module=tower, config_dict_or_path=zero3)  # partitions the built tower in place
     if zero3 is not None:
         import deepspeed
 
@@ -199,22 +214,10 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
             llm = GPT(model_cfg, seed=seed)
     if weights_dir is not None and device.type != "meta":
         load_weights(llm, Path(weights_dir) / LLM_FILE)
-    if vision_cfg is None:
+    if tower is None:
         return llm
     from ghostvis.model.vlm import VLM
-    from ghostvis.vision.tower import VisionTower
 
-    with torch.device("cpu" if zero3 is not None else device):
-        tower = VisionTower(vision_cfg, model_cfg.n_embd, freeze_encoder=freeze_encoder)
-    if device.type != "meta":
-        if tower_saved:
-            load_weights(tower, Path(weights_dir) / VISION_FILE)
-        elif encoder_weights:
-            load_encoder_weights(tower.encoder, encoder_weights)
-    if zero3 is not None:
-        import deepspeed
-
-        deepspeed.zero.Init(module=tower, config_dict_or_path=zero3)  # partitions the built tower in place
     return VLM(model_cfg, vision_cfg, llm=llm, tower=tower, freeze_encoder=freeze_encoder)
 
 

@@ -101,11 +101,14 @@ class GPT(nn.Module):
         check_tp(config, self.tp_size)
         self.config, self.tp_group = config, tp_group
         d = config.n_embd
+        # the two vocabulary tables first: under deepspeed.zero.Init each exists whole for a moment before it is
+        # partitioned, best while no block is held yet. Registered in the usual order (parameter names/order).
+        # Tied: the head is wte's table, used through wte.forward(as_head=True).
+        head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, d, tp_group)
         self.blocks = nn.ModuleList(Block(config, i, tp_group) for i in range(config.n_layer))
         self.norm_f = RMSNorm(d, config.norm_eps)
-        # tied: the head is wte's table, used through wte.forward(as_head=True)
-        self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
+        self.lm_head = head
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
         self.cp: ContextParallel | None = None
