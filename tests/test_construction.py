@@ -3,6 +3,7 @@ two real gloo ranks (deepspeed.zero.Init) builds, initialises and loads only its
 weights equal the eager full model's of the same seed bit for bit; a TP shard equals the full model's slice."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,3 +101,31 @@ def test_same_seed_same_weights(seed):
         assert torch.equal(p, q), name
         if p.dim() == 2:
             assert not torch.equal(p, r), name
+
+
+def _topo(tp: int = 1, pp: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(tp_size=tp, pp_size=pp, cp_size=1, dp_size=1)
+
+
+def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
+    from ghostvis.checkpoint_io import build_model
+    from ghostvis.train.engine import ConfigError, check_layout
+    from launch.train import build_parser
+
+    cfg, _ = _configs("tiny")  # 4 heads, 2 KV heads, 2 blocks
+    shape = build_model(cfg, None, device="meta")
+    args = build_parser().parse_args(["--model", "qwen25_7b", "--data", "x", "--out", "x", "--micro-batch", "1"])
+    for topo, message in ((_topo(tp=3), r"^--tp 3: .*n_head=4 is not divisible by tp=3"),
+                          (_topo(pp=3), r"^--pp 3 is more than the model's 2 blocks")):
+        with pytest.raises(ConfigError, match=message):
+            check_layout(shape, topo, {}, args, "base", (), None)
+    check_layout(shape, _topo(tp=2, pp=2), {}, args, "base", (), None)
+    # the planner's verdict on a GPU: 7B with plain AdamW on one card does not fit 80 GiB; it fits 2 TiB
+    with torch.device("meta"):
+        big = GPT(get_preset("qwen25_7b")[0])
+    zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"^the planner puts this run at .* GiB per GPU, more than the card's 80"):
+        check_layout(big, _topo(), zero1, args, "base", (), 80.0)
+    check_layout(big, _topo(), zero1, args, "base", (), 2048.0)
+    args.no_plan_check = True
+    check_layout(big, _topo(), zero1, args, "base", (), 80.0)

@@ -118,12 +118,12 @@ def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[s
 # ---- the starting model -------------------------------------------------------------------------
 
 def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
-                   zero3: dict[str, Any] | None = None) -> torch.nn.Module:
+                   zero3: dict[str, Any] | None = None, device: str = "cpu") -> torch.nn.Module:
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
     encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
     unfrozen: a frozen one runs under no_grad. `zero3`: the ZeRO-3 DeepSpeed config to build this rank's
-    partitions with (checkpoint_io.build_model)."""
+    partitions with (checkpoint_io.build_model); `device` "meta": the shape only, no weights."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -138,7 +138,7 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     if not stage.needs_vision:
         if encoder_weights:
             raise ds_engine.ConfigError(f"--encoder-weights: --stage {stage.name} trains no vision tower; drop it")
-        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3)
+        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3, device=device)
     if vision_cfg is None and args.init_from:  # a text export grows a new tower from the preset
         vision_cfg = get_preset(args.model, args.depth)[1]
         if vision_cfg is None:
@@ -167,7 +167,8 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
     model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
     return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
-                                     freeze_encoder="encoder" in settings.freeze, seed=args.seed, zero3=zero3)
+                                     freeze_encoder="encoder" in settings.freeze, seed=args.seed, zero3=zero3,
+                                     device=device)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -425,6 +426,20 @@ def build(args: argparse.Namespace) -> Run:
                                           grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
 
+    # what the layout, the model or the card cannot take fails here, before any weight exists
+    if topo.pp_size > 1:
+        check_pipeline(stage, args, ds_config)
+    if getattr(args, "pack", False):
+        check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
+    ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
+    if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
+        raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
+    shape = starting_model(args, stage, tokenizer, settings, device="meta")
+    ds_engine.check_compile(ds_config, args.compile, getattr(shape, "vision_config", None) is not None,
+                            args.ds_config, args.tp, args.pp)
+    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    ds_engine.check_layout(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib)
+
     def initial_model(zero3: dict[str, Any] | None = None) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
@@ -437,8 +452,6 @@ def build(args: argparse.Namespace) -> Run:
                         activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
     if args.lora_rank:
-        if topo.tp_size > 1 or topo.pp_size > 1:
-            raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
         lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
         stage, settings = lora.lora_stage(stage, settings)
     model_cfg: ModelConfig = model.config
@@ -446,13 +459,6 @@ def build(args: argparse.Namespace) -> Run:
         check_resumable(out, stage.name, model_cfg)
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
-    if topo.pp_size > 1:
-        check_pipeline(stage, args, ds_config)
-    if getattr(args, "pack", False):
-        check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
-    ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
-    ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
-                            args.ds_config, args.tp, args.pp)
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
                                  model_cfg.head_dim, packed=getattr(args, "pack", False))
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
