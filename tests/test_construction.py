@@ -119,6 +119,10 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
                           (_topo(pp=3), r"^--pp 3 is more than the model's 2 blocks")):
         with pytest.raises(ConfigError, match=message):
             check_layout(shape, topo, {}, args, "base", (), None)
+    args.activation_checkpointing = 3
+    with pytest.raises(ConfigError, match=r"^--activation-checkpointing: .* of 3 blocks: the model has 2"):
+        check_layout(shape, _topo(), {}, args, "base", (), None)
+    args.activation_checkpointing = False
     check_layout(shape, _topo(tp=2, pp=2), {}, args, "base", (), None)
     # the planner's verdict on a GPU: 7B with plain AdamW on one card does not fit 80 GiB; it fits 2 TiB
     with torch.device("meta"):

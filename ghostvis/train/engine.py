@@ -171,8 +171,10 @@ def builds_partitioned(ds_config: dict[str, Any], tp: int = 1, pp: int = 1, lora
 def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
                  freeze: tuple[str, ...], card_gib: float | None) -> None:
     """Refuse, from the model's shape alone (`model` on the meta device), a --tp that does not split its heads,
-    KV heads, FFN or vocabulary, a --pp with more stages than blocks, and a run the planner (ghostvis/plan.py)
+    KV heads, FFN or vocabulary, a --pp with more stages than blocks, a block count of
+    --activation-checkpointing the model does not have, and a run the planner (ghostvis/plan.py)
     says does not fit a card of `card_gib` GiB (None: not on a GPU; --no-plan-check skips it)."""
+    from ghostvis.config import checkpointed_blocks
     from ghostvis.model.parallel import check_tp
 
     cfg = model.config
@@ -183,6 +185,10 @@ def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], a
     if topo.pp_size > cfg.n_layer:
         raise ConfigError(f"--pp {topo.pp_size} is more than the model's {cfg.n_layer} blocks (each pipeline stage "
                           f"needs one); use --pp {cfg.n_layer} or fewer")
+    try:
+        checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
+    except ValueError as err:
+        raise ConfigError(f"--activation-checkpointing: {err}") from None
     if card_gib is None or getattr(args, "no_plan_check", False):
         return
     from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan

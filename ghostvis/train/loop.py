@@ -419,6 +419,11 @@ def build(args: argparse.Namespace) -> Run:
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
     layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
+    # the model's shape (meta device, no weights): what the layout, the model or the card cannot take fails
+    # before any weight exists
+    shape = starting_model(args, stage, tokenizer, settings, device="meta")
+    if args.resume == "auto":
+        check_resumable(out, stage.name, shape.config)
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
@@ -426,7 +431,6 @@ def build(args: argparse.Namespace) -> Run:
                                           grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
 
-    # what the layout, the model or the card cannot take fails here, before any weight exists
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
@@ -434,7 +438,6 @@ def build(args: argparse.Namespace) -> Run:
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
-    shape = starting_model(args, stage, tokenizer, settings, device="meta")
     ds_engine.check_compile(ds_config, args.compile, getattr(shape, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
@@ -455,8 +458,6 @@ def build(args: argparse.Namespace) -> Run:
         lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
         stage, settings = lora.lora_stage(stage, settings)
     model_cfg: ModelConfig = model.config
-    if args.resume == "auto":
-        check_resumable(out, stage.name, model_cfg)
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
