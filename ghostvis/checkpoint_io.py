@@ -140,12 +140,19 @@ def read_config(path: str | Path) -> tuple[ModelConfig, VisionConfig | None, dic
     return ModelConfig.from_dict(raw["model"]), vision, raw
 
 
-def load_weights(module: torch.nn.Module, file: str | Path) -> None:
+def load_weights(module: torch.nn.Module, file: str | Path, tp_size: int = 1, tp_rank: int = 0) -> None:
     """Copy a safetensors file into `module` tensor by tensor (each ZeRO-3 rank reads only its partition's
-    rows); names and shapes are checked from the file's header first."""
-    check_tensors(file, {k: tuple(seeded.full_shape(v)) for k, v in module.state_dict(keep_vars=True).items()},
+    rows, each TP rank its shard of an LLM's tensors); names and shapes are checked from the file's header
+    first."""
+    from ghostvis.model.parallel import tp_split_dim
+
+    def full(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        dim = tp_split_dim(name) if tp_size > 1 else None
+        return shape if dim is None else tuple(n * tp_size if i == dim else n for i, n in enumerate(shape))
+
+    check_tensors(file, {k: full(k, seeded.full_shape(v)) for k, v in module.state_dict(keep_vars=True).items()},
                   "it belongs to another model config (use the export it came with, or start a new --out)")
-    seeded.load_module(module, str(file))
+    seeded.load_module(module, str(file), tp_split_dim if tp_size > 1 else None, tp_rank)
 
 
 def check_export_files(path: str | Path) -> None:
@@ -164,8 +171,8 @@ def check_export_files(path: str | Path) -> None:
 
 def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights_dir: str | Path | None = None, *,
                 device: str | torch.device = "cpu", encoder_weights: str | Path | None = None,
-                freeze_encoder: bool = True, seed: int | None = None,
-                zero3: dict[str, Any] | None = None) -> torch.nn.Module:
+                freeze_encoder: bool = True, seed: int | None = None, zero3: dict[str, Any] | None = None,
+                tp_group: Any = None) -> torch.nn.Module:
     """A GPT (no `vision_cfg`) or a VLM on `device`, with an export's weights when `weights_dir` is given:
     llm.safetensors always, vision.safetensors when it is there. Without that file (a text export growing a
     tower, or no export) the tower is new: its encoder takes `encoder_weights` (a timm .safetensors file or
@@ -177,7 +184,8 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
     the meta device and materialised by the load. With `zero3` (a DeepSpeed config of ZeRO stage 3) the LLM
     is built under `deepspeed.zero.Init`, so each rank allocates, initialises and reads from the file only its
     partition, with the same values as the full model of this seed; the (much smaller) tower is built whole
-    as timm initialises it, loaded, then partitioned the same way."""
+    as timm initialises it, loaded, then partitioned the same way. With `tp_group` the LLM is this rank's
+    tensor-parallel shard, initialised or read as such (the full model's slice; the tower is whole)."""
     from ghostvis.model.gpt import GPT
 
     if weights_dir is not None:
@@ -203,17 +211,17 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=zero3):
-            llm = GPT(model_cfg, seed=seed)
+            llm = GPT(model_cfg, tp_group, seed=seed)
     elif weights_dir is not None and device.type != "meta":
         with torch.device("meta"):  # the file's tensors are the only copy: nothing to initialise first
-            llm = GPT(model_cfg, seed=seed)
+            llm = GPT(model_cfg, tp_group, seed=seed)
         llm.to_empty(device=device)
         llm.rotary.reset_parameters()  # not in the file: rebuilt from the config
     else:
         with device:
-            llm = GPT(model_cfg, seed=seed)
+            llm = GPT(model_cfg, tp_group, seed=seed)
     if weights_dir is not None and device.type != "meta":
-        load_weights(llm, Path(weights_dir) / LLM_FILE)
+        load_weights(llm, Path(weights_dir) / LLM_FILE, llm.tp_size, llm.tp_rank)
     if tower is None:
         return llm
     from ghostvis.model.vlm import VLM

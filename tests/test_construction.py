@@ -67,11 +67,20 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         _assert_same_as_eager(loaded, eager, world, f"{preset} loaded")
 
     # tensor parallelism: the shard a TP rank initialises is the full model's slice, without the full model
-    cfg, _ = _configs("tiny")
+    cfg, vcfg = _configs("vlm_tiny")
     tp = GPT(cfg, tp_group=dist.group.WORLD, seed=SEED)
     mine = shard_state_dict(GPT(cfg, seed=SEED).state_dict(), cfg, rank, world)
     for name, tensor in tp.state_dict().items():
         assert torch.equal(tensor, mine[name]), f"tp shard {name}"
+    # ... and a TP rank reads only its shard of an export
+    export_dir = os.path.join(tmp, "vlm_tiny")
+    loaded = build_model(cfg, vcfg, export_dir, tp_group=dist.group.WORLD)
+    whole = build_model(cfg, vcfg, export_dir)
+    mine = shard_state_dict(whole.llm.state_dict(), cfg, rank, world)
+    for name, tensor in loaded.llm.state_dict().items():
+        assert torch.equal(tensor, mine[name]), f"tp shard {name} loaded"
+    for (name, tensor), other in zip(loaded.vision.state_dict().items(), whole.vision.state_dict().values()):
+        assert torch.equal(tensor, other), f"tower {name} loaded"
     dist.barrier()
     dist.destroy_process_group()
 

@@ -118,12 +118,13 @@ def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[s
 # ---- the starting model -------------------------------------------------------------------------
 
 def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
-                   zero3: dict[str, Any] | None = None, device: str = "cpu") -> torch.nn.Module:
+                   zero3: dict[str, Any] | None = None, device: str = "cpu", tp_group: Any = None) -> torch.nn.Module:
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
     encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
     unfrozen: a frozen one runs under no_grad. `zero3`: the ZeRO-3 DeepSpeed config to build this rank's
-    partitions with (checkpoint_io.build_model); `device` "meta": the shape only, no weights."""
+    partitions with (checkpoint_io.build_model); `device` "meta": the shape only, no weights; `tp_group`: the
+    LLM as this rank's tensor-parallel shard."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -138,7 +139,8 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     if not stage.needs_vision:
         if encoder_weights:
             raise ds_engine.ConfigError(f"--encoder-weights: --stage {stage.name} trains no vision tower; drop it")
-        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3, device=device)
+        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3, device=device,
+                                         tp_group=tp_group)
     if vision_cfg is None and args.init_from:  # a text export grows a new tower from the preset
         vision_cfg = get_preset(args.model, args.depth)[1]
         if vision_cfg is None:
@@ -168,7 +170,7 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
     return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
                                      freeze_encoder="encoder" in settings.freeze, seed=args.seed, zero3=zero3,
-                                     device=device)
+                                     device=device, tp_group=tp_group)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -443,16 +445,16 @@ def build(args: argparse.Namespace) -> Run:
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     ds_engine.check_layout(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib)
 
-    def initial_model(zero3: dict[str, Any] | None = None) -> torch.nn.Module:
+    def initial_model(zero3: dict[str, Any] | None = None, tp_group: Any = None) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
-            return starting_model(args, stage, tokenizer, settings, zero3)
+            return starting_model(args, stage, tokenizer, settings, zero3, tp_group=tp_group)
 
-    # every layout starts from the same weights: ZeRO-3 ranks build only their partitions (zero.Init);
-    # other layouts take their part of the full (tp=1) model
+    # every layout starts from the same weights, each rank building only its part: ZeRO-3 partitions
+    # (zero.Init), TP shards; pipeline stages take theirs from the full (tp=1) model
     zero_init = ds_engine.builds_partitioned(ds_config, topo.tp_size, topo.pp_size, args.lora_rank)
-    model = parallelize(initial_model(ds_config if zero_init else None), topo,
-                        activation_checkpointing=args.activation_checkpointing)
+    model = parallelize(initial_model(ds_config if zero_init else None, topo.tp_group if topo.pp_size == 1 else None),
+                        topo, activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)
     if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
