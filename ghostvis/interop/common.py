@@ -54,7 +54,8 @@ class SafetensorsFolder:
             self._headers[file] = safetensors_header(self.dir / file)
         entries, data_start = self._headers[file]
         if name not in entries:
-            raise InteropError(f"{self.dir / file}: no tensor {name!r}, though model.safetensors.index.json puts it there")
+            raise InteropError(f"{self.dir / file}: no tensor {name!r}, though model.safetensors.index.json puts "
+                               "it there")
         return self.dir / file, entries[name], data_start
 
     def get(self, name: str) -> torch.Tensor:

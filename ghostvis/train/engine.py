@@ -196,7 +196,8 @@ def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], a
     zero_cfg = ds_config.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
     offload = zero_cfg.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size, pp=topo.pp_size, cp=topo.cp_size, zero=zero,
+    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
+                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
                     micro_batch=args.micro_batch, seq_len=args.seq_len,
                     dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
                     activation_checkpointing=args.activation_checkpointing,
