@@ -212,6 +212,10 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
 
         with deepspeed.zero.Init(config_dict_or_path=zero3):
             llm = GPT(model_cfg, tp_group, seed=seed)
+        # zero.Init casts every float tensor made inside it to the run's dtype, the RoPE tables' float64
+        # arithmetic too (bf16 positions): rebuild them outside, in float32 as everywhere else
+        llm.rotary.float()
+        llm.rotary.reset_parameters()
     elif weights_dir is not None and device.type != "meta":
         with torch.device("meta"):  # the file's tensors are the only copy: nothing to initialise first
             llm = GPT(model_cfg, tp_group, seed=seed)

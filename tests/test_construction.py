@@ -66,6 +66,17 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         loaded = build_model(cfg, vcfg, export_dir, seed=SEED + 1, zero3=ZERO3)
         _assert_same_as_eager(loaded, eager, world, f"{preset} loaded")
 
+    # a bf16 run: zero.Init casts what is built inside it; the weights are the fp32 init rounded, the RoPE
+    # tables stay float32 and exact
+    cfg, _ = _configs("tiny")
+    eager = build_model(cfg, None, seed=SEED)
+    zero = build_model(cfg, None, seed=SEED, zero3={**ZERO3, "bf16": {"enabled": True}})
+    for name, param in zero.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            assert param.dtype == torch.bfloat16 and torch.equal(param, dict(eager.named_parameters())[name].bfloat16())
+    assert zero.rotary.cos.dtype == torch.float32
+    assert torch.equal(zero.rotary.cos, eager.rotary.cos) and torch.equal(zero.rotary.sin, eager.rotary.sin)
+
     # tensor parallelism: the shard a TP rank initialises is the full model's slice, without the full model
     cfg, vcfg = _configs("vlm_tiny")
     tp = GPT(cfg, tp_group=dist.group.WORLD, seed=SEED)
