@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.files import TensorFileError, check_tensors, follow_umask
 from ghostvis.interop.hf_vision import read_encoder_weights
+from ghostvis.model import seeded
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 
@@ -110,6 +111,12 @@ def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer,
     out.mkdir(parents=True, exist_ok=True)
     for file_name, part in tensors.items():
         _save(part, out / file_name)
+    write_config(out, model_cfg, vision_cfg, tokenizer, extra)
+
+
+def write_config(out: Path, model_cfg: ModelConfig, vision_cfg: VisionConfig | None, tokenizer: Tokenizer,
+                 extra: dict[str, Any] | None = None) -> None:
+    """The export's tokenizer/ and config.json (written last: its presence means the weights are complete)."""
     tokenizer.save(out / TOKENIZER_DIR)
     config = {"format": FORMAT, "model": model_cfg.to_dict(), "vision": vision_cfg.to_dict() if vision_cfg else None,
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}, **(extra or {})}
@@ -133,11 +140,19 @@ def read_config(path: str | Path) -> tuple[ModelConfig, VisionConfig | None, dic
     return ModelConfig.from_dict(raw["model"]), vision, raw
 
 
-def load_weights(module: torch.nn.Module, file: str | Path) -> None:
-    """Copy a safetensors file into `module`; names and shapes are checked from the file's header first."""
-    check_tensors(file, {k: tuple(v.shape) for k, v in module.state_dict().items()},
+def load_weights(module: torch.nn.Module, file: str | Path, tp_size: int = 1, tp_rank: int = 0) -> None:
+    """Copy a safetensors file into `module` tensor by tensor (each ZeRO-3 rank reads only its partition's
+    rows, each TP rank its shard of an LLM's tensors); names and shapes are checked from the file's header
+    first."""
+    from ghostvis.model.parallel import tp_split_dim
+
+    def full(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        dim = tp_split_dim(name) if tp_size > 1 else None
+        return shape if dim is None else tuple(n * tp_size if i == dim else n for i, n in enumerate(shape))
+
+    check_tensors(file, {k: full(k, seeded.full_shape(v)) for k, v in module.state_dict(keep_vars=True).items()},
                   "it belongs to another model config (use the export it came with, or start a new --out)")
-    module.load_state_dict(load_file(str(file)))
+    seeded.load_module(module, str(file), tp_split_dim if tp_size > 1 else None, tp_rank)
 
 
 def check_export_files(path: str | Path) -> None:
@@ -156,33 +171,66 @@ def check_export_files(path: str | Path) -> None:
 
 def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights_dir: str | Path | None = None, *,
                 device: str | torch.device = "cpu", encoder_weights: str | Path | None = None,
-                freeze_encoder: bool = True) -> torch.nn.Module:
+                freeze_encoder: bool = True, seed: int | None = None, zero3: dict[str, Any] | None = None,
+                tp_group: Any = None) -> torch.nn.Module:
     """A GPT (no `vision_cfg`) or a VLM on `device`, with an export's weights when `weights_dir` is given:
     llm.safetensors always, vision.safetensors when it is there. Without that file (a text export growing a
     tower, or no export) the tower is new: its encoder takes `encoder_weights` (a timm .safetensors file or
     a Hugging Face SigLIP/CLIP folder), else stays random. `freeze_encoder` is the run's choice (a frozen
-    encoder runs under no_grad). On the meta device only the architecture is built (nothing to load into)."""
+    encoder runs under no_grad). `seed` fixes the LLM's initial weights (None: drawn from torch's RNG).
+    On the meta device only the architecture is built (nothing to load into).
+
+    Each weight exists once (docs/parallelism.md, "Model construction"): an LLM to be loaded is built on
+    the meta device and materialised by the load. With `zero3` (a DeepSpeed config of ZeRO stage 3) the LLM
+    is built under `deepspeed.zero.Init`, so each rank allocates, initialises and reads from the file only its
+    partition, with the same values as the full model of this seed; the (much smaller) tower is built whole
+    as timm initialises it, loaded, then partitioned the same way. With `tp_group` the LLM is this rank's
+    tensor-parallel shard, initialised or read as such (the full model's slice; the tower is whole)."""
+    from ghostvis.model.gpt import GPT
+
     if weights_dir is not None:
         check_export_files(weights_dir)
     tower_saved = weights_dir is not None and (Path(weights_dir) / VISION_FILE).is_file()
-    with torch.device(device):
-        if vision_cfg is None:
-            from ghostvis.model.gpt import GPT
+    device = torch.device(device)
+    tower = None
+    if vision_cfg is not None:  # first: under ZeRO-3 its whole copy is gone before the LLM's partitions exist
+        from ghostvis.vision.tower import VisionTower
 
-            model: torch.nn.Module = GPT(model_cfg)
-        else:
-            from ghostvis.model.vlm import VLM
+        with torch.device("cpu" if zero3 is not None else device):
+            tower = VisionTower(vision_cfg, model_cfg.n_embd, freeze_encoder=freeze_encoder)
+        if device.type != "meta":
+            if tower_saved:
+                load_weights(tower, Path(weights_dir) / VISION_FILE)
+            elif encoder_weights:
+                load_encoder_weights(tower.encoder, encoder_weights)
+        if zero3 is not None:
+            import deepspeed
 
-            model = VLM(model_cfg, vision_cfg, freeze_encoder=freeze_encoder)
-    if torch.device(device).type == "meta":
-        return model
-    if weights_dir is not None:
-        for file_name, module in module_files(model).items():
-            if file_name == LLM_FILE or tower_saved:
-                load_weights(module, Path(weights_dir) / file_name)
-    if encoder_weights and vision_cfg is not None and not tower_saved:
-        load_encoder_weights(model.vision.encoder, encoder_weights)
-    return model
+            deepspeed.zero.Init(module=tower, config_dict_or_path=zero3)  # partitions the built tower in place
+    if zero3 is not None:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=zero3):
+            llm = GPT(model_cfg, tp_group, seed=seed)
+        # zero.Init casts every float tensor made inside it to the run's dtype, the RoPE tables' float64
+        # arithmetic too (bf16 positions): rebuild them outside, in float32 as everywhere else
+        llm.rotary.float()
+        llm.rotary.reset_parameters()
+    elif weights_dir is not None and device.type != "meta":
+        with torch.device("meta"):  # the file's tensors are the only copy: nothing to initialise first
+            llm = GPT(model_cfg, tp_group, seed=seed)
+        llm.to_empty(device=device)
+        llm.rotary.reset_parameters()  # not in the file: rebuilt from the config
+    else:
+        with device:
+            llm = GPT(model_cfg, tp_group, seed=seed)
+    if weights_dir is not None and device.type != "meta":
+        load_weights(llm, Path(weights_dir) / LLM_FILE, llm.tp_size, llm.tp_rank)
+    if tower is None:
+        return llm
+    from ghostvis.model.vlm import VLM
+
+    return VLM(model_cfg, vision_cfg, llm=llm, tower=tower, freeze_encoder=freeze_encoder)
 
 
 def load_encoder_weights(encoder: torch.nn.Module, path: str | Path) -> None:

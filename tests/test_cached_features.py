@@ -95,7 +95,7 @@ def test_vision_pretrain_trains_on_cached_features_and_refuses_mismatches(cached
               "--micro-batch", "8", "--seq-len", "64", "--lr", "1e-2", "--cached-features")
     loss = [r["loss"] for r in run_stage(*common, "--init-from", cached["export"], "--out", tmp_path / "ok",
                                          "--steps", "12")]
-    assert len(loss) == 12 and sum(loss[-4:]) / 4 < sum(loss[:2]) / 2 - 0.05  # only the connector learns
+    assert len(loss) == 12 and sum(loss[-4:]) / 4 < sum(loss[:2]) / 2 - 0.02  # only the connector learns
 
     # a fresh vlm_tiny from another seed has other (random) encoder weights than the export's
     with pytest.raises(DataError, match="encoded with other encoder weights.*data_prep.encode_features"):

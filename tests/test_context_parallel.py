@@ -139,7 +139,8 @@ def test_trainer_cp2_dp2_and_tp2_cp2_train_like_without_cp(tmp_path, captions, t
             wa, wb = (load_file(str(runs[n] / f"{part}.safetensors")) for n in (ref, got))
             assert wa.keys() == wb.keys()
             for key in wa:
-                torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=2e-5, msg=f"{got} {key}")
+                # Adam's normalised step turns reduction-order noise in a near-zero gradient into ~lr·1e-2
+                torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=5e-5, msg=f"{got} {key}")
 
 
 def test_bad_cp_settings_get_one_line_errors(world1, tmp_path):

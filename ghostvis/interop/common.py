@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ghostvis.cli import UserError
+from ghostvis.files import read_tensor, safetensors_header, tensor_dtype
 
 
 class InteropError(UserError, ValueError):
@@ -36,21 +36,38 @@ class SafetensorsFolder:
             if len(files) > 1:
                 raise InteropError(f"{d}: several .safetensors files {[f.name for f in files]} but no "
                                    "model.safetensors.index.json saying which tensor is where")
-            with safe_open(str(files[0]), framework="pt") as f:
-                weight_map = {k: files[0].name for k in f.keys()}
+            weight_map = dict.fromkeys(safetensors_header(files[0])[0], files[0].name)
         missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{d}: shard(s) {missing} listed in model.safetensors.index.json are missing")
         self.dir, self.weight_map = d, weight_map
-        self._open: dict[str, Any] = {}
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[Path, dict[str, Any], int]:
         if name not in self.weight_map:
             raise InteropError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.dir / file), framework="pt", device="cpu")
-        return self._open[file].get_tensor(name)
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(self.dir / file)
+        entries, data_start = self._headers[file]
+        if name not in entries:
+            raise InteropError(f"{self.dir / file}: no tensor {name!r}, though model.safetensors.index.json puts "
+                               "it there")
+        return self.dir / file, entries[name], data_start
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain file reads: nothing of the shard stays mapped in memory after."""
+        path, entry, data_start = self._entry(name)
+        with path.open("rb") as f:
+            return read_tensor(f, entry, data_start, f"{path}: tensor {name!r}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its shard's header (no data read)."""
+        return self._entry(name)[1]["shape"]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype, from its shard's header."""
+        return tensor_dtype(self._entry(name)[1], f"{self.dir}: tensor {name!r}")

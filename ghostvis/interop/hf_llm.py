@@ -1,14 +1,15 @@
 """Qwen2/Llama (transformers) <-> GhostVis GPT: configs, parameter names, streaming import and export.
 
-Import reads one tensor at a time from the folder's safetensors (``safe_open``), so only the model's own
-weights (in their stored dtype) are ever held, never a float32 copy; pickled ``.bin`` files are refused.
-The result is written with ``checkpoint_io.export``, the same layout training exports, so
+Import streams: each tensor is read from the folder's safetensors (plain reads, no memory map), converted and
+written to ``llm.safetensors`` before the next is read, so about one tensor is ever held, never the model;
+pickled ``.bin`` files are refused. The result is the layout training exports, so
 ``ghostvis.load_pretrained`` and ``launch/train.py --init-from`` open it. See docs/interop.md.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig
+from ghostvis.files import write_safetensors
 from ghostvis.interop.common import InteropError, SafetensorsFolder
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.tokenizer import Tokenizer
@@ -125,55 +127,78 @@ def _grow_vocab(rows: torch.Tensor, cfg: ModelConfig, tok: HFTokenizer, spelling
     rows of the pieces their spelling encodes to, so each new token starts distinct (a frozen embedding
     keeps them apart); output-head rows start as the mean of all rows (an average logit)."""
     base = tok.base_vocab_size
-    if rows.shape[0] < base:
-        raise InteropError(f"embedding has {rows.shape[0]} rows but tokenizer.json has {base} tokens; the "
-                           "tokenizer does not belong to these weights")
-    out = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
-    out[:base] = rows[:base]
-    mean = rows[:base].float().mean(0)
+    mean = torch.zeros(rows.shape[1], dtype=torch.float64)
+    for start in range(0, base, 8192):  # in chunks: no float copy of the whole table
+        mean += rows[start:min(start + 8192, base)].double().sum(0)
+    mean = (mean / base).float()
+    new_rows = {}
     for name, i in tok.added_ids.items():
         pieces = tok.spelling_ids(name) if spelling_init else []
-        out[i] = (rows[pieces].float().mean(0) if pieces else mean).to(rows.dtype)
+        new_rows[i] = (rows[pieces].float().mean(0) if pieces else mean).to(rows.dtype)
+    if rows.shape[0] >= cfg.padded_vocab_size:  # the file's table has room: rewrite it in place, no second copy
+        out = rows[:cfg.padded_vocab_size]
+        out[base:].zero_()
+    else:
+        out = torch.zeros(cfg.padded_vocab_size, rows.shape[1], dtype=rows.dtype)
+        out[:base] = rows[:base]
+    for i, row in new_rows.items():
+        out[i] = row
     return out
 
 
-def read_llm_state(hf_dir: str | Path, cfg: ModelConfig, tok: HFTokenizer,
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """GhostVis state dict of a HF Qwen2/Llama folder, shapes checked against ``cfg``, tensor by tensor."""
+def _llm_specs(weights: SafetensorsFolder, cfg: ModelConfig, tok: HFTokenizer,
+               dtype: torch.dtype | None) -> list[tuple[str, str, torch.dtype, tuple[int, ...]]]:
+    """[(GhostVis name, HF name, dtype, shape)] of the import, checked against ``cfg`` from the
+    files' headers alone: a mismatch is refused before any tensor is read."""
     from ghostvis.model.gpt import GPT
 
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
-    weights = SafetensorsFolder(hf_dir)
-    state: dict[str, torch.Tensor] = {}
-    for ours, theirs in tqdm(hf_names(cfg).items(), desc="import", unit="tensor"):
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    names = hf_names(cfg)
+    specs = []
+    for ours, theirs in names.items():
+        shape = weights.shape(theirs)
+        if ours in VOCAB_TENSORS:
+            if len(shape) == 2 and shape[0] < tok.base_vocab_size:
+                raise InteropError(f"{weights.dir}: tensor {theirs} has {shape[0]} rows but tokenizer.json has "
+                                   f"{tok.base_vocab_size} tokens; the tokenizer does not belong to these weights")
+            shape = (cfg.padded_vocab_size, *shape[1:])
+        if shape != expected[ours]:
+            raise InteropError(f"{weights.dir}: tensor {theirs} has shape {shape}, expected {expected[ours]} from "
+                               "config.json")
+        specs.append((ours, theirs, dtype or weights.dtype(theirs), shape))
+    return specs
+
+
+def _llm_tensors(weights: SafetensorsFolder, specs: list[tuple[str, str, torch.dtype, tuple[int, ...]]],
+                 cfg: ModelConfig, tok: HFTokenizer) -> Iterator[torch.Tensor]:
+    """The tensors of `specs`, read, converted and handed on one at a time."""
+    for ours, theirs, dtype, _ in tqdm(specs, desc="import", unit="tensor"):
         t = weights.get(theirs)
         if ours in VOCAB_TENSORS:
             t = _grow_vocab(t, cfg, tok, spelling_init=ours == "wte.weight")
-        if t.shape != expected[ours]:
-            raise InteropError(f"{weights.dir}: tensor {theirs} has shape {tuple(t.shape)}, expected "
-                               f"{tuple(expected[ours])} from config.json")
-        state[ours] = t.to(dtype) if dtype is not None else t
-    return state
+        yield t.to(dtype)
 
 
 def import_llm(hf_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
                aliases: dict[str, str] | None = None) -> ModelConfig:
-    """HF Qwen2/Llama folder -> GhostVis export directory (llm.safetensors, config.json, tokenizer/)."""
-    from ghostvis.model.gpt import GPT
-
+    """HF Qwen2/Llama folder -> GhostVis export directory (llm.safetensors, config.json, tokenizer/), the layout
+    training exports. Streams: each tensor is read, converted and written before the next is read, so the
+    process holds about one tensor, never the model (docs/interop.md)."""
     where = str(Path(hf_dir) / "config.json")
     hf = read_hf_config(hf_dir)
     tok = HFTokenizer.from_hf_dir(hf_dir, aliases)
     cfg = model_config_from_hf(hf, tok.vocab_size, where)
-    state = read_llm_state(hf_dir, cfg, tok, dtype)
-    with torch.device("meta"):  # no second copy of the weights: the module takes the loaded tensors
-        gpt = GPT(cfg)
-    gpt.load_state_dict(state, strict=True, assign=True)
-    checkpoint_io.export(gpt, out_dir, tokenizer=tok,
-                         extra={"source": {"format": "huggingface", "model_type": hf["model_type"],
-                                           "hf_dir": str(Path(hf_dir).resolve()),
-                                           "added_tokens": tok.added_ids}})
+    weights = SafetensorsFolder(hf_dir)
+    specs = _llm_specs(weights, cfg, tok, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / checkpoint_io.LLM_FILE, [(ours, dt, shape) for ours, _, dt, shape in specs],
+                      _llm_tensors(weights, specs, cfg, tok), metadata={"format": checkpoint_io.FORMAT})
+    checkpoint_io.write_config(out, cfg, None, tok,
+                               extra={"source": {"format": "huggingface", "model_type": hf["model_type"],
+                                                 "hf_dir": str(Path(hf_dir).resolve()),
+                                                 "added_tokens": tok.added_ids}})
     return cfg
 
 

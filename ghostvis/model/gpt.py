@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, checkpointed_blocks
+from ghostvis.model import seeded
 from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -26,6 +27,7 @@ from ghostvis.model.parallel import (
     check_tp,
     gather_from_tp,
     tp_size_rank,
+    tp_split_dim,
 )
 
 if TYPE_CHECKING:
@@ -91,20 +93,27 @@ def reduce_loss(loss: torch.Tensor, targets: torch.Tensor, reduction: str) -> to
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, tp_group: dist.ProcessGroup | None = None, *,
+                 seed: int | None = None) -> None:
+        """`seed` fixes the initial weights (ghostvis/model/seeded.py); None draws one from torch's global RNG."""
         super().__init__()
         self.tp_size, self.tp_rank = tp_size_rank(tp_group)
         check_tp(config, self.tp_size)
         self.config, self.tp_group = config, tp_group
         d = config.n_embd
+        # the two vocabulary tables first: under deepspeed.zero.Init each exists whole for a moment before it is
+        # partitioned, best while no block is held yet. Registered in the usual order (parameter names/order).
+        # Tied: the head is wte's table, used through wte.forward(as_head=True).
+        head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, d, tp_group)
         self.blocks = nn.ModuleList(Block(config, i, tp_group) for i in range(config.n_layer))
         self.norm_f = RMSNorm(d, config.norm_eps)
-        # tied: the head is wte's table, used through wte.forward(as_head=True)
-        self.lm_head = None if config.tie_embeddings else ParallelLMHead(d, config.padded_vocab_size, tp_group)
+        self.lm_head = head
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
         self.cp: ContextParallel | None = None
+        # an explicit CPU draw: also right under a meta-device context or deepspeed.zero.Init
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
         self.init_weights()
 
     def set_activation_checkpointing(self, activation_checkpointing: bool | int) -> None:
@@ -122,18 +131,29 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) for embeddings and projections; the residual-branch outputs (o_proj,
         down_proj) get init_std/sqrt(2·n_layer) (GPT-2) so the residual stream's variance does not
-        grow with depth; norms 1, biases 0. Also rebuilds the RoPE tables, so after
-        `to_empty(device=...)` from the meta device this makes a usable model. Under TP every rank
-        draws its own shard; for weights identical to tp=1, init a full model and `shard_state_dict`."""
+        grow with depth; norms 1, biases 0. The values depend only on `init_seed` and each parameter's
+        name and full shape (ghostvis/model/seeded.py): a TP shard, a ZeRO-3 partition (under
+        `deepspeed.zero.Init`) or a full model of the same seed hold the same numbers. Also rebuilds the
+        RoPE tables, so after `to_empty(device=...)` from the meta device this makes a usable model."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
-                module.weight.normal_(0.0, std * scale)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}"
+                if isinstance(module, RMSNorm):
+                    values = seeded.constant(1.0)
+                elif param_name == "bias":
+                    values = seeded.constant(0.0)
+                elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                    scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
+                    local = seeded.full_shape(param)
+                    dim = tp_split_dim(name) if self.tp_size > 1 else None
+                    shape = local if dim is None else tuple(n * self.tp_size if i == dim else n
+                                                           for i, n in enumerate(local))
+                    values = seeded.local_rows(partial(seeded.normal_rows, self.init_seed, name, shape, std * scale),
+                                             local, dim, self.tp_rank)
+                else:
+                    raise TypeError(f"GPT.init_weights: no initialisation for {name} ({type(module).__name__})")
+                seeded.fill(param, values)
         self.rotary.reset_parameters()
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -17,7 +17,8 @@ from ghostvis.vision.tower import VisionTower
 
 class VLM(nn.Module):
     def __init__(self, model_cfg: ModelConfig, vision_cfg: VisionConfig, *, llm: GPT | None = None,
-                 freeze_encoder: bool = True):
+                 tower: VisionTower | None = None, freeze_encoder: bool = True):
+        """`llm` / `tower`: parts already built (checkpoint_io.build_model builds them apart under ZeRO-3)."""
         super().__init__()
         if model_cfg.image_token_id is None:
             raise ValueError(
@@ -32,7 +33,8 @@ class VLM(nn.Module):
         self.config = model_cfg
         self.vision_config = vision_cfg
         self.llm = llm if llm is not None else GPT(model_cfg)
-        self.vision = VisionTower(vision_cfg, model_cfg.n_embd, freeze_encoder=freeze_encoder)
+        self.vision = tower if tower is not None else VisionTower(vision_cfg, model_cfg.n_embd,
+                                                                  freeze_encoder=freeze_encoder)
 
     @classmethod
     def from_llm(cls, gpt: GPT, vision_cfg: VisionConfig, image_token_id: int | None = None) -> VLM:

@@ -22,7 +22,8 @@ def _llm(model: nn.Module) -> GPT:
 
 def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: bool | int = False) -> nn.Module:
     """The plain GPT/VLM `model` (full weights, same on every rank) laid out for `topo`: itself at
-    tp = pp = 1; its LLM swapped for a tensor-parallel GPT holding this rank's shards at tp > 1; a
+    tp = pp = 1, or when its LLM was built as this rank's TP shard (checkpoint_io.build_model's `tp_group`);
+    its LLM swapped for a tensor-parallel GPT holding this rank's shards at tp > 1; a
     `GPTPipe` holding this stage's layers at pp > 1. The vision tower is never split: every TP rank runs
     the same tower on the same images, so its outputs and gradients are identical without communication
     (the gradient reaching the spliced vision tokens is already summed over TP by the first block's
@@ -30,7 +31,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     llm = _llm(model)
     config = llm.config
     llm.set_activation_checkpointing(activation_checkpointing)  # a bad block count fails now
-    if topo.tp_size * topo.pp_size == 1:
+    if topo.pp_size == 1 and llm.tp_size == topo.tp_size:  # plain, or built as this rank's TP shard already
         llm.set_context_parallel(topo.context_parallel)
         return model
     prefix = "" if llm is model else LLM_PREFIX  # a VLM's LLM names start with "llm."

@@ -160,6 +160,56 @@ def check_compile(ds_config: dict[str, Any], compile_model: bool, has_vision: bo
                           "use ZeRO-1/2 (ds_configs/zero2.json) where the model fits")
 
 
+def builds_partitioned(ds_config: dict[str, Any], tp: int = 1, pp: int = 1, lora_rank: int = 0) -> bool:
+    """Whether the model is built under `deepspeed.zero.Init` (each rank allocates only its ZeRO-3 partition):
+    ZeRO stage 3 at tp = pp = 1. LoRA wraps full weights after construction, and a TP/PP layout cuts its
+    part from the built model, so those build it whole first (docs/parallelism.md, "Model construction")."""
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return zero >= 3 and tp == 1 and pp == 1 and not lora_rank
+
+
+def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
+                 freeze: tuple[str, ...], card_gib: float | None) -> None:
+    """Refuse, from the model's shape alone (`model` on the meta device), a --tp that does not split its heads,
+    KV heads, FFN or vocabulary, a --pp with more stages than blocks, a block count of
+    --activation-checkpointing the model does not have, and a run the planner (ghostvis/plan.py)
+    says does not fit a card of `card_gib` GiB (None: not on a GPU; --no-plan-check skips it)."""
+    from ghostvis.config import checkpointed_blocks
+    from ghostvis.model.parallel import check_tp
+
+    cfg = model.config
+    try:
+        check_tp(cfg, topo.tp_size)
+    except ValueError as err:
+        raise ConfigError(f"--tp {topo.tp_size}: {err}") from None
+    if topo.pp_size > cfg.n_layer:
+        raise ConfigError(f"--pp {topo.pp_size} is more than the model's {cfg.n_layer} blocks (each pipeline stage "
+                          f"needs one); use --pp {cfg.n_layer} or fewer")
+    try:
+        checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
+    except ValueError as err:
+        raise ConfigError(f"--activation-checkpointing: {err}") from None
+    if card_gib is None or getattr(args, "no_plan_check", False):
+        return
+    from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan
+
+    zero_cfg = ds_config.get("zero_optimization", {})
+    zero = int(zero_cfg.get("stage", 0))
+    offload = zero_cfg.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
+                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
+                    micro_batch=args.micro_batch, seq_len=args.seq_len,
+                    dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
+                    activation_checkpointing=args.activation_checkpointing,
+                    **ds_bucket_settings(zero, offload, args.ds_config))
+    result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
+                  lora_targets=args.lora_targets)
+    if not result.fits(card_gib):
+        raise ConfigError(f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the "
+                          f"card's {card_gib:.1f} GiB: lower --micro-batch, add --activation-checkpointing, use ZeRO-3 "
+                          "or more GPUs (launch/plan.py prints the plan; --no-plan-check runs anyway)")
+
+
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW created by us, so every group keeps its own lr. With optimizer offload DeepSpeed requires its

@@ -117,11 +117,14 @@ def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[s
 
 # ---- the starting model -------------------------------------------------------------------------
 
-def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings) -> torch.nn.Module:
+def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
+                   zero3: dict[str, Any] | None = None, device: str = "cpu", tp_group: Any = None) -> torch.nn.Module:
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
     encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
-    unfrozen: a frozen one runs under no_grad."""
+    unfrozen: a frozen one runs under no_grad. `zero3`: the ZeRO-3 DeepSpeed config to build this rank's
+    partitions with (checkpoint_io.build_model); `device` "meta": the shape only, no weights; `tp_group`: the
+    LLM as this rank's tensor-parallel shard."""
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
@@ -136,7 +139,8 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     if not stage.needs_vision:
         if encoder_weights:
             raise ds_engine.ConfigError(f"--encoder-weights: --stage {stage.name} trains no vision tower; drop it")
-        return checkpoint_io.build_model(model_cfg, None, args.init_from)
+        return checkpoint_io.build_model(model_cfg, None, args.init_from, seed=args.seed, zero3=zero3, device=device,
+                                         tp_group=tp_group)
     if vision_cfg is None and args.init_from:  # a text export grows a new tower from the preset
         vision_cfg = get_preset(args.model, args.depth)[1]
         if vision_cfg is None:
@@ -165,7 +169,8 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
                                         "safetensors.torch.save_file, or give a Hugging Face SigLIP/CLIP folder")
     model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.image_token_id)
     return checkpoint_io.build_model(model_cfg, vision_cfg, args.init_from, encoder_weights=encoder_weights,
-                                     freeze_encoder="encoder" in settings.freeze)
+                                     freeze_encoder="encoder" in settings.freeze, seed=args.seed, zero3=zero3,
+                                     device=device, tp_group=tp_group)
 
 
 def tower_saved(args: argparse.Namespace) -> bool:
@@ -413,40 +418,50 @@ def build(args: argparse.Namespace) -> Run:
     out = Path(args.out)
     tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
 
-    def initial_model() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
-            return starting_model(args, stage, tokenizer, settings)
-
-    # the full (tp=1) model, then this rank's part of it: every layout starts from the same weights
-    model = parallelize(initial_model(), topo, activation_checkpointing=args.activation_checkpointing)
-    torch.manual_seed(args.seed)
-    if args.lora_rank:
-        if topo.tp_size > 1 or topo.pp_size > 1:
-            raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
-        lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
-        stage, settings = lora.lora_stage(stage, settings)
-    model_cfg: ModelConfig = model.config
-    if args.resume == "auto":
-        check_resumable(out, stage.name, model_cfg)
-    groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
     layout = {"tp": topo.tp_size, "pp": topo.pp_size, "dp": dp, **({"cp": topo.cp_size} if topo.cp_size > 1 else {})}
+    # the model's shape (meta device, no weights): what the layout, the model or the card cannot take fails
+    # before any weight exists
+    shape = starting_model(args, stage, tokenizer, settings, device="meta")
+    if args.resume == "auto":
+        check_resumable(out, stage.name, shape.config)
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
                                           grad_accum=grad_accum, world_size=dp * topo.cp_size,  # DeepSpeed's DP: CP × DP
                                           grad_clip=args.grad_clip, dtype=dtype,
                                           universal=universal)
-    loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
+
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
         check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
-    ds_engine.check_compile(ds_config, args.compile, getattr(model, "vision_config", None) is not None,
+    if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
+        raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
+    ds_engine.check_compile(ds_config, args.compile, getattr(shape, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
+    card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    ds_engine.check_layout(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib)
+
+    def initial_model(zero3: dict[str, Any] | None = None, tp_group: Any = None) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)  # same initial weights on every rank (and for every copy)
+            return starting_model(args, stage, tokenizer, settings, zero3, tp_group=tp_group)
+
+    # every layout starts from the same weights, each rank building only its part: ZeRO-3 partitions
+    # (zero.Init), TP shards; pipeline stages take theirs from the full (tp=1) model
+    zero_init = ds_engine.builds_partitioned(ds_config, topo.tp_size, topo.pp_size, args.lora_rank)
+    model = parallelize(initial_model(ds_config if zero_init else None, topo.tp_group if topo.pp_size == 1 else None),
+                        topo, activation_checkpointing=args.activation_checkpointing)
+    torch.manual_seed(args.seed)
+    if args.lora_rank:
+        lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
+        stage, settings = lora.lora_stage(stage, settings)
+    model_cfg: ModelConfig = model.config
+    groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
+    loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
                                  model_cfg.head_dim, packed=getattr(args, "pack", False))
     engine = ds_engine.initialize(model, groups, ds_config, device.type,

@@ -1,0 +1,155 @@
+"""Model construction that scales (ghostvis/model/seeded.py, checkpoint_io.build_model): under ZeRO-3 each of
+two real gloo ranks (deepspeed.zero.Init) builds, initialises and loads only its partition, and the gathered
+weights equal the eager full model's of the same seed bit for bit; a TP shard equals the full model's slice."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ghostvis.config import get_preset
+from ghostvis.model import GPT, shard_state_dict
+from ghostvis.model.seeded import normal_rows
+from conftest import TOK, free_port
+
+SEED = 11
+ZERO3 = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def _configs(preset: str):
+    cfg, vcfg = get_preset(preset, vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    return cfg, vcfg
+
+
+def _assert_same_as_eager(zero_model: torch.nn.Module, eager: torch.nn.Module, world: int, what: str) -> None:
+    import deepspeed
+
+    full = dict(eager.named_parameters())
+    names = [n for n, _ in zero_model.named_parameters()]
+    assert names == list(full), what
+    for name, param in zero_model.named_parameters():
+        # this rank keeps only its share of the flat tensor
+        assert param.ds_tensor.numel() == -(-param.ds_numel // world), f"{what}: {name}"
+        with deepspeed.zero.GatheredParameters([param]):
+            assert torch.equal(param.detach(), full[name].detach()), f"{what}: {name} differs from the eager init"
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from ghostvis.checkpoint_io import build_model, export
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    for preset in ("tiny", "vlm_tiny"):
+        cfg, vcfg = _configs(preset)
+        vcfg = vcfg if preset.startswith("vlm") else None
+        torch.manual_seed(SEED)  # the tower is timm's init from torch's RNG, as it always was
+        eager = build_model(cfg, vcfg, seed=SEED)
+        torch.manual_seed(SEED)
+        zero = build_model(cfg, vcfg, seed=SEED, zero3=ZERO3)
+        _assert_same_as_eager(zero, eager, world, f"{preset} init")
+
+        # --init-from: each rank reads its partition's rows of the export
+        with torch.no_grad():
+            for p in eager.parameters():
+                p.add_(torch.randn_like(p))
+        export_dir = os.path.join(tmp, preset)
+        if rank == 0:
+            export(eager, export_dir, tokenizer=TOK)
+        dist.barrier()
+        loaded = build_model(cfg, vcfg, export_dir, seed=SEED + 1, zero3=ZERO3)
+        _assert_same_as_eager(loaded, eager, world, f"{preset} loaded")
+
+    # a bf16 run: zero.Init casts what is built inside it; the weights are the fp32 init rounded, the RoPE
+    # tables stay float32 and exact
+    cfg, _ = _configs("tiny")
+    eager = build_model(cfg, None, seed=SEED)
+    zero = build_model(cfg, None, seed=SEED, zero3={**ZERO3, "bf16": {"enabled": True}})
+    for name, param in zero.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            assert param.dtype == torch.bfloat16 and torch.equal(param, dict(eager.named_parameters())[name].bfloat16())
+    assert zero.rotary.cos.dtype == torch.float32
+    assert torch.equal(zero.rotary.cos, eager.rotary.cos) and torch.equal(zero.rotary.sin, eager.rotary.sin)
+
+    # tensor parallelism: the shard a TP rank initialises is the full model's slice, without the full model
+    cfg, vcfg = _configs("vlm_tiny")
+    tp = GPT(cfg, tp_group=dist.group.WORLD, seed=SEED)
+    mine = shard_state_dict(GPT(cfg, seed=SEED).state_dict(), cfg, rank, world)
+    for name, tensor in tp.state_dict().items():
+        assert torch.equal(tensor, mine[name]), f"tp shard {name}"
+    # ... and a TP rank reads only its shard of an export
+    export_dir = os.path.join(tmp, "vlm_tiny")
+    loaded = build_model(cfg, vcfg, export_dir, tp_group=dist.group.WORLD)
+    whole = build_model(cfg, vcfg, export_dir)
+    mine = shard_state_dict(whole.llm.state_dict(), cfg, rank, world)
+    for name, tensor in loaded.llm.state_dict().items():
+        assert torch.equal(tensor, mine[name]), f"tp shard {name} loaded"
+    for (name, tensor), other in zip(loaded.vision.state_dict().items(), whole.vision.state_dict().values()):
+        assert torch.equal(tensor, other), f"tower {name} loaded"
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_zero3_construction_equals_eager_init_and_load(tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+
+
+def test_seeded_rows_do_not_depend_on_the_slice():
+    shape = (3000, 700)  # 1497 rows per 1M-value block: slices cross block boundaries
+    whole = normal_rows(5, "w", shape, 0.02, 0, shape[0])
+    for a, b in ((0, 1), (1400, 1600), (2990, 3000)):
+        assert torch.equal(normal_rows(5, "w", shape, 0.02, a, b), whole[a:b])
+    assert not torch.equal(normal_rows(6, "w", shape, 0.02, 0, 10), whole[:10])
+    assert abs(float(whole.std()) - 0.02) < 1e-3
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_same_seed_same_weights(seed):
+    cfg, _ = _configs("tiny")
+    torch.manual_seed(0)
+    a = GPT(cfg, seed=seed)
+    torch.manual_seed(0)
+    b = GPT(cfg, seed=seed)
+    c = GPT(cfg, seed=None if seed is None else seed + 1)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+        if p.dim() == 2:
+            assert not torch.equal(p, r), name
+
+
+def _topo(tp: int = 1, pp: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(tp_size=tp, pp_size=pp, cp_size=1, dp_size=1)
+
+
+def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
+    from ghostvis.checkpoint_io import build_model
+    from ghostvis.train.engine import ConfigError, check_layout
+    from launch.train import build_parser
+
+    cfg, _ = _configs("tiny")  # 4 heads, 2 KV heads, 2 blocks
+    shape = build_model(cfg, None, device="meta")
+    args = build_parser().parse_args(["--model", "qwen25_7b", "--data", "x", "--out", "x", "--micro-batch", "1"])
+    for topo, message in ((_topo(tp=3), r"^--tp 3: .*n_head=4 is not divisible by tp=3"),
+                          (_topo(pp=3), r"^--pp 3 is more than the model's 2 blocks")):
+        with pytest.raises(ConfigError, match=message):
+            check_layout(shape, topo, {}, args, "base", (), None)
+    args.activation_checkpointing = 3
+    with pytest.raises(ConfigError, match=r"^--activation-checkpointing: .* of 3 blocks: the model has 2"):
+        check_layout(shape, _topo(), {}, args, "base", (), None)
+    args.activation_checkpointing = False
+    check_layout(shape, _topo(tp=2, pp=2), {}, args, "base", (), None)
+    # the planner's verdict on a GPU: 7B with plain AdamW on one card does not fit 80 GiB; it fits 2 TiB
+    with torch.device("meta"):
+        big = GPT(get_preset("qwen25_7b")[0])
+    zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"^the planner puts this run at .* GiB per GPU, more than the card's 80"):
+        check_layout(big, _topo(), zero1, args, "base", (), 80.0)
+    check_layout(big, _topo(), zero1, args, "base", (), 2048.0)
+    args.no_plan_check = True
+    check_layout(big, _topo(), zero1, args, "base", (), 80.0)
