@@ -163,8 +163,27 @@ def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
         load_encoder_weights(vlm.vision.encoder, tmp_path / "supervised.safetensors")
 
 
+def test_fastvlm_export_of_a_resnet_tower(tiny_tokenizer, tmp_path):
+    """vlm_tiny_cnn's ResNet-10t (stride-8 stage) under LLaVA's connector (every cell of the map, an MLP of the
+    LLM's width) as FastVLM, whose tower is transformers' TimmWrapperModel; BatchNorm statistics included."""
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset("vlm_tiny_cnn", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                                       image_size=IMAGE_SIZE, resampler="none", num_vision_tokens=16, projector_hidden=64)
+    vlm = _perturbed(VLM(model_cfg, vision_cfg))
+    with torch.no_grad():
+        for name, b in vlm.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.add_(0.1 * torch.rand_like(b))
+    hf = _export_and_load(vlm, tok, tmp_path)
+    assert type(hf).__name__ == "FastVlmForConditionalGeneration"
+    assert hf.config.vision_config.model_args["layers"] == [1, 1, 0, 0]  # layer3/layer4 pruned
+    _assert_same_logits(vlm, hf, tok, 16, image_dim=False)
+
+
 def test_every_vlm_preset_exports_or_is_refused():
     """The table of docs/interop.md: which transformers class each vlm_* preset's connector and encoder become."""
+    from ghostvis.interop.hf_fastvlm import fastvlm_refusal
     from ghostvis.interop.hf_idefics2 import idefics2_refusal
     from ghostvis.interop.hf_idefics3 import idefics3_refusal
     from ghostvis.interop.hf_llava import llava_refusal
@@ -174,7 +193,8 @@ def test_every_vlm_preset_exports_or_is_refused():
     for name in (p for p in PRESETS if p.startswith("vlm_")):
         model_cfg, vision_cfg = get_preset(name)
         fits = [target for target, refusal in (("LLaVA", llava_refusal), ("Idefics3", idefics3_refusal),
-                                               ("Idefics2", idefics2_refusal)) if refusal(model_cfg, vision_cfg) is None]
+                                               ("Idefics2", idefics2_refusal), ("FastVLM", fastvlm_refusal))
+                if refusal(model_cfg, vision_cfg) is None]
         with torch.device("meta"):
             encoder = VisionEncoder(vision_cfg)
         family = timm_family(encoder.model) if encoder.is_vit else "cnn"

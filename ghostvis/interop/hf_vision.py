@@ -211,6 +211,18 @@ def hf_state_dict_from_timm(state: dict[str, torch.Tensor], family: str,
     return out
 
 
+def encoder_kind(vision_cfg: Any) -> str:
+    """"vit", "resnet" (timm's ResNet family: resnet10t, resnet18, ...) or "cnn" (another CNN) for a
+    VisionConfig, from its architecture built on the meta device (no memory, no weights)."""
+    from timm.models.resnet import ResNet
+
+    from ghostvis.vision.encoder import VisionEncoder
+
+    with torch.device("meta"):
+        encoder = VisionEncoder(vision_cfg)
+    return "vit" if encoder.is_vit else "resnet" if isinstance(encoder.model, ResNet) else "cnn"
+
+
 def timm_family(model: nn.Module) -> str:
     """The HF family a timm ViT can become: "clip" with a class token, "siglip" without."""
     return "clip" if getattr(model, "cls_token", None) is not None else "siglip"
