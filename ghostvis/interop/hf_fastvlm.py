@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llava import _PROJECTOR, language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llava import LLAVA_PROJECTOR, language_tensors, read_vlm, vision_tensors, write_vlm_folder
 from ghostvis.interop.hf_vision import encoder_kind
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feature_info 1..4; 0 is the stem)
@@ -61,6 +61,6 @@ def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
         multimodal_projector_bias=True, tie_word_embeddings=vlm.model_cfg.tie_embeddings, dtype=vlm.dtype,
         architectures=["FastVlmForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
-             **vision_tensors(vlm, "model.vision_tower.timm_model", _PROJECTOR)}
+             **vision_tensors(vlm, "model.vision_tower.timm_model", LLAVA_PROJECTOR)}
     write_vlm_folder(vlm, out_dir, config, state)
     return config

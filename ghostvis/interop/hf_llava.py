@@ -31,7 +31,7 @@ from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 
 _ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
-_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
+LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
               "projector.fc2": "model.multi_modal_projector.linear_2"}
 
 
@@ -96,7 +96,7 @@ def read_vlm(ckpt_dir: str | Path, dtype: torch.dtype | None, refusal: Callable[
 def vision_tensors(vlm: VLMExport, tower: str, connector: dict[str, str]) -> dict[str, torch.Tensor]:
     """The encoder's tensors of vision.safetensors as HF SigLIP/CLIP names under `tower` (a prefix; a CNN's keep
     their timm names, as transformers' TimmWrapperModel has them), and the connector's renamed by `connector` (our
-    module name -> theirs: the tensors under it keep their suffix), cast to the export dtype."""
+    module name -> theirs: the tensors under it keep their suffix), floating ones cast to the export dtype."""
     path = vlm.ckpt / checkpoint_io.VISION_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
@@ -112,7 +112,8 @@ def vision_tensors(vlm: VLMExport, tower: str, connector: dict[str, str]) -> dic
         for k, v in stored.items():
             if k.startswith(ours + "."):
                 out[theirs + k[len(ours):]] = v
-    return {k: v.to(vlm.dtype).contiguous() for k, v in out.items()}
+    # BatchNorm's num_batches_tracked stays an integer
+    return {k: (v.to(vlm.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
 def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: dict[str, torch.Tensor]) -> Path:
@@ -167,7 +168,7 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
         multimodal_projector_bias=True, tie_word_embeddings=vlm.model_cfg.tie_embeddings, dtype=vlm.dtype,
         architectures=["LlavaForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
-             **vision_tensors(vlm, "model.vision_tower.vision_model", _PROJECTOR)}
+             **vision_tensors(vlm, "model.vision_tower.vision_model", LLAVA_PROJECTOR)}
     out = write_vlm_folder(vlm, out_dir, config, state)
     _save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
     return config
