@@ -133,24 +133,18 @@ def test_idefics2_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     _assert_same_logits(vlm, hf, tok, tokens)
 
 
-def _preset_at_tiny_size(name: str, tok, **vision) -> VLM:
-    """A preset's encoder family (timm name and encoder_kwargs) and connector at test size: a depth-1 LLM when the
-    preset is depth-scaled, else the preset's, and the encoder shrunk to 3 blocks of width 64 on 32 px."""
-    torch.manual_seed(0)
-    model_cfg, vision_cfg = get_preset(name, depth=1 if name == "vlm_small" else None, vocab_size=tok.vocab_size,
-                                       image_token_id=tok.image_token_id)
-    small = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH}
-    vision_cfg = dataclasses.replace(vision_cfg, image_size=IMAGE_SIZE,
-                                     encoder_kwargs={**vision_cfg.encoder_kwargs, **small}, **vision)
-    return _perturbed(VLM(model_cfg, vision_cfg))
-
-
 def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
     """vlm_small's tower: timm's vit_small ViT built SigLIP-shaped (no class token, tanh GELU, final norm on the
     features) under Idefics2's connector; a supervised checkpoint with a class token is refused as its weights."""
     tok = tiny_tokenizer
-    vlm = _preset_at_tiny_size("vlm_small", tok, num_vision_tokens=6, resampler_heads=4,
-                               projector_hidden=256)  # small_config(1)'s ffn_dim
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset("vlm_small", depth=1, vocab_size=tok.vocab_size,
+                                       image_token_id=tok.image_token_id)
+    small = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH}  # the preset's kwargs, test-sized
+    vision_cfg = dataclasses.replace(vision_cfg, image_size=IMAGE_SIZE,
+                                     encoder_kwargs={**vision_cfg.encoder_kwargs, **small}, num_vision_tokens=6,
+                                     resampler_heads=4, projector_hidden=model_cfg.ffn_dim)
+    vlm = _perturbed(VLM(model_cfg, vision_cfg))
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
     assert hf.config.vision_config.hidden_act == "gelu_pytorch_tanh"
@@ -169,7 +163,8 @@ def test_fastvlm_export_of_a_resnet_tower(tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
     torch.manual_seed(0)
     model_cfg, vision_cfg = get_preset("vlm_tiny_cnn", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                                       image_size=IMAGE_SIZE, resampler="none", num_vision_tokens=16, projector_hidden=64)
+                                       image_size=IMAGE_SIZE, resampler="none", num_vision_tokens=16,
+                                       projector_hidden=64)
     vlm = _perturbed(VLM(model_cfg, vision_cfg))
     with torch.no_grad():
         for name, b in vlm.named_buffers():
