@@ -26,18 +26,18 @@ _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feat
 
 def fastvlm_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
     """Why this VLM cannot be a transformers FastVLM (None when it can)."""
-    kind = encoder_kind(vision_cfg)
-    if kind != "resnet":
-        return (f"its encoder ({vision_cfg.encoder}) is {'a ViT' if kind == 'vit' else 'not a timm ResNet'}; "
-                "FastVLM's tower here is a timm ResNet read at one stage")
     if vision_cfg.resampler != "none":
-        return (f"its resampler is {vision_cfg.resampler!r}; FastVLM feeds every cell of the CNN's map to its MLP "
+        return (f"its resampler is {vision_cfg.resampler!r}; FastVLM feeds every cell of a CNN's map to its MLP "
                 "(resampler='none'), and has no pixel shuffle")
     if vision_cfg.projector_hidden != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, FastVLM's MLP is the LLM's width: "
                 f"train with projector_hidden={model_cfg.n_embd}")
     if vision_cfg.position_embedding:
         return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
+    kind = encoder_kind(vision_cfg)  # last: it builds the encoder (on the meta device)
+    if kind != "resnet":
+        return (f"its encoder ({vision_cfg.encoder}) is {'a ViT' if kind == 'vit' else 'not a timm ResNet'}; "
+                "FastVLM's tower here is a timm ResNet read at one stage")
     if vision_cfg.feature_layer in (0, -len(_STAGES) - 1):
         return "it reads the ResNet's stem (feature_layer 0), which timm cannot end a ResNet at: read a stage (1-4)"
     return None

@@ -37,9 +37,6 @@ LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
 
 def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
     """Why this VLM cannot be a transformers LLaVA (None when it can)."""
-    if encoder_kind(vision_cfg) != "vit":
-        return (f"its encoder ({vision_cfg.encoder}) is a CNN, LLaVA's vision tower a ViT (SigLIP/CLIP); a timm ResNet "
-                "with LLaVA's connector exports as FastVLM")
     if vision_cfg.resampler != "none":
         return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
                 "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
@@ -50,6 +47,9 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
     if vision_cfg.projector_hidden != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
                 f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd}")
+    if encoder_kind(vision_cfg) != "vit":  # last: it builds the encoder (on the meta device)
+        return (f"its encoder ({vision_cfg.encoder}) is a CNN, LLaVA's vision tower a ViT (SigLIP/CLIP); a timm ResNet "
+                "with LLaVA's connector exports as FastVLM")
     return None
 
 
