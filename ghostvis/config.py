@@ -179,6 +179,9 @@ def _qwen25(n_embd: int, n_layer: int, n_head: int, n_kv_head: int, ffn_dim: int
 _SIGLIP = "vit_so400m_patch14_siglip_384"
 # SigLIP's released weights (big_vision / Hugging Face) use the tanh GELU; timm's default is exact GELU.
 _SIGLIP_KW = {"act_layer": "gelu_tanh"}
+# a timm ViT built as SigLIP is (no class token, tanh GELU; pre-LN blocks, LayerNorm eps 1e-6 and no pre-norm are
+# already timm's ViT defaults), so a from-scratch tower exports as a transformers SigLIP/Idefics vision model
+_SIGLIP_SHAPED = {"class_token": False, "global_pool": "", **_SIGLIP_KW}
 
 # name -> (model config factory taking depth or None, vision config or None)
 _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
@@ -201,11 +204,12 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
                      num_vision_tokens=16, projector_hidden=128),
     ),
     # the perceiver presets: Idefics2's connector (SwiGLU projector of the LLM's ffn width, then the perceiver at
-    # the LLM's width); with SigLIP and feature_norm they export as Idefics2ForConditionalGeneration
+    # the LLM's width); with a SigLIP-shaped encoder and feature_norm they export as Idefics2ForConditionalGeneration
     "vlm_small": (
         lambda depth: small_config(12 if depth is None else depth),
-        VisionConfig(encoder="vit_small_patch16_224", image_size=224, resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=6, projector_hidden=2688),
+        VisionConfig(encoder="vit_small_patch16_224", image_size=224, encoder_kwargs=dict(_SIGLIP_SHAPED),
+                     resampler="perceiver", num_vision_tokens=64, resampler_depth=2, resampler_heads=6,
+                     projector_hidden=2688, feature_norm=True),
     ),
     "vlm_1.5b": (
         lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),

@@ -9,7 +9,8 @@ are cut and the chat template renders like GhostVis. A VLM becomes, by its conne
   - resampler "pixel_shuffle" + linear (projector_hidden 0), feature_norm, SigLIP encoder (SmolVLM):
     `Idefics3ForConditionalGeneration`;
   - resampler "perceiver" (SwiGLU projector of the LLM's ffn_dim, then the perceiver), feature_norm, SigLIP
-    encoder: `Idefics2ForConditionalGeneration` (the vlm_1.5b and vlm_7b presets).
+    encoder: `Idefics2ForConditionalGeneration` (the vlm_small, vlm_1.5b and vlm_7b presets);
+  - a timm ResNet read at a stage, resampler "none" + MLP of the LLM's width: `FastVlmForConditionalGeneration`.
 Other connectors (avgpool, pixel_shuffle + MLP, ...) have no transformers equivalent: their directory is
 already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language model. Train an
 exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from ghostvis.checkpoint_io import read_config
+from ghostvis.interop.hf_fastvlm import export_fastvlm, fastvlm_refusal
 from ghostvis.interop.hf_idefics2 import export_idefics2, idefics2_refusal
 from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
 from ghostvis.interop.hf_llava import export_llava, llava_refusal
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype] if args.dtype else None
     if vision_cfg is not None and not args.llm_only:
         exporters = {"LLaVA": (llava_refusal, export_llava), "Idefics3": (idefics3_refusal, export_idefics3),
-                     "Idefics2": (idefics2_refusal, export_idefics2)}
+                     "Idefics2": (idefics2_refusal, export_idefics2), "FastVLM": (fastvlm_refusal, export_fastvlm)}
         reasons = {name: refusal(model_cfg, vision_cfg) for name, (refusal, _) in exporters.items()}
         fits = [name for name, reason in reasons.items() if reason is None]
         if not fits:
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                     + "). Exportable connectors: resampler=none + an MLP of the LLM's width (LLaVA), "
                     "resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3), resampler="
                     f"perceiver + projector_hidden={model_cfg.ffn_dim} (the LLM's ffn_dim) + feature_norm=true "
-                    "(Idefics2), the Idefics ones with a SigLIP-like encoder (no class token). Its directory is "
+                    "(Idefics2), the Idefics ones with a SigLIP-like encoder (no class token); a timm ResNet with "
+                    "resampler=none + an MLP of the LLM's width (FastVLM). Its directory is "
                     "already its own format (llm.safetensors + vision.safetensors + config.json + tokenizer/, "
                     "opened by ghostvis.load_pretrained); --llm-only exports its language model as a transformers "
                     "folder.")

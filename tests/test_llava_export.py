@@ -6,6 +6,7 @@ connectors are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,9 +19,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 import ghostvis
 from data_prep import synth
 from ghostvis import checkpoint_io
+from ghostvis.checkpoint_io import load_encoder_weights
 from ghostvis.config import PRESETS, VisionConfig, get_preset, parse_vision_override
 from ghostvis.interop.common import InteropError
 from ghostvis.model.vlm import VLM
+from ghostvis.vision.encoder import VisionEncoder
 from ghostvis.vision.resampler import build_resampler
 from ghostvis.vision.transforms import data_config, image_transform, normalize_pixels
 from launch import export as export_cli
@@ -51,11 +54,26 @@ def _vlm(tok, family: str, resampler: str = "none", num_vision_tokens: int = PAT
     llama = family == "clip" if llama is None else llama
     model_cfg, _ = get_preset("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                               qkv_bias=not llama, tie_embeddings=llama)
-    vlm = VLM(model_cfg, vision_cfg)
+    return _perturbed(VLM(model_cfg, vision_cfg))
+
+
+def _perturbed(vlm: VLM) -> VLM:
     with torch.no_grad():  # perturb everything, norms included, so a swapped or skipped tensor shows
         for p in vlm.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return vlm.eval()
+
+
+def _assert_same_logits(vlm, hf, tok, tokens: int, image_size: int = IMAGE_SIZE, image_dim: bool = True) -> None:
+    """Our logits and transformers' for a conversation with one image (a batch of two); the Idefics classes
+    take pixels as [batch, images, 3, S, S] (`image_dim`), LLaVA as [batch, 3, S, S]."""
+    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
+    assert (ids == tok.image_token_id).sum() == 2 * tokens
+    pixels = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
+        theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1) if image_dim else pixels).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
 def _export_and_load(vlm, tok, tmp_path, loader=AutoModelForImageTextToText):
@@ -75,14 +93,7 @@ def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     hf = _export_and_load(vlm, tok, tmp_path, LlavaForConditionalGeneration)
     assert hf.config.image_seq_length == PATCHES and hf.config.image_token_id == tok.image_token_id
     assert hf.config.vision_config.num_hidden_layers == 2  # only the blocks up to the feature layer
-
-    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=PATCHES)[0]] * 2)
-    assert (ids == tok.image_token_id).sum() == 2 * PATCHES
-    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with torch.no_grad():
-        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
-        theirs = hf(input_ids=ids, pixel_values=pixels).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    _assert_same_logits(vlm, hf, tok, PATCHES, image_dim=False)
 
     # the processor: one <|image|> in the prompt becomes the image's tokens; pixels as our transform makes them
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
@@ -105,12 +116,7 @@ def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "Idefics3ForConditionalGeneration"
     assert hf.config.scale_factor == 2 and hf.config.text_config.model_type == ("llama" if llama else "qwen2")
-    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
-    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with torch.no_grad():
-        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
-        theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits  # [batch, images, 3, S, S]
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    _assert_same_logits(vlm, hf, tok, tokens)
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])
@@ -124,34 +130,73 @@ def test_idefics2_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
     assert hf.config.perceiver_config.resampler_n_latents == tokens
     assert hf.config.text_config.model_type == ("llama" if llama else "qwen2")
-    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
-    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    _assert_same_logits(vlm, hf, tok, tokens)
+
+
+def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
+    """vlm_small's tower: timm's vit_small ViT built SigLIP-shaped (no class token, tanh GELU, final norm on the
+    features) under Idefics2's connector; a supervised checkpoint with a class token is refused as its weights."""
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset("vlm_small", depth=1, vocab_size=tok.vocab_size,
+                                       image_token_id=tok.image_token_id)
+    small = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH}  # the preset's kwargs, test-sized
+    vision_cfg = dataclasses.replace(vision_cfg, image_size=IMAGE_SIZE,
+                                     encoder_kwargs={**vision_cfg.encoder_kwargs, **small}, num_vision_tokens=6,
+                                     resampler_heads=4, projector_hidden=model_cfg.ffn_dim)
+    vlm = _perturbed(VLM(model_cfg, vision_cfg))
+    hf = _export_and_load(vlm, tok, tmp_path)
+    assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
+    assert hf.config.vision_config.hidden_act == "gelu_pytorch_tanh"
+    _assert_same_logits(vlm, hf, tok, 6)
+
+    supervised = VisionEncoder(dataclasses.replace(vlm.vision_config, encoder_kwargs={
+        k: v for k, v in vlm.vision_config.encoder_kwargs.items() if k not in ("class_token", "global_pool")}))
+    supervised.save_encoder_weights(tmp_path / "supervised.safetensors")
+    with pytest.raises(InteropError, match=r"have a class token.*--vision 'encoder_kwargs=\{\}'"):
+        load_encoder_weights(vlm.vision.encoder, tmp_path / "supervised.safetensors")
+
+
+def test_fastvlm_export_of_a_resnet_tower(tiny_tokenizer, tmp_path):
+    """vlm_tiny_cnn's ResNet-10t (stride-8 stage) under LLaVA's connector (every cell of the map, an MLP of the
+    LLM's width) as FastVLM, whose tower is transformers' TimmWrapperModel; BatchNorm statistics included."""
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset("vlm_tiny_cnn", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
+                                       image_size=IMAGE_SIZE, resampler="none", num_vision_tokens=16,
+                                       projector_hidden=64)
+    vlm = _perturbed(VLM(model_cfg, vision_cfg))
     with torch.no_grad():
-        ours = vlm(ids, pixel_values=pixels)[..., :tok.vocab_size]
-        theirs = hf(input_ids=ids, pixel_values=pixels.unsqueeze(1)).logits  # [batch, images, 3, S, S]
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+        for name, b in vlm.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.add_(0.1 * torch.rand_like(b))
+    hf = _export_and_load(vlm, tok, tmp_path)
+    assert type(hf).__name__ == "FastVlmForConditionalGeneration"
+    assert hf.config.vision_config.model_args["layers"] == [1, 1, 0, 0]  # layer3/layer4 pruned
+    _assert_same_logits(vlm, hf, tok, 16, image_dim=False)
 
 
 def test_every_vlm_preset_exports_or_is_refused():
     """The table of docs/interop.md: which transformers class each vlm_* preset's connector and encoder become."""
+    from ghostvis.interop.hf_fastvlm import fastvlm_refusal
     from ghostvis.interop.hf_idefics2 import idefics2_refusal
     from ghostvis.interop.hf_idefics3 import idefics3_refusal
     from ghostvis.interop.hf_llava import llava_refusal
     from ghostvis.interop.hf_vision import timm_family
-    from ghostvis.vision.encoder import VisionEncoder
 
     verdicts = {}
     for name in (p for p in PRESETS if p.startswith("vlm_")):
         model_cfg, vision_cfg = get_preset(name)
         fits = [target for target, refusal in (("LLaVA", llava_refusal), ("Idefics3", idefics3_refusal),
-                                               ("Idefics2", idefics2_refusal)) if refusal(model_cfg, vision_cfg) is None]
+                                               ("Idefics2", idefics2_refusal), ("FastVLM", fastvlm_refusal))
+                if refusal(model_cfg, vision_cfg) is None]
         with torch.device("meta"):
             encoder = VisionEncoder(vision_cfg)
         family = timm_family(encoder.model) if encoder.is_vit else "cnn"
         verdicts[name] = (fits, family)
     assert verdicts == {
         "vlm_1.5b": (["Idefics2"], "siglip"), "vlm_7b": (["Idefics2"], "siglip"),
-        "vlm_small": ([], "clip"),  # no feature_norm, and its supervised ViT has a class token (no SigLIP equivalent)
+        "vlm_small": (["Idefics2"], "siglip"),  # timm's vit_small built SigLIP-shaped (no class token)
         "vlm_tiny": ([], "clip"), "vlm_tiny_cnn": ([], "cnn"),  # avgpool + MLP; pixel_shuffle + MLP on a CNN
     }
 
@@ -198,5 +243,7 @@ def test_other_connectors_are_refused(tiny_tokenizer, tmp_path, capsys):
 def test_encoder_without_hf_equivalent_is_refused(tiny_tokenizer, tmp_path):
     vlm = _vlm(tiny_tokenizer, "supervised")
     checkpoint_io.export(vlm, tmp_path / "ckpt", tokenizer=tiny_tokenizer)
+    # a checkpoint of such a tower (vlm_small's before it became SigLIP-shaped) still loads: config.json carries it
+    assert ghostvis.load_pretrained(tmp_path / "ckpt")[0].vision.encoder.model.cls_token is not None
     with pytest.raises(InteropError, match=r"patch_embed\.proj\.bias.*norm_pre\.weight"):
         export_cli.main(["--ckpt", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])

@@ -26,12 +26,12 @@ from ghostvis import checkpoint_io
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.interop.common import InteropError
 from ghostvis.interop.hf_llm import hf_llm_state, write_generation_and_tokenizer
-from ghostvis.interop.hf_vision import hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
+from ghostvis.interop.hf_vision import encoder_kind, hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 
 _ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
-_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
+LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
               "projector.fc2": "model.multi_modal_projector.linear_2"}
 
 
@@ -47,6 +47,9 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
     if vision_cfg.projector_hidden != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
                 f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd}")
+    if encoder_kind(vision_cfg) != "vit":  # last: it builds the encoder (on the meta device)
+        return (f"its encoder ({vision_cfg.encoder}) is a CNN, LLaVA's vision tower a ViT (SigLIP/CLIP); a timm ResNet "
+                "with LLaVA's connector exports as FastVLM")
     return None
 
 
@@ -83,28 +86,34 @@ def read_vlm(ckpt_dir: str | Path, dtype: torch.dtype | None, refusal: Callable[
     store_dtype = llm_state["model.norm.weight"].dtype
     # the architecture only (shapes, activation, eps, kept blocks); the weights are read from the files
     encoder = checkpoint_io.build_model(model_cfg, vision_cfg, ckpt, device="meta").vision.encoder
+    if not encoder.is_vit:  # a CNN has no SigLIP/CLIP config; its exporter (FastVLM) describes it itself
+        return VLMExport(ckpt, model_cfg, vision_cfg, tok, text_cfg, llm_state, store_dtype, encoder, None, "cnn")
     vision_hf = hf_vision_config_from_timm(encoder.model, vision_cfg.image_size, store_dtype)
     return VLMExport(ckpt, model_cfg, vision_cfg, tok, text_cfg, llm_state, store_dtype, encoder, vision_hf,
                      timm_family(encoder.model))
 
 
 def vision_tensors(vlm: VLMExport, tower: str, connector: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The encoder's tensors of vision.safetensors as HF SigLIP/CLIP names under `tower` (a prefix), and the
-    connector's renamed by `connector` (our module name -> theirs: the tensors under it keep their suffix),
-    cast to the export dtype."""
+    """The encoder's tensors of vision.safetensors as HF SigLIP/CLIP names under `tower` (a prefix; a CNN's keep
+    their timm names, as transformers' TimmWrapperModel has them), and the connector's renamed by `connector` (our
+    module name -> theirs: the tensors under it keep their suffix), floating ones cast to the export dtype."""
     path = vlm.ckpt / checkpoint_io.VISION_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     timm_state = {k[len(_ENCODER):]: v for k, v in stored.items() if k.startswith(_ENCODER)}
-    hf = hf_state_dict_from_timm(timm_state, vlm.family, where=str(path))
-    hf.setdefault("post_layernorm.weight", torch.ones(vlm.encoder.dim))  # pruned: written as 1/0 (LLaVA never
-    hf.setdefault("post_layernorm.bias", torch.zeros(vlm.encoder.dim))  # applies it; Idefics3 needs the real one)
+    if vlm.family == "cnn":
+        hf = timm_state
+    else:
+        hf = hf_state_dict_from_timm(timm_state, vlm.family, where=str(path))
+        hf.setdefault("post_layernorm.weight", torch.ones(vlm.encoder.dim))  # pruned: written as 1/0 (LLaVA never
+        hf.setdefault("post_layernorm.bias", torch.zeros(vlm.encoder.dim))  # applies it; Idefics3 needs the real one)
     out = {f"{tower}.{k}": v for k, v in hf.items()}
     for ours, theirs in connector.items():
         for k, v in stored.items():
             if k.startswith(ours + "."):
                 out[theirs + k[len(ours):]] = v
-    return {k: v.to(vlm.dtype).contiguous() for k, v in out.items()}
+    # BatchNorm's num_batches_tracked stays an integer
+    return {k: (v.to(vlm.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
 def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: dict[str, torch.Tensor]) -> Path:
@@ -159,7 +168,7 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
         multimodal_projector_bias=True, tie_word_embeddings=vlm.model_cfg.tie_embeddings, dtype=vlm.dtype,
         architectures=["LlavaForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
-             **vision_tensors(vlm, "model.vision_tower.vision_model", _PROJECTOR)}
+             **vision_tensors(vlm, "model.vision_tower.vision_model", LLAVA_PROJECTOR)}
     out = write_vlm_folder(vlm, out_dir, config, state)
     _save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
     return config

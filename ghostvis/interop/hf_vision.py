@@ -151,16 +151,36 @@ def read_encoder_weights(path: str | Path, model: nn.Module | None = None) -> di
         raise FileNotFoundError(f"encoder weights {str(p)!r} do not exist: give a local timm .safetensors file "
                                 "or a Hugging Face SigLIP/CLIP folder")
     if p.is_dir():
-        if (p / "config.json").exists():
-            return timm_state_dict_from_hf(p, model)
-        raise ValueError(f"encoder weights {str(p)!r}: a folder without a model; give a .safetensors file")
-    if p.suffix != ".safetensors":
+        if not (p / "config.json").exists():
+            raise ValueError(f"encoder weights {str(p)!r}: a folder without a model; give a .safetensors file")
+        state = timm_state_dict_from_hf(p, model)
+    elif p.suffix != ".safetensors":
         raise ValueError(
             f"encoder weights {str(p)!r}: only .safetensors weights are read (pickled "
             ".bin/.pt/.pth files are never loaded); convert it with safetensors.torch.save_file"
         )
-    safetensors_shapes(p)  # refuses a renamed pickle before safetensors reads it
-    return load_file(str(p))
+    else:
+        safetensors_shapes(p)  # refuses a renamed pickle before safetensors reads it
+        state = load_file(str(p))
+    if model is not None:
+        _check_class_token(state, model, str(p))
+    return state
+
+
+def _check_class_token(state: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """Weights and encoder agree on the class token (a supervised ViT such as timm's vit_small_patch16_224 has
+    one; SigLIP-shaped encoders, vlm_small's included, do not); otherwise a clear error with both ways out."""
+    has = getattr(model, "cls_token", None) is not None
+    if ("cls_token" in state) == has:
+        return
+    if not has:
+        raise InteropError(
+            f"encoder weights {where!r} have a class token (cls_token) but the encoder is built without one "
+            "(VisionConfig.encoder_kwargs class_token=false, e.g. vlm_small's SigLIP-shaped tower); to start from "
+            "them, build the supervised ViT they belong to with --vision 'encoder_kwargs={}' (its VLM exports to "
+            "transformers with --llm-only only), or give SigLIP weights")
+    raise InteropError(f"encoder weights {where!r} have no class token (cls_token) but the encoder is built with one; "
+                       "add \"class_token\": false and \"global_pool\": \"\" to VisionConfig.encoder_kwargs")
 
 
 def hf_state_dict_from_timm(state: dict[str, torch.Tensor], family: str,
@@ -189,6 +209,18 @@ def hf_state_dict_from_timm(state: dict[str, torch.Tensor], family: str,
         tensors = [state[n].reshape(state[n].shape[_TIMM_EXTRA_DIMS.get(n, 0):]) for n in timm_names]
         out.update({n: t.contiguous() for n, t in zip(hf_names, _regroup(tensors, hf_names))})
     return out
+
+
+def encoder_kind(vision_cfg: Any) -> str:
+    """"vit", "resnet" (timm's ResNet family: resnet10t, resnet18, ...) or "cnn" (another CNN) for a
+    VisionConfig, from its architecture built on the meta device (no memory, no weights)."""
+    from timm.models.resnet import ResNet
+
+    from ghostvis.vision.encoder import VisionEncoder
+
+    with torch.device("meta"):
+        encoder = VisionEncoder(vision_cfg)
+    return "vit" if encoder.is_vit else "resnet" if isinstance(encoder.model, ResNet) else "cnn"
 
 
 def timm_family(model: nn.Module) -> str:
