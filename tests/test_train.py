@@ -242,3 +242,22 @@ def test_resume_check_reads_client_states_whose_config_held_run_settings(tmp_pat
     loop.check_resumable(tmp_path, "base", cfg)
     with pytest.raises(checkpoint.CheckpointError, match="holds a base run of another model.*n_layer 2 vs 3"):
         loop.check_resumable(tmp_path, "base", dataclasses.replace(cfg, n_layer=3))
+
+
+def test_resume_check_compares_the_vision_tower(tmp_path):
+    """A checkpoint records its tower: resuming with another one (vlm_small's earlier class-token encoder, say)
+    is refused naming the field; a checkpoint from before towers were recorded is compared on the LLM only."""
+    import dataclasses
+
+    cfg, vision = get_preset("vlm_tiny")
+    tag = checkpoint.step_tag(5)
+    (tmp_path / "ckpt" / tag).mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text(tag)
+    state = tmp_path / "ckpt" / tag / "client_state_rank0.json"
+    state.write_text(json.dumps({"stage": "sft", "model": cfg.to_dict(), "vision": vision.to_dict()}))
+    loop.check_resumable(tmp_path, "sft", cfg, vision)
+    other = dataclasses.replace(vision, encoder_kwargs={**vision.encoder_kwargs, "class_token": False})
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*vision encoder_kwargs"):
+        loop.check_resumable(tmp_path, "sft", cfg, other)
+    state.write_text(json.dumps({"stage": "sft", "model": cfg.to_dict()}))
+    loop.check_resumable(tmp_path, "sft", cfg, other)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
-from ghostvis.config import ModelConfig, get_preset
+from ghostvis.config import ModelConfig, VisionConfig, get_preset
 from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
@@ -425,7 +425,7 @@ def build(args: argparse.Namespace) -> Run:
     # before any weight exists
     shape = starting_model(args, stage, tokenizer, settings, device="meta")
     if args.resume == "auto":
-        check_resumable(out, stage.name, shape.config)
+        check_resumable(out, stage.name, shape.config, getattr(shape, "vision_config", None))
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
@@ -494,7 +494,9 @@ def build(args: argparse.Namespace) -> Run:
     warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
-    meta = {"stage": stage.name, "model": model_cfg.to_dict(), "args": _jsonable(vars(args)), "layout": layout}
+    vision_cfg = getattr(model, "vision_config", None)
+    meta = {"stage": stage.name, "model": model_cfg.to_dict(), "args": _jsonable(vars(args)), "layout": layout,
+            **({"vision": vision_cfg.to_dict()} if vision_cfg is not None else {})}
     return Run(args, stage, settings, topo, rank, world, device, tokenizer, model, engine, groups, loss_fn,
                pipeline_step if topo.pp_size > 1 else train_step, grad_accum, state, val_data,
                token_bytes(tokenizer).to(device) if val_data is not None else None, log, meta,
@@ -611,15 +613,20 @@ def finish(run: Run) -> None:
     run.log.close()
 
 
-def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig) -> None:
-    """Refuse a checkpoint in `out` of another stage or model shape, from its client state, before DeepSpeed
-    loads anything (its own loader fails on a shape mismatch with a traceback)."""
+def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
+                    vision_cfg: VisionConfig | None = None) -> None:
+    """Refuse a checkpoint in `out` of another stage, model shape or vision tower, from its client state, before
+    DeepSpeed loads anything (its own loader fails on a shape mismatch with a traceback). Checkpoints written
+    before the tower's config was saved are compared on the LLM only."""
     saved = checkpoint.saved_state(out)
     if saved is None:
         return
     # the saved config read as a config: fields of older versions that were run settings drop out
     now, then = model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict()
     differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
+    if vision_cfg is not None and "vision" in saved:
+        v_now, v_then = vision_cfg.to_dict(), VisionConfig.from_dict(saved["vision"]).to_dict()
+        differ += [f"vision {k} {v_then.get(k)} vs {v_now[k]}" for k in sorted(v_now) if v_then.get(k) != v_now[k]]
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
     if differ:
