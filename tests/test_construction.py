@@ -153,3 +153,7 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
     check_layout(big, _topo(), zero1, args, "base", (), 2048.0)
     args.no_plan_check = True
     check_layout(big, _topo(), zero1, args, "base", (), 80.0)
+    # a CNN tower (vlm_tiny_cnn), which the planner does not estimate, still starts on a GPU
+    args.no_plan_check = False
+    cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
+    check_layout(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (), 80.0)

@@ -173,7 +173,8 @@ def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], a
     """Refuse, from the model's shape alone (`model` on the meta device), a --tp that does not split its heads,
     KV heads, FFN or vocabulary, a --pp with more stages than blocks, a block count of
     --activation-checkpointing the model does not have, and a run the planner (ghostvis/plan.py)
-    says does not fit a card of `card_gib` GiB (None: not on a GPU; --no-plan-check skips it)."""
+    says does not fit a card of `card_gib` GiB (None: not on a GPU; --no-plan-check skips it; a CNN tower,
+    which the planner does not estimate, skips it too)."""
     from ghostvis.config import checkpointed_blocks
     from ghostvis.model.parallel import check_tp
 
@@ -190,6 +191,9 @@ def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], a
     except ValueError as err:
         raise ConfigError(f"--activation-checkpointing: {err}") from None
     if card_gib is None or getattr(args, "no_plan_check", False):
+        return
+    vision = getattr(model, "vision", None)
+    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
         return
     from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan
 
