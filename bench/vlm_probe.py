@@ -7,8 +7,8 @@ The LLM is make demo's shape (`small --depth 4`) from random weights; the tower 
 
 Each step draws `--batch` scenes (64 px); a `--captions` fraction of the rows are captions (loss on every
 caption token, as vision_pretrain trains), the rest one visual question each, rendered with the chat
-template as SFT renders it (loss on the answer). The LLM, the connector and the encoder all train from the
-preset's random weights (or `--init-from` an export's LLM). Every `--eval-every` steps it prints held-out
+template as SFT renders it (loss on the answer). The LLM, the connector and the encoder all train from
+random weights (there is no --init-from). Every `--eval-every` steps it prints held-out
 accuracy per question type on 400 fixed scenes (100 per type): the answer's first token, by argmax after
 `<|assistant_start|>`, the check `launch/eval.py` makes by generation.
 """
