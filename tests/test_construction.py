@@ -107,6 +107,10 @@ def test_seeded_rows_do_not_depend_on_the_slice():
         assert torch.equal(normal_rows(5, "w", shape, 0.02, a, b), whole[a:b])
     assert not torch.equal(normal_rows(6, "w", shape, 0.02, 0, 10), whole[:10])
     assert abs(float(whole.std()) - 0.02) < 1e-3
+    # under a device context (as zero.Init redirects torch.empty to the GPU) the draw stays float32 on the CPU,
+    # where its generator lives; the fill copies it to the parameter's device and dtype
+    with torch.device("meta"):
+        assert torch.equal(normal_rows(5, "w", shape, 0.02, 1400, 1600), whole[1400:1600])
 
 
 @pytest.mark.parametrize("seed", [None, 3])

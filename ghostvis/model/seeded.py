@@ -35,11 +35,13 @@ def normal_rows(seed: int, name: str, shape: tuple[int, ...], std: float, start:
     row numel]. A block is a run of whole rows of about BLOCK_ELEMENTS values."""
     row = math.prod(shape[1:])
     per_block = max(1, BLOCK_ELEMENTS // row)
-    out = torch.empty(end - start, row)
+    # float32 on the CPU, explicitly: a device context or deepspeed.zero.Init (which redirects torch.empty to
+    # the GPU and the run's dtype) would otherwise draw elsewhere, where the CPU generator cannot
+    out = torch.empty(end - start, row, device="cpu", dtype=torch.float32)
     for block in range(start // per_block, -(-end // per_block)):
         b0, b1 = block * per_block, min((block + 1) * per_block, shape[0])
         gen = torch.Generator().manual_seed(block_seed(seed, name, block))
-        values = torch.empty(b1 - b0, row).normal_(0.0, std, generator=gen)
+        values = torch.empty(b1 - b0, row, device="cpu", dtype=torch.float32).normal_(0.0, std, generator=gen)
         lo, hi = max(b0, start), min(b1, end)
         out[lo - start:hi - start] = values[lo - b0:hi - b0]
     return out
@@ -63,7 +65,7 @@ def local_rows(full_rows: Callable[[int, int], torch.Tensor], local_shape: tuple
 
 
 def constant(value: float) -> Values:
-    return lambda start, end: torch.full((end - start,), value)
+    return lambda start, end: torch.full((end - start,), value, device="cpu", dtype=torch.float32)
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
