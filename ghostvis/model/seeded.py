@@ -35,8 +35,8 @@ def normal_rows(seed: int, name: str, shape: tuple[int, ...], std: float, start:
     row numel]. A block is a run of whole rows of about BLOCK_ELEMENTS values."""
     row = math.prod(shape[1:])
     per_block = max(1, BLOCK_ELEMENTS // row)
-    # float32 on the CPU, explicitly: a device context or deepspeed.zero.Init (which redirects torch.empty to
-    # the GPU and the run's dtype) would otherwise draw elsewhere, where the CPU generator cannot
+    # on the CPU, explicitly: a device context or deepspeed.zero.Init (which sends torch.empty to the GPU)
+    # would otherwise put the values where the CPU generator cannot draw
     out = torch.empty(end - start, row, device="cpu", dtype=torch.float32)
     for block in range(start // per_block, -(-end // per_block)):
         b0, b1 = block * per_block, min((block + 1) * per_block, shape[0])
