@@ -47,6 +47,10 @@ def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
             return scene, rng.choice(options)
 
 
+def pad_id(tok) -> int:
+    return tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
+
+
 def prompt(question: str, question_first: bool) -> str:
     return f"{question}\n{IMAGE}" if question_first else f"{IMAGE}\n{question}"
 
@@ -68,7 +72,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
         rows.append((ids, shift_targets(ids, mask)))
         images.append(transform(scenes.render(scene, 64)))
     T = max(len(ids) for ids, _ in rows)
-    pad = tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
+    pad = pad_id(tok)
     idx = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in rows])
     tgt = torch.tensor([t + [-1] * (T - len(t)) for _, t in rows])
     return idx, tgt, torch.stack(images)
@@ -141,7 +145,7 @@ def main() -> None:
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
     cases = held_out(tok, n_vis, transform, a.question_first)
-    pad = tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
+    pad = pad_id(tok)
     rng = random.Random(a.seed)
     t0 = time.time()
     for step in range(1, a.steps + 1):

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.files import TensorFileError, check_tensors, follow_umask
+from ghostvis.files import TensorFileError, check_tensors, write_safetensors
 from ghostvis.interop.hf_vision import read_encoder_weights
 from ghostvis.model import seeded
 from ghostvis.tokenizer import Tokenizer
@@ -62,10 +62,8 @@ def _file_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tens
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    follow_umask(tmp)  # safetensors writes through a private temporary file
-    os.replace(tmp, path)
+    write_safetensors(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], iter(tensors.values()),
+                      {"format": FORMAT})
 
 
 def export(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Tokenizer, extra: dict[str, Any] | None = None,

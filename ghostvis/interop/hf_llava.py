@@ -32,7 +32,7 @@ from ghostvis.tokenizer_dir import load_tokenizer
 
 _ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
 LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
-              "projector.fc2": "model.multi_modal_projector.linear_2"}
+                   "projector.fc2": "model.multi_modal_projector.linear_2"}
 
 
 def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:

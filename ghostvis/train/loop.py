@@ -67,7 +67,7 @@ class LossRequest:
     device: torch.device
     dtype: str  # resolved: bf16 | fp32
     ds_config: dict[str, Any]
-    initial_model: Callable[[], torch.nn.Module]  # a fresh copy of the weights training starts from
+    initial_model: Callable[..., torch.nn.Module]  # a fresh copy of the weights training starts from
 
 
 MODEL_INPUTS = ("pixel_values", "image_features", "document_ids")  # batch keys forwarded to the model
