@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.files import TensorFileError, check_tensors, write_safetensors
 from ghostvis.interop.hf_vision import read_encoder_weights
-from ghostvis.model import seeded
+import ghostvis.model.seeded as seeded
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 

@@ -134,6 +134,7 @@ def _topo(tp: int = 1, pp: int = 1) -> SimpleNamespace:
 def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
     from ghostvis.checkpoint_io import build_model
     from ghostvis.train.engine import ConfigError, check_layout
+    from ghostvis.train.loop import check_fits_card
     from launch.train import build_parser
 
     cfg, _ = _configs("tiny")  # 4 heads, 2 KV heads, 2 blocks
@@ -142,22 +143,23 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
     for topo, message in ((_topo(tp=3), r"^--tp 3: .*n_head=4 is not divisible by tp=3"),
                           (_topo(pp=3), r"^--pp 3 is more than the model's 2 blocks")):
         with pytest.raises(ConfigError, match=message):
-            check_layout(shape, topo, {}, args, "base", (), None)
+            check_layout(shape, topo, args)
     args.activation_checkpointing = 3
     with pytest.raises(ConfigError, match=r"^--activation-checkpointing: .* of 3 blocks: the model has 2"):
-        check_layout(shape, _topo(), {}, args, "base", (), None)
+        check_layout(shape, _topo(), args)
     args.activation_checkpointing = False
-    check_layout(shape, _topo(tp=2, pp=2), {}, args, "base", (), None)
+    check_layout(shape, _topo(tp=2, pp=2), args)
     # the planner's verdict on a GPU: 7B with plain AdamW on one card does not fit 80 GiB; it fits 2 TiB
     with torch.device("meta"):
         big = GPT(get_preset("qwen25_7b")[0])
     zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
     with pytest.raises(ConfigError, match=r"^the planner puts this run at .* GiB per GPU, more than the card's 80"):
-        check_layout(big, _topo(), zero1, args, "base", (), 80.0)
-    check_layout(big, _topo(), zero1, args, "base", (), 2048.0)
+        check_fits_card(big, _topo(), zero1, args, "base", (), 80.0)
+    check_fits_card(big, _topo(), zero1, args, "base", (), 2048.0)
     args.no_plan_check = True
-    check_layout(big, _topo(), zero1, args, "base", (), 80.0)
+    check_fits_card(big, _topo(), zero1, args, "base", (), 80.0)
     # a CNN tower (vlm_tiny_cnn), which the planner does not estimate, still starts on a GPU
     args.no_plan_check = False
     cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
-    check_layout(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (), 80.0)
+    check_fits_card(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (),
+                    80.0)

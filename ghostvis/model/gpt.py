@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ghostvis.config import ModelConfig, checkpointed_blocks
-from ghostvis.model import seeded
+import ghostvis.model.seeded as seeded
 from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU

@@ -168,13 +168,10 @@ def builds_partitioned(ds_config: dict[str, Any], tp: int = 1, pp: int = 1, lora
     return zero >= 3 and tp == 1 and pp == 1 and not lora_rank
 
 
-def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
-                 freeze: tuple[str, ...], card_gib: float | None) -> None:
+def check_layout(model: torch.nn.Module, topo: Any, args: Any) -> None:
     """Refuse, from the model's shape alone (`model` on the meta device), a --tp that does not split its heads,
-    KV heads, FFN or vocabulary, a --pp with more stages than blocks, a block count of
-    --activation-checkpointing the model does not have, and a run the planner (ghostvis/plan.py)
-    says does not fit a card of `card_gib` GiB (None: not on a GPU; --no-plan-check skips it; a CNN tower,
-    which the planner does not estimate, skips it too)."""
+    KV heads, FFN or vocabulary, a --pp with more stages than blocks, and a block count of
+    --activation-checkpointing the model does not have (the planner's verdict: loop.check_fits_card)."""
     from ghostvis.config import checkpointed_blocks
     from ghostvis.model.parallel import check_tp
 
@@ -190,28 +187,6 @@ def check_layout(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], a
         checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
     except ValueError as err:
         raise ConfigError(f"--activation-checkpointing: {err}") from None
-    if card_gib is None or getattr(args, "no_plan_check", False):
-        return
-    vision = getattr(model, "vision", None)
-    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
-        return
-    from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan
-
-    zero_cfg = ds_config.get("zero_optimization", {})
-    zero = int(zero_cfg.get("stage", 0))
-    offload = zero_cfg.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
-                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
-                    micro_batch=args.micro_batch, seq_len=args.seq_len,
-                    dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
-                    activation_checkpointing=args.activation_checkpointing,
-                    **ds_bucket_settings(zero, offload, args.ds_config))
-    result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
-                  lora_targets=args.lora_targets)
-    if not result.fits(card_gib):
-        raise ConfigError(f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the "
-                          f"card's {card_gib:.1f} GiB: lower --micro-batch, add --activation-checkpointing, use ZeRO-3 "
-                          "or more GPUs (launch/plan.py prints the plan; --no-plan-check runs anyway)")
 
 
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,

@@ -44,6 +44,7 @@ from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
+from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -443,7 +444,8 @@ def build(args: argparse.Namespace) -> Run:
     ds_engine.check_compile(ds_config, args.compile, getattr(shape, "vision_config", None) is not None,
                             args.ds_config, args.tp, args.pp)
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    ds_engine.check_layout(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib)
+    ds_engine.check_layout(shape, topo, args)
+    check_fits_card(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib)
 
     def initial_model(zero3: dict[str, Any] | None = None, tp_group: Any = None) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -611,6 +613,34 @@ def finish(run: Run) -> None:
     run.log.note(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped} skipped updates; "
                  f"exported to {run.out}")
     run.log.close()
+
+
+def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
+                    freeze: tuple[str, ...], card_gib: float | None) -> None:
+    """Refuse a run the planner (ghostvis/plan.py) says does not fit a card of `card_gib` GiB, from the model's
+    shape (meta device) before any weight exists. None: not on a GPU; --no-plan-check skips it; a CNN tower,
+    which the planner does not estimate, skips it too."""
+    if card_gib is None or getattr(args, "no_plan_check", False):
+        return
+    vision = getattr(model, "vision", None)
+    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
+        return
+    zero_cfg = ds_config.get("zero_optimization", {})
+    zero = int(zero_cfg.get("stage", 0))
+    offload = zero_cfg.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
+                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
+                    micro_batch=args.micro_batch, seq_len=args.seq_len,
+                    dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
+                    activation_checkpointing=args.activation_checkpointing,
+                    **ds_bucket_settings(zero, offload, args.ds_config))
+    result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
+                  lora_targets=args.lora_targets)
+    if not result.fits(card_gib):
+        raise ds_engine.ConfigError(
+            f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the card's "
+            f"{card_gib:.1f} GiB: lower --micro-batch, add --activation-checkpointing, use ZeRO-3 or more GPUs "
+            "(launch/plan.py prints the plan; --no-plan-check runs anyway)")
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
