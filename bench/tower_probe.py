@@ -28,19 +28,12 @@ import time
 import torch
 from torch import nn
 
-from ghostvis.config import get_preset, parse_vision_override
+from ghostvis.config import get_preset, vision_override_arg
 from ghostvis.data.scenes import COLOURS, MIN_DX, SHAPES, render, sample_scene
 from ghostvis.vision.tower import VisionTower
 from ghostvis.vision.transforms import image_transform
 
 WIDTH = 64
-
-
-def _vision_override(text: str) -> tuple[str, object]:
-    try:
-        return parse_vision_override(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 class Readout(nn.Module):
@@ -89,7 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vlm_tiny_cnn", help="a vlm_* preset whose tower is probed")
     p.add_argument("--task", default="shape", choices=("shape", "bind", "position"))
-    p.add_argument("--vision", type=_vision_override, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--vision", type=vision_override_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="set a field of the preset's VisionConfig, e.g. position_embedding=true")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

@@ -22,22 +22,13 @@ import time
 
 import torch
 
-from ghostvis.config import get_preset, parse_vision_override, small_config
+from ghostvis.config import get_preset, small_config, vision_override_arg
 from ghostvis.data import scenes
 from ghostvis.data.multimodal import shift_targets
 from ghostvis.model.vlm import VLM
+from ghostvis.tokenizer import IMAGE_PLACEHOLDER
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.vision.transforms import image_transform
-
-IMAGE = "<|image|>"
-
-
-def _vision_override(text: str) -> tuple[str, object]:
-    try:
-        return parse_vision_override(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
 
 def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
     while True:
@@ -47,12 +38,8 @@ def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
             return scene, rng.choice(options)
 
 
-def pad_id(tok) -> int:
-    return tok.special_id("<|pad|>") if "<|pad|>" in tok.special_tokens else 0
-
-
 def prompt(question: str, question_first: bool) -> str:
-    return f"{question}\n{IMAGE}" if question_first else f"{IMAGE}\n{question}"
+    return f"{question}\n{IMAGE_PLACEHOLDER}" if question_first else f"{IMAGE_PLACEHOLDER}\n{question}"
 
 
 def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, question_first: bool, tok,
@@ -72,7 +59,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
         rows.append((ids, shift_targets(ids, mask)))
         images.append(transform(scenes.render(scene, 64)))
     T = max(len(ids) for ids, _ in rows)
-    pad = pad_id(tok)
+    pad = tok.pad_token_id
     idx = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in rows])
     tgt = torch.tensor([t + [-1] * (T - len(t)) for _, t in rows])
     return idx, tgt, torch.stack(images)
@@ -114,7 +101,7 @@ def main() -> None:
     p.add_argument("--llm-depth", type=int, default=4,
                    help="the LLM is `small --depth D` (make demo's base: 4, i.e. 256 wide, 2 heads of 128)")
     p.add_argument("--llm-heads", type=int, default=None, help="query heads instead of the family's ~128-wide ones")
-    p.add_argument("--vision", type=_vision_override, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vision", type=vision_override_arg, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--captions", type=float, default=0.0, help="fraction of rows that are captions")
@@ -145,7 +132,7 @@ def main() -> None:
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
     cases = held_out(tok, n_vis, transform, a.question_first)
-    pad = pad_id(tok)
+    pad = tok.pad_token_id
     rng = random.Random(a.seed)
     t0 = time.time()
     for step in range(1, a.steps + 1):

@@ -144,13 +144,11 @@ def load_weights(module: torch.nn.Module, file: str | Path, tp_size: int = 1, tp
     first."""
     from ghostvis.model.parallel import tp_split_dim
 
-    def full(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        dim = tp_split_dim(name) if tp_size > 1 else None
-        return shape if dim is None else tuple(n * tp_size if i == dim else n for i, n in enumerate(shape))
-
-    check_tensors(file, {k: full(k, seeded.full_shape(v)) for k, v in module.state_dict(keep_vars=True).items()},
+    split_dims = tp_split_dim if tp_size > 1 else None
+    check_tensors(file, {k: seeded.tp_full_shape(seeded.full_shape(v), split_dims(k) if split_dims else None, tp_size)
+                         for k, v in module.state_dict(keep_vars=True).items()},
                   "it belongs to another model config (use the export it came with, or start a new --out)")
-    seeded.load_module(module, str(file), tp_split_dim if tp_size > 1 else None, tp_rank)
+    seeded.load_module(module, str(file), split_dims, tp_rank)
 
 
 def check_export_files(path: str | Path) -> None:

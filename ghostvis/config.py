@@ -132,6 +132,16 @@ def parse_vision_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def vision_override_arg(text: str) -> tuple[str, Any]:
+    """`parse_vision_override` as an argparse type: its message, not argparse's generic "invalid value"."""
+    import argparse
+
+    try:
+        return parse_vision_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 # Run settings that configs written by earlier versions carried; they are read past, never applied: the
 # run decides them (launch/train.py --activation-checkpointing, --encoder-weights, --freeze).
 RETIRED_FIELDS = {"ModelConfig": ("activation_checkpointing",), "VisionConfig": ("pretrained_path", "freeze_encoder")}

@@ -20,8 +20,9 @@ import torch
 from ghostvis.cli import UserError
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-              "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 

@@ -373,7 +373,15 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
     path = Path(ds_config) if ds_config else shipped
     if ds_config and not path.is_file():
         raise PlanError(f"--ds-config {path}: no such file")
-    z = json.loads(path.read_text()).get("zero_optimization", {}) if path.is_file() else {}
+    return zero_bucket_settings(zero, json.loads(path.read_text()).get("zero_optimization", {})
+                                if path.is_file() else {})
+
+
+def zero_bucket_settings(zero: int, z: dict[str, Any]) -> dict[str, Any]:
+    """Bucket sizes from a DeepSpeed config's parsed `zero_optimization` section (DeepSpeed's defaults for
+    what it leaves out)."""
+    if zero == 0:
+        return {}
     return {"reduce_bucket_size": int(z.get("reduce_bucket_size", 5e8)),
             "overlap_comm": bool(z.get("overlap_comm", zero >= 3)),  # DeepSpeed turns it on for stage 3 only
             "prefetch_bucket_size": int(z.get("stage3_prefetch_bucket_size", 5e7)) if zero >= 3 else 0}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ghostvis import recipes
-from ghostvis.config import parse_vision_override
+from ghostvis.config import vision_override_arg
 from ghostvis.lora import DEFAULT_TARGETS
 from ghostvis.model.attention import ATTENTION_CHOICES
 from ghostvis.shipped import shipped_dir
@@ -31,13 +31,6 @@ def _layers(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
     return int(text)
-
-
-def _vision_override(text: str) -> tuple[str, object]:
-    try:
-        return parse_vision_override(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _workers(text: str) -> int:
@@ -64,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-weights", default=None, metavar="PATH",
                    help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")
-    g.add_argument("--vision", type=_vision_override, action="append", metavar="KEY=VALUE",
+    g.add_argument("--vision", type=vision_override_arg, action="append", metavar="KEY=VALUE",
                    help="set a field of the new vision tower's VisionConfig (ghostvis/config.py), repeatable; e.g. "
                         "an exportable Idefics3 connector: --vision resampler=pixel_shuffle --vision "
                         "num_vision_tokens=N --vision projector_hidden=0 --vision feature_norm=true (docs/interop.md)")

@@ -49,9 +49,14 @@ def encoder_fingerprint(encoder: VisionEncoder) -> str:
     return h.hexdigest()
 
 
+def feature_config(vision_cfg: VisionConfig) -> dict[str, Any]:
+    """The VisionConfig fields that change the features (what a cache is checked against)."""
+    return {k: getattr(vision_cfg, k) for k in _CONFIG_FIELDS}
+
+
 def feature_meta(vision_cfg: VisionConfig, encoder: VisionEncoder) -> dict[str, Any]:
     """The manifest's `features` entry for features made by `encoder` under `vision_cfg`."""
-    return {**{k: getattr(vision_cfg, k) for k in _CONFIG_FIELDS},
+    return {**feature_config(vision_cfg),
             "feature_shape": [encoder.num_patches, encoder.dim], "dtype": FEATURE_DTYPE,
             "weights": encoder_fingerprint(encoder)}
 
@@ -76,7 +81,7 @@ def encoder_spec(model: nn.Module, cached_features: bool) -> EncoderSpec | None:
         raise DataError("--cached-features stands for a frozen encoder, but this run trains it (--encoder-lr "
                         "given, or a --freeze list without 'encoder'): drop --encoder-lr / freeze the encoder, "
                         "or drop --cached-features")
-    return EncoderSpec({k: getattr(vision_cfg, k) for k in _CONFIG_FIELDS},
+    return EncoderSpec(feature_config(vision_cfg),
                        None if encoder is None else (encoder.num_patches, encoder.dim),
                        None if encoder is None else encoder_fingerprint(encoder))
 

@@ -235,8 +235,6 @@ def load_images(images: list[tuple[int, str]], preprocess: Callable[[bytes], tor
             out.append(preprocess(data))
         except BadImage as e:
             raise APIError(400, f"image {k} is not a usable image: {e.reason}", param) from None
-        except ValueError as e:  # a text-only model
-            raise APIError(400, str(e), param) from None
     return out
 
 

@@ -24,6 +24,7 @@ class SafetensorsFolder:
     def __init__(self, hf_dir: str | Path):
         d = Path(hf_dir)
         index = d / "model.safetensors.index.json"
+        headers: dict[str, tuple[dict[str, Any], int]] = {}
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         else:
@@ -36,12 +37,14 @@ class SafetensorsFolder:
             if len(files) > 1:
                 raise InteropError(f"{d}: several .safetensors files {[f.name for f in files]} but no "
                                    "model.safetensors.index.json saying which tensor is where")
-            weight_map = dict.fromkeys(safetensors_header(files[0])[0], files[0].name)
+            header = safetensors_header(files[0])
+            headers[files[0].name] = header  # parsed once: the reads below look tensors up in it
+            weight_map = dict.fromkeys(header[0], files[0].name)
         missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{d}: shard(s) {missing} listed in model.safetensors.index.json are missing")
         self.dir, self.weight_map = d, weight_map
-        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
+        self._headers = headers
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

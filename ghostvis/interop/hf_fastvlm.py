@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llava import LLAVA_PROJECTOR, language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llava import (LLAVA_PROJECTOR, POSITION_EMBEDDING_REFUSAL, language_tensors, read_vlm,
+                                        vision_tensors, write_vlm_folder)
 from ghostvis.interop.hf_vision import encoder_kind
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feature_info 1..4; 0 is the stem)
@@ -33,7 +34,7 @@ def fastvlm_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | N
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, FastVLM's MLP is the LLM's width: "
                 f"train with projector_hidden={model_cfg.n_embd}")
     if vision_cfg.position_embedding:
-        return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
+        return POSITION_EMBEDDING_REFUSAL
     kind = encoder_kind(vision_cfg)  # last: it builds the encoder (on the meta device)
     if kind != "resnet":
         return (f"its encoder ({vision_cfg.encoder}) is {'a ViT' if kind == 'vit' else 'not a timm ResNet'}; "

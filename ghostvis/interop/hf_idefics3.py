@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llava import VLMExport, language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llava import (POSITION_EMBEDDING_REFUSAL, VLMExport, language_tensors, read_vlm,
+                                        vision_tensors, write_vlm_folder)
 from ghostvis.interop.common import InteropError
 
 
@@ -29,7 +30,7 @@ def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
         return (f"its projector is an MLP (projector_hidden={vision_cfg.projector_hidden}), Idefics3's one bias-free "
                 "linear layer: train with projector_hidden=0")
     if vision_cfg.position_embedding:
-        return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
+        return POSITION_EMBEDDING_REFUSAL
     if not vision_cfg.feature_norm:
         return "its features skip the encoder's final norm, which Idefics3 applies: train with feature_norm=true"
     return None

@@ -31,6 +31,9 @@ from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 
 _ENCODER = "encoder.model."  # the timm model's prefix in vision.safetensors (names relative to the tower)
+# why no transformers VLM class takes a tower with VisionConfig.position_embedding
+POSITION_EMBEDDING_REFUSAL = ("its connector adds a learned grid position embedding (position_embedding), which "
+                              "transformers lacks")
 LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
                    "projector.fc2": "model.multi_modal_projector.linear_2"}
 
@@ -41,7 +44,7 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
         return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
                 "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
     if vision_cfg.position_embedding:
-        return "its connector adds a learned grid position embedding (position_embedding), which transformers lacks"
+        return POSITION_EMBEDDING_REFUSAL
     if vision_cfg.feature_norm:
         return "its encoder applies its final norm to the features (feature_norm), which LLaVA never does"
     if vision_cfg.projector_hidden != model_cfg.n_embd:

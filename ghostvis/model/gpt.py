@@ -147,8 +147,7 @@ class GPT(nn.Module):
                     scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
                     local = seeded.full_shape(param)
                     dim = tp_split_dim(name) if self.tp_size > 1 else None
-                    shape = local if dim is None else tuple(n * self.tp_size if i == dim else n
-                                                           for i, n in enumerate(local))
+                    shape = seeded.tp_full_shape(local, dim, self.tp_size)
                     values = seeded.local_rows(partial(seeded.normal_rows, self.init_seed, name, shape, std * scale),
                                              local, dim, self.tp_rank)
                 else:

@@ -97,6 +97,11 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
 
 
+def tp_full_shape(local: tuple[int, ...], split_dim: int | None, tp_size: int) -> tuple[int, ...]:
+    """The tp=1 shape of a tensor-parallel shard of shape `local` split along `split_dim` (None: not split)."""
+    return local if split_dim is None else tuple(n * tp_size if i == split_dim else n for i, n in enumerate(local))
+
+
 def safetensors_rows(handle, name: str) -> Callable[[int, int], torch.Tensor]:
     """full_rows(a, b) of tensor `name` in an open safetensors file (`safe_open`): only those rows are read."""
     sl = handle.get_slice(name)

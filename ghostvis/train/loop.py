@@ -44,7 +44,7 @@ from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
-from ghostvis.plan import GIB, Layout, ds_bucket_settings, plan
+from ghostvis.plan import GIB, Layout, plan, zero_bucket_settings
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -425,8 +425,9 @@ def build(args: argparse.Namespace) -> Run:
     # the model's shape (meta device, no weights): what the layout, the model or the card cannot take fails
     # before any weight exists
     shape = starting_model(args, stage, tokenizer, settings, device="meta")
+    vision_cfg = getattr(shape, "vision_config", None)
     if args.resume == "auto":
-        check_resumable(out, stage.name, shape.config, getattr(shape, "vision_config", None))
+        check_resumable(out, stage.name, shape.config, vision_cfg)
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
     universal = args.universal or (args.resume == "auto" and checkpoint.prepare_universal(out, layout))
     ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(args.ds_config), micro_batch=args.micro_batch,
@@ -441,7 +442,7 @@ def build(args: argparse.Namespace) -> Run:
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
-    ds_engine.check_compile(ds_config, args.compile, getattr(shape, "vision_config", None) is not None,
+    ds_engine.check_compile(ds_config, args.compile, vision_cfg is not None,
                             args.ds_config, args.tp, args.pp)
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     ds_engine.check_layout(shape, topo, args)
@@ -496,7 +497,6 @@ def build(args: argparse.Namespace) -> Run:
     warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
-    vision_cfg = getattr(model, "vision_config", None)
     meta = {"stage": stage.name, "model": model_cfg.to_dict(), "args": _jsonable(vars(args)), "layout": layout,
             **({"vision": vision_cfg.to_dict()} if vision_cfg is not None else {})}
     return Run(args, stage, settings, topo, rank, world, device, tokenizer, model, engine, groups, loss_fn,
@@ -633,7 +633,7 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
                     micro_batch=args.micro_batch, seq_len=args.seq_len,
                     dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
                     activation_checkpointing=args.activation_checkpointing,
-                    **ds_bucket_settings(zero, offload, args.ds_config))
+                    **zero_bucket_settings(zero, zero_cfg))
     result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
                   lora_targets=args.lora_targets)
     if not result.fits(card_gib):
@@ -652,11 +652,12 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
     if saved is None:
         return
     # the saved config read as a config: fields of older versions that were run settings drop out
-    now, then = model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict()
-    differ = [f"{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
+    def differences(now: dict[str, Any], then: dict[str, Any], prefix: str = "") -> list[str]:
+        return [f"{prefix}{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
+
+    differ = differences(model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict())
     if vision_cfg is not None and "vision" in saved:
-        v_now, v_then = vision_cfg.to_dict(), VisionConfig.from_dict(saved["vision"]).to_dict()
-        differ += [f"vision {k} {v_then.get(k)} vs {v_now[k]}" for k in sorted(v_now) if v_then.get(k) != v_now[k]]
+        differ += differences(vision_cfg.to_dict(), VisionConfig.from_dict(saved["vision"]).to_dict(), "vision ")
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
     if differ:
