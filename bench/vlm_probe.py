@@ -1,14 +1,17 @@
 """Does the whole VLM learn to answer? The demo's model, trained directly on fresh synth scenes, no DeepSpeed,
 no shards: a fast way to compare recipes before running `make demo` (docs/demo.md, "Learning to look").
-The LLM is make demo's shape (`small --depth 4`) from random weights; the tower is the preset's.
+The LLM is make demo's shape (`small --depth 4`) from random weights (or `--init-llm` a base export); the tower
+is the preset's, from random weights. Runs on CUDA when there is one.
 
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --model vlm_tiny_cnn --steps 600
-    python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --captions 0.5 --places --lr 3e-3
+    # what binds every question type on a GPU by step ~2000 (docs/demo.md, "Where binding starts"):
+    python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --vision position_embedding=true --turns 6 \
+        --captions 0.5 --places --batch 64 --steps 4000 --eval-every 250
 
 Each step draws `--batch` scenes (64 px); a `--captions` fraction of the rows are captions (loss on every
-caption token, as vision_pretrain trains), the rest one visual question each, rendered with the chat
-template as SFT renders it (loss on the answer). The LLM, the connector and the encoder all train from
-random weights (there is no --init-from). Every `--eval-every` steps it prints held-out
+caption token, as vision_pretrain trains), the rest visual questions (`--turns` about the same scene per
+row, as `data_prep.synth --vqa-turns` makes them), rendered with the chat template as SFT renders it (loss on
+the answers). The connector and the encoder train from random weights. Every `--eval-every` steps it prints held-out
 accuracy per question type on 400 fixed scenes (100 per type): the answer's first token, by argmax after
 `<|assistant_start|>`, the check `launch/eval.py` makes by generation.
 """
@@ -21,6 +24,7 @@ import random
 import time
 
 import torch
+from safetensors.torch import load_file
 
 from ghostvis.config import get_preset, small_config, vision_override_arg
 from ghostvis.data import scenes
@@ -30,9 +34,9 @@ from ghostvis.tokenizer import IMAGE_PLACEHOLDER
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.vision.transforms import image_transform
 
-def qa_sample(rng: random.Random, qtype: str) -> tuple[scenes.Scene, scenes.QA]:
+def qa_sample(rng: random.Random, qtype: str, max_objects: int = scenes.MAX_OBJECTS) -> tuple[scenes.Scene, scenes.QA]:
     while True:
-        scene = scenes.sample_scene(rng)
+        scene = scenes.sample_scene(rng, rng.randint(1, max_objects))
         options = [q for q in scenes.questions(scene) if q.type == qtype]
         if options:
             return scene, rng.choice(options)
@@ -43,18 +47,23 @@ def prompt(question: str, question_first: bool) -> str:
 
 
 def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, question_first: bool, tok,
-               n_vis: int, transform) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               n_vis: int, transform, turns: int = 1, max_objects: int = scenes.MAX_OBJECTS
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, images = [], []
     for _ in range(n):
         if rng.random() < caption_frac:
-            scene = scenes.sample_scene(rng)
+            scene = scenes.sample_scene(rng, rng.randint(1, max_objects))
             text = tok.encode(scenes.caption(scene, places))
             ids = [tok.bos_token_id] + [tok.image_token_id] * n_vis + text
             mask = [0] * (1 + n_vis) + [1] * len(text)
         else:
-            scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES))
-            record = {"messages": [{"role": "user", "content": prompt(qa.question, question_first)},
-                                   {"role": "assistant", "content": qa.answer}]}
+            scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES), max_objects)
+            chat = scenes.conversation_qas(scene, qa, rng, turns)
+            messages = []
+            for i, q in enumerate(chat):
+                messages += [{"role": "user", "content": prompt(q.question, question_first) if i == 0 else q.question},
+                             {"role": "assistant", "content": q.answer}]
+            record = {"messages": messages}
             ids, mask = tok.render_conversation(record, 10_000, n_vis)
         rows.append((ids, shift_targets(ids, mask)))
         images.append(transform(scenes.render(scene, 64)))
@@ -78,16 +87,16 @@ def held_out(tok, n_vis: int, transform, question_first: bool) -> list[tuple[str
 
 
 @torch.no_grad()
-def accuracy(model: VLM, cases, pad: int) -> dict[str, float]:
+def accuracy(model: VLM, cases, pad: int, device: torch.device) -> dict[str, float]:
     model.eval()
     hits: dict[str, list[int]] = {}
     for i in range(0, len(cases), 100):
         chunk = cases[i:i + 100]
         T = max(len(p) for _, p, _, _ in chunk)
-        idx = torch.tensor([p + [pad] * (T - len(p)) for _, p, _, _ in chunk])
-        logits = model(idx, pixel_values=torch.stack([im for *_, im in chunk]))
-        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk])
-        pred = logits[torch.arange(len(chunk)), last].argmax(-1)
+        idx = torch.tensor([p + [pad] * (T - len(p)) for _, p, _, _ in chunk], device=device)
+        logits = model(idx, pixel_values=torch.stack([im for *_, im in chunk]).to(device))
+        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
+        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1)
         for (qtype, _, answer, _), p in zip(chunk, pred.tolist()):
             hits.setdefault(qtype, []).append(int(p == answer))
     model.train()
@@ -108,6 +117,13 @@ def main() -> None:
     p.add_argument("--places", action="store_true", help="captions say where each object lies")
     p.add_argument("--question-first", action="store_true",
                    help="the question before the image in the prompt, so image tokens can attend to it")
+    p.add_argument("--turns", type=int, default=1,
+                   help="questions per QA row (scenes.conversation_qas; loss on every answer); held-out stays one")
+    p.add_argument("--curriculum", type=int, default=0, metavar="STEPS",
+                   help="scenes of one or two objects for the first STEPS steps, then up to four")
+    p.add_argument("--init-llm", default=None, metavar="DIR",
+                   help="start the LLM from an export's llm.safetensors (a base model trained with this tokenizer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="connector (resampler + projector)")
     p.add_argument("--encoder-lr", type=float, default=1e-3)
@@ -123,7 +139,11 @@ def main() -> None:
                                              "head_dim": 64 * a.llm_depth // a.llm_heads}
     model_cfg = dataclasses.replace(small_config(a.llm_depth), vocab_size=tok.vocab_size,
                                     image_token_id=tok.image_token_id, **heads)
+    device = torch.device(a.device)
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
+    if a.init_llm:
+        model.llm.load_state_dict(load_file(f"{a.init_llm}/llm.safetensors"))
+    model.to(device)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
               {"params": [q for n, q in model.vision.named_parameters() if not n.startswith("encoder.")],
@@ -139,14 +159,15 @@ def main() -> None:
         scale = min(1.0, step / a.warmup)
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = lr * scale
-        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, a.question_first, tok, n_vis, transform)
-        loss = model(idx, tgt, pixel_values=pixels)
+        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, a.question_first, tok, n_vis, transform,
+                                      a.turns, 2 if step <= a.curriculum else scenes.MAX_OBJECTS)
+        loss = model(idx.to(device), tgt.to(device), pixel_values=pixels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % a.eval_every == 0 or step == a.steps:
-            acc = accuracy(model, cases, pad)
+            acc = accuracy(model, cases, pad, device)
             cells = " ".join(f"{t} {acc[t]:5.1%}" for t in scenes.QUESTION_TYPES)
             print(f"step {step:5d}  loss {loss.item():.3f}  {cells}  ({time.time() - t0:.0f} s)", flush=True)
 

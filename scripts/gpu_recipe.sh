@@ -41,8 +41,10 @@ evaluate() {
 }
 
 prepare_data() {
-  python -m data_prep.synth --out "$DATA" --num-captions 40000 --num-vqa 64000 --num-test 800 --num-text-docs 20000 \
-    --workers 8
+  # --places: captions say where each object lies (what teaches left/right); --vqa-turns 6: up to six
+  # questions per training image (what teaches colour-of-a-named-shape); docs/demo.md "Learning to look".
+  python -m data_prep.synth --out "$DATA" --num-captions 80000 --num-vqa 128000 --num-test 800 --num-text-docs 20000 \
+    --places --vqa-turns 6 --workers 8
   python launch/tok_train.py --input "$DATA/text" --vocab-size 4096 --out "$TOK"
   python -m data_prep.text_shards --input "$DATA/text" --tokenizer "$TOK" --out "$OUT/tokens" --val-docs 500
   # captions + the base model's own text (1 batch in 5) while aligning; visual QA + captions-as-chat +
@@ -50,13 +52,13 @@ prepare_data() {
   mkdir -p "$OUT/vp_mix" "$OUT/sft_mix"
   echo '{"datasets": [{"dir": "../data/captions", "weight": 4}, {"dir": "../tokens", "weight": 1}]}' \
     > "$OUT/vp_mix/mixture.json"
-  echo '{"datasets": [{"dir": "../data/vqa", "weight": 8}, {"dir": "../data/capchat", "weight": 1},
+  echo '{"datasets": [{"dir": "../data/vqa", "weight": 5}, {"dir": "../data/capchat", "weight": 3},
                       {"dir": "../data/arith", "weight": 1}, {"dir": "../tokens", "weight": 1}]}' \
     > "$OUT/sft_mix/mixture.json"
 }
 
 base() {
-  train base --data "$OUT/tokens" --out "$OUT/base"
+  train base --data "$OUT/tokens" --out "$OUT/base" ${RECIPE_DEPTH:+--depth "$RECIPE_DEPTH"}
 }
 
 vision_pretrain() {
