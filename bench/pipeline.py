@@ -9,6 +9,13 @@ Per stage, from the run's metrics.jsonl (medians over the steps after the first 
 and compilation): tokens/s, images/s, MFU, peak GPU memory, the fraction of step time the loop waited for its
 next batch, and the loss at the first and the last step; after sft, the held-out visual-QA accuracy per
 question type. Prints a markdown table; --append adds it to BENCHMARKS.md with the device's name.
+
+The learning check (bench/learning.py). Each stage runs twice from the same starting export, seed and
+data workers, so on the same batches: the timed run as a user runs it, then a reference run of the same
+command in fp32 (`--dtype fp32`, no `--compile`). The timed run's loss must fall and track the reference's
+(`check_learning`), or its row prints FAILED in place of its numbers. The reference is the trainer itself in
+its plainest setting, not an independent loop: it catches a fast path (bf16, compile, a kernel) that trains
+nothing or trains differently, not a bug both settings share. `--reference none` skips it (no valid figure).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from learning import check_learning
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION_TYPES = ("colour", "count", "shape", "position")
@@ -91,6 +99,15 @@ def launcher(cuda: bool) -> list[str]:
     return [sys.executable, "launch/train.py"]
 
 
+def losses(metrics_path: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines()]
+
+
+def reference_flags(flags: list[Any]) -> list[Any]:
+    """The same stage in the trainer's plainest setting: fp32, not compiled (the last --dtype wins)."""
+    return [f for f in flags if f != "--compile"] + ["--dtype", "fp32"]
+
+
 def stage_summary(metrics_path: Path) -> dict[str, Any]:
     """Medians of the per-step metrics after the first fifth of the steps; loss at the first and last step."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
@@ -136,6 +153,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         t0 = time.perf_counter()
         sh([*launcher(cuda), *flags, *common, "--out", run_dir], env, out / "logs" / f"{name}.log")
         results[name] = {**stage_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0}
+        if args.reference == "fp32":
+            ref_dir = out / f"{name}_reference"
+            (ref_dir / "metrics.jsonl").unlink(missing_ok=True)
+            sh([*launcher(cuda), *reference_flags([*flags, *common]), "--out", ref_dir], env,
+               out / "logs" / f"{name}_reference.log")
+            verdict = check_learning(losses(run_dir / "metrics.jsonl"), losses(ref_dir / "metrics.jsonl"))
+            results[name]["learning"] = {"ok": verdict.ok, "message": f"{verdict.message} (reference: fp32)"}
         print(f"{name}: {results[name]}", flush=True)
     sh([sys.executable, "launch/eval.py", "--ckpt", out / "sft", "--data", paths["data"], "--split", "test",
         "--max-samples", size["eval_samples"], "--seq-len", size["seq_len"], "--no-report",
@@ -148,13 +172,20 @@ def table(results: dict[str, dict[str, Any]], vqa: dict[str, Any]) -> str:
     def fmt(v: float | None, spec: str, scale: float = 1.0) -> str:
         return "-" if v is None else format(v * scale, spec)
 
-    lines = ["| stage | steps | tokens/s | images/s | MFU | peak GiB | data wait | loss first → last | wall |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| stage | steps | tokens/s | images/s | MFU | peak GiB | data wait | loss first → last | wall | "
+             "learning check |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['steps']} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                     f"{fmt(r['images_per_s'] or None, ',.0f')} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['peak_mem_gib'], '.1f')} | {fmt(r['data_wait_frac'], '.0%')} | "
-                     f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['wall_s']:.0f} s |")
+        check = r.get("learning")
+        if check is not None and not check["ok"]:  # no number for a run that did not learn
+            speed = ["FAILED"] * 5
+        else:
+            speed = [fmt(r["tokens_per_s"], ",.0f"), fmt(r["images_per_s"] or None, ",.0f"), fmt(r["mfu"], ".1%"),
+                     fmt(r["peak_mem_gib"], ".1f"), fmt(r["data_wait_frac"], ".0%")]
+        verdict = "none run: not a valid figure" if check is None else ("passed: " if check["ok"] else
+                                                                         "**FAILED**: ") + check["message"]
+        lines.append(f"| {name} | {r['steps']} | " + " | ".join(speed) +
+                     f" | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['wall_s']:.0f} s | {verdict} |")
     per_type = vqa.get("per_type", {})
     lines += ["", "| held-out VQA after sft | " + " | ".join(QUESTION_TYPES) + " | overall |",
               "| --- |" + " ---: |" * (len(QUESTION_TYPES) + 1),
@@ -190,11 +221,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vp-args", default="", help="... for vision_pretrain, e.g. \"--encoder-lr 1e-3\" (the stage "
                    "defaults keep the encoder frozen, and offline it has random weights: docs/demo.md)")
     p.add_argument("--sft-args", default="", help="... for sft")
+    p.add_argument("--reference", choices=("fp32", "none"), default="fp32",
+                   help="rerun each stage in fp32 on the same batches and check the timed run's loss tracks it "
+                        "(module docstring); none: no check, and the table says the figures are not valid")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     results, vqa = run(args)
     text = table(results, vqa)
     print(text)
+    failed = [name for name, r in results.items() if r.get("learning") and not r["learning"]["ok"]]
+    if failed:
+        print(f"FAILED learning check: {', '.join(failed)}; their speed figures are not written as results",
+              file=sys.stderr)
     if args.append:
         append_to_benchmarks("pipeline", argv, text)
 

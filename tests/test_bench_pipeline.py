@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 from conftest import REPO
@@ -13,9 +14,13 @@ from ghostvis.train.logging import RunLogger
 
 
 def pipeline():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbour bench/learning.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
     return module
 
 
@@ -40,6 +45,31 @@ def test_stage_summary_and_table(tmp_path):
     assert (r["loss_first"], r["loss_last"]) == pytest.approx((4.7, 2.0))
     vqa = {"per_type": {"colour": {"accuracy": 0.5, "chance": 1 / 6}}, "overall": {"accuracy": 0.4, "chance": 0.3}}
     text = bench.table({"vision_pretrain": {**r, "wall_s": 12.0}}, vqa)
-    assert "| vision_pretrain | 10 | 100 | 52 | 25.0% | 10.0 | 10% | 4.700 → 2.000 | 12 s |" in text
+    assert ("| vision_pretrain | 10 | 100 | 52 | 25.0% | 10.0 | 10% | 4.700 → 2.000 | 12 s | "
+            "none run: not a valid figure |") in text
     assert "| accuracy | 50% | - | - | - | 40% |" in text
     json.dumps(r)  # a summary is plain data
+    assert bench.losses(tmp_path / "metrics.jsonl") == pytest.approx([5.0 - 0.3 * s for s in range(1, 11)])
+
+
+def test_a_stage_that_does_not_track_its_reference_prints_failed_in_place_of_its_numbers():
+    bench = pipeline()
+    learned = [5.0 - 0.3 * s for s in range(10)]
+    row = {"steps": 10, "tokens_per_s": 100.0, "images_per_s": 50.0, "mfu": 0.25, "peak_mem_gib": 3.0,
+           "data_wait_frac": 0.1, "loss_first": 5.0, "loss_last": 2.3, "wall_s": 12.0}
+    vqa = {"per_type": {}, "overall": {"accuracy": 0.4, "chance": 0.3}}
+    for timed, ok in ((learned, True), ([5.0] * 10, False), ([x + 0.5 for x in learned], False)):
+        verdict = bench.check_learning(timed, learned)
+        assert verdict.ok is ok
+        text = bench.table({"sft": {**row, "learning": {"ok": verdict.ok, "message": verdict.message}}}, vqa)
+        line = next(x for x in text.splitlines() if x.startswith("| sft |"))
+        if ok:
+            assert "| 100 | 50 | 25.0% | 3.0 | 10% |" in line and "passed: " in line
+        else:
+            assert line.count("FAILED") == 6 and "100" not in line.split("|")[3]
+
+
+def test_the_reference_run_is_fp32_and_not_compiled():
+    flags = ["--stage", "sft", "--compile", "--dtype", "bf16", "--steps", 5]
+    ref = pipeline().reference_flags(flags)
+    assert "--compile" not in ref and ref[-2:] == ["--dtype", "fp32"] and ref[:2] == ["--stage", "sft"]
