@@ -4,7 +4,8 @@ A speed figure counts only if the same steps trained the model. Every side of a 
 weights and sees the same batches (`learnable_batches`, deterministic from a seed), keeps every step's
 loss, and must pass `check_learning` against a reference side (a plain eager PyTorch loop, or a side the
 bench names): its loss falls, and it tracks the reference. A side that fails prints FAILED in place of
-its number, and no row is written for it.
+its number (bench/pipeline.py, whose sides are whole trainer runs, keeps the row with FAILED in its speed
+cells).
 
 Why not random tokens: nothing in them is learnable, so a side whose gradients are all zero looks exactly
 like one that trains. Here tokens come from a small span of the vocabulary, in pairs: a random token, then

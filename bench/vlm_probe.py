@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import re
 import time
 
 import torch
 from safetensors.torch import load_file
 
+from ghostvis import checkpoint_io
 from ghostvis.config import get_preset, small_config, vision_override_arg
 from ghostvis.data import scenes
 from ghostvis.data.multimodal import shift_targets
@@ -58,7 +60,8 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
             mask = [0] * (1 + n_vis) + [1] * len(text)
         else:
             scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES), max_objects)
-            chat = scenes.conversation_qas(scene, qa, rng, turns)
+            # one turn draws nothing more, so the earlier single-question runs repeat exactly
+            chat = [qa] if turns == 1 else scenes.conversation_qas(scene, qa, rng, turns)
             messages = []
             for i, q in enumerate(chat):
                 messages += [{"role": "user", "content": prompt(q.question, question_first) if i == 0 else q.question},
@@ -119,11 +122,18 @@ def main() -> None:
                    help="the question before the image in the prompt, so image tokens can attend to it")
     p.add_argument("--turns", type=int, default=1,
                    help="questions per QA row (scenes.conversation_qas; loss on every answer); held-out stays one")
+    p.add_argument("--captions-first", type=int, default=0, metavar="STEPS",
+                   help="only captions for the first STEPS steps (as vision_pretrain before SFT), then --captions")
     p.add_argument("--curriculum", type=int, default=0, metavar="STEPS",
                    help="scenes of one or two objects for the first STEPS steps, then up to four")
     p.add_argument("--init-llm", default=None, metavar="DIR",
-                   help="start the LLM from an export's llm.safetensors (a base model trained with this tokenizer)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="start the LLM from an export (a base model trained with this --tokenizer): its config and "
+                        "llm.safetensors; --llm-depth and --llm-heads are then ignored")
+    p.add_argument("--reinit", default=None, metavar="REGEX",
+                   help="with --init-llm: keep the fresh random weights of the LLM parameters whose names match "
+                        "(e.g. 'attn' or 'wte|lm_head'), to find which part of a base model slows binding")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when there is one")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="connector (resampler + projector)")
     p.add_argument("--encoder-lr", type=float, default=1e-3)
@@ -137,12 +147,22 @@ def main() -> None:
     _, vision_cfg = get_preset(a.model, **dict(a.vision))
     heads = {} if a.llm_heads is None else {"n_head": a.llm_heads, "n_kv_head": max(1, a.llm_heads // 2),
                                              "head_dim": 64 * a.llm_depth // a.llm_heads}
-    model_cfg = dataclasses.replace(small_config(a.llm_depth), vocab_size=tok.vocab_size,
-                                    image_token_id=tok.image_token_id, **heads)
+    if a.init_llm:
+        base_cfg, _, raw = checkpoint_io.read_config(a.init_llm)
+        if raw["tokenizer"]["fingerprint"] != tok.fingerprint:
+            raise SystemExit(f"--init-llm {a.init_llm} was trained with another tokenizer than --tokenizer {a.tokenizer}")
+        model_cfg = dataclasses.replace(base_cfg, image_token_id=tok.image_token_id)
+    else:
+        model_cfg = dataclasses.replace(small_config(a.llm_depth), vocab_size=tok.vocab_size,
+                                        image_token_id=tok.image_token_id, **heads)
     device = torch.device(a.device)
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
     if a.init_llm:
-        model.llm.load_state_dict(load_file(f"{a.init_llm}/llm.safetensors"))
+        weights = load_file(f"{a.init_llm}/llm.safetensors")
+        fresh = {n: t for n, t in model.llm.state_dict().items() if a.reinit and re.search(a.reinit, n)}
+        if a.reinit and not fresh:
+            raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like {next(iter(weights))}")
+        model.llm.load_state_dict({**weights, **fresh})
     model.to(device)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
@@ -159,7 +179,8 @@ def main() -> None:
         scale = min(1.0, step / a.warmup)
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = lr * scale
-        idx, tgt, pixels = make_batch(rng, a.batch, a.captions, a.places, a.question_first, tok, n_vis, transform,
+        captions = 1.0 if step <= a.captions_first else a.captions
+        idx, tgt, pixels = make_batch(rng, a.batch, captions, a.places, a.question_first, tok, n_vis, transform,
                                       a.turns, 2 if step <= a.curriculum else scenes.MAX_OBJECTS)
         loss = model(idx.to(device), tgt.to(device), pixel_values=pixels.to(device))
         opt.zero_grad(set_to_none=True)

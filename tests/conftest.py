@@ -205,6 +205,19 @@ def train_cli() -> ModuleType:
     return module
 
 
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py as a module; bench/ is on sys.path while it loads, since the scripts import their neighbours
+    (learning, pipeline) as top-level modules."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return module
+
+
 def parse(*argv: Any) -> Any:
     """launch/train.py's parsed arguments for `argv` (paths may be Path objects)."""
     return train_cli().build_parser().parse_args([str(a) for a in argv])

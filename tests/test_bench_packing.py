@@ -3,25 +3,16 @@ mix through the real conversation batcher, the summary of a run's metrics.jsonl 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import bench_module
 
 from ghostvis.data.multimodal import read_conversation
 
 
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbours (learning, pipeline)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_packing", REPO / "bench" / "packing.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
+    return bench_module("packing")
 
 
 def test_llava_like_mix_is_deterministic_and_long_tailed(tmp_path, tiny_tokenizer):

@@ -1,27 +1,19 @@
 """bench/pipeline.py's pieces (the full run is a GPU benchmark; on CPU it takes minutes): the child
-environment keeps the caller's PYTHONPATH, and the per-stage summary read from a real run's metrics.jsonl."""
+environment keeps the caller's PYTHONPATH, the per-stage summary read from a real run's metrics.jsonl, and the
+learning check against the fp32 reference run (FAILED in place of the numbers)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, bench_module
 
 from ghostvis.train.logging import RunLogger
 
 
 def pipeline():
-    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbour bench/learning.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
+    return bench_module("pipeline")
 
 
 def test_child_env_prepends_the_repository_to_pythonpath(monkeypatch):
@@ -46,7 +38,7 @@ def test_stage_summary_and_table(tmp_path):
     vqa = {"per_type": {"colour": {"accuracy": 0.5, "chance": 1 / 6}}, "overall": {"accuracy": 0.4, "chance": 0.3}}
     text = bench.table({"vision_pretrain": {**r, "wall_s": 12.0}}, vqa)
     assert ("| vision_pretrain | 10 | 100 | 52 | 25.0% | 10.0 | 10% | 4.700 → 2.000 | 12 s | "
-            "none run: not a valid figure |") in text
+            "no reference run: not a valid figure |") in text
     assert "| accuracy | 50% | - | - | - | 40% |" in text
     json.dumps(r)  # a summary is plain data
     assert bench.losses(tmp_path / "metrics.jsonl") == pytest.approx([5.0 - 0.3 * s for s in range(1, 11)])
@@ -69,7 +61,7 @@ def test_a_stage_that_does_not_track_its_reference_prints_failed_in_place_of_its
             assert line.count("FAILED") == 6 and "100" not in line.split("|")[3]
 
 
-def test_the_reference_run_is_fp32_and_not_compiled():
-    flags = ["--stage", "sft", "--compile", "--dtype", "bf16", "--steps", 5]
+def test_the_reference_run_is_fp32_not_compiled_and_picks_its_own_kernel():
+    flags = ["--stage", "sft", "--compile", "--attention", "cudnn", "--dtype", "bf16", "--steps", 5, "--attention=flex"]
     ref = pipeline().reference_flags(flags)
-    assert "--compile" not in ref and ref[-2:] == ["--dtype", "fp32"] and ref[:2] == ["--stage", "sft"]
+    assert ref == ["--stage", "sft", "--dtype", "bf16", "--steps", 5, "--dtype", "fp32", "--attention", "auto"]
