@@ -23,9 +23,9 @@ import dataclasses
 import random
 import re
 import time
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ghostvis import checkpoint_io
 from ghostvis.config import get_preset, small_config, vision_override_arg
@@ -145,24 +145,27 @@ def main() -> None:
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.tokenizer)
     _, vision_cfg = get_preset(a.model, **dict(a.vision))
-    heads = {} if a.llm_heads is None else {"n_head": a.llm_heads, "n_kv_head": max(1, a.llm_heads // 2),
-                                             "head_dim": 64 * a.llm_depth // a.llm_heads}
     if a.init_llm:
         base_cfg, _, raw = checkpoint_io.read_config(a.init_llm)
         if raw["tokenizer"]["fingerprint"] != tok.fingerprint:
             raise SystemExit(f"--init-llm {a.init_llm} was trained with another tokenizer than --tokenizer {a.tokenizer}")
         model_cfg = dataclasses.replace(base_cfg, image_token_id=tok.image_token_id)
     else:
+        heads = {} if a.llm_heads is None else {"n_head": a.llm_heads, "n_kv_head": max(1, a.llm_heads // 2),
+                                                 "head_dim": 64 * a.llm_depth // a.llm_heads}
         model_cfg = dataclasses.replace(small_config(a.llm_depth), vocab_size=tok.vocab_size,
                                         image_token_id=tok.image_token_id, **heads)
     device = torch.device(a.device)
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
     if a.init_llm:
-        weights = load_file(f"{a.init_llm}/llm.safetensors")
-        fresh = {n: t for n, t in model.llm.state_dict().items() if a.reinit and re.search(a.reinit, n)}
+        state = model.llm.state_dict()
+        fresh = {n: t.clone() for n, t in state.items() if a.reinit and re.search(a.reinit, n)}
         if a.reinit and not fresh:
-            raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like {next(iter(weights))}")
-        model.llm.load_state_dict({**weights, **fresh})
+            raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like {next(iter(state))}")
+        checkpoint_io.load_weights(model.llm, Path(a.init_llm) / checkpoint_io.LLM_FILE)
+        with torch.no_grad():
+            for n, t in fresh.items():
+                state[n].copy_(t)
     model.to(device)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
