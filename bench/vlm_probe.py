@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import re
 import time
 from pathlib import Path
 
@@ -130,8 +129,13 @@ def main() -> None:
                    help="start the LLM from an export (a base model trained with this --tokenizer): its config and "
                         "llm.safetensors; --llm-depth and --llm-heads are then ignored")
     p.add_argument("--reinit", default=None, metavar="REGEX",
-                   help="with --init-llm: keep the fresh random weights of the LLM parameters whose names match "
-                        "(e.g. 'attn' or 'wte|lm_head'), to find which part of a base model slows binding")
+                   help="with --init-llm: the LLM parameters whose names match (e.g. 'attn' or 'wte|lm_head') become "
+                        "--shrink x base + --perturb x fresh (GPT.shrink_perturb); by default their fresh random "
+                        "weights alone, to find which part of a base model slows binding")
+    p.add_argument("--shrink", type=float, default=0.0, metavar="S",
+                   help="with --reinit: the share of the base weights kept (launch/train.py --init-shrink does this "
+                        "to every block)")
+    p.add_argument("--perturb", type=float, default=1.0, metavar="P", help="see --shrink")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when there is one")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
@@ -158,14 +162,10 @@ def main() -> None:
     device = torch.device(a.device)
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
     if a.init_llm:
-        state = model.llm.state_dict()
-        fresh = {n: t.clone() for n, t in state.items() if a.reinit and re.search(a.reinit, n)}
-        if a.reinit and not fresh:
-            raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like {next(iter(state))}")
         checkpoint_io.load_weights(model.llm, Path(a.init_llm) / checkpoint_io.LLM_FILE)
-        with torch.no_grad():
-            for n, t in fresh.items():
-                state[n].copy_(t)
+        if a.reinit and not model.llm.shrink_perturb(a.shrink, a.perturb, a.reinit):
+            raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like "
+                             f"{next(iter(model.llm.state_dict()))}")
     model.to(device)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},

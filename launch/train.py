@@ -41,6 +41,17 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+def _factor(text: str) -> float:
+    """--init-shrink / --init-perturb: a factor between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a factor between 0 and 1, e.g. 0.5")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="RECIPE", help="a TOML recipe of these flags' values (a file, or a shipped name "
@@ -54,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="small", help="preset name (ghostvis/config.py), e.g. tiny, small, qwen25_0.5b")
     g.add_argument("--depth", type=int, default=None, help="depth of the `small` family (width = 64·depth)")
     g.add_argument("--init-from", default=None, help="start from an exported model directory (llm.safetensors ...)")
+    g.add_argument("--init-shrink", type=_factor, default=None, metavar="S",
+                   help="with --init-from: each LLM block weight starts as S x its --init-from value + --init-perturb x "
+                        "its fresh initial value (shrink and perturb), so a small base trained on narrow text can "
+                        "still learn to read the image (docs/demo.md, 'Why the base model does not bind')")
+    g.add_argument("--init-perturb", type=_factor, default=None, metavar="P",
+                   help="with --init-shrink: the share of fresh initial weights added (default 0.1)")
     g.add_argument("--encoder-weights", default=None, metavar="PATH",
                    help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")

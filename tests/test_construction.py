@@ -1,6 +1,7 @@
 """Model construction that scales (ghostvis/model/seeded.py, checkpoint_io.build_model): under ZeRO-3 each of
 two real gloo ranks (deepspeed.zero.Init) builds, initialises and loads only its partition, and the gathered
-weights equal the eager full model's of the same seed bit for bit; a TP shard equals the full model's slice."""
+weights equal the eager full model's of the same seed bit for bit; a TP shard equals the full model's slice. Both
+also after `--init-shrink` (GPT.shrink_perturb)."""
 
 import os
 from types import SimpleNamespace
@@ -65,6 +66,11 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         dist.barrier()
         loaded = build_model(cfg, vcfg, export_dir, seed=SEED + 1, zero3=ZERO3)
         _assert_same_as_eager(loaded, eager, world, f"{preset} loaded")
+        # --init-shrink: each rank shrinks and perturbs its partition to the whole model's numbers
+        whole = build_model(cfg, vcfg, export_dir, seed=SEED + 1)
+        for model in (loaded, whole):
+            assert getattr(model, "llm", model).shrink_perturb(0.5, 0.1)
+        _assert_same_as_eager(loaded, whole, world, f"{preset} shrunk")
 
     # a bf16 run: zero.Init casts what is built inside it; the weights are the fp32 init rounded, the RoPE
     # tables stay float32 and exact
@@ -85,11 +91,17 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         assert torch.equal(tensor, mine[name]), f"tp shard {name}"
     # ... and a TP rank reads only its shard of an export
     export_dir = os.path.join(tmp, "vlm_tiny")
-    loaded = build_model(cfg, vcfg, export_dir, tp_group=dist.group.WORLD)
-    whole = build_model(cfg, vcfg, export_dir)
+    loaded = build_model(cfg, vcfg, export_dir, tp_group=dist.group.WORLD, seed=SEED)
+    whole = build_model(cfg, vcfg, export_dir, seed=SEED)
     mine = shard_state_dict(whole.llm.state_dict(), cfg, rank, world)
     for name, tensor in loaded.llm.state_dict().items():
         assert torch.equal(tensor, mine[name]), f"tp shard {name} loaded"
+    # ... and shrinks and perturbs its shard to the full model's slice
+    for model in (loaded, whole):
+        model.llm.shrink_perturb(0.5, 0.1)
+    mine = shard_state_dict(whole.llm.state_dict(), cfg, rank, world)
+    for name, tensor in loaded.llm.state_dict().items():
+        assert torch.equal(tensor, mine[name]), f"tp shard {name} shrunk"
     for (name, tensor), other in zip(loaded.vision.state_dict().items(), whole.vision.state_dict().values()):
         assert torch.equal(tensor, other), f"tower {name} loaded"
     dist.barrier()

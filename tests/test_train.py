@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN, losses, run_one, run_ranks, train_args
+from conftest import REPO, TOK, TRAIN, losses, parse, run_one, run_ranks, tiny_vlm, train_args
 from safetensors.torch import load_file
 
 import ghostvis
@@ -261,3 +261,43 @@ def test_resume_check_compares_the_vision_tower(tmp_path):
         loop.check_resumable(tmp_path, "sft", cfg, other)
     state.write_text(json.dumps({"stage": "sft", "model": cfg.to_dict()}))
     loop.check_resumable(tmp_path, "sft", cfg, other)
+
+
+def test_init_shrink_starts_the_blocks_shrunk_and_perturbed(tmp_path):
+    from ghostvis import checkpoint_io
+    from ghostvis.train.settings import resolve_settings
+
+    base = tiny_vlm(seed=1)
+    with torch.no_grad():  # a "trained" base: far from any initial weights
+        for p in base.parameters():
+            p.add_(torch.randn_like(p))
+    export_dir = tmp_path / "base"
+    checkpoint_io.export(base, export_dir, tokenizer=TOK)
+
+    def start(*flags: str) -> torch.nn.Module:
+        args = parse("--stage", "sft", "--data", tmp_path, "--out", tmp_path / "run", "--init-from", export_dir, "--seq-len", "64", "--seed", "5",
+                     *flags)
+        stage = STAGES["sft"]
+        return loop.starting_model(args, stage, TOK, resolve_settings(stage, args))
+
+    plain, shrunk = start(), start("--init-shrink", "0.5", "--init-perturb", "0.2")
+    fresh = GPT(plain.llm.config, seed=5).state_dict()  # the initial weights of this run's seed
+    changed = 0
+    for name, value in shrunk.state_dict().items():
+        start_value = plain.state_dict()[name]
+        if name.startswith("llm.blocks."):
+            torch.testing.assert_close(value, 0.5 * start_value + 0.2 * fresh[name.removeprefix("llm.")])
+            changed += 1
+        else:  # embeddings, head, final norm and the tower keep the export's weights
+            assert torch.equal(value, start_value), name
+    assert changed == len([n for n in fresh if n.startswith("blocks.")])
+    default = start("--init-shrink", "0.5").llm.state_dict()["blocks.0.mlp.up_proj.weight"]
+    torch.testing.assert_close(default, 0.5 * plain.llm.state_dict()["blocks.0.mlp.up_proj.weight"]
+                               + 0.1 * fresh["blocks.0.mlp.up_proj.weight"])
+
+    with pytest.raises(ds_engine.ConfigError, match="--init-shrink shrinks the weights of --init-from"):
+        loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-shrink", "0.5"))
+    with pytest.raises(ds_engine.ConfigError, match="give --init-shrink S too"):
+        loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-perturb", "0.1"))
+    with pytest.raises(SystemExit):
+        parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-shrink", "1.5")

@@ -5,6 +5,8 @@ SwiGLU MLP, RoPE, RMSNorm, optional tied head and logit soft-cap, vision tokens 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -135,25 +137,42 @@ class GPT(nn.Module):
         name and full shape (ghostvis/model/seeded.py): a TP shard, a ZeRO-3 partition (under
         `deepspeed.zero.Init`) or a full model of the same seed hold the same numbers. Also rebuilds the
         RoPE tables, so after `to_empty(device=...)` from the meta device this makes a usable model."""
-        std = self.config.init_std
+        for name, module, param in self._named_weights():
+            seeded.fill(param, self._initial_values(name, module, param))
+        self.rotary.reset_parameters()
+
+    @torch.no_grad()
+    def shrink_perturb(self, shrink: float, perturb: float, pattern: str = r"^blocks\.") -> list[str]:
+        """Each parameter whose name matches `pattern` (default: every transformer block) becomes
+        shrink · itself + perturb · its initial value (`init_weights`' for this `init_seed`): "shrink and
+        perturb" (Ash & Adams, 2020, "On warm-starting neural network training"), which gives trained
+        weights back the plasticity of fresh ones while keeping part of what they learned. Works on a TP shard
+        or a ZeRO-3 partition like `init_weights`. Returns the names it changed."""
+        changed = []
+        for name, module, param in self._named_weights():
+            if re.search(pattern, name):
+                seeded.shrink_perturb(param, self._initial_values(name, module, param), shrink, perturb)
+                changed.append(name)
+        return changed
+
+    def _named_weights(self) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
         for module_name, module in self.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
-                name = f"{module_name}.{param_name}"
-                if isinstance(module, RMSNorm):
-                    values = seeded.constant(1.0)
-                elif param_name == "bias":
-                    values = seeded.constant(0.0)
-                elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-                    scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
-                    local = seeded.full_shape(param)
-                    dim = tp_split_dim(name) if self.tp_size > 1 else None
-                    shape = seeded.tp_full_shape(local, dim, self.tp_size)
-                    values = seeded.local_rows(partial(seeded.normal_rows, self.init_seed, name, shape, std * scale),
-                                             local, dim, self.tp_rank)
-                else:
-                    raise TypeError(f"GPT.init_weights: no initialisation for {name} ({type(module).__name__})")
-                seeded.fill(param, values)
-        self.rotary.reset_parameters()
+                yield f"{module_name}.{param_name}", module, param
+
+    def _initial_values(self, name: str, module: nn.Module, param: nn.Parameter) -> seeded.Values:
+        if isinstance(module, RMSNorm):
+            return seeded.constant(1.0)
+        if name.endswith(".bias"):
+            return seeded.constant(0.0)
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            scale = 1 / math.sqrt(2 * self.config.n_layer) if isinstance(module, RowParallelLinear) else 1.0
+            local = seeded.full_shape(param)
+            dim = tp_split_dim(name) if self.tp_size > 1 else None
+            shape = seeded.tp_full_shape(local, dim, self.tp_size)
+            return seeded.local_rows(partial(seeded.normal_rows, self.init_seed, name, shape,
+                                             self.config.init_std * scale), local, dim, self.tp_rank)
+        raise TypeError(f"GPT.init_weights: no initialisation for {name} ({type(module).__name__})")
 
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self.config, non_embedding)

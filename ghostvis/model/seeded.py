@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,23 +73,43 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return getattr(param, "ds_tensor", None) is not None
 
 
-@torch.no_grad()
-def fill(param: torch.Tensor, values: Values) -> None:
-    """Write `values` into what this rank holds of `param`: all of it, or under ZeRO-3 its partition (the
-    flat range [rank·n, rank·n + n) of the parameter, zero past its end), a chunk at a time."""
-    if param.is_meta:
-        return
+def _held(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(flat tensor, start, end): what this rank holds of `param` as a flat range of the whole, i.e. all of
+    it, or under ZeRO-3 its partition [rank·n, rank·n + n) clipped to the parameter (the rest is padding)."""
     if is_partitioned(param):
         part, n = param.ds_tensor, param.ds_tensor.ds_numel
         start = dist.get_rank(group=param.ds_process_group) * n
-        end = min(start + n, param.ds_numel)
-        part.zero_()
-        target, offset = part, start
-    else:
-        target, offset, end = param.view(-1), 0, param.numel()
-    for s in range(offset, end, CHUNK_ELEMENTS):
-        e = min(s + CHUNK_ELEMENTS, end)
+        return part, start, min(start + n, param.ds_numel)
+    return param.view(-1), 0, param.numel()
+
+
+def _chunks(start: int, end: int) -> Iterator[tuple[int, int]]:
+    for s in range(start, end, CHUNK_ELEMENTS):
+        yield s, min(s + CHUNK_ELEMENTS, end)
+
+
+@torch.no_grad()
+def fill(param: torch.Tensor, values: Values) -> None:
+    """Write `values` into what this rank holds of `param`: all of it, or under ZeRO-3 its partition (zero
+    past the parameter's end), a chunk at a time."""
+    if param.is_meta:
+        return
+    target, offset, end = _held(param)
+    if is_partitioned(param):
+        target.zero_()
+    for s, e in _chunks(offset, end):
         target[s - offset:e - offset].copy_(values(s, e))
+
+
+@torch.no_grad()
+def shrink_perturb(param: torch.Tensor, values: Values, shrink: float, perturb: float) -> None:
+    """param <- shrink · param + perturb · `values`, over what this rank holds of it (as `fill`)."""
+    if param.is_meta:
+        return
+    target, offset, end = _held(param)
+    for s, e in _chunks(offset, end):
+        chunk = target[s - offset:e - offset]
+        chunk.mul_(shrink).add_(values(s, e).to(chunk.dtype), alpha=perturb)
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:

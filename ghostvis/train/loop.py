@@ -123,9 +123,32 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     """The preset (or the `--init-from` export) sized to this tokenizer and to `--seq-len`, with its weights
     loaded. A vision stage on a text export grows a new tower from the `--model` preset; a new tower's
     encoder weights come from `--encoder-weights`. A trained encoder (not in `settings.freeze`) is built
-    unfrozen: a frozen one runs under no_grad. `zero3`: the ZeRO-3 DeepSpeed config to build this rank's
-    partitions with (checkpoint_io.build_model); `device` "meta": the shape only, no weights; `tp_group`: the
-    LLM as this rank's tensor-parallel shard."""
+    unfrozen: a frozen one runs under no_grad. `--init-shrink` then shrinks and perturbs the LLM's blocks
+    (GPT.shrink_perturb). `zero3`: the ZeRO-3 DeepSpeed config to build this rank's partitions with
+    (checkpoint_io.build_model); `device` "meta": the shape only, no weights; `tp_group`: the LLM as this rank's
+    tensor-parallel shard."""
+    shrink, perturb = init_shrink_perturb(args)
+    model = _loaded_model(args, stage, tokenizer, settings, zero3, device, tp_group)
+    if shrink is not None:
+        getattr(model, "llm", model).shrink_perturb(shrink, perturb)
+    return model
+
+
+def init_shrink_perturb(args: argparse.Namespace) -> tuple[float | None, float]:
+    """(`--init-shrink`, `--init-perturb`), or (None, 0) when off; refuses the flags where they cannot apply."""
+    shrink, perturb = getattr(args, "init_shrink", None), getattr(args, "init_perturb", None)
+    if shrink is None:
+        if perturb is not None:
+            raise ds_engine.ConfigError("--init-perturb adds fresh weights to shrunk ones: give --init-shrink S too")
+        return None, 0.0
+    if not args.init_from:
+        raise ds_engine.ConfigError("--init-shrink shrinks the weights of --init-from: give the export to start from "
+                                    "(a model from random weights has nothing to shrink)")
+    return shrink, 0.1 if perturb is None else perturb
+
+
+def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
+                  zero3: dict[str, Any] | None, device: str, tp_group: Any) -> torch.nn.Module:
     vision_cfg = None
     if args.init_from:
         model_cfg, vision_cfg, raw = checkpoint_io.read_config(args.init_from)
