@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 import ghostvis
 from ghostvis.config import get_preset
 from ghostvis.model.gpt import GPT
+from ghostvis.model.vlm import VLM
 from ghostvis.train import checkpoint, engine as ds_engine, loop
 from ghostvis.train.schedule import lr_multiplier
 from ghostvis.train.settings import Settings
@@ -301,3 +303,51 @@ def test_init_shrink_starts_the_blocks_shrunk_and_perturbed(tmp_path):
         loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-perturb", "0.1"))
     with pytest.raises(SystemExit):
         parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-shrink", "1.5")
+
+
+def test_engine_steps_a_vlm_as_adamw_does_counting_a_missing_gradient_as_zero(world1):
+    """The learning check at its smallest: a ZeRO-1 engine (fp32, CPU) trains a VLM with a BatchNorm tower
+    exactly as torch's AdamW with the same groups and clipping, over image, text-only and image-free batches
+    (an SFT mixture's). On a text-only batch the tower gets no gradient: DeepSpeed still steps it with a zero
+    one (its momentum carries on), where AdamW alone would skip it, so the reference does the same."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg, vcfg = get_preset("vlm_tiny_cnn", vocab_size=TOK.vocab_size, image_token_id=TOK.image_token_id)
+    model = VLM(dataclasses.replace(cfg, n_layer=2), vcfg, freeze_encoder=False)
+    ref = copy.deepcopy(model)
+    settings = Settings({"llm_lr": 1e-3, "embed_lr": 1e-3, "head_lr": 1e-3, "vision_lr": 2e-3, "encoder_lr": 1e-3})
+    groups = ds_engine.build_param_groups(model, STAGES["sft"], settings, 2)
+    mine = dict(ref.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([{**g, "params": [mine[names[id(p)]] for p in g["params"]]} for g in groups],
+                            betas=(0.9, 0.95), eps=1e-8)
+    ds_config = ds_engine.build_ds_config(ds_engine.load_ds_config(REPO / "ds_configs" / "zero1.json"), micro_batch=4,
+                                          grad_accum=1, world_size=1, grad_clip=1.0, dtype="fp32")
+    engine = ds_engine.initialize(model, groups, ds_config, "cpu")
+
+    g = torch.Generator().manual_seed(1)
+    n_vis, size = model.num_vision_tokens, vcfg.image_size
+
+    def batch(images: int | None) -> dict:
+        ids = torch.randint(3, 250, (4, 1 + n_vis + 12), generator=g)
+        targets = ids.roll(-1, 1)
+        if images is None:  # a text-tokens batch: no image argument at all
+            return {"input_ids": ids, "targets": targets}
+        if images:
+            ids[:, 1:1 + n_vis], targets[:, :1 + n_vis] = TOK.image_token_id, -1
+        pixels = torch.randint(0, 255, (images, 3, size, size), generator=g, dtype=torch.uint8)
+        return {"input_ids": ids, "targets": targets, "pixel_values": pixels}
+
+    for b in [batch(4), batch(None), batch(4), batch(0), batch(None), batch(4)]:
+        loop.train_step(engine, iter([b]), loop.lm_loss, 1)
+        opt.zero_grad(set_to_none=True)
+        idx, targets, kwargs = loop.split_batch(b)
+        ref(idx, targets, **kwargs).backward()
+        for p in ref.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
