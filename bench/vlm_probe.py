@@ -132,10 +132,11 @@ def main() -> None:
                    help="with --init-llm: the LLM parameters whose names match (e.g. 'attn' or 'wte|lm_head') become "
                         "--shrink x base + --perturb x fresh (GPT.shrink_perturb); by default their fresh random "
                         "weights alone, to find which part of a base model slows binding")
-    p.add_argument("--shrink", type=float, default=0.0, metavar="S",
-                   help="with --reinit: the share of the base weights kept (launch/train.py --init-shrink does this "
-                        "to every block)")
-    p.add_argument("--perturb", type=float, default=1.0, metavar="P", help="see --shrink")
+    p.add_argument("--shrink", type=float, default=None, metavar="S",
+                   help="with --reinit: the share of the base weights kept, default 0 (launch/train.py --init-shrink "
+                        "does this to every block)")
+    p.add_argument("--perturb", type=float, default=None, metavar="P",
+                   help="with --reinit: the share of fresh weights added, default 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when there is one")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
@@ -146,6 +147,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
+    if (a.shrink is not None or a.perturb is not None) and not a.reinit:
+        p.error("--shrink/--perturb act on the parameters --reinit REGEX names (with --init-llm): give --reinit")
+    if a.reinit and not a.init_llm:
+        p.error("--reinit changes the weights of --init-llm: give the base export")
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.tokenizer)
     _, vision_cfg = get_preset(a.model, **dict(a.vision))
@@ -163,7 +168,8 @@ def main() -> None:
     model = VLM(model_cfg, vision_cfg, freeze_encoder=False)
     if a.init_llm:
         checkpoint_io.load_weights(model.llm, Path(a.init_llm) / checkpoint_io.LLM_FILE)
-        if a.reinit and not model.llm.shrink_perturb(a.shrink, a.perturb, a.reinit):
+        shrink, perturb = 0.0 if a.shrink is None else a.shrink, 1.0 if a.perturb is None else a.perturb
+        if a.reinit and not model.llm.shrink_perturb(shrink, perturb, a.reinit):
             raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like "
                              f"{next(iter(model.llm.state_dict()))}")
     model.to(device)

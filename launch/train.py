@@ -21,6 +21,7 @@ from ghostvis.model.attention import ATTENTION_CHOICES
 from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
+from ghostvis.train.settings import DEFAULT_INIT_PERTURB
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
 
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its fresh initial value (shrink and perturb), so a small base trained on narrow text can "
                         "still learn to read the image (docs/demo.md, 'Why the base model does not bind')")
     g.add_argument("--init-perturb", type=_factor, default=None, metavar="P",
-                   help="with --init-shrink: the share of fresh initial weights added (default 0.1)")
+                   help=f"with --init-shrink: the share of fresh initial weights added (default {DEFAULT_INIT_PERTURB})")
     g.add_argument("--encoder-weights", default=None, metavar="PATH",
                    help="weights of a new vision tower's encoder: a local timm .safetensors file or Hugging Face "
                         "SigLIP/CLIP folder (not with an --init-from that has vision.safetensors; docs/vision.md)")

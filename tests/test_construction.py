@@ -175,3 +175,22 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
     cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
     check_fits_card(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (),
                     80.0)
+
+
+@pytest.mark.parametrize("where", ["cpu-bf16", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: a ZeRO-3 partition lives there, the initial values on the CPU"))])
+def test_shrink_perturb_rounds_once_and_runs_where_the_weights_are(where):
+    cfg, _ = _configs("tiny")
+    fp32 = GPT(cfg, seed=SEED)
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.mul_(3)  # away from the initial values
+    model = GPT(cfg, seed=SEED)
+    model.load_state_dict(fp32.state_dict())
+    model = model.to(torch.bfloat16) if where == "cpu-bf16" else model.cuda()
+    initial = GPT(cfg, seed=SEED).state_dict()
+    model.shrink_perturb(0.5, 0.1)
+    for name, value in model.state_dict().items():
+        if name.startswith("blocks."):
+            want = (fp32.state_dict()[name].to(value.dtype).float() * 0.5 + 0.1 * initial[name]).to(value.dtype)
+            torch.testing.assert_close(value.cpu(), want, rtol=0, atol=1e-6 if where == "cuda" else 0, msg=name)

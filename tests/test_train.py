@@ -297,10 +297,21 @@ def test_init_shrink_starts_the_blocks_shrunk_and_perturbed(tmp_path):
     torch.testing.assert_close(default, 0.5 * plain.llm.state_dict()["blocks.0.mlp.up_proj.weight"]
                                + 0.1 * fresh["blocks.0.mlp.up_proj.weight"])
 
+    # shrunk blocks that would not train are refused
+    with pytest.raises(ds_engine.ConfigError, match="--freeze llm keeps the shrunk blocks"):
+        start("--init-shrink", "0.5", "--freeze", "llm")
+    with pytest.raises(ds_engine.ConfigError, match=r"only the last 1 of \d+ blocks train"):
+        start("--init-shrink", "0.5", "--train-llm-layers", "1")
+    with pytest.raises(ds_engine.ConfigError, match="LoRA freezes the shrunk blocks"):
+        start("--init-shrink", "0.5", "--lora-rank", "4")
     with pytest.raises(ds_engine.ConfigError, match="--init-shrink shrinks the weights of --init-from"):
         loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-shrink", "0.5"))
     with pytest.raises(ds_engine.ConfigError, match="give --init-shrink S too"):
         loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-perturb", "0.1"))
+    for zero_or_nothing, why in ((("0", "0"), "would zero every block weight"), (("1", "0"), "changes nothing")):
+        with pytest.raises(ds_engine.ConfigError, match=why):
+            loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir,
+                                           "--init-shrink", zero_or_nothing[0], "--init-perturb", zero_or_nothing[1]))
     with pytest.raises(SystemExit):
         parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-shrink", "1.5")
 

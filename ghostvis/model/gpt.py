@@ -172,7 +172,7 @@ class GPT(nn.Module):
             shape = seeded.tp_full_shape(local, dim, self.tp_size)
             return seeded.local_rows(partial(seeded.normal_rows, self.init_seed, name, shape,
                                              self.config.init_std * scale), local, dim, self.tp_rank)
-        raise TypeError(f"GPT.init_weights: no initialisation for {name} ({type(module).__name__})")
+        raise TypeError(f"GPT: no initial value for {name} ({type(module).__name__})")
 
     def num_params(self, non_embedding: bool = True) -> int:
         return count_params(self.config, non_embedding)

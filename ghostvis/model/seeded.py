@@ -109,7 +109,9 @@ def shrink_perturb(param: torch.Tensor, values: Values, shrink: float, perturb: 
     target, offset, end = _held(param)
     for s, e in _chunks(offset, end):
         chunk = target[s - offset:e - offset]
-        chunk.mul_(shrink).add_(values(s, e).to(chunk.dtype), alpha=perturb)
+        # values are made on the CPU and a ZeRO-3 partition may live on the GPU; in float32, so a bf16
+        # partition is rounded once
+        chunk.copy_(chunk.float().mul_(shrink).add_(values(s, e).to(chunk.device), alpha=perturb))
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:

@@ -53,8 +53,8 @@ from ghostvis.train.divergence import DivergenceGuard
 from ghostvis.train.grpo import make_grpo_loss
 from ghostvis.train.logging import RunLogger, mfu
 from ghostvis.train.schedule import apply_lr, lr_multiplier
-from ghostvis.train.settings import Settings, resolve_settings
-from ghostvis.train.stages import Stage, get_stage
+from ghostvis.train.settings import DEFAULT_INIT_PERTURB, Settings, resolve_settings
+from ghostvis.train.stages import ALL_LAYERS, Stage, get_stage
 from ghostvis.vision.transforms import image_transform
 
 
@@ -130,7 +130,9 @@ def starting_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer,
     shrink, perturb = init_shrink_perturb(args)
     model = _loaded_model(args, stage, tokenizer, settings, zero3, device, tp_group)
     if shrink is not None:
-        getattr(model, "llm", model).shrink_perturb(shrink, perturb)
+        llm = getattr(model, "llm", model)
+        check_blocks_train(args, settings, llm.config.n_layer)
+        llm.shrink_perturb(shrink, perturb)
     return model
 
 
@@ -144,7 +146,26 @@ def init_shrink_perturb(args: argparse.Namespace) -> tuple[float | None, float]:
     if not args.init_from:
         raise ds_engine.ConfigError("--init-shrink shrinks the weights of --init-from: give the export to start from "
                                     "(a model from random weights has nothing to shrink)")
-    return shrink, 0.1 if perturb is None else perturb
+    perturb = DEFAULT_INIT_PERTURB if perturb is None else perturb
+    if shrink == perturb == 0:
+        raise ds_engine.ConfigError("--init-shrink 0 --init-perturb 0 would zero every block weight, norms "
+                                    "included, and nothing could train them back: give a factor above 0")
+    if (shrink, perturb) == (1, 0):
+        raise ds_engine.ConfigError("--init-shrink 1 --init-perturb 0 changes nothing: drop both flags")
+    return shrink, perturb
+
+
+def check_blocks_train(args: argparse.Namespace, settings: Settings, n_layer: int) -> None:
+    """Shrunk blocks must train, or the run keeps them damaged: refuse the settings that freeze some."""
+    if "llm" in settings.freeze:
+        raise ds_engine.ConfigError("--init-shrink: --freeze llm keeps the shrunk blocks as they are; drop llm "
+                                    "from --freeze, or drop --init-shrink")
+    if settings.train_llm_layers != ALL_LAYERS and settings.train_llm_layers < n_layer:
+        raise ds_engine.ConfigError(f"--init-shrink: only the last {settings.train_llm_layers} of {n_layer} blocks "
+                                    "train (--train-llm-layers; vision_pretrain trains none by default), the rest "
+                                    "would stay shrunk: pass --train-llm-layers all")
+    if getattr(args, "lora_rank", 0):
+        raise ds_engine.ConfigError("--init-shrink with --lora-rank: LoRA freezes the shrunk blocks; drop one")
 
 
 def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, settings: Settings,
