@@ -15,11 +15,10 @@ from ghostvis.train.engine import ConfigError
 from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, Stage
 
 MAX_LR = 1e30
-# flags that override a stage default of the same name
 # --init-perturb's default with --init-shrink: the share of fresh initial weights added to the shrunk blocks
 # (docs/demo.md: 0.5 x base + 0.1 x fresh binds where 0.5 + 0.5 does not)
 DEFAULT_INIT_PERTURB = 0.1
-
+# flags that override a stage default of the same name
 SETTING_FLAGS = ("weight_decay", "warmup", "schedule", "warmdown", "train_llm_layers", "freeze", "group_size",
                  "rl_max_new_tokens", "temperature", "kl_coef", "clip_eps")
 
