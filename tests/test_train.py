@@ -277,8 +277,8 @@ def test_init_shrink_starts_the_blocks_shrunk_and_perturbed(tmp_path):
     checkpoint_io.export(base, export_dir, tokenizer=TOK)
 
     def start(*flags: str) -> torch.nn.Module:
-        args = parse("--stage", "sft", "--data", tmp_path, "--out", tmp_path / "run", "--init-from", export_dir, "--seq-len", "64", "--seed", "5",
-                     *flags)
+        args = parse("--stage", "sft", "--data", tmp_path, "--out", tmp_path / "run", "--init-from", export_dir,
+                     "--seq-len", "64", "--seed", "5", *flags)
         stage = STAGES["sft"]
         return loop.starting_model(args, stage, TOK, resolve_settings(stage, args))
 
@@ -307,7 +307,8 @@ def test_init_shrink_starts_the_blocks_shrunk_and_perturbed(tmp_path):
     with pytest.raises(ds_engine.ConfigError, match="--init-shrink shrinks the weights of --init-from"):
         loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-shrink", "0.5"))
     with pytest.raises(ds_engine.ConfigError, match="give --init-shrink S too"):
-        loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir, "--init-perturb", "0.1"))
+        loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir,
+                                       "--init-perturb", "0.1"))
     for zero_or_nothing, why in ((("0", "0"), "would zero every block weight"), (("1", "0"), "changes nothing")):
         with pytest.raises(ds_engine.ConfigError, match=why):
             loop.init_shrink_perturb(parse("--data", tmp_path, "--out", tmp_path, "--init-from", export_dir,
