@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import types
 
 import numpy as np
 import pytest
 import timm
 import timm.data
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ghostvis.checkpoint_io import load_encoder_weights
 from ghostvis.config import VisionConfig, get_preset
 from ghostvis.model.vlm import VLM
+from ghostvis.vision import resampler as resampler_module
 from ghostvis.vision.encoder import VisionEncoder
 from ghostvis.vision.resampler import AvgPoolResampler, PerceiverResampler, PixelShuffleResampler
 from ghostvis.vision.transforms import BadImage, data_config, image_transform, load_image, normalize_pixels
@@ -77,8 +80,14 @@ def test_splice_count_mismatch_is_a_clear_error():
     {"resampler": "perceiver", "num_vision_tokens": 8, "resampler_heads": 2},
     {"encoder": "resnet10t", "feature_layer": 2, "resampler": "pixel_shuffle", "encoder_kwargs": {}},
 ])
-def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower):
-    """An SFT mixture has text-only batches (arithmetic): every tower must take zero images."""
+def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower, monkeypatch):
+    """An SFT mixture has text-only batches (arithmetic): every tower must take zero images. On CUDA, torch
+    2.11's cuDNN SDPA returned None for an empty batch; the resampler's SDPA does so here too, so it must not
+    be called on one (the timm encoder's runs pinned to backends that take empty batches, on CUDA only)."""
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(resampler_module, "F", types.SimpleNamespace(
+        adaptive_avg_pool2d=F.adaptive_avg_pool2d,
+        scaled_dot_product_attention=lambda q, *a, **k: None if q.shape[0] == 0 else sdpa(q, *a, **k)))
     vlm = tiny_vlm(**tower)
     idx = torch.randint(0, 400, (2, 24))
     loss = vlm(idx, idx, pixel_values=torch.zeros(0, 3, 64, 64))

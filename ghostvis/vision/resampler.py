@@ -82,7 +82,12 @@ class PerceiverAttention(nn.Module):
         # explicit lengths: a text-only batch passes n = 0 images, where -1 cannot be inferred
         k = self.k_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
         v = self.v_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
-        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+        if n == 0:  # an image-free batch: cuDNN's SDPA returned None for it (torch 2.11, H100, sft step 48);
+            # attention written out keeps q, k and v in the graph, so every weight gets its (zero) gradient
+            out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(n, t, d))
 
 
 class PerceiverLayer(nn.Module):
