@@ -17,6 +17,9 @@ command in fp32 (`--dtype fp32`, no `--compile`). The timed run's loss must fall
 its plainest setting, not an independent loop: it catches a fast path (bf16, compile, a kernel) that trains
 nothing or trains differently, not a bug both settings share. On CPU both runs are fp32 and not compiled, so
 there the check only shows the run is deterministic. `--reference none` skips it (no valid figure).
+
+A stage that crashes keeps the rows before it: its row names the crash (the log's last error line), the later
+stages and the eval, which start from its export, do not run, and the bench exits non-zero.
 """
 
 from __future__ import annotations
@@ -92,6 +95,13 @@ def prepare_data(out: Path, synth: dict[str, int], vocab: int, env: dict[str, st
     return {"data": data, "tokenizer": tok, "tokens": tokens, "sft_mix": sft_mix}
 
 
+def crash_summary(message: str) -> str:
+    """One table cell for a stage that crashed: `sh`'s first line and the log tail's last error line."""
+    lines = message.splitlines()
+    errors = [x.strip() for x in lines[1:] if "Error" in x]
+    return " ".join(lines[:1] + errors[-1:]).replace("|", "/")
+
+
 def launcher(cuda: bool) -> list[str]:
     # the deepspeed launcher as a module: its `deepspeed` script may not be on PATH where it is installed
     # under a PYTHONPATH directory
@@ -157,20 +167,25 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
     }
     for name, extra in (("base", args.base_args), ("vision_pretrain", args.vp_args), ("sft", args.sft_args)):
         stages[name] += shlex.split(extra)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, flags in stages.items():
         run_dir = out / name
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         t0 = time.perf_counter()
-        sh([*launcher(cuda), *flags, *common, "--out", run_dir], env, out / "logs" / f"{name}.log")
-        results[name] = {**stage_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0}
-        if args.reference == "fp32":
-            ref_dir = out / f"{name}_reference"
-            (ref_dir / "metrics.jsonl").unlink(missing_ok=True)
-            sh([*launcher(cuda), *reference_flags([*flags, *common]), "--out", ref_dir], env,
-               out / "logs" / f"{name}_reference.log")
-            verdict = check_learning(losses(run_dir / "metrics.jsonl"), losses(ref_dir / "metrics.jsonl"))
-            results[name]["learning"] = {"ok": verdict.ok, "message": f"{verdict.message} (reference: fp32)"}
+        try:
+            sh([*launcher(cuda), *flags, *common, "--out", run_dir], env, out / "logs" / f"{name}.log")
+            results[name] = {**stage_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0}
+            if args.reference == "fp32":
+                ref_dir = out / f"{name}_reference"
+                (ref_dir / "metrics.jsonl").unlink(missing_ok=True)
+                sh([*launcher(cuda), *reference_flags([*flags, *common]), "--out", ref_dir], env,
+                   out / "logs" / f"{name}_reference.log")
+                verdict = check_learning(losses(run_dir / "metrics.jsonl"), losses(ref_dir / "metrics.jsonl"))
+                results[name]["learning"] = {"ok": verdict.ok, "message": f"{verdict.message} (reference: fp32)"}
+        except SystemExit as crash:  # keep the stages measured so far; the next ones start from this one's export
+            print(crash, file=sys.stderr, flush=True)
+            results[name] = {"crashed": crash_summary(str(crash))}
+            return results, None
         print(f"{name}: {results[name]}", flush=True)
     sh([sys.executable, "launch/eval.py", "--ckpt", out / "sft", "--data", paths["data"], "--split", "test",
         "--max-samples", size["eval_samples"], "--seq-len", size["seq_len"], "--no-report",
@@ -179,7 +194,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
     return results, vqa
 
 
-def table(results: dict[str, dict[str, Any]], vqa: dict[str, Any]) -> str:
+def table(results: dict[str, dict[str, Any]], vqa: dict[str, Any] | None) -> str:
+    """The stages' rows (a crashed stage says so and has no numbers), then held-out accuracy if sft finished."""
     def fmt(v: float | None, spec: str, scale: float = 1.0) -> str:
         return "-" if v is None else format(v * scale, spec)
 
@@ -187,6 +203,9 @@ def table(results: dict[str, dict[str, Any]], vqa: dict[str, Any]) -> str:
              "learning check |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
+        if "crashed" in r:
+            lines.append(f"| {name} | - |" + " - |" * 7 + f" **CRASHED**: {r['crashed']} |")
+            continue
         check = r.get("learning")
         if check is not None and not check["ok"]:  # no number for a run that did not learn
             speed = ["FAILED"] * 5
@@ -197,6 +216,8 @@ def table(results: dict[str, dict[str, Any]], vqa: dict[str, Any]) -> str:
                                                                          "**FAILED**: ") + check["message"]
         lines.append(f"| {name} | {r['steps']} | " + " | ".join(speed) +
                      f" | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {r['wall_s']:.0f} s | {verdict} |")
+    if vqa is None:
+        return "\n".join(lines)
     per_type = vqa.get("per_type", {})
     lines += ["", "| held-out VQA after sft | " + " | ".join(QUESTION_TYPES) + " | overall |",
               "| --- |" + " ---: |" * (len(QUESTION_TYPES) + 1),
@@ -242,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.append:
         append_to_benchmarks("pipeline", argv, text)
+    crashed = [name for name, r in results.items() if "crashed" in r]
+    if crashed:
+        raise SystemExit(f"CRASHED: {crashed[0]} (its log is in {Path(args.out) / 'logs'}); the table keeps the "
+                         "stages before it")
     failed = [name for name, r in results.items() if r.get("learning") and not r["learning"]["ok"]]
     if failed:
         raise SystemExit(f"FAILED learning check: {', '.join(failed)}; the table shows FAILED in place of their "

@@ -5,6 +5,7 @@ learning check against the fp32 reference run (FAILED in place of the numbers)."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import REPO, bench_module
@@ -65,3 +66,32 @@ def test_the_reference_run_is_fp32_not_compiled_and_picks_its_own_kernel():
     flags = ["--stage", "sft", "--compile", "--attention", "cudnn", "--dtype", "bf16", "--steps", 5, "--attention=flex"]
     ref = pipeline().reference_flags(flags)
     assert ref == ["--stage", "sft", "--dtype", "bf16", "--steps", 5, "--dtype", "fp32", "--attention", "auto"]
+
+
+def test_a_stage_that_crashes_keeps_the_stages_before_it_in_the_table(tmp_path, monkeypatch, capsys):
+    """sft crashing (as on the GPU at its first image-free batch) must not lose base's and vision_pretrain's
+    rows: the bench stops there, prints the rows it has with the crash named, and exits non-zero."""
+    bench = pipeline()
+    monkeypatch.setattr(bench, "prepare_data", lambda out, *a: {
+        "data": out / "data", "tokenizer": out / "tok", "tokens": out / "tokens", "sft_mix": out / "sft_mix"})
+
+    def fake_sh(cmd, env, log):  # a stage "runs" by writing the metrics a real run writes; sft crashes
+        cmd = [str(c) for c in cmd]
+        run_dir = Path(cmd[cmd.index("--out") + 1])
+        if "sft" in cmd:
+            raise SystemExit(f"{cmd[0]} ... exited with 1 (log {log}):\n[rank0]: Traceback\n"
+                             "[rank0]: AttributeError: 'NoneType' object has no attribute 'transpose'\nkilled")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"loss": 5.0 - 0.4 * s, "tokens_per_s": 100.0, "images_per_s": 0.0, "mfu": None,
+                        "data_wait_frac": 0.0, "peak_mem_gib": None}) + "\n" for s in range(10)))
+
+    monkeypatch.setattr(bench, "sh", fake_sh)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with pytest.raises(SystemExit, match="CRASHED: sft"):
+        bench.main(["--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "| base | 10 | 100 |" in text and "| vision_pretrain | 10 | 100 |" in text and "passed: " in text
+    assert "held-out" not in text  # no eval without an sft export
+    sft_row = next(x for x in text.splitlines() if x.startswith("| sft |"))
+    assert sft_row.count("|") == 11 and "CRASHED" in sft_row and "AttributeError: 'NoneType'" in sft_row
