@@ -18,8 +18,9 @@ its plainest setting, not an independent loop: it catches a fast path (bf16, com
 nothing or trains differently, not a bug both settings share. On CPU both runs are fp32 and not compiled, so
 there the check only shows the run is deterministic. `--reference none` skips it (no valid figure).
 
-A stage that crashes keeps the rows before it: its row names the crash (the log's last error line), the later
-stages and the eval, which start from its export, do not run, and the bench exits non-zero.
+A stage that crashes keeps the rows before it: its row names the crash (the log's first exception line), the
+later stages and the eval, which start from its export, do not run, and the bench exits non-zero. A crashed
+reference run fails its stage's learning check; a crashed eval gets a row of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -95,11 +97,26 @@ def prepare_data(out: Path, synth: dict[str, int], vocab: int, env: dict[str, st
     return {"data": data, "tokenizer": tok, "tokens": tokens, "sft_mix": sft_mix}
 
 
+# a traceback's last line, "ValueError: ...", with the launcher's "[rank0]: " in front; not an indented source line
+EXCEPTION_LINE = re.compile(r"(\[rank\d+\]:\s*)?([\w.]+(Error|Exception): .*)")
+
+
 def crash_summary(message: str) -> str:
-    """One table cell for a stage that crashed: `sh`'s first line and the log tail's last error line."""
+    """One table cell for a run that crashed: `sh`'s first line and the log tail's first exception line (the
+    cause; teardown and other ranks add later ones)."""
     lines = message.splitlines()
-    errors = [x.strip() for x in lines[1:] if "Error" in x]
-    return " ".join(lines[:1] + errors[-1:]).replace("|", "/")
+    errors = [m.group(2) for x in lines[1:] if (m := EXCEPTION_LINE.match(x))]
+    return " ".join(lines[:1] + errors[:1]).replace("|", "/")
+
+
+def attempt(cmd: list[Any], env: dict[str, str], log: Path) -> str | None:
+    """`sh`; a failure is printed in full and returned as its table cell (None: it ran)."""
+    try:
+        sh(cmd, env, log)
+    except SystemExit as crash:
+        print(crash, file=sys.stderr, flush=True)
+        return crash_summary(str(crash))
+    return None
 
 
 def launcher(cuda: bool) -> list[str]:
@@ -143,7 +160,7 @@ def stage_summary(metrics_path: Path) -> dict[str, Any]:
             "data_wait_frac": median("data_wait_frac"), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     size = sizes(cuda)
     model = args.model or size["model"]
@@ -172,24 +189,28 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, 
         run_dir = out / name
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         t0 = time.perf_counter()
-        try:
-            sh([*launcher(cuda), *flags, *common, "--out", run_dir], env, out / "logs" / f"{name}.log")
-            results[name] = {**stage_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0}
-            if args.reference == "fp32":
-                ref_dir = out / f"{name}_reference"
-                (ref_dir / "metrics.jsonl").unlink(missing_ok=True)
-                sh([*launcher(cuda), *reference_flags([*flags, *common]), "--out", ref_dir], env,
-                   out / "logs" / f"{name}_reference.log")
+        crash = attempt([*launcher(cuda), *flags, *common, "--out", run_dir], env, out / "logs" / f"{name}.log")
+        if crash:  # keep the stages measured so far; the next ones start from this one's export
+            results[name] = {"crashed": crash}
+            return results, None
+        results[name] = {**stage_summary(run_dir / "metrics.jsonl"), "wall_s": time.perf_counter() - t0}
+        if args.reference == "fp32":
+            ref_dir = out / f"{name}_reference"
+            (ref_dir / "metrics.jsonl").unlink(missing_ok=True)
+            crash = attempt([*launcher(cuda), *reference_flags([*flags, *common]), "--out", ref_dir], env,
+                            out / "logs" / f"{name}_reference.log")
+            if crash:  # no reference, no valid figure: the row keeps its loss and says why
+                results[name]["learning"] = {"ok": False, "message": f"the fp32 reference run crashed: {crash}"}
+            else:
                 verdict = check_learning(losses(run_dir / "metrics.jsonl"), losses(ref_dir / "metrics.jsonl"))
                 results[name]["learning"] = {"ok": verdict.ok, "message": f"{verdict.message} (reference: fp32)"}
-        except SystemExit as crash:  # keep the stages measured so far; the next ones start from this one's export
-            print(crash, file=sys.stderr, flush=True)
-            results[name] = {"crashed": crash_summary(str(crash))}
-            return results, None
         print(f"{name}: {results[name]}", flush=True)
-    sh([sys.executable, "launch/eval.py", "--ckpt", out / "sft", "--data", paths["data"], "--split", "test",
-        "--max-samples", size["eval_samples"], "--seq-len", size["seq_len"], "--no-report",
-        "--report-dir", out / "eval"], env, out / "logs" / "eval.log")
+    crash = attempt([sys.executable, "launch/eval.py", "--ckpt", out / "sft", "--data", paths["data"], "--split",
+                     "test", "--max-samples", size["eval_samples"], "--seq-len", size["seq_len"], "--no-report",
+                     "--report-dir", out / "eval"], env, out / "logs" / "eval.log")
+    if crash:
+        results["eval"] = {"crashed": crash}
+        return results, None
     vqa = json.loads((out / "eval" / "eval.json").read_text())["vqa"]
     return results, vqa
 

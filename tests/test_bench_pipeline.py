@@ -68,30 +68,47 @@ def test_the_reference_run_is_fp32_not_compiled_and_picks_its_own_kernel():
     assert ref == ["--stage", "sft", "--dtype", "bf16", "--steps", 5, "--dtype", "fp32", "--attention", "auto"]
 
 
-def test_a_stage_that_crashes_keeps_the_stages_before_it_in_the_table(tmp_path, monkeypatch, capsys):
-    """sft crashing (as on the GPU at its first image-free batch) must not lose base's and vision_pretrain's
-    rows: the bench stops there, prints the rows it has with the crash named, and exits non-zero."""
+@pytest.mark.parametrize("crashing", ["sft", "sft_reference", "eval"])
+def test_a_run_that_crashes_keeps_the_rows_measured_before_it(tmp_path, monkeypatch, capsys, crashing):
+    """sft crashing (as on the GPU at its first image-free batch), its fp32 reference crashing, or the eval
+    crashing must not lose the rows already measured: the table keeps them, names the crash, and the bench
+    exits non-zero."""
     bench = pipeline()
     monkeypatch.setattr(bench, "prepare_data", lambda out, *a: {
         "data": out / "data", "tokenizer": out / "tok", "tokens": out / "tokens", "sft_mix": out / "sft_mix"})
 
-    def fake_sh(cmd, env, log):  # a stage "runs" by writing the metrics a real run writes; sft crashes
+    def fake_sh(cmd, env, log):  # a run "runs" by writing the metrics a real run writes; one crashes
         cmd = [str(c) for c in cmd]
-        run_dir = Path(cmd[cmd.index("--out") + 1])
-        if "sft" in cmd:
+        is_eval = "launch/eval.py" in cmd
+        name = "eval" if is_eval else Path(cmd[cmd.index("--out") + 1]).name
+        if name == crashing:
             raise SystemExit(f"{cmd[0]} ... exited with 1 (log {log}):\n[rank0]: Traceback\n"
-                             "[rank0]: AttributeError: 'NoneType' object has no attribute 'transpose'\nkilled")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("".join(
-            json.dumps({"loss": 5.0 - 0.4 * s, "tokens_per_s": 100.0, "images_per_s": 0.0, "mfu": None,
-                        "data_wait_frac": 0.0, "peak_mem_gib": None}) + "\n" for s in range(10)))
+                             "[rank0]:     return self.o_proj(F.scaled_dot_product_attention(q, k, v))\n"
+                             "[rank0]: AttributeError: 'NoneType' object has no attribute 'transpose'\n"
+                             "[rank1]: RuntimeError: a later error on another rank")
+        if is_eval:
+            report = Path(cmd[cmd.index("--report-dir") + 1])
+            report.mkdir(parents=True)
+            (report / "eval.json").write_text(json.dumps({"vqa": {"per_type": {}, "overall": {
+                "accuracy": 0.5, "chance": 0.3}}}))
+        else:
+            run_dir = Path(cmd[cmd.index("--out") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"loss": 5.0 - 0.4 * s, "tokens_per_s": 100.0, "images_per_s": 0.0, "mfu": None,
+                            "data_wait_frac": 0.0, "peak_mem_gib": None}) + "\n" for s in range(10)))
 
     monkeypatch.setattr(bench, "sh", fake_sh)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    with pytest.raises(SystemExit, match="CRASHED: sft"):
+    with pytest.raises(SystemExit, match="CRASHED: sft|CRASHED: eval|FAILED learning check: sft"):
         bench.main(["--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "| base | 10 | 100 |" in text and "| vision_pretrain | 10 | 100 |" in text and "passed: " in text
-    assert "held-out" not in text  # no eval without an sft export
-    sft_row = next(x for x in text.splitlines() if x.startswith("| sft |"))
-    assert sft_row.count("|") == 11 and "CRASHED" in sft_row and "AttributeError: 'NoneType'" in sft_row
+    assert ("held-out" in text) is (crashing == "sft_reference")  # accuracy only from a finished eval
+    row = next(x for x in text.splitlines() if x.startswith("| sft |" if crashing != "eval" else "| eval |"))
+    assert row.count("|") == 11
+    cause = "AttributeError: 'NoneType' object has no attribute 'transpose'"
+    if crashing == "sft_reference":  # the timed run's loss stays; no figure without its reference
+        assert "FAILED" in row and "reference run crashed" in row and cause in row and "5.000 → 1.400" in row
+    else:
+        assert "CRASHED" in row and row.endswith(f"{cause} |") and "RuntimeError" not in row

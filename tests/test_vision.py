@@ -81,19 +81,19 @@ def test_splice_count_mismatch_is_a_clear_error():
     {"encoder": "resnet10t", "feature_layer": 2, "resampler": "pixel_shuffle", "encoder_kwargs": {}},
 ])
 def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower, monkeypatch):
-    """An SFT mixture has text-only batches (arithmetic): every tower must take zero images. On CUDA, torch
-    2.11's cuDNN SDPA returned None for an empty batch; the resampler's SDPA does so here too, so it must not
-    be called on one (the timm encoder's runs pinned to backends that take empty batches, on CUDA only)."""
+    """An SFT mixture has text-only batches (arithmetic): every tower must take zero images, and give every
+    weight that trains a zero gradient. On CUDA, torch 2.11's SDPA returned None for the perceiver's empty
+    batch; the resampler's SDPA does so here too, so it must not be called on one (the timm encoder is pinned
+    on CUDA to SDPA backends that accept empty batches)."""
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(resampler_module, "F", types.SimpleNamespace(
-        adaptive_avg_pool2d=F.adaptive_avg_pool2d,
-        scaled_dot_product_attention=lambda q, *a, **k: None if q.shape[0] == 0 else sdpa(q, *a, **k)))
+    monkeypatch.setattr(resampler_module, "F", types.SimpleNamespace(**{**vars(F), "scaled_dot_product_attention": (
+        lambda q, *a, **k: None if q.shape[0] == 0 else sdpa(q, *a, **k))}))
     vlm = tiny_vlm(**tower)
     idx = torch.randint(0, 400, (2, 24))
     loss = vlm(idx, idx, pixel_values=torch.zeros(0, 3, 64, 64))
     assert torch.equal(loss, vlm.llm(idx, idx))
     loss.backward()
-    grads = [p.grad for p in vlm.vision.projector.parameters()]
+    grads = [p.grad for p in vlm.vision.parameters() if p.requires_grad]
     assert grads and all(g is not None and not g.any() for g in grads)
 
 

@@ -82,7 +82,7 @@ class PerceiverAttention(nn.Module):
         # explicit lengths: a text-only batch passes n = 0 images, where -1 cannot be inferred
         k = self.k_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
         v = self.v_proj(both).view(n, both.shape[1], h, d // h).transpose(1, 2)
-        if n == 0:  # an image-free batch: cuDNN's SDPA returned None for it (torch 2.11, H100, sft step 48);
+        if n == 0:  # an image-free batch: unpinned SDPA (cuDNN on that torch) returned None (torch 2.11, H100);
             # attention written out keeps q, k and v in the graph, so every weight gets its (zero) gradient
             out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1) @ v
         else:
