@@ -19,7 +19,7 @@ from ghostvis.config import VisionConfig, get_preset
 from ghostvis.model.vlm import VLM
 from ghostvis.vision import resampler as resampler_module
 from ghostvis.vision.encoder import VisionEncoder
-from ghostvis.vision.resampler import AvgPoolResampler, PerceiverResampler, PixelShuffleResampler
+from ghostvis.vision.resampler import AvgPoolResampler, PerceiverResampler, PixelShuffleResampler, build_resampler
 from ghostvis.vision.transforms import BadImage, data_config, image_transform, load_image, normalize_pixels
 
 IMG = 500  # image token id inside the tiny preset's 512-token vocabulary
@@ -95,6 +95,22 @@ def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower, monkey
     loss.backward()
     grads = [p.grad for p in vlm.vision.parameters() if p.requires_grad]
     assert grads and all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the None came from CUDA's SDPA backends")
+def test_perceiver_takes_an_empty_batch_on_cuda_in_bf16():
+    """The GPU half of the test above, with the real kernels: the perceiver as sft runs it (bf16 autocast,
+    SDPA unpinned) on a batch with no image and on one with images; every weight gets a gradient."""
+    _, vision = get_preset("vlm_small")
+    resampler = build_resampler(vision, 768, 196).cuda()
+    for n in (0, 3):
+        resampler.zero_grad()
+        x = torch.randn(n, 196, 768, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            y = resampler(x)
+        assert y.shape == (n, vision.num_vision_tokens, 768)
+        y.float().sum().backward()
+        assert all(p.grad is not None for p in resampler.parameters())
 
 
 def test_cached_features_path_matches_pixels():
