@@ -97,15 +97,16 @@ def prepare_data(out: Path, synth: dict[str, int], vocab: int, env: dict[str, st
     return {"data": data, "tokenizer": tok, "tokens": tokens, "sft_mix": sft_mix}
 
 
-# a traceback's last line, "ValueError: ...", with the launcher's "[rank0]: " in front; not an indented source line
-EXCEPTION_LINE = re.compile(r"(\[rank\d+\]:\s*)?([\w.]+(Error|Exception): .*)")
+# a traceback's last line, "ValueError: ...", with the launcher's "[rank0]: " in front (not an indented source
+# line), or argparse's refusal of a flag, "train.py: error: ..."
+ERROR_LINE = re.compile(r"(\[rank\d+\]:\s*)?([\w.]+(Error|Exception): .*|[\w.]+: error: .*)")
 
 
 def crash_summary(message: str) -> str:
-    """One table cell for a run that crashed: `sh`'s first line and the log tail's first exception line (the
+    """One table cell for a run that crashed: `sh`'s first line and the log tail's first error line (the
     cause; teardown and other ranks add later ones)."""
     lines = message.splitlines()
-    errors = [m.group(2) for x in lines[1:] if (m := EXCEPTION_LINE.match(x))]
+    errors = [m.group(2) for x in lines[1:] if (m := ERROR_LINE.match(x))]
     return " ".join(lines[:1] + errors[:1]).replace("|", "/")
 
 

@@ -112,3 +112,10 @@ def test_a_run_that_crashes_keeps_the_rows_measured_before_it(tmp_path, monkeypa
         assert "FAILED" in row and "reference run crashed" in row and cause in row and "5.000 → 1.400" in row
     else:
         assert "CRASHED" in row and row.endswith(f"{cause} |") and "RuntimeError" not in row
+
+
+def test_a_refused_flag_is_named_in_the_crash_cell():
+    """A stage refused at its command line (a flag it does not know) is named by argparse's line."""
+    cell = pipeline().crash_summary("python ... exited with 2 (log sft.log):\nusage: train.py [-h] ...\n"
+                                    "train.py: error: unrecognized arguments: --no-such-flag 1")
+    assert cell == "python ... exited with 2 (log sft.log): train.py: error: unrecognized arguments: --no-such-flag 1"
