@@ -80,7 +80,8 @@ def test_a_run_that_crashes_keeps_the_rows_measured_before_it(tmp_path, monkeypa
     def fake_sh(cmd, env, log):  # a run "runs" by writing the metrics a real run writes; one crashes
         cmd = [str(c) for c in cmd]
         is_eval = "launch/eval.py" in cmd
-        name = "eval" if is_eval else Path(cmd[cmd.index("--out") + 1]).name
+        run_dir = None if is_eval else Path(cmd[cmd.index("--out") + 1])
+        name = "eval" if is_eval else run_dir.name
         if name == crashing:
             raise SystemExit(f"{cmd[0]} ... exited with 1 (log {log}):\n[rank0]: Traceback\n"
                              "[rank0]:     return self.o_proj(F.scaled_dot_product_attention(q, k, v))\n"
@@ -92,7 +93,6 @@ def test_a_run_that_crashes_keeps_the_rows_measured_before_it(tmp_path, monkeypa
             (report / "eval.json").write_text(json.dumps({"vqa": {"per_type": {}, "overall": {
                 "accuracy": 0.5, "chance": 0.3}}}))
         else:
-            run_dir = Path(cmd[cmd.index("--out") + 1])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").write_text("".join(
                 json.dumps({"loss": 5.0 - 0.4 * s, "tokens_per_s": 100.0, "images_per_s": 0.0, "mfu": None,
