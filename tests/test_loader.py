@@ -4,6 +4,7 @@ counts and the corrupt limit, text mixtures; and the training loop's data metric
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -149,6 +150,26 @@ def test_text_mixture_under_workers(synth_dir, text_data, tiny_tokenizer, vlm, w
     frozen.llm.requires_grad_(False)
     with pytest.raises(DataError, match="LLM is frozen, so text rows train nothing: pass --train-llm-layers"):
         take(iter(WorkerBatches(caption_batches, request(mix, tiny_tokenizer, frozen), workers, CPU)), 1)
+
+
+def test_worker_shares_draw_their_own_mixture_picks(synth_dir, text_data, tiny_tokenizer, vlm, tmp_path):
+    """The loop takes the worker shares in turn, so shares that drew a mixture with one seed gave N text batches
+    in a row under N workers. Each share draws its own; data-parallel ranks keep one draw (a step's batches
+    are of one kind on every rank)."""
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "mixture.json").write_text(json.dumps({"datasets": [
+        {"dir": str(synth_dir / "captions"), "weight": 2}, {"dir": str(text_data), "weight": 1}]}))
+    req = request(mix, tiny_tokenizer, vlm)
+
+    def kinds(rank: int, world: int, share: int) -> list[bool]:
+        reader = caption_batches(dataclasses.replace(req, rank=rank, world_size=world, share=share))
+        return ["pixel_values" in b for b in take(iter(reader), 16)]
+
+    shares = [kinds(w, 2, w) for w in range(2)]  # worker shares 0 and 1 of one rank
+    assert shares[0] != shares[1]
+    assert kinds(0, 2, 0) == kinds(1, 2, 0)  # two data-parallel ranks, no workers: the same draws
+    assert 4 <= sum(shares[1]) <= 14  # still about two caption batches to one of text
 
 
 def test_training_resumes_exactly_with_workers_and_logs_data_metrics(synth_dir, tiny_tokenizer_dir, tmp_path,

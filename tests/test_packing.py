@@ -13,7 +13,7 @@ from conftest import REPO, parse, write_shards
 
 from data_prep import synth
 from ghostvis.config import get_preset
-from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, join_rows
+from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, Row, join_rows
 from ghostvis.data.packing import PackError, pack_rows
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.attention import document_positions
@@ -154,6 +154,21 @@ def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenize
     for b in first + expected:
         assert (b["pixel_values"].shape[0] <= 3 * b["input_ids"].shape[0]
                 and (b["document_ids"].amax(dim=1) >= 1).any())  # several samples a row, at most 3 images a row
+
+
+def test_packed_batches_mix_row_lengths(synth_dir, tiny_tokenizer, vlm) -> None:
+    """First-fit decreasing leaves rows of long samples, then rows of short ones, side by side; cut in that
+    order, a batch held one kind only (training on a GPU saw runs of steps of one caption length). Every
+    batch of a window mixes them, and resume still re-packs the window the same way."""
+    packer = batcher(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, vlm, max_len=64,
+                     batch_size=4, pack=True)
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    rows = [Row([1] * 60, [1] * 60, [image]) for _ in range(24)] + [Row([1] * 10, [1] * 10, [image]) for _ in range(60)]
+    batches = packer._arrange(rows)
+    kinds = [{len(r.docs) > 1 for r in b} for b in batches]
+    assert sum(len(b) for b in batches) == 24 + 10  # 24 one-sample rows, 60 short samples six to a row
+    assert sum(k == {True, False} for k in kinds) >= len(batches) // 2  # most batches hold both kinds
+    assert [[r.ids for r in b] for b in packer._arrange(rows)] == [[r.ids for r in b] for b in batches]
 
 
 def test_sample_with_more_images_than_a_row_is_one_line_error(tmp_path, tiny_tokenizer, vlm) -> None:

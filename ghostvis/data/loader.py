@@ -56,7 +56,7 @@ class _Shares(IterableDataset):
         # after a resume the loop's next batch is share `first`'s: DataLoader worker 0 takes that share
         share = ((0 if info is None else info.id) + self.first) % self.shares
         req = dataclasses.replace(self.req, rank=self.req.rank + self.req.world_size * share,
-                                  world_size=self.req.world_size * self.shares, device=torch.device("cpu"))
+                                  world_size=self.req.world_size * self.shares, share=share, device=torch.device("cpu"))
         try:
             data = self.build(req)
             if self.states[share] is not None:

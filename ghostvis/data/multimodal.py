@@ -38,12 +38,14 @@ end of this file (a `mixture.json` in the data directory mixes several datasets 
 `ghostvis.data.features.check_features` has matched every dataset's manifest against the model's encoder.
 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
-batches (emitted in a seeded random order), so little compute goes to padding.
+batches (emitted in a seeded random order), so little compute goes to padding. The seed of these orders
+and of a mixture's draws is `DataRequest.draw_seed`: each data-worker share draws its own.
 
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
 PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit decreasing into rows of max_len tokens (and at
-most `pack_images` images) and cut into batches of batch_size rows, emitted in a seeded random order; the
-window's last batch may hold fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
+most `pack_images` images), shuffled (first-fit decreasing leaves rows of one sample length side by side)
+and cut into batches of batch_size rows, emitted in a seeded random order; the window's last batch may hold
+fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
 
 Exact resume: the state is the source's state at the start of the current group plus the number of
 batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted (packing
@@ -124,7 +126,7 @@ class _Batcher:
 
     def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  num_vision_tokens: int, transform: Transform | None, use_features: bool = False,
-                 feature_shape: tuple[int, int] | None = None, group_batches: int = 1, seed: int = 0,
+                 feature_shape: tuple[int, int] | None = None, group_batches: int = 1, seed: int | str = 0,
                  device: str | torch.device = "cpu", restart: bool = False, pack: bool = False,
                  pack_images: int = 0) -> None:
         if batch_size < 1 or group_batches < 1:
@@ -225,16 +227,20 @@ class _Batcher:
         return rows, False
 
     def _arrange(self, rows: list[Row]) -> list[list[Row]]:
+        order = random.Random(f"ghostvis-groups:{self.seed}:{self._group}")
         if self.pack:
             bins = pack_rows([len(r.ids) for r in rows], [len(r.images) for r in rows], self.max_len,
                              self.pack_images)
             rows = [join_rows([rows[i] for i in b]) for b in bins]
+            # first-fit decreasing fills rows longest-first, so neighbouring rows hold samples of one length
+            # (captions of one object count): every row is max_len long anyway, so mix them across batches
+            order.shuffle(rows)
         elif self.group_batches == 1:
             return [rows]
         else:
             rows = sorted(rows, key=lambda r: len(r.ids))
         batches = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        random.Random(f"ghostvis-groups:{self.seed}:{self._group}").shuffle(batches)
+        order.shuffle(batches)
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
@@ -345,7 +351,7 @@ class MixtureBatches:
     draw count, the exhausted set (non-looping sources drop out) and each source's state.
     """
 
-    def __init__(self, sources: Iterable[tuple[Any, float]], seed: int, name: str = "mix") -> None:
+    def __init__(self, sources: Iterable[tuple[Any, float]], seed: int | str, name: str = "mix") -> None:
         pairs = list(sources)
         self.sources = [s for s, _ in pairs]
         self.weights = [float(w) for _, w in pairs]
@@ -438,7 +444,7 @@ def sample_source(req: DataRequest, kind: str, entries: list[tuple[Path, float]]
     entries = mixture_entries(req.data_dir) if entries is None else entries
     if entries is None:
         return stream(Path(req.data_dir), req.seed)
-    return MixtureBatches([(stream(d, req.seed + i), w) for i, (d, w) in enumerate(entries)], seed=req.seed)
+    return MixtureBatches([(stream(d, req.seed + i), w) for i, (d, w) in enumerate(entries)], seed=req.draw_seed)
 
 
 class TextRows:
@@ -483,13 +489,13 @@ def multimodal_batches(req: DataRequest, kind: str, make: Callable[[SampleSource
         raise DataError(f"{Path(req.data_dir) / MIXTURE_FILE} mixes text-tokens datasets in, but the LLM is frozen, "
                         "so text rows train nothing: pass --train-llm-layers K (or all), or drop them from the mixture")
     rows = [(TextRows(text_batches(dataclasses.replace(req, data_dir=d, seed=req.seed + i))), w) for i, (d, w) in text]
-    return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.seed, name="text-mix")
+    return MixtureBatches([(main, sum(w for _, w in own)), *rows], seed=req.draw_seed, name="text-mix")
 
 
 def _batcher_args(req: DataRequest, source: SampleSource) -> dict[str, Any]:
     """What the model decides: vision tokens per image and the encoder's preprocessing (VLMs only); with
     `req.cached_features`, the checked cached features instead of the preprocessing."""
-    args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.seed, "device": req.device,
+    args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.draw_seed, "device": req.device,
             "restart": req.eval_mode, "pack": req.pack, "pack_images": req.pack_images,
             "num_vision_tokens": req.num_vision_tokens, "transform": req.transform}
     if req.cached_features:

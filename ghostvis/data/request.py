@@ -47,3 +47,16 @@ class DataRequest:
     max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
     pack: bool = False  # --pack: several samples per row (ghostvis/data/packing.py)
     pack_images: int = 0  # --pack-images: the most images a packed row holds (0 = no bound)
+    share: int = 0  # which --data-workers share of this rank's samples (ghostvis/data/loader.py)
+
+    @property
+    def draw_seed(self) -> int | str:
+        """The seed of this reader's own draws: which dataset of a mixture comes next, and the order of a
+        length group's or packing window's batches. The shards' order stays `seed`'s: readers interleave one
+        common order. Each worker share draws on its own, because the loop takes the shares in turn: with
+        one seed, N workers picked the same kind of batch at the same time, so training saw runs of N steps
+        of one kind (N text batches in a row, N packed batches of one caption length). Data-parallel ranks
+        keep one draw, so every rank's batch of a step is of the same kind (a text-only batch runs no
+        vision tower, which ZeRO-3 needs on every rank or none). Share 0 keeps `seed`, so a run without
+        workers draws as before."""
+        return self.seed if self.share == 0 else f"{self.seed}:share{self.share}"
