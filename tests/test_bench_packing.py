@@ -54,3 +54,16 @@ def test_summary_and_learning_check(tmp_path):
     assert b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=1.9))[1].ok  # better is fine
     assert not b.learning_verdicts(with_val, write("p", 240.0, [5.0] * 20, val_bpb=2.0))[1].ok  # did not learn
     assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes
+
+
+def test_packed_fill_sizes_the_packed_side_by_its_real_tokens(tmp_path, tiny_tokenizer_dir):
+    """The packed side's rows come from the unpacked side's tokens per step over the packed rows' own fill
+    (first-fit decreasing leaves part of each row empty); measured on the stage's batcher over real shards."""
+    from data_prep import synth
+    b = bench()
+    synth.generate(tmp_path, seed=1, num_captions=200, num_vqa=8, num_val=4, num_test=4, num_arith=4,
+                   num_arith_test=4, num_text_docs=2, shard_size=100)
+    fills = [b.packed_fill("vision_pretrain", tmp_path / "captions", tiny_tokenizer_dir, "vlm_tiny", n)
+             for n in (64, 256)]
+    assert all(0.5 < f < 1 for f in fills)  # real tokens and padding both
+    assert fills[1] > fills[0]  # longer rows leave relatively less room unfilled
