@@ -168,22 +168,24 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
     return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)  # lower is fine
 
 
-def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, batches: int = 16) -> float:
-    """The share of a packed row's positions real tokens fill, from the stage's own batcher on the CPU over
-    the first `batches` batches of `data` (whole packing windows). First-fit decreasing leaves ~10% of a row
-    empty: sized without it, the packed side took ~11% fewer samples a step than the unpacked one."""
+def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, rows: int) -> float:
+    """The share of a packed row's positions real tokens fill, from the stage's own batcher on the CPU with
+    `rows` rows a batch (a packing window holds that many batches' tokens) over about its first two windows.
+    First-fit decreasing leaves ~10% of a row empty: sized without it, the packed side took ~11% fewer samples a
+    step than the unpacked one."""
     from ghostvis.config import get_preset
     from ghostvis.data.multimodal import caption_batches, conversation_batches
+    from ghostvis.data.packing import PACK_WINDOW_BATCHES
     from ghostvis.data.request import DataRequest
     from ghostvis.tokenizer import Tokenizer
     from ghostvis.vision.transforms import image_transform
 
     tok = Tokenizer.load(tokenizer_dir)
     _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
-    req = DataRequest(Path(data), "train", row_len, 8, 0, 1, 0, tok, torch.device("cpu"), False,
+    req = DataRequest(Path(data), "train", row_len, rows, 0, 1, 0, tok, torch.device("cpu"), False,
                       num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
     build = caption_batches if stage == "vision_pretrain" else conversation_batches
-    taken = [b for b, _ in zip(build(req), range(batches))]
+    taken = [b for b, _ in zip(build(req), range(2 * PACK_WINDOW_BATCHES + 2))]
     return sum(b["num_tokens"] for b in taken) / sum(b["input_ids"].numel() for b in taken)
 
 
@@ -222,7 +224,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if side == "unpacked":
                 flags = ["--micro-batch", B, "--seq-len", T]
             else:  # the unpacked side's real tokens per step, in whole packed rows of k·T as they fill
-                fill = packed_fill(stage, data, paths["tokenizer"], model, k * T)
+                full = max(1, round(sides["unpacked"]["tokens_per_step"] / (k * T)))  # were rows full
+                fill = packed_fill(stage, data, paths["tokenizer"], model, k * T, full)
                 rows = max(1, round(sides["unpacked"]["tokens_per_step"] / (k * T * fill)))
                 flags = ["--pack", "--micro-batch", rows, "--seq-len", k * T]
             run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"

@@ -63,7 +63,7 @@ def test_packed_fill_sizes_the_packed_side_by_its_real_tokens(tmp_path, tiny_tok
     b = bench()
     synth.generate(tmp_path, seed=1, num_captions=200, num_vqa=8, num_val=4, num_test=4, num_arith=4,
                    num_arith_test=4, num_text_docs=2, shard_size=100)
-    fills = [b.packed_fill("vision_pretrain", tmp_path / "captions", tiny_tokenizer_dir, "vlm_tiny", n)
+    fills = [b.packed_fill("vision_pretrain", tmp_path / "captions", tiny_tokenizer_dir, "vlm_tiny", n, 4)
              for n in (64, 256)]
     assert all(0.5 < f < 1 for f in fills)  # real tokens and padding both
     assert fills[1] > fills[0]  # longer rows leave relatively less room unfilled

@@ -158,17 +158,52 @@ def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenize
 
 def test_packed_batches_mix_row_lengths(synth_dir, tiny_tokenizer, vlm) -> None:
     """First-fit decreasing leaves rows of long samples, then rows of short ones, side by side; cut in that
-    order, a batch held one kind only (training on a GPU saw runs of steps of one caption length). Every
-    batch of a window mixes them, and resume still re-packs the window the same way."""
+    order, a batch held one kind only (training on a GPU saw runs of steps of one caption length). Most
+    batches of a window now mix them, and the window is arranged the same way again (exact resume)."""
     packer = batcher(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, vlm, max_len=64,
                      batch_size=4, pack=True)
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
-    rows = [Row([1] * 60, [1] * 60, [image]) for _ in range(24)] + [Row([1] * 10, [1] * 10, [image]) for _ in range(60)]
+    rows = ([Row([i] * 60, [1] * 60, [image]) for i in range(24)]
+            + [Row([100 + i] * 10, [1] * 10, [image]) for i in range(60)])  # distinct ids: the order is checked
     batches = packer._arrange(rows)
     kinds = [{len(r.docs) > 1 for r in b} for b in batches]
     assert sum(len(b) for b in batches) == 24 + 10  # 24 one-sample rows, 60 short samples six to a row
     assert sum(k == {True, False} for k in kinds) >= len(batches) // 2  # most batches hold both kinds
     assert [[r.ids for r in b] for b in packer._arrange(rows)] == [[r.ids for r in b] for b in batches]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the packed kernels other than sdpa_mask")
+def test_packed_kernel_on_cuda_matches_the_masked_one(synth_dir, tiny_tokenizer) -> None:
+    """The packed kernel `select_attention` picks on CUDA (flex where no FlashAttention varlen is installed), in
+    bf16 on real packed batches (one of them a window's short last batch), against the boolean-mask kernel:
+    its loss and gradients are as far from fp32 as the mask kernel's own in bf16."""
+    from ghostvis.model import attention
+    torch.manual_seed(0)
+    cfg, vcfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
+                           image_token_id=tiny_tokenizer.image_token_id)
+    model = VLM(cfg, vcfg).cuda()
+    choice = attention.select_attention("auto", "cuda", torch.bfloat16, cfg.head_dim, packed=True)
+    packer = batcher(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, model, max_len=256,
+                     batch_size=3, pack=True, loop=True, device="cuda")
+
+    def run(batch: dict, kernel: str, bf16: bool) -> tuple[float, torch.Tensor]:
+        attention._packed = kernel
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            loss = model(batch["input_ids"], batch["targets"], pixel_values=batch["pixel_values"],
+                         document_ids=batch["document_ids"])
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+    try:
+        for batch, _ in zip(packer, range(6)):
+            (lk, gk), (lm, gm), (l32, g32) = (run(batch, choice.packed, True), run(batch, "sdpa_mask", True),
+                                              run(batch, "sdpa_mask", False))
+            err = [((g - g32).norm() / g32.norm()).item() for g in (gk, gm)]
+            assert abs(lk - l32) <= 2 * abs(lm - l32) + 2e-3, (choice.packed, lk, lm, l32)
+            assert err[0] <= 1.5 * err[1] + 1e-3, (choice.packed, err)
+    finally:
+        attention._packed = attention._selected = None  # later tests in this process choose their own
 
 
 def test_sample_with_more_images_than_a_row_is_one_line_error(tmp_path, tiny_tokenizer, vlm) -> None:

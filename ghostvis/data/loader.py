@@ -3,7 +3,8 @@ batch ahead of the step.
 
 Split. Each of N workers runs the stage's own data builder as a data-parallel reader of its own: worker w
 of data-parallel rank r reads as rank r + dp·w of dp·N, so workers read disjoint samples and together
-cover what the rank would read alone. The loop takes batches from the workers in turn (a torch
+cover what the rank would read alone; its own draws (mixture picks, batch order) are share w's
+(DataRequest.draw_seed). The loop takes batches from the workers in turn (a torch
 DataLoader's in-order delivery), so the batch order is a function of (seed, dp, N) alone. N = 0 builds
 batches in the training process itself, in the same order as N = 1.
 

@@ -227,6 +227,8 @@ class _Batcher:
         return rows, False
 
     def _arrange(self, rows: list[Row]) -> list[list[Row]]:
+        if not self.pack and self.group_batches == 1:
+            return [rows]
         order = random.Random(f"ghostvis-groups:{self.seed}:{self._group}")
         if self.pack:
             bins = pack_rows([len(r.ids) for r in rows], [len(r.images) for r in rows], self.max_len,
@@ -235,12 +237,10 @@ class _Batcher:
             # first-fit decreasing fills rows longest-first, so neighbouring rows hold samples of one length
             # (captions of one object count): every row is max_len long anyway, so mix them across batches
             order.shuffle(rows)
-        elif self.group_batches == 1:
-            return [rows]
         else:
             rows = sorted(rows, key=lambda r: len(r.ids))
         batches = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        order.shuffle(batches)
+        order.shuffle(batches)  # packed: this places the window's short last batch
         return batches
 
     def __iter__(self) -> Iterator[Batch]:

@@ -57,6 +57,6 @@ class DataRequest:
         one seed, N workers picked the same kind of batch at the same time, so training saw runs of N steps
         of one kind (N text batches in a row, N packed batches of one caption length). Data-parallel ranks
         keep one draw, so every rank's batch of a step is of the same kind (a text-only batch runs no
-        vision tower, which ZeRO-3 needs on every rank or none). Share 0 keeps `seed`, so a run without
-        workers draws as before."""
+        vision tower, which ZeRO-3 needs on every rank or none). Share 0 keeps `seed`: a run without
+        workers draws as share 0 of a run with them."""
         return self.seed if self.share == 0 else f"{self.seed}:share{self.share}"
