@@ -12,7 +12,6 @@ OUT=${RECIPE_OUT:-runs/gpu_recipe}
 DATA=$OUT/data
 TOK=$OUT/tokenizer
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-TOWER=${RECIPE_TOWER:-vlm_tiny_cnn}  # RECIPE_TOWER=vlm_tiny: the 2-block ViT instead, for comparison
 
 rm -rf "$OUT"
 mkdir -p "$OUT/logs"
@@ -66,7 +65,9 @@ base() {
 sft_bind() {
   # recipes/gpu_recipe_sft_bind.toml: the tower grows on the base here (no vision_pretrain: captions on the
   # trained base kept colour, shape and position at chance; captions-as-chat in the mix align the tower)
-  train sft_bind --model "$TOWER" --init-from "$OUT/base" --data "$OUT/bind_mix" --out "$OUT/sft_bind"
+  # RECIPE_TOWER=vlm_tiny: the 2-block ViT instead of the recipe's tower, for comparison
+  train sft_bind ${RECIPE_TOWER:+--model "$RECIPE_TOWER"} --init-from "$OUT/base" --data "$OUT/bind_mix" \
+    --out "$OUT/sft_bind"
 }
 
 sft() {
