@@ -10,20 +10,21 @@ Runs (each from the same base export, trained once here on the embedded text):
     multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
 
 Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
-longest in the batch (sft length-groups 8 batches at a time, as training does). Packed: --pack --seq-len k·T
+longest in the batch, in stream order (training's default; `--length-group 8` would sort them). Packed: --pack --seq-len k·T
 with as many rows as hold the unpacked run's real tokens per step (its mean, in whole rows as full as the
 packer fills them: `packed_fill`, measured on the stage's own batcher before the packed run), so both
 sides take about as many samples per step: the same optimization, its steps cheaper by the padding not
 computed. From each run's metrics.jsonl (medians after the first fifth): tokens/s (real tokens, padding
 excluded), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled
-(length grouping keeps unpacked padding low by making batches of short rows, which leaves positions unused),
+(length grouping, when on, keeps unpacked padding low by making batches of short rows, which leaves positions
+unused),
 peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's training loss must fall (5%; 1% for vision_pretrain, whose LLM
 is frozen: only the connector trains; over trailing means of a tenth of the steps, `smooth`), and the packed side
 must end at most 2% above the unpacked side's validation bits per byte on the same held-out samples (run once
 after the last step). The step-by-step gap of the training losses is printed as well but decides only without a val
-split: length groups and packed rows compose steps differently, and on a LLaVA-like mix that moves single
+split: unpacked and packed rows compose steps differently, and on a LLaVA-like mix that moves single
 steps' losses by more than learning.py's tolerance (`learning_verdicts`). A side that fails prints FAILED for
 its speed.
 """
@@ -124,7 +125,7 @@ def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, sha
 def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
     """Medians after the first fifth of the steps, and every step's loss; `fill`: real tokens over the
     micro-batch's `positions` (B·T) row positions; `tokens_per_step`: the mean real tokens of a step (a mean,
-    not a median: length-grouped steps range from a batch of short answers to one of full rows)."""
+    not a median: steps range from a batch of short answers to one of full rows)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     steady = rows[len(rows) // 5:] or rows
     for r in rows:
@@ -143,8 +144,8 @@ def side_summary(metrics_path: Path, positions: int) -> dict[str, Any]:
 
 
 def smooth(losses: list[float]) -> list[float]:
-    """Trailing means over a tenth of the steps (3 at least): a length-grouped batch of long conversations and
-    one of short answers differ in loss more than the two sides do, so single steps are too noisy to compare."""
+    """Trailing means over a tenth of the steps (3 at least): a batch of long conversations and one of short
+    answers differ in loss more than the two sides do, so single steps are too noisy to compare."""
     w = max(3, len(losses) // 10)
     return [sum(losses[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
 
@@ -153,9 +154,9 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
     """(unpacked's verdict, packed's verdict). Each side's (smoothed) training loss must fall. Equal loss is
     judged on the same held-out samples: the packed side's final validation bits per byte at most VAL_RTOL
     above the unpacked side's. Step-by-step tracking of the training loss (check_learning against the unpacked
-    side) is reported too, and decides only where no validation ran: packed and length-grouped batches differ
-    in composition step by step (a length group of long text-only conversations against rows of mixed
-    samples), so their per-step losses differ by more than its tolerance on a mix like LLaVA-665K's."""
+    side) is reported too, and decides only where no validation ran: packed and unpacked batches differ in
+    composition step by step (a batch of long text-only conversations against rows of mixed samples), so their
+    per-step losses differ by more than its tolerance on a mix like LLaVA-665K's."""
     ref = smooth(unpacked["losses"])
     own = check_learning(smooth(packed["losses"]), min_drop=min_drop)
     tracked = check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)

@@ -43,6 +43,13 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    """--length-group: a positive count."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of batches, 1 or more (1 = no grouping)")
+    return int(text)
+
+
 def _factor(text: str) -> float:
     """--init-shrink / --init-perturb: a factor between 0 and 1."""
     try:
@@ -96,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "positions from 0 (vision_pretrain, sft; docs/data.md, Packing)")
     g.add_argument("--pack-images", type=int, default=0, metavar="N",
                    help="with --pack, the most images one row may hold (0 = no bound but --seq-len)")
+    g.add_argument("--length-group", type=_count, default=1, metavar="N",
+                   help="sft: read N micro-batches' worth of conversations, sort them by length and cut them into "
+                        "N batches: less padding, but each batch holds one length, which can hold learning back "
+                        "(1 = none, the default; docs/data.md, Length grouping)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
     g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp × cp))")

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import write_shards
 
 from data_prep import synth
+from ghostvis.data.manifest import DataError
 from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, MixtureBatches, shift_targets
 from ghostvis.data.shards import ShardStream
 
@@ -177,6 +178,30 @@ def test_length_grouping_and_exact_resume(synth_dir: Path, tiny_tokenizer) -> No
     lengths = [(b["input_ids"] != tiny_tokenizer.pad_token_id).sum(1) for b in full[:3]]
     spans = sorted((int(x.min()), int(x.max())) for x in lengths)
     assert all(spans[i][1] <= spans[i + 1][0] for i in range(2))
+
+
+def test_resume_inside_a_length_group_needs_its_group_size(synth_dir: Path, tiny_tokenizer) -> None:
+    """A position inside a length group names a batch of that group's cut: another --length-group is refused
+    with the flag to give; between groups any size resumes. States saved before the size was stored came from
+    sft's then fixed 8."""
+    def make(group: int) -> ConversationBatches:
+        return ConversationBatches(stream(synth_dir / "vqa/train", seed=5), tiny_tokenizer, batch_size=3,
+                                   max_len=64, num_vision_tokens=NV, transform=to_tensor, group_batches=group, seed=7)
+
+    a = make(3)
+    it = iter(a)
+    _take(it, 1)
+    inside = json.loads(json.dumps(a.state_dict()))
+    _take(it, 2)
+    between = json.loads(json.dumps(a.state_dict()))
+    assert inside["emitted"] == 1 and between["emitted"] == 0
+    with pytest.raises(DataError, match="resume with --length-group 3"):
+        make(1).load_state_dict(inside)
+    make(3).load_state_dict(inside)
+    make(1).load_state_dict(between)
+    old = {k: v for k, v in inside.items() if k != "group_batches"}
+    with pytest.raises(DataError, match="resume with --length-group 8"):
+        make(1).load_state_dict(old)
 
 
 def _labelled(tmp_path: Path, name: str, n: int) -> Path:

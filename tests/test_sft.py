@@ -5,6 +5,7 @@ conversation batches' loss masks and length grouping."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,20 +120,25 @@ def test_conversation_loss_only_on_assistant_tokens(sft_data, tiny_tokenizer):
     assert seen_tool_output > 0  # arith replies were checked too
 
 
-def test_sft_batches_are_length_grouped(sft_data, tiny_tokenizer):
-    """The sft builder sorts 8 batches' worth of conversations by length: far less padding than the
-    same samples batched in stream order."""
+def test_sft_length_grouping_is_opt_in(sft_data, tiny_tokenizer):
+    """Training batches come in stream order by default (length-sorted batches held one kind each and held
+    binding back, docs/demo.md); --length-group 8 sorts 8 batches' worth by length: far less padding."""
     cfg, vcfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size, image_token_id=tiny_tokenizer.image_token_id)
     req = request(sft_data, tiny_tokenizer, VLM(cfg, vcfg))
     builder = loop.DATA_BUILDERS[STAGES["sft"].data_kind]
 
-    def padding(batches) -> int:
+    def first(batches) -> list[dict]:
         it = iter(batches)
-        return sum(b["input_ids"].numel() - b["num_tokens"] for b in (next(it) for _ in range(8)))
+        return [next(it) for _ in range(8)]
 
-    plain = ConversationBatches(sample_source(req, "conversation"), tiny_tokenizer, batch_size=8, max_len=96,
-                                num_vision_tokens=16, transform=lambda im: torch.zeros(3, 64, 64), seed=0)
-    assert padding(builder(req)) < 0.5 * padding(plain)
+    def padding(batches: list[dict]) -> int:
+        return sum(b["input_ids"].numel() - b["num_tokens"] for b in batches)
+
+    plain = first(ConversationBatches(sample_source(req, "conversation"), tiny_tokenizer, batch_size=8, max_len=96,
+                                      num_vision_tokens=16, transform=lambda im: torch.zeros(3, 64, 64), seed=0))
+    default = first(builder(req))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(default, plain, strict=True))
+    assert padding(first(builder(dataclasses.replace(req, length_group=8)))) < 0.5 * padding(plain)
 
 
 def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tokenizer):

@@ -38,7 +38,9 @@ end of this file (a `mixture.json` in the data directory mixes several datasets 
 `ghostvis.data.features.check_features` has matched every dataset's manifest against the model's encoder.
 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
-batches (emitted in a seeded random order), so little compute goes to padding. The seed of these orders
+batches (emitted in a seeded random order), so little compute goes to padding. Off by default in training
+(launch/train.py --length-group): each batch then holds one length, and on the embedded data length tells
+the scene's object count and the conversation's kind, so batches of one kind held binding back (docs/demo.md). The seed of these orders
 and of a mixture's draws is `DataRequest.draw_seed`: each data-worker share draws its own.
 
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
@@ -271,11 +273,17 @@ class _Batcher:
         return self.source.stats
 
     def state_dict(self) -> dict[str, Any]:
-        if self._state is None:
-            return {"source": self.source.state_dict(), "emitted": self._skip, "group": self._group}
-        return self._state
+        state = self._state or {"source": self.source.state_dict(), "emitted": self._skip, "group": self._group}
+        return {**state, "group_batches": self.group_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a position inside a group is "batch j of this group's cut": another group size cuts other batches
+        # (between groups any size resumes). A state saved before the key existed was sft's then fixed 8.
+        saved = state.get("group_batches", 8 if not self.pack else self.group_batches)
+        same_window = self.pack and max(saved, self.group_batches) <= PACK_WINDOW_BATCHES  # packing reads >= that
+        if int(state["emitted"]) and saved != self.group_batches and not same_window:
+            raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "
+                            f"are cut from groups of {saved}); resume with --length-group {saved}")
         self.source.load_state_dict(state["source"])
         self._skip, self._group, self._state = int(state["emitted"]), int(state["group"]), None
 
@@ -512,6 +520,7 @@ def caption_batches(req: DataRequest) -> CaptionBatches | MixtureBatches:
 
 
 def conversation_batches(req: DataRequest) -> ConversationBatches | MixtureBatches:
-    """sft / eval data (a single directory or a mixture.json); length-grouped while training."""
+    """sft / eval data (a single directory or a mixture.json); length-grouped while training with
+    `req.length_group` > 1."""
     return multimodal_batches(req, "conversation", lambda source: ConversationBatches(
-        source, req.tokenizer, group_batches=1 if req.eval_mode else 8, **_batcher_args(req, source)))
+        source, req.tokenizer, group_batches=1 if req.eval_mode else req.length_group, **_batcher_args(req, source)))

@@ -47,6 +47,7 @@ class DataRequest:
     max_corrupt_fraction: float = 0.01  # --max-corrupt-fraction: corrupt samples a stream tolerates
     pack: bool = False  # --pack: several samples per row (ghostvis/data/packing.py)
     pack_images: int = 0  # --pack-images: the most images a packed row holds (0 = no bound)
+    length_group: int = 1  # --length-group: sft batches cut from one length-sorted group (1 = none)
     share: int = 0  # which --data-workers share of this rank's samples (ghostvis/data/loader.py)
 
     @property

@@ -522,7 +522,8 @@ def build(args: argparse.Namespace) -> Run:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
                            tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction,
-                           pack=getattr(args, "pack", False), pack_images=getattr(args, "pack_images", 0))
+                           pack=getattr(args, "pack", False), pack_images=getattr(args, "pack_images", 0),
+                           length_group=getattr(args, "length_group", 1))
 
     data_builder = DATA_BUILDERS[stage.data_kind]
     state = TrainState(WorkerBatches(data_builder, request("train", False), getattr(args, "data_workers", None),
