@@ -19,6 +19,7 @@ from ghostvis.data.shards import ShardStream
 from ghostvis.model.attention import document_positions
 from ghostvis.model.vlm import VLM
 from ghostvis.train import loop
+from ghostvis.train.engine import ConfigError
 from ghostvis.vision.transforms import image_transform
 
 # fp32 on CPU: the packed path (masked SDPA) and the unpacked one (causal SDPA) sum the same terms in
@@ -254,6 +255,19 @@ def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_p
     with pytest.raises(PackError, match=r"^--pack: --stage base can't pack \(base already fills every row from one "
                                         r"token stream .*\); packing applies to vision_pretrain and sft: drop --pack$"):
         loop.run(args)
+
+
+def test_length_group_refused_where_nothing_is_grouped(text_data, synth_dir, tiny_tokenizer_dir, tmp_path,
+                                                      world1) -> None:
+    """--length-group sorts sft's unpacked conversations only: elsewhere it would be silently ignored."""
+    common = ("--tokenizer", tiny_tokenizer_dir, "--length-group", "8", "--ds_config", REPO / "ds_configs" / "zero2.json",
+              "--eval-every", "0")
+    with pytest.raises(ConfigError, match=r"^--length-group 8: only sft's unpacked conversations are length-grouped "
+                                          r"\(--stage base\); drop --length-group$"):
+        loop.run(parse("--stage", "base", "--model", "tiny", "--data", text_data, "--out", tmp_path / "b", *common))
+    with pytest.raises(ConfigError, match=r"\(--pack fills rows instead\); drop --length-group$"):
+        loop.run(parse("--stage", "sft", "--model", "vlm_tiny", "--data", synth_dir / "vqa", "--pack",
+                       "--out", tmp_path / "s", *common))
 
 
 def test_pack_with_context_parallel_is_refused() -> None:

@@ -40,7 +40,8 @@ end of this file (a `mixture.json` in the data directory mixes several datasets 
 Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by length and cut into G
 batches (emitted in a seeded random order), so little compute goes to padding. Off by default in training
 (launch/train.py --length-group): each batch then holds one length, and on the embedded data length tells
-the scene's object count and the conversation's kind, so batches of one kind held binding back (docs/demo.md). The seed of these orders
+the scene's object count and the conversation's kind, so batches of one kind held binding back
+(docs/demo.md). The seed of these orders
 and of a mixture's draws is `DataRequest.draw_seed`: each data-worker share draws its own.
 
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
@@ -279,9 +280,9 @@ class _Batcher:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # a position inside a group is "batch j of this group's cut": another group size cuts other batches
         # (between groups any size resumes). A state saved before the key existed was sft's then fixed 8.
-        saved = state.get("group_batches", 8 if not self.pack else self.group_batches)
-        same_window = self.pack and max(saved, self.group_batches) <= PACK_WINDOW_BATCHES  # packing reads >= that
-        if int(state["emitted"]) and saved != self.group_batches and not same_window:
+        # Packing's window is its own (the trainer refuses --length-group with --pack).
+        saved = state.get("group_batches", 8)
+        if int(state["emitted"]) and saved != self.group_batches and not self.pack:
             raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "
                             f"are cut from groups of {saved}); resume with --length-group {saved}")
         self.source.load_state_dict(state["source"])

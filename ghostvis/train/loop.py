@@ -483,6 +483,11 @@ def build(args: argparse.Namespace) -> Run:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
         check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
+    if getattr(args, "length_group", 1) > 1 and (stage.data_kind != "conversation" or getattr(args, "pack", False)):
+        raise ds_engine.ConfigError(
+            f"--length-group {args.length_group}: only sft's unpacked conversations are length-grouped ("
+            + ("--pack fills rows instead" if stage.data_kind == "conversation" else f"--stage {stage.name}")
+            + "); drop --length-group")
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
