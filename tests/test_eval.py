@@ -83,13 +83,15 @@ def test_normalize_answer():
 
 
 def test_aggregate_per_type_and_chance():
-    out = aggregate([("colour", True), ("colour", False), ("colour", False), ("position", True)])
-    assert out["per_type"]["colour"] == {"correct": 1, "n": 3, "chance": 1 / 6, "accuracy": 1 / 3}
+    out = aggregate([("colour", True, "red"), ("colour", False, "Orange."), ("colour", False, "orange"),
+                     ("position", True, "left")])
+    assert out["per_type"]["colour"] == {"correct": 1, "n": 3, "chance": 1 / 6, "accuracy": 1 / 3,
+                                         "top_answer": {"answer": "orange", "share": 2 / 3}}
     assert out["per_type"]["position"]["accuracy"] == 1.0 and out["per_type"]["position"]["chance"] == 0.5
     assert out["overall"]["accuracy"] == 0.5 and out["overall"]["n"] == 4
     assert out["overall"]["chance"] == pytest.approx((3 / 6 + 0.5) / 4)
     # a type with open answers has no chance level, so the overall one is unknown too
-    assert aggregate([("arith", True), ("shape", False)])["overall"]["chance"] is None
+    assert aggregate([("arith", True, "4"), ("shape", False, "")])["overall"]["chance"] is None
 
 
 def test_reply_text_leaves_tool_calls_out():
@@ -132,6 +134,7 @@ def test_eval_cli_end_to_end(setup, capsys):
         assert entry["n"] == len(answers) == NUM_TEST // 4
         assert entry["correct"] == answers.count("square")
         assert results["vqa_blank"]["per_type"][qtype]["correct"] == entry["correct"]  # it never looked
+        assert entry["top_answer"] == {"answer": "square", "share": 1.0}  # one answer to every question
     assert results["vqa"]["overall"]["n"] == NUM_TEST and results["vqa"]["overall"]["correct"] > 0
     assert results["vqa"]["per_type"]["shape"]["chance"] == pytest.approx(1 / 3)
     assert all(e["prediction"] == ANSWER for e in results["vqa"]["examples"])
@@ -146,7 +149,7 @@ def test_eval_cli_end_to_end(setup, capsys):
         assert f"({png})" in report
         with Image.open(ckpt / png) as im:
             assert im.format == "PNG" and im.width > 100
-    assert "image blanked" in report and "stage `sft`" in report
+    assert "image blanked" in report and "stage `sft`" in report and "| square (100.0%) |" in report
 
 
 def test_training_log_keeps_the_last_record_of_a_step(setup):

@@ -100,17 +100,20 @@ def _pct(x: float | None) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table: question type, n, accuracy, blanked accuracy (when run), chance; then the losses."""
+    """Markdown table: question type, n, accuracy, blanked accuracy (when run), chance, the most given answer
+    and its share (a model stuck on one answer shows there); then the losses."""
     lines = []
     vqa, blank = results.get("vqa"), results.get("vqa_blank")
     if vqa is not None:
-        head = "| question type | n | accuracy |" + (" image blanked |" if blank else "") + " chance |"
-        lines += [head, "| --- | ---: | ---: |" + (" ---: |" if blank else "") + " ---: |"]
+        head = "| question type | n | accuracy |" + (" image blanked |" if blank else "") + " chance | most given answer |"
+        lines += [head, "| --- | ---: | ---: |" + (" ---: |" if blank else "") + " ---: | --- |"]
         rows = [*vqa["per_type"].items(), ("**overall**", vqa["overall"])]
         blank_rows = {**blank["per_type"], "**overall**": blank["overall"]} if blank else {}
         for name, e in rows:
             cell = f" {_pct(blank_rows[name]['accuracy'])} |" if name in blank_rows else (" — |" if blank else "")
-            lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} |")
+            top = e.get("top_answer")  # per type only (and absent from eval.json files written before it)
+            most = f"{top['answer'] or '(empty)'} ({_pct(top['share'])})" if top else ""
+            lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} | {most} |")
         lines.append("")
         if vqa.get("skipped"):
             lines += ["- samples not used: " + ", ".join(f"{n} {cause}" for cause, n in vqa["skipped"].items()), ""]

@@ -14,6 +14,7 @@ does not change.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ghostvis.data.scenes import BACKGROUND, chance_accuracy
 from ghostvis.data.shards import ShardStream
 from ghostvis.infer.chat import reply_text
 from ghostvis.infer.engine import Engine, evaluating
-from ghostvis.tasks.qa import QASample, Skips, is_correct, parse_sample, qa_prompt
+from ghostvis.tasks.qa import QASample, Skips, is_correct, normalize_answer, parse_sample, qa_prompt
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.vision.transforms import image_transform
 
@@ -50,17 +51,23 @@ def blank_like(image: Image.Image) -> Image.Image:
     return Image.new("RGB", image.size, BACKGROUND)
 
 
-def aggregate(results: list[tuple[str, bool]]) -> dict[str, Any]:
-    """(question type, correct) pairs -> {"overall": {...}, "per_type": {type: {...}}}, each entry
-    {"accuracy", "correct", "n", "chance"}. Overall chance is the n-weighted mean of the per-type
-    chances (None when any type has no chance level)."""
+def aggregate(results: list[tuple[str, bool, str]]) -> dict[str, Any]:
+    """(question type, correct, prediction) triples -> {"overall": {...}, "per_type": {type: {...}}}, each
+    type's entry {"accuracy", "correct", "n", "chance", "top_answer"}. `top_answer` is the type's most given
+    (normalised) prediction and its share: a model that gives one answer to every question of a type ("always
+    left") sits near chance without looking, which accuracy alone does not show. Overall chance is the
+    n-weighted mean of the per-type chances (None when any type has no chance level)."""
     per_type: dict[str, dict[str, Any]] = {}
-    for qtype, ok in results:
+    answers: dict[str, Counter[str]] = {}
+    for qtype, ok, prediction in results:
         entry = per_type.setdefault(qtype, {"correct": 0, "n": 0, "chance": chance_of(qtype)})
         entry["correct"] += int(ok)
         entry["n"] += 1
-    for entry in per_type.values():
+        answers.setdefault(qtype, Counter())[normalize_answer(prediction)] += 1
+    for qtype, entry in per_type.items():
         entry["accuracy"] = entry["correct"] / entry["n"]
+        top, count = answers[qtype].most_common(1)[0]
+        entry["top_answer"] = {"answer": top, "share": count / entry["n"]}
     n = len(results)
     chances = [e["chance"] for e in per_type.values()]
     overall_chance = (sum(e["chance"] * e["n"] for e in per_type.values()) / n
@@ -128,7 +135,7 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
     transform = image_transform(model.vision_config) if engine.vision is not None else None
     skips = Skips()
     stream, samples = iter_samples(data_dir, max_samples, skips)
-    results: list[tuple[str, bool]] = []
+    results: list[tuple[str, bool, str]] = []
     examples: list[dict[str, str]] = []
     total = stream.manifest.num_samples if max_samples is None else min(max_samples, stream.manifest.num_samples)
     bar = tqdm(total=total, desc=f"vqa{' (blanked)' if blank_images else ''}", leave=False,
@@ -143,7 +150,7 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
                                           temperature=0.0)
             for (_, s), c in zip(batch, completions):
                 prediction = reply_text(engine, c.tokens)
-                results.append((s.qtype, is_correct(prediction, s.answer)))
+                results.append((s.qtype, is_correct(prediction, s.answer), prediction))
                 if len(examples) < num_examples:
                     examples.append({"key": s.key, "type": s.qtype, "question": s.question, "answer": s.answer,
                                      "prediction": prediction})
