@@ -10,15 +10,14 @@ Runs (each from the same base export, trained once here on the embedded text):
     multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
 
 Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
-longest in the batch, in stream order (training's default; `--length-group 8` would sort them). Packed: --pack --seq-len k·T
-with as many rows as hold the unpacked run's real tokens per step (its mean, in whole rows as full as the
-packer fills them: `packed_fill`, measured on the stage's own batcher before the packed run), so both
+longest in the batch, in stream order (training's default; `--length-group 8` would sort them). Packed: --pack
+--seq-len k·T with as many rows as hold the unpacked run's real tokens per step (its mean, in whole rows as full
+as the packer fills them: `packed_fill`, measured on the stage's own batcher before the packed run), so both
 sides take about as many samples per step: the same optimization, its steps cheaper by the padding not
 computed. From each run's metrics.jsonl (medians after the first fifth): tokens/s (real tokens, padding
 excluded), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled
 (length grouping, when on, keeps unpacked padding low by making batches of short rows, which leaves positions
-unused),
-peak memory; the ratio packed/unpacked.
+unused), peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's training loss must fall (5%; 1% for vision_pretrain, whose LLM
 is frozen: only the connector trains; over trailing means of a tenth of the steps, `smooth`), and the packed side

@@ -260,8 +260,8 @@ def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_p
 def test_length_group_refused_where_nothing_is_grouped(text_data, synth_dir, tiny_tokenizer_dir, tmp_path,
                                                       world1) -> None:
     """--length-group sorts sft's unpacked conversations only: elsewhere it would be silently ignored."""
-    common = ("--tokenizer", tiny_tokenizer_dir, "--length-group", "8", "--ds_config", REPO / "ds_configs" / "zero2.json",
-              "--eval-every", "0")
+    common = ("--tokenizer", tiny_tokenizer_dir, "--length-group", "8", "--eval-every", "0",
+              "--ds_config", REPO / "ds_configs" / "zero2.json")
     with pytest.raises(ConfigError, match=r"^--length-group 8: only sft's unpacked conversations are length-grouped "
                                           r"\(--stage base\); drop --length-group$"):
         loop.run(parse("--stage", "base", "--model", "tiny", "--data", text_data, "--out", tmp_path / "b", *common))

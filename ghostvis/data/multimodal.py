@@ -41,8 +41,8 @@ Length grouping: with `group_batches=G > 1`, G·B samples are read, sorted by le
 batches (emitted in a seeded random order), so little compute goes to padding. Off by default in training
 (launch/train.py --length-group): each batch then holds one length, and on the embedded data length tells
 the scene's object count and the conversation's kind, so batches of one kind held binding back
-(docs/demo.md). The seed of these orders
-and of a mixture's draws is `DataRequest.draw_seed`: each data-worker share draws its own.
+(docs/demo.md). The seed of these orders and of a mixture's draws is `DataRequest.draw_seed`: each
+data-worker share draws its own.
 
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
 PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit decreasing into rows of max_len tokens (and at

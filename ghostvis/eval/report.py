@@ -105,7 +105,8 @@ def results_table(results: dict[str, Any]) -> str:
     lines = []
     vqa, blank = results.get("vqa"), results.get("vqa_blank")
     if vqa is not None:
-        head = "| question type | n | accuracy |" + (" image blanked |" if blank else "") + " chance | most given answer |"
+        head = ("| question type | n | accuracy |" + (" image blanked |" if blank else "")
+                + " chance | most given answer |")
         lines += [head, "| --- | ---: | ---: |" + (" ---: |" if blank else "") + " ---: | --- |"]
         rows = [*vqa["per_type"].items(), ("**overall**", vqa["overall"])]
         blank_rows = {**blank["per_type"], "**overall**": blank["overall"]} if blank else {}
