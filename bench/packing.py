@@ -10,7 +10,8 @@ Runs (each from the same base export, trained once here on the embedded text):
     multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
 
 Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
-longest in the batch, in stream order (training's default; `--length-group 8` would sort them). Packed: --pack
+longest in the batch, in stream order (training's default; `--sft-args` reach both sides, so not `--length-group`,
+which `--pack` refuses). Packed: --pack
 --seq-len k·T with as many rows as hold the unpacked run's real tokens per step (its mean, in whole rows as full
 as the packer fills them: `packed_fill`, measured on the stage's own batcher before the packed run), so both
 sides take about as many samples per step: the same optimization, its steps cheaper by the padding not

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-group", type=_count, default=1, metavar="N",
                    help="sft: read N micro-batches' worth of conversations, sort them by length and cut them into "
                         "N batches: less padding, but each batch holds one length, which can hold learning back "
-                        "(1 = none, the default; docs/data.md, Length grouping)")
+                        "(1 = none, the default; not with --pack; docs/data.md, Length grouping)")
     g.add_argument("--out", required=True, help="run directory: ckpt/, run_log.md and the final export")
 
     g = p.add_argument_group("parallelism (docs/parallelism.md; data-parallel size = world / (tp × pp × cp))")

@@ -22,6 +22,7 @@ from data_prep.synth import generate, vqa_sample
 from ghostvis.checkpoint_io import export
 from ghostvis.config import get_preset
 from ghostvis.eval import evaluate_vqa, normalize_answer, read_metrics
+from ghostvis.eval.report import results_table
 from ghostvis.eval.vqa import aggregate, blank_like
 from ghostvis.infer.chat import reply_text
 from ghostvis.infer.engine import Engine
@@ -91,7 +92,11 @@ def test_aggregate_per_type_and_chance():
     assert out["overall"]["accuracy"] == 0.5 and out["overall"]["n"] == 4
     assert out["overall"]["chance"] == pytest.approx((3 / 6 + 0.5) / 4)
     # a type with open answers has no chance level, so the overall one is unknown too
-    assert aggregate([("arith", True, "4"), ("shape", False, "")])["overall"]["chance"] is None
+    out = aggregate([("arith", True, "4"), ("shape", False, ""), ("colour", False, "Red " * 20)])
+    assert out["overall"]["chance"] is None
+    assert out["per_type"]["shape"]["top_answer"] == {"answer": "", "share": 1.0}  # an empty reply counts too
+    table = results_table({"vqa": out})  # an empty reply and a rambling one, each readable in its cell
+    assert "| ∅ (100.0%) |" in table and "| red red red red red red red re… (100.0%) |" in table
 
 
 def test_reply_text_leaves_tool_calls_out():

@@ -141,13 +141,13 @@ def test_no_attention_across_sample_boundaries(synth_dir, tiny_tokenizer, vlm) -
 def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenizer, vlm) -> None:
     mix = synth_dir / "vqa" / "train"
     data = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, pack=True, batch_size=2, max_len=128,
-                   group_batches=8, pack_images=3)
+                   pack_images=3)
     it = iter(data)
     first = [next(it) for _ in range(5)]
     state = json.loads(json.dumps(data.state_dict()))  # what a checkpoint stores
     expected = [next(it) for _ in range(12)]  # across a window's end
     resumed = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, pack=True, batch_size=2,
-                      max_len=128, group_batches=8, pack_images=3)
+                      max_len=128, pack_images=3)
     resumed.load_state_dict(state)
     got = [b for b, _ in zip(resumed, range(12))]
     for a, b in zip(expected, got):
@@ -262,10 +262,11 @@ def test_length_group_refused_where_nothing_is_grouped(text_data, synth_dir, tin
     """--length-group sorts sft's unpacked conversations only: elsewhere it would be silently ignored."""
     common = ("--tokenizer", tiny_tokenizer_dir, "--length-group", "8", "--eval-every", "0",
               "--ds_config", REPO / "ds_configs" / "zero2.json")
-    with pytest.raises(ConfigError, match=r"^--length-group 8: only sft's unpacked conversations are length-grouped "
-                                          r"\(--stage base\); drop --length-group$"):
+    with pytest.raises(ConfigError, match=r"^--length-group 8: --stage base has no conversations to group \(length "
+                                          r"grouping applies to sft without --pack\): drop --length-group$"):
         loop.run(parse("--stage", "base", "--model", "tiny", "--data", text_data, "--out", tmp_path / "b", *common))
-    with pytest.raises(ConfigError, match=r"\(--pack fills rows instead\); drop --length-group$"):
+    with pytest.raises(ConfigError, match=r"^--length-group 8: --pack fills rows from its own window, not from "
+                                          r"length groups: drop one of them$"):
         loop.run(parse("--stage", "sft", "--model", "vlm_tiny", "--data", synth_dir / "vqa", "--pack",
                        "--out", tmp_path / "s", *common))
 

@@ -134,6 +134,9 @@ class _Batcher:
                  pack_images: int = 0) -> None:
         if batch_size < 1 or group_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
+        if pack and group_batches > 1:
+            raise ValueError(f"group_batches ({group_batches}) sorts unpacked rows; pack=True reads its own window "
+                             "of PACK_WINDOW_BATCHES batches' tokens")
         self.pack, self.pack_images = pack, pack_images
         if transform is None and not use_features and num_vision_tokens > 0:
             raise ValueError("pass an image transform (PIL -> tensor), or use_features=True for cached features")
@@ -217,7 +220,7 @@ class _Batcher:
         """One group's samples: group_batches batches' worth, or a packing window's tokens; and whether the
         group is whole (False: a non-looping source ran out)."""
         rows: list[Row] = []
-        tokens, budget = 0, self.batch_size * self.max_len * max(self.group_batches, PACK_WINDOW_BATCHES)
+        tokens, budget = 0, self.batch_size * self.max_len * PACK_WINDOW_BATCHES
         for sample in it:
             try:
                 rows.append(self._row(sample))
@@ -280,7 +283,7 @@ class _Batcher:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # a position inside a group is "batch j of this group's cut": another group size cuts other batches
         # (between groups any size resumes). A state saved before the key existed was sft's then fixed 8.
-        # Packing's window is its own (the trainer refuses --length-group with --pack).
+        # A packing window does not depend on it.
         saved = state.get("group_batches", 8)
         if int(state["emitted"]) and saved != self.group_batches and not self.pack:
             raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "

@@ -113,7 +113,7 @@ def results_table(results: dict[str, Any]) -> str:
         for name, e in rows:
             cell = f" {_pct(blank_rows[name]['accuracy'])} |" if name in blank_rows else (" — |" if blank else "")
             top = e.get("top_answer")  # per type only (and absent from eval.json files written before it)
-            most = f"{top['answer'] or '(empty)'} ({_pct(top['share'])})" if top else ""
+            most = f"{_cell(_short(top['answer']))} ({_pct(top['share'])})" if top else ""
             lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} | {most} |")
         lines.append("")
         if vqa.get("skipped"):
@@ -163,6 +163,11 @@ def write_report(out_dir: str | Path, results: dict[str, Any], *, metrics_path: 
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _short(text: str, limit: int = 30) -> str:
+    """A reply cut to `limit` characters: a model that rambles instead of answering would widen the table."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _cell(text: str) -> str:

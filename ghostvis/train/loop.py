@@ -449,11 +449,23 @@ class Run:
         return Path(self.args.out)
 
 
+def check_length_group(stage: Stage, args: argparse.Namespace) -> None:
+    """Refuse --length-group where nothing is grouped, before anything is built."""
+    group = getattr(args, "length_group", 1)
+    if group > 1 and stage.data_kind != "conversation":
+        raise ds_engine.ConfigError(f"--length-group {group}: --stage {stage.name} has no conversations to group "
+                                    "(length grouping applies to sft without --pack): drop --length-group")
+    if group > 1 and getattr(args, "pack", False):
+        raise ds_engine.ConfigError(f"--length-group {group}: --pack fills rows from its own window, not from length "
+                                    "groups: drop one of them")
+
+
 def build(args: argparse.Namespace) -> Run:
     """Settings, process groups, the model in its (tp, pp) layout, parameter groups, the DeepSpeed engine,
     the loss, the data, the resumed state and the logger of `args.stage` (launch/train.py)."""
     stage = get_stage(args.stage)
     settings = resolve_settings(stage, args)
+    check_length_group(stage, args)
     rank, world, device = ds_engine.init_distributed()
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
@@ -483,11 +495,6 @@ def build(args: argparse.Namespace) -> Run:
         check_pipeline(stage, args, ds_config)
     if getattr(args, "pack", False):
         check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
-    if getattr(args, "length_group", 1) > 1 and (stage.data_kind != "conversation" or getattr(args, "pack", False)):
-        raise ds_engine.ConfigError(
-            f"--length-group {args.length_group}: only sft's unpacked conversations are length-grouped ("
-            + ("--pack fills rows instead" if stage.data_kind == "conversation" else f"--stage {stage.name}")
-            + "); drop --length-group")
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
