@@ -175,18 +175,19 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
     First-fit decreasing leaves ~10% of a row empty: sized without it, the packed side took ~11% fewer samples a
     step than the unpacked one."""
     from ghostvis.config import get_preset
-    from ghostvis.data.multimodal import caption_batches, conversation_batches
     from ghostvis.data.packing import PACK_WINDOW_BATCHES
     from ghostvis.data.request import DataRequest
     from ghostvis.tokenizer import Tokenizer
+    from ghostvis.train.loop import DATA_BUILDERS
+    from ghostvis.train.stages import STAGES
     from ghostvis.vision.transforms import image_transform
 
     tok = Tokenizer.load(tokenizer_dir)
     _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
     req = DataRequest(Path(data), "train", row_len, rows, 0, 1, 0, tok, torch.device("cpu"), False,
                       num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
-    build = caption_batches if stage == "vision_pretrain" else conversation_batches
-    taken = [b for b, _ in zip(build(req), range(2 * PACK_WINDOW_BATCHES + 2))]
+    batches = DATA_BUILDERS[STAGES[stage].data_kind](req)  # the builder the trainer uses for this stage
+    taken = [b for b, _ in zip(batches, range(2 * PACK_WINDOW_BATCHES + 2))]
     return sum(b["num_tokens"] for b in taken) / sum(b["input_ids"].numel() for b in taken)
 
 
