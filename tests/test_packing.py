@@ -14,6 +14,7 @@ from conftest import REPO, parse, write_shards
 from data_prep import synth
 from ghostvis.config import get_preset
 from ghostvis.data.multimodal import CaptionBatches, ConversationBatches, Row, join_rows
+from ghostvis.data.manifest import DataError
 from ghostvis.data.packing import PackError, pack_rows
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.attention import document_positions
@@ -155,6 +156,30 @@ def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenize
     for b in first + expected:
         assert (b["pixel_values"].shape[0] <= 3 * b["input_ids"].shape[0]
                 and (b["document_ids"].amax(dim=1) >= 1).any())  # several samples a row, at most 3 images a row
+
+
+def test_resume_inside_a_window_keeps_its_packing(synth_dir, tiny_tokenizer, vlm) -> None:
+    """A position inside a packing window (or a length group) names a batch of that cut: resuming it with
+    --pack switched is refused with the fix; between groups, and from states saved before packing was stored,
+    it resumes."""
+    mix = synth_dir / "vqa" / "train"
+
+    def state_after(n: int, **kw) -> dict:
+        data = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, batch_size=2, max_len=128, **kw)
+        it = iter(data)
+        for _ in range(n):
+            next(it)
+        return json.loads(json.dumps(data.state_dict()))
+
+    packed, grouped = state_after(1, pack=True), state_after(1, group_batches=2)
+    assert packed["emitted"] and grouped["emitted"]
+    with pytest.raises(DataError, match=r"saved with --pack.*\(add --pack\)"):
+        batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, group_batches=2).load_state_dict(packed)
+    with pytest.raises(DataError, match=r"saved without --pack.*\(drop --pack\)"):
+        batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(grouped)
+    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128).load_state_dict(state_after(2, group_batches=2))
+    unknown = {k: v for k, v in packed.items() if k != "pack"}
+    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(unknown)
 
 
 def test_packed_batches_mix_row_lengths(synth_dir, tiny_tokenizer, vlm) -> None:

@@ -278,14 +278,20 @@ class _Batcher:
 
     def state_dict(self) -> dict[str, Any]:
         state = self._state or {"source": self.source.state_dict(), "emitted": self._skip, "group": self._group}
-        return {**state, "group_batches": self.group_batches}
+        return {**state, "group_batches": self.group_batches, "pack": self.pack}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # a position inside a group is "batch j of this group's cut": another group size cuts other batches
-        # (between groups any size resumes). A state saved before the key existed was sft's then fixed 8.
-        # A packing window does not depend on it.
+        # a position inside a group is "batch j of this group's cut": another group size, or packing switched
+        # on or off, cuts other batches (between groups anything resumes). A state saved before the keys existed
+        # was sft's then fixed 8 and its packing is unknown. A packing window does not depend on the group size.
+        inside = int(state["emitted"]) > 0
+        saved_pack = state.get("pack")
+        if inside and saved_pack is not None and saved_pack != self.pack:
+            fix = "add --pack" if saved_pack else "drop --pack"
+            raise DataError(f"the checkpoint's data position was saved {'with' if saved_pack else 'without'} --pack, "
+                            f"inside a group of batches cut that way; resume as it ran ({fix})")
         saved = state.get("group_batches", 8)
-        if int(state["emitted"]) and saved != self.group_batches and not self.pack:
+        if inside and saved != self.group_batches and not self.pack:
             raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "
                             f"are cut from groups of {saved}); resume with --length-group {saved}")
         self.source.load_state_dict(state["source"])

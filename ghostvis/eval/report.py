@@ -99,22 +99,31 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _most_given(entry: dict[str, Any] | None) -> str:
+    """'answer (share)' of a type's most given answer; empty for the overall row and for eval.json files
+    written before it was recorded."""
+    top = (entry or {}).get("top_answer")
+    return f"{_cell(_short(top['answer']))} ({_pct(top['share'])})" if top else ""
+
+
 def results_table(results: dict[str, Any]) -> str:
     """Markdown table: question type, n, accuracy, blanked accuracy (when run), chance, the most given answer
-    and its share (a model stuck on one answer shows there); then the losses."""
+    and its share (a model stuck on one answer shows there; with the image blanked too, when run); then the
+    losses."""
     lines = []
     vqa, blank = results.get("vqa"), results.get("vqa_blank")
     if vqa is not None:
         head = ("| question type | n | accuracy |" + (" image blanked |" if blank else "")
-                + " chance | most given answer |")
-        lines += [head, "| --- | ---: | ---: |" + (" ---: |" if blank else "") + " ---: | --- |"]
+                + " chance | most given answer |" + (" most given, image blanked |" if blank else ""))
+        lines += [head, "| --- | ---: | ---: |" + (" ---: |" if blank else "") + " ---: | --- |"
+                  + (" --- |" if blank else "")]
         rows = [*vqa["per_type"].items(), ("**overall**", vqa["overall"])]
         blank_rows = {**blank["per_type"], "**overall**": blank["overall"]} if blank else {}
         for name, e in rows:
             cell = f" {_pct(blank_rows[name]['accuracy'])} |" if name in blank_rows else (" — |" if blank else "")
-            top = e.get("top_answer")  # per type only (and absent from eval.json files written before it)
-            most = f"{_cell(_short(top['answer']))} ({_pct(top['share'])})" if top else ""
-            lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} | {most} |")
+            tail = f" {_most_given(blank_rows.get(name))} |" if blank else ""
+            lines.append(f"| {name} | {e['n']} | {_pct(e['accuracy'])} |{cell} {_pct(e['chance'])} | "
+                         f"{_most_given(e)} |{tail}")
         lines.append("")
         if vqa.get("skipped"):
             lines += ["- samples not used: " + ", ".join(f"{n} {cause}" for cause, n in vqa["skipped"].items()), ""]
