@@ -18,6 +18,7 @@ from webdataset import TarWriter
 
 from data_prep import text_shards
 from data_prep.readers import iter_documents
+from ghostvis.data import shards
 from ghostvis.data import (DataError, Manifest, ShardInfo, ShardStream, TokenRowLoader, read_manifest,
                            token_bytes, write_manifest)
 
@@ -114,9 +115,38 @@ def test_rank_split_disjoint_and_complete(shard_dir, world):
     per_rank = [keys(ShardStream(shard_dir, seed=1, rank=r, world_size=world, loop=False)) for r in range(world)]
     flat = [k for ks in per_rank for k in ks]
     assert len(flat) == len(set(flat)) == 47
-    # Global index i goes to rank i % world: interleaving the ranks gives back the one-rank order.
+    # Each round of `world` global indices gives one to every rank, in a drawn order: every rank reads its
+    # samples in the one-rank order, the ranks stay within one sample of each other, and the rounds' draws vary.
     order = keys(ShardStream(shard_dir, seed=1, loop=False))
-    assert all(order[i] == per_rank[i % world][i // world] for i in range(47))
+    rounds = [order[i:i + world] for i in range(0, 47, world)]
+    assert all(sorted(ks[i] for ks in per_rank if i < len(ks)) == sorted(rnd) for i, rnd in enumerate(rounds))
+    assert len({tuple(rnd.index(per_rank[r][i]) for r in range(world)) for i, rnd in enumerate(rounds[:-1])}) > 1
+
+
+def test_rank_split_across_windows_resumes_exactly_and_counts_corrupt(shard_dir, monkeypatch):
+    """Windows of 2 rounds (6 indices for 3 readers): the split's window arithmetic and its cache are crossed
+    many times an epoch. Ranks stay disjoint and complete in every epoch, each resumes exactly from any
+    position, and a damaged shard's lost samples are counted once, by the readers that owned them."""
+    monkeypatch.setattr(shards, "SPLIT_WINDOW", 2)
+    world = 3
+    read = [[(x["__epoch__"], x["__key__"]) for x, _ in zip(ShardStream(shard_dir, seed=2, rank=r, world_size=world),
+                                                             range(40))] for r in range(world)]
+    for epoch in range(2):  # 47 samples an epoch: 15 or 16 to each rank
+        flat = [k for ks in read for e, k in ks if e == epoch]
+        assert len(flat) == len(set(flat)) == 47
+    straight = [k for _, k in read[1]]
+    for k in (1, 5, 11, 16, 17, 30):
+        s = ShardStream(shard_dir, seed=2, rank=1, world_size=world)
+        assert keys(s, k) == straight[:k]
+        resumed = ShardStream(shard_dir, seed=2, rank=1, world_size=world)
+        resumed.load_state_dict(json.loads(json.dumps(s.state_dict())))
+        assert keys(resumed, 40 - k) == straight[k:]
+    lost = truncate_middle(shard_dir / "train-000002.tar")
+    streams = [ShardStream(shard_dir, seed=2, rank=r, world_size=world, loop=False, max_corrupt_fraction=0.5)
+               for r in range(world)]
+    got = [keys(s) for s in streams]
+    assert sum(len(g) for g in got) == 47 - lost and sum(s.stats["corrupt"] for s in streams) == lost
+    assert sum(s.stats["seen"] for s in streams) == 47
 
 
 def _bytes_read() -> int:

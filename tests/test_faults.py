@@ -82,16 +82,25 @@ def _open_under(pid: int, marker: str) -> bool:
         return False
 
 
+def _training(out: Path, since: float) -> bool:
+    """Whether the run has a complete checkpoint and has logged a step since `since` (time.time())."""
+    metrics = out / "metrics.jsonl"
+    return (out / "ckpt" / "latest").is_file() and metrics.is_file() and metrics.stat().st_mtime > since
+
+
 def _kill_when(proc: subprocess.Popen, moment: str, rng: random.Random, out: Path) -> str:
     """kill -9 `proc` at `moment`: "save" (a checkpoint file open for writing), "load" (a checkpoint file
-    open while resuming) or "random" (after a random delay); what actually happened."""
+    open while resuming) or "random" (a random delay of up to ~2 steps once this run is training with a
+    checkpoint behind it; a delay counted from the start outlasted the whole run on a fast box, or came before
+    any checkpoint and left the next run nothing to load); what actually happened."""
     deadline = time.monotonic() + 200
-    delay = rng.uniform(2.0, 12.0)
-    start = time.monotonic()
+    delay, since, armed = rng.uniform(0.0, 0.15), time.time(), None
     while proc.poll() is None and time.monotonic() < deadline:
+        if moment == "random" and armed is None and _training(out, since):
+            armed = time.monotonic()
         hit = (moment == "save" and (_open_under(proc.pid, "/tmp-step-") or any((out / "ckpt").glob("tmp-*")))) \
             or (moment == "load" and _open_under(proc.pid, "/ckpt/step-")) \
-            or (moment == "random" and time.monotonic() - start > delay)
+            or (armed is not None and time.monotonic() - armed > delay)
         if hit:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -174,6 +174,21 @@ def test_worker_shares_draw_their_own_mixture_picks(synth_dir, text_data, tiny_t
     assert ["pixel_values" in b for b in take(iter(loader), 32)] == [k for pair in zip(*shares) for k in pair]
 
 
+def test_worker_shares_each_read_every_question_type(tmp_path):
+    """data_prep.synth's visual QA cycles its question types by sample index. Split i % readers, worker share w
+    of 4 read only type w: its batches, each a step of its own, asked one kind of question, and binding failed
+    with 8 workers where it succeeded with 1 (docs/demo.md). Each share now gets every type, about equally."""
+    synth.generate(tmp_path, seed=4, num_captions=4, num_vqa=160, num_val=4, num_test=4, num_arith=4,
+                   num_arith_test=4, num_text_docs=2, shard_size=16)
+    workers = 4
+    for share in range(workers):  # as WorkerBatches reads: rank 0 + 1 · share of 1 · workers
+        stream = ShardStream(tmp_path / "vqa" / "train", seed=0, rank=share, world_size=workers, loop=False)
+        types = [json.loads(s["json"])["type"] for s in stream]
+        assert len(types) == 40
+        counts = {t: types.count(t) for t in ("colour", "count", "shape", "position")}
+        assert all(4 <= n <= 18 for n in counts.values()), (share, counts)
+
+
 def test_training_resumes_exactly_with_workers_and_logs_data_metrics(synth_dir, tiny_tokenizer_dir, tmp_path,
                                                                     world1):
     """vision_pretrain through the loop with 2 data workers: stopped at step 2 and resumed from its checkpoint,

@@ -13,8 +13,14 @@ skipped and counted like a sample the tar reader couldn't read.
 
 Order. Epoch e visits shards in a permutation drawn from (seed, e) (manifest order with shuffle=False),
 and samples in the order they are stored in each shard. Counting with the manifest's sample counts, the
-samples of an epoch get global indices 0..N-1; index i belongs to rank i % world_size. Every rank reads
-the same order, so ranks' samples are disjoint and together cover the epoch exactly once.
+samples of an epoch get global indices 0..N-1. Split: each round of world_size consecutive indices gives
+one index to every rank, which one drawn from (seed, epoch) by one generator per window of SPLIT_WINDOW
+rounds, so the ranks stay within one sample of each other at any position. Every rank reads the same
+order, so ranks' samples are disjoint and together cover the epoch exactly once, and each reads its own in
+stored order. Not i % world_size: in a dataset stored with a period (data_prep.synth's visual QA cycles
+its question types by index; a user's file may alternate its sources), a reader whose count shares a
+factor with the period would get samples of one kind only, and a data worker's batches are steps of their
+own (docs/data.md, "Rank split").
 
 State. `state_dict()` = {epoch, position (next global index), stats}; after loading it the stream resumes
 with the sample after the last one yielded. Resuming skips whole shards by their manifest counts and,
@@ -46,6 +52,10 @@ from webdataset.tariterators import base_plus_ext
 from ghostvis.data.manifest import DataError, Manifest, ShardInfo, read_manifest
 
 Sample = dict[str, Any]
+
+# Rounds of the rank split (module docstring) drawn together: one random generator and one prefix count
+# per window of world_size × SPLIT_WINDOW indices.
+SPLIT_WINDOW = 64
 
 # What a damaged or truncated tar raises while being read.
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -81,6 +91,8 @@ class ShardStream:
         self.epoch, self.position = 0, 0
         self.stats: dict[str, Any] = {"seen": 0, "corrupt": 0, "by_shard": {}, "by_reason": {}}
         self._last_shard: str | None = None  # shard of the last yielded sample, for mark_corrupt()
+        self._prefix_key: tuple[int, int] | None = None  # the rank split's window last dealt, and its counts
+        self._prefix: list[int] = []
 
     # ---- order and split -------------------------------------------------------------------------
 
@@ -92,11 +104,32 @@ class ShardStream:
             random.Random(f"ghostvis-shards:{self.seed}:{epoch}").shuffle(order)
         return order
 
+    def _window_prefix(self, window: int) -> list[int]:
+        """prefix[j]: how many of the first j indices of `window` (this epoch) belong to this reader."""
+        key = (self.epoch, window)
+        if self._prefix_key != key:
+            rng, owners = random.Random(f"ghostvis-split:{self.seed}:{self.epoch}:{window}"), []
+            for _ in range(SPLIT_WINDOW):  # each round of world_size indices: one to every rank, in a drawn order
+                owners += rng.sample(range(self.world_size), self.world_size)
+            prefix = [0]
+            for owner in owners:
+                prefix.append(prefix[-1] + (owner == self.rank))
+            self._prefix_key, self._prefix = key, prefix
+        return self._prefix
+
+    def _below(self, x: int) -> int:
+        """How many global indices in [0, x) of this epoch belong to this reader."""
+        if self.world_size == 1:
+            return x
+        window, offset = divmod(x, self.world_size * SPLIT_WINDOW)
+        return window * SPLIT_WINDOW + (self._window_prefix(window)[offset] if offset else 0)
+
     def _count_mine(self, lo: int, hi: int) -> int:
         """How many global indices in [lo, hi) belong to this reader."""
-        def below(x: int) -> int:
-            return max(0, (x - self.rank + self.world_size - 1) // self.world_size)
-        return below(hi) - below(lo) if hi > lo else 0
+        return self._below(hi) - self._below(lo) if hi > lo else 0
+
+    def _is_mine(self, index: int) -> bool:
+        return self._count_mine(index, index + 1) == 1
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -228,7 +261,7 @@ class ShardStream:
                         prev_base, k = base, k + 1
                     if k >= count:  # positions are defined by the manifest's counts: refuse, never drop
                         raise DataError(_miscount(path, count, "more"))
-                    if k < first or (start + k) % self.world_size != self.rank:
+                    if k < first or not self._is_mine(start + k):
                         continue
                     if k != pk:
                         if pending is not None:
