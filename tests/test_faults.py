@@ -90,7 +90,7 @@ def _training(out: Path, since: float) -> bool:
 
 def _kill_when(proc: subprocess.Popen, moment: str, rng: random.Random, out: Path) -> str:
     """kill -9 `proc` at `moment`: "save" (a checkpoint file open for writing), "load" (a checkpoint file
-    open while resuming) or "random" (a random delay of up to ~2 steps once this run is training with a
+    open while resuming) or "random" (a random delay of up to 0.15 s once this run is training with a
     checkpoint behind it; a delay counted from the start outlasted the whole run on a fast box, or came before
     any checkpoint and left the next run nothing to load); what actually happened."""
     deadline = time.monotonic() + 200

@@ -177,7 +177,8 @@ def test_resume_inside_a_window_keeps_its_packing(synth_dir, tiny_tokenizer, vlm
         batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, group_batches=2).load_state_dict(packed)
     with pytest.raises(DataError, match=r"saved without --pack.*\(drop --pack\)"):
         batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(grouped)
-    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128).load_state_dict(state_after(2, group_batches=2))
+    between = state_after(2, group_batches=2)
+    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(between)
     unknown = {k: v for k, v in packed.items() if k != "pack"}
     batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(unknown)
 
