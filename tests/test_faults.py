@@ -89,8 +89,9 @@ def _training(out: Path, since: float) -> bool:
 
 
 def _kill_when(proc: subprocess.Popen, moment: str, rng: random.Random, out: Path) -> str:
-    """kill -9 `proc` at `moment`: "save" (a checkpoint file open for writing), "load" (a checkpoint file
-    open while resuming) or "random" (a random delay of up to 0.15 s once this run is training with a
+    """kill -9 `proc` at `moment`: "save" (a checkpoint file open for writing), "load" (a file under ckpt/
+    open: while resuming, or, where the poll misses the resume's brief reads, the run's first save, so that one
+    miss does not leave the next runs nothing to do) or "random" (a random delay of up to 0.15 s once this run is training with a
     checkpoint behind it; a delay counted from the start outlasted the whole run on a fast box, or came before
     any checkpoint and left the next run nothing to load); what actually happened."""
     deadline = time.monotonic() + 200
@@ -99,13 +100,13 @@ def _kill_when(proc: subprocess.Popen, moment: str, rng: random.Random, out: Pat
         if moment == "random" and armed is None and _training(out, since):
             armed = time.monotonic()
         hit = (moment == "save" and (_open_under(proc.pid, "/tmp-step-") or any((out / "ckpt").glob("tmp-*")))) \
-            or (moment == "load" and _open_under(proc.pid, "/ckpt/step-")) \
+            or (moment == "load" and _open_under(proc.pid, "/ckpt/")) \
             or (armed is not None and time.monotonic() - armed > delay)
         if hit:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return moment
-        time.sleep(0.005)
+        time.sleep(0.001)
     proc.wait()
     return "finished first"
 
