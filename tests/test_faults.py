@@ -89,11 +89,13 @@ def _training(out: Path, since: float) -> bool:
 
 
 def _kill_when(proc: subprocess.Popen, moment: str, rng: random.Random, out: Path) -> str:
-    """kill -9 `proc` at `moment`: "save" (a checkpoint file open for writing), "load" (a file under ckpt/
-    open: while resuming, or, where the poll misses the resume's brief reads, the run's first save, so that one
-    miss does not leave the next runs nothing to do) or "random" (a random delay of up to 0.15 s once this run is training with a
-    checkpoint behind it; a delay counted from the start outlasted the whole run on a fast box, or came before
-    any checkpoint and left the next run nothing to load); what actually happened."""
+    """kill -9 `proc` at `moment`; returns what actually happened.
+    - "save": a checkpoint file open for writing.
+    - "load": a file under ckpt/ open: while resuming, or, where the poll misses the resume's brief reads, the
+      run's first save (so one miss does not leave the later runs nothing to do).
+    - "random": up to 0.15 s after this run has logged a step with a complete checkpoint behind it (a delay
+      counted from the start outlasted the whole run on a fast box, or came before any checkpoint and left the
+      next run nothing to load)."""
     deadline = time.monotonic() + 200
     delay, since, armed = rng.uniform(0.0, 0.15), time.time(), None
     while proc.poll() is None and time.monotonic() < deadline:
