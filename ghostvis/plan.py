@@ -122,15 +122,24 @@ class Plan:
     def gpu_total(self) -> int:
         return sum(self.gpu.values())
 
-    def fits(self, gpu_mem_gib: float) -> bool:
-        return self.gpu_total <= gpu_mem_gib * GIB
+    @property
+    def host_per_node(self) -> int:
+        """Offloaded bytes on one node's host: every GPU of the node holds its share there."""
+        return sum(self.host.values()) * self.layout.gpus
 
-    def to_dict(self, gpu_mem_gib: float) -> dict[str, Any]:
+    def fits_host(self, host_mem_gib: float | None) -> bool:
+        return host_mem_gib is None or self.host_per_node <= host_mem_gib * GIB
+
+    def fits(self, gpu_mem_gib: float, host_mem_gib: float | None = None) -> bool:
+        return self.gpu_total <= gpu_mem_gib * GIB and self.fits_host(host_mem_gib)
+
+    def to_dict(self, gpu_mem_gib: float, host_mem_gib: float | None = None) -> dict[str, Any]:
         return {"model": self.model, "layout": {**asdict(self.layout), "dp": self.layout.dp},
                 "pipeline_stage": self.stage_index, "params_total": self.params_total,
                 "params_trainable": self.params_trainable, "params_on_gpu": self.params_on_gpu,
                 "gpu_bytes": self.gpu, "gpu_total_bytes": self.gpu_total, "host_bytes_per_gpu": self.host,
-                "gpu_mem_gib": gpu_mem_gib, "fits": self.fits(gpu_mem_gib),
+                "host_bytes_per_node": self.host_per_node, "host_mem_gib": host_mem_gib,
+                "gpu_mem_gib": gpu_mem_gib, "fits": self.fits(gpu_mem_gib, host_mem_gib),
                 "headroom_bytes": int(gpu_mem_gib * GIB) - self.gpu_total, "notes": self.notes}
 
 
@@ -438,7 +447,7 @@ def ac_words(activation_checkpointing: bool | int) -> str:
     return f", activation checkpointing of {activation_checkpointing} blocks" if activation_checkpointing else ""
 
 
-def format_plan(p: Plan, gpu_mem_gib: float) -> str:
+def format_plan(p: Plan, gpu_mem_gib: float, host_mem_gib: float | None = None) -> str:
     lay = p.layout
     lines = [
         f"model {p.model}: {p.params_total:,} parameters, {p.params_trainable:,} trainable",
@@ -454,10 +463,16 @@ def format_plan(p: Plan, gpu_mem_gib: float) -> str:
     if p.host:
         lines.append("host (CPU) memory per GPU, offloaded:")
         lines += [f"  {k:<{width}}  {v / GIB:9.2f} GiB" for k, v in p.host.items()]
+        lines.append(f"  {'total per node':<{width}}  {p.host_per_node / GIB:9.2f} GiB ({p.layout.gpus} GPU(s))")
     headroom = gpu_mem_gib - p.gpu_total / GIB
-    verdict = "fits" if p.fits(gpu_mem_gib) else "does not fit"
+    verdict = "fits" if p.gpu_total <= gpu_mem_gib * GIB else "does not fit"
     lines.append(f"{verdict} on a {gpu_mem_gib:g} GiB card ({'headroom' if headroom >= 0 else 'short by'} "
                  f"{abs(headroom):.2f} GiB)")
+    if p.host and host_mem_gib is not None:
+        room = host_mem_gib - p.host_per_node / GIB
+        lines.append(f"offloaded state {'fits' if room >= 0 else 'does not fit'} in {host_mem_gib:g} GiB of host "
+                     f"memory per node ({'headroom' if room >= 0 else 'short by'} {abs(room):.2f} GiB; the "
+                     "processes' own memory comes on top)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed JSON for bucket sizes (default: ds_configs/zero{N}[_offload].json)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one card in GiB")
+    p.add_argument("--host-mem-gib", type=float, default=None,
+                   help="host memory of one node in GiB: with --offload, check the offloaded state fits it")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--measure", action="store_true",
                    help="also run one bf16 forward+backward of the (text) model on this GPU and print its measured "
@@ -82,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**result.to_dict(args.gpu_mem_gib), "measured_activation_bytes": measured}, indent=1))
+        print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib), "measured_activation_bytes": measured}, indent=1))
     else:
-        print(format_plan(result, args.gpu_mem_gib))
+        print(format_plan(result, args.gpu_mem_gib, args.host_mem_gib))
         if measured is not None:
             print(f"measured activations on this GPU: {measured / GIB:.2f} GiB "
                   f"(planned {result.gpu['activations'] / GIB:.2f} GiB)")
-    return 0 if result.fits(args.gpu_mem_gib) else 1
+    return 0 if result.fits(args.gpu_mem_gib, args.host_mem_gib) else 1
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _topo(tp: int = 1, pp: int = 1) -> SimpleNamespace:
     return SimpleNamespace(tp_size=tp, pp_size=pp, cp_size=1, dp_size=1)
 
 
-def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
+def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     from ghostvis.checkpoint_io import build_model
     from ghostvis.train.engine import ConfigError, check_layout
     from ghostvis.train.loop import check_fits_card
@@ -175,6 +175,16 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight():
     cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
     check_fits_card(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (),
                     80.0)
+    # offloaded, the card has room but the host must hold 7B's optimizer state (~128 GiB planned): refused on a
+    # host that cannot, with the levers named; two ranks on one host need it twice
+    from ghostvis.train import loop
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "bf16": {"enabled": True}}
+    monkeypatch.setattr(loop, "host_memory_bytes", lambda: 200 * 2**30)
+    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^the planner puts this run's offloaded state at 2\d\d\.\d GiB of host "
+                                          r"memory \(2 rank\(s\) on this host\), more than its 200\.0 GiB: .*--lora-rank"):
+        check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
 
 
 @pytest.mark.parametrize("where", ["cpu-bf16", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -158,14 +158,17 @@ def test_packed_batches_resume_exactly_and_bound_images(synth_dir, tiny_tokenize
                 and (b["document_ids"].amax(dim=1) >= 1).any())  # several samples a row, at most 3 images a row
 
 
-def test_resume_inside_a_window_keeps_its_packing(synth_dir, tiny_tokenizer, vlm) -> None:
+def test_resume_inside_a_window_keeps_its_cut(synth_dir, tiny_tokenizer, vlm) -> None:
     """A position inside a packing window (or a length group) names a batch of that cut: resuming it with
-    --pack switched is refused with the fix; between groups, and from states saved before packing was stored,
-    it resumes."""
+    --pack switched, or another --micro-batch (packed: --seq-len, --pack-images), is refused with the fix;
+    between groups, and from states saved before these were stored, it resumes."""
     mix = synth_dir / "vqa" / "train"
 
+    def make(**kw) -> ConversationBatches:
+        return batcher(ConversationBatches, mix, tiny_tokenizer, vlm, **{"batch_size": 2, "max_len": 128, **kw})
+
     def state_after(n: int, **kw) -> dict:
-        data = batcher(ConversationBatches, mix, tiny_tokenizer, vlm, loop=True, batch_size=2, max_len=128, **kw)
+        data = make(loop=True, **kw)
         it = iter(data)
         for _ in range(n):
             next(it)
@@ -174,13 +177,21 @@ def test_resume_inside_a_window_keeps_its_packing(synth_dir, tiny_tokenizer, vlm
     packed, grouped = state_after(1, pack=True), state_after(1, group_batches=2)
     assert packed["emitted"] and grouped["emitted"]
     with pytest.raises(DataError, match=r"saved with --pack.*\(add --pack\)"):
-        batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, group_batches=2).load_state_dict(packed)
+        make(group_batches=2).load_state_dict(packed)
     with pytest.raises(DataError, match=r"saved without --pack.*\(drop --pack\)"):
-        batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(grouped)
+        make(pack=True).load_state_dict(grouped)
+    for changed, fix in [({"batch_size": 3}, "--micro-batch 2"), ({"max_len": 96}, "--seq-len 128"),
+                         ({"pack_images": 1}, "--pack-images 0")]:
+        with pytest.raises(DataError, match=f"cut with {fix}; resume with {fix} "):
+            make(pack=True, **changed).load_state_dict(packed)
+    with pytest.raises(DataError, match="cut with --micro-batch 2; resume with --micro-batch 2 "):
+        make(group_batches=2, batch_size=3).load_state_dict(grouped)
+    make(group_batches=2, max_len=96).load_state_dict(grouped)  # unpacked: the row length does not cut groups
+    make(pack=True).load_state_dict(packed)
     between = state_after(2, group_batches=2)
-    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(between)
-    unknown = {k: v for k, v in packed.items() if k != "pack"}
-    batcher(ConversationBatches, mix, tiny_tokenizer, vlm, max_len=128, pack=True).load_state_dict(unknown)
+    make(pack=True, batch_size=3, max_len=96).load_state_dict(between)
+    unknown = {k: v for k, v in packed.items() if k not in ("pack", "cut")}
+    make(pack=True, batch_size=3).load_state_dict(unknown)
 
 
 def test_packed_batches_mix_row_lengths(synth_dir, tiny_tokenizer, vlm) -> None:

@@ -179,6 +179,20 @@ def test_cli_json_and_exit_status(capsys):
     assert plan_cli.main(["--model", "tiny", "--stage", "base", "--freeze", "decoder"]) == 2
     assert "--freeze decoder: choose among llm,encoder,connector" in capsys.readouterr().err
     assert plan_cli.main(["--model", "tiny", "--pp", "2", "--gpus", "2", "--zero", "2"]) == 2
+    # offloaded state counts against one node's host memory: 7B trained whole and offloaded from one GPU needs
+    # ~128 GiB there (bf16 weights, fp32 master weights, gradients and Adam states of 7.6 B parameters)
+    offload_7b = ["--model", "qwen25_7b", "--gpus", "1", "--zero", "3", "--offload", "--seq", "1024",
+                  "--gpu-mem-gib", "139"]
+    assert plan_cli.main([*offload_7b, "--host-mem-gib", "100"]) == 1
+    out = capsys.readouterr().out
+    assert "fits on a 139 GiB card" in out and "offloaded state does not fit in 100 GiB of host memory" in out
+    assert plan_cli.main([*offload_7b, "--host-mem-gib", "512", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["host_bytes_per_node"] == sum(out["host_bytes_per_gpu"].values()) > 100 * 2**30
+    two = [*offload_7b[:3], "2", *offload_7b[4:]]  # two GPUs of one node: each holds half, the host all of it
+    assert plan_cli.main([*two, "--host-mem-gib", "100", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["host_bytes_per_node"] == pytest.approx(out["host_bytes_per_node"],
+                                                                                       rel=1e-3)
 
 
 # ---- rank script: measured bytes of real DeepSpeed ZeRO engines (CPU, gloo, bf16) ----------------

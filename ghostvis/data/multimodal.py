@@ -278,11 +278,19 @@ class _Batcher:
 
     def state_dict(self) -> dict[str, Any]:
         state = self._state or {"source": self.source.state_dict(), "emitted": self._skip, "group": self._group}
-        return {**state, "group_batches": self.group_batches, "pack": self.pack}
+        return {**state, "group_batches": self.group_batches, "pack": self.pack, "cut": self._cut()}
+
+    def _cut(self) -> dict[str, int]:
+        """The flags that decide a group's batches, by the trainer's flag names: a group of unpacked rows is
+        --micro-batch × --length-group samples; a packing window's budget and rows take --seq-len and
+        --pack-images too."""
+        cut = {"micro-batch": self.batch_size}
+        return {**cut, "seq-len": self.max_len, "pack-images": self.pack_images} if self.pack else cut
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # a position inside a group is "batch j of this group's cut": another group size, or packing switched
-        # on or off, cuts other batches (between groups anything resumes). A state saved before the keys existed
+        # a position inside a group is "batch j of this group's cut": another group size, micro-batch, packing
+        # switched on or off (and, packed, another row length or image cap) cuts other batches (between groups
+        # anything resumes). A state saved before the keys existed
         # was sft's then fixed 8 and its packing is unknown. A packing window does not depend on the group size.
         inside = int(state["emitted"]) > 0
         saved_pack = state.get("pack")
@@ -294,6 +302,12 @@ class _Batcher:
         if inside and saved != self.group_batches and not self.pack:
             raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "
                             f"are cut from groups of {saved}); resume with --length-group {saved}")
+        changed = [f"--{flag} {value}" for flag, value in state.get("cut", {}).items()
+                   if inside and self._cut().get(flag, value) != value]
+        if changed:
+            raise DataError(f"the checkpoint's data position was saved inside a group of batches cut with "
+                            f"{', '.join(changed)}; resume with {' '.join(changed)} (or from a checkpoint saved "
+                            "between groups)")
         self.source.load_state_dict(state["source"])
         self._skip, self._group, self._state = int(state["emitted"]), int(state["group"]), None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -698,6 +699,21 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
             f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the card's "
             f"{card_gib:.1f} GiB: lower --micro-batch, add --activation-checkpointing, use ZeRO-3 or more GPUs "
             "(launch/plan.py prints the plan; --no-plan-check runs anyway)")
+    # offloaded state lives in this host's memory, once per local rank: past it the kernel kills the run (or
+    # the machine) mid-build, long after the launch
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host_need, host_have = sum(result.host.values()) * local_ranks, host_memory_bytes()
+    if host_need > host_have:
+        raise ds_engine.ConfigError(
+            f"the planner puts this run's offloaded state at {host_need / GIB:.1f} GiB of host memory "
+            f"({local_ranks} rank(s) on this host), more than its {host_have / GIB:.1f} GiB: train fewer parameters "
+            "(--lora-rank, --train-llm-layers, --freeze), offload to more hosts, or drop the offload "
+            "(launch/plan.py --host-mem-gib prints the plan; --no-plan-check runs anyway)")
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
