@@ -51,6 +51,7 @@ class Layout:
     seq_len: int = 2048
     dtype: str = "bf16"
     offload: bool = False
+    offload_weights: bool = True  # with offload at ZeRO-3, the weights too (DeepSpeed's offload_param)
     activation_checkpointing: bool | int = False  # True: every block; N: the first N
     images_per_sample: int = 1
     reduce_bucket_size: int = 0  # elements; 0 = no gradient buckets (as without DeepSpeed)
@@ -122,10 +123,15 @@ class Plan:
     def gpu_total(self) -> int:
         return sum(self.gpu.values())
 
+    def host_bytes(self, optimizer: bool = True, weights: bool = True) -> int:
+        """Offloaded bytes per GPU: the optimizer's share (master weights, gradients, Adam states) and/or the
+        ZeRO-3 weights (`stage_plan`'s "weights (...)" line)."""
+        return sum(v for k, v in self.host.items() if (weights if k.startswith("weights (") else optimizer))
+
     @property
     def host_per_node(self) -> int:
         """Offloaded bytes on one node's host: every GPU of the node holds its share there."""
-        return sum(self.host.values()) * self.layout.gpus
+        return self.host_bytes() * self.layout.gpus
 
     def fits_host(self, host_mem_gib: float | None) -> bool:
         return host_mem_gib is None or self.host_per_node <= host_mem_gib * GIB
@@ -327,7 +333,8 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     def place(line: str, nbytes: float, offloaded: bool) -> None:
         (host if offloaded else gpu)[line] = math.ceil(nbytes)
 
-    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1), lay.offload and zero >= 3)
+    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1),
+          lay.offload and lay.offload_weights and zero >= 3)
     if lay.dtype != "fp32":
         place("master weights (fp32)", n_train * 4 / (dp if zero >= 1 else 1), lay.offload)
     # DeepSpeed reduces gradients into each rank's partition during backward at stage 1 as well as 2

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib), "measured_activation_bytes": measured}, indent=1))
+        print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
+                          "measured_activation_bytes": measured}, indent=1))
     else:
         print(format_plan(result, args.gpu_mem_gib, args.host_mem_gib))
         if measured is not None:

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each block's activations in backward (less memory, ~1/3 more compute); with N, "
                         "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py)")
     g.add_argument("--no-plan-check", action="store_true",
-                   help="on a GPU, run even when the planner (launch/plan.py) says the run does not fit the card")
+                   help="on a GPU, run even when the planner (launch/plan.py) says the run does not fit the card, or "
+                        "its CPU-offloaded state does not fit this host's memory")
 
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per forward")

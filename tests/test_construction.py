@@ -180,11 +180,22 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     from ghostvis.train import loop
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "bf16": {"enabled": True}}
     monkeypatch.setattr(loop, "host_memory_bytes", lambda: 200 * 2**30)
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher's name; torchrun sets LOCAL_WORLD_SIZE
     with pytest.raises(ConfigError, match=r"^the planner puts this run's offloaded state at 2\d\d\.\d GiB of host "
                                           r"memory \(2 rank\(s\) on this host\), more than its 200\.0 GiB: .*--lora-rank"):
         check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+    # to NVMe, the optimizer's state does not take host memory; the ZeRO-3 weights counted only where offloaded
+    to_nvme = {**offload, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    check_fits_card(big, _topo(), to_nvme, args, "base", (), 2048.0)
+    monkeypatch.setattr(loop, "host_memory_bytes", lambda: 230 * 2**30)  # under 2 × 128 GiB, over 2 × 114 GiB
+    with pytest.raises(ConfigError, match="host memory"):
+        check_fits_card(big, _topo(), {**offload, "zero_optimization": {
+            "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}, args, "base", (),
+            2048.0)
+    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
 
 
 @pytest.mark.parametrize("where", ["cpu-bf16", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -85,6 +85,20 @@ def test_worker_shares_order_and_exact_resume(synth_dir, tiny_tokenizer, vlm, wo
     assert default.shares == shares and all(same(a, b) for a, b in zip(expected, take(iter(default), 5)))
 
 
+def test_a_position_the_batchers_cannot_resume_is_refused_when_it_loads(synth_dir, tiny_tokenizer, vlm):
+    """Checked on each worker share's saved position in the training process, as the checkpoint loads, before
+    any worker starts (a worker would raise it only at its first batch)."""
+    req = dataclasses.replace(request(synth_dir / "captions", tiny_tokenizer, vlm), pack=True)
+    loader = WorkerBatches(caption_batches, req, 2, CPU)
+    take(iter(loader), 3)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert any(share["emitted"] for share in state["states"] if share)  # inside a packing window
+    other = WorkerBatches(caption_batches, dataclasses.replace(req, batch_size=3), 2, CPU)
+    with pytest.raises(DataError, match="cut with --micro-batch 4; resume with --micro-batch 4 "):
+        other.load_state_dict(state)
+    WorkerBatches(caption_batches, req, 2, CPU).load_state_dict(state)
+
+
 def png(colour: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 12), colour).save(buf, format="PNG")

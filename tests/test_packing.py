@@ -184,9 +184,10 @@ def test_resume_inside_a_window_keeps_its_cut(synth_dir, tiny_tokenizer, vlm) ->
                          ({"pack_images": 1}, "--pack-images 0")]:
         with pytest.raises(DataError, match=f"cut with {fix}; resume with {fix} "):
             make(pack=True, **changed).load_state_dict(packed)
-    with pytest.raises(DataError, match="cut with --micro-batch 2; resume with --micro-batch 2 "):
-        make(group_batches=2, batch_size=3).load_state_dict(grouped)
-    make(group_batches=2, max_len=96).load_state_dict(grouped)  # unpacked: the row length does not cut groups
+    for changed, fix in [({"batch_size": 3}, "--micro-batch 2"), ({"max_len": 96}, "--seq-len 128")]:
+        with pytest.raises(DataError, match=f"cut with {fix}; resume with {fix} "):  # rows sort by their cut length
+            make(group_batches=2, **changed).load_state_dict(grouped)
+    make(group_batches=2).load_state_dict(grouped)
     make(pack=True).load_state_dict(packed)
     between = state_after(2, group_batches=2)
     make(pack=True, batch_size=3, max_len=96).load_state_dict(between)

@@ -37,12 +37,16 @@ from ghostvis.data.manifest import DataError
 MAX_DEFAULT_WORKERS = 8  # ~5 ms per image on one core (docs/data.md): 8 workers make ~1,700 images/s
 
 
+def local_world_size() -> int:
+    """The training processes on this host (1 outside a launcher)."""
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"))
+
+
 def default_workers() -> int:
     """min(8, this rank's share of the CPU cores minus one for the training process itself)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
-    per_rank = cores // max(1, int(local))
+    per_rank = cores // local_world_size()
     return max(0, min(MAX_DEFAULT_WORKERS, per_rank - 1))
 
 
@@ -81,8 +85,8 @@ class WorkerBatches:
                              "in the training process)")
         self.build, self.req, self.workers, self.device = build, req, workers, torch.device(device)
         # built once here (cheap: manifests, no samples read) so a bad data directory or a refused mixture
-        # fails in the training process before any worker starts
-        build(dataclasses.replace(req, device=torch.device("cpu")))
+        # fails in the training process before any worker starts, and so does a position it cannot resume
+        self._probe = build(dataclasses.replace(req, device=torch.device("cpu")))
         self.shares = max(workers, 1)
         self._states: list[Any] = [None] * self.shares  # None: the share has not given the loop a batch yet
         self._stats: list[Any] = [None] * self.shares
@@ -101,6 +105,10 @@ class WorkerBatches:
                             f"reads its own share of the samples); resume with --data-workers {saved}")
         if "shares" not in state:  # a batcher's own state, saved before worker shares existed
             state = {"shares": 1, "next": 0, "states": [state], "stats": [None]}
+        check = getattr(self._probe, "check_state", None)  # batchers that cut groups of batches have one
+        for saved_share in state["states"]:
+            if check is not None and saved_share is not None:
+                check(saved_share)
         self._states, self._stats = copy.deepcopy(state["states"]), copy.deepcopy(state["stats"])
         self._next = int(state["next"])
 

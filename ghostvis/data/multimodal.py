@@ -282,16 +282,22 @@ class _Batcher:
 
     def _cut(self) -> dict[str, int]:
         """The flags that decide a group's batches, by the trainer's flag names: a group of unpacked rows is
-        --micro-batch × --length-group samples; a packing window's budget and rows take --seq-len and
-        --pack-images too."""
-        cut = {"micro-batch": self.batch_size}
-        return {**cut, "seq-len": self.max_len, "pack-images": self.pack_images} if self.pack else cut
+        --micro-batch × --length-group samples, sorted by their length cut at --seq-len; a packing window's
+        budget and rows take --seq-len and --pack-images."""
+        cut = {"micro-batch": self.batch_size, "seq-len": self.max_len}
+        return {**cut, "pack-images": self.pack_images} if self.pack else cut
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # a position inside a group is "batch j of this group's cut": another group size, micro-batch, packing
-        # switched on or off (and, packed, another row length or image cap) cuts other batches (between groups
-        # anything resumes). A state saved before the keys existed
-        # was sft's then fixed 8 and its packing is unknown. A packing window does not depend on the group size.
+        self.check_state(state)
+        self.source.load_state_dict(state["source"])
+        self._skip, self._group, self._state = int(state["emitted"]), int(state["group"]), None
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a saved position this batcher would resume at other samples (DataError with the fix)."""
+        # a position inside a group is "batch j of this group's cut": another group size, micro-batch, row
+        # length, packing switched on or off (or, packed, another image cap) cuts other batches (between groups
+        # anything resumes). A state saved before the keys existed was sft's then fixed 8 and its packing is
+        # unknown. A packing window does not depend on the group size.
         inside = int(state["emitted"]) > 0
         saved_pack = state.get("pack")
         if inside and saved_pack is not None and saved_pack != self.pack:
@@ -308,8 +314,6 @@ class _Batcher:
             raise DataError(f"the checkpoint's data position was saved inside a group of batches cut with "
                             f"{', '.join(changed)}; resume with {' '.join(changed)} (or from a checkpoint saved "
                             "between groups)")
-        self.source.load_state_dict(state["source"])
-        self._skip, self._group, self._state = int(state["emitted"]), int(state["group"]), None
 
 
 class CaptionBatches(_Batcher):
@@ -428,6 +432,13 @@ class MixtureBatches:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "exhausted": sorted(self.exhausted),
                 "sources": [s.state_dict() for s in self.sources]}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Each batcher's own check (`_Batcher.check_state`) on its saved position."""
+        for source, saved in zip(self.sources, state["sources"]):
+            check = getattr(source, "check_state", None)
+            if check is not None:
+                check(saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["sources"]) != len(self.sources):

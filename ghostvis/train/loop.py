@@ -34,7 +34,7 @@ from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
 from ghostvis.config import ModelConfig, VisionConfig, get_preset
 from ghostvis.data.features import encoder_spec
-from ghostvis.data.loader import WorkerBatches
+from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
 from ghostvis.data.packing import check_packing
@@ -675,9 +675,10 @@ def finish(run: Run) -> None:
 
 def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
                     freeze: tuple[str, ...], card_gib: float | None) -> None:
-    """Refuse a run the planner (ghostvis/plan.py) says does not fit a card of `card_gib` GiB, from the model's
-    shape (meta device) before any weight exists. None: not on a GPU; --no-plan-check skips it; a CNN tower,
-    which the planner does not estimate, skips it too."""
+    """Refuse a run the planner (ghostvis/plan.py) says does not fit a card of `card_gib` GiB, or whose state
+    offloaded to the CPU does not fit this host's memory, from the model's shape (meta device) before any weight
+    exists. None: not on a GPU; --no-plan-check skips both; a CNN tower, which the planner does not estimate,
+    skips both too."""
     if card_gib is None or getattr(args, "no_plan_check", False):
         return
     vision = getattr(model, "vision", None)
@@ -685,11 +686,14 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
         return
     zero_cfg = ds_config.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
-    offload = zero_cfg.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    optimizer_to = zero_cfg.get("offload_optimizer", {}).get("device") or "none"
+    weights_to = zero_cfg.get("offload_param", {}).get("device") or "none"
+    offload = optimizer_to != "none"
     layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
                     pp=topo.pp_size, cp=topo.cp_size, zero=zero,
                     micro_batch=args.micro_batch, seq_len=args.seq_len,
                     dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
+                    offload_weights=weights_to != "none",
                     activation_checkpointing=args.activation_checkpointing,
                     **zero_bucket_settings(zero, zero_cfg))
     result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
@@ -699,10 +703,11 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
             f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the card's "
             f"{card_gib:.1f} GiB: lower --micro-batch, add --activation-checkpointing, use ZeRO-3 or more GPUs "
             "(launch/plan.py prints the plan; --no-plan-check runs anyway)")
-    # offloaded state lives in this host's memory, once per local rank: past it the kernel kills the run (or
-    # the machine) mid-build, long after the launch
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    host_need, host_have = sum(result.host.values()) * local_ranks, host_memory_bytes()
+    # state offloaded to "cpu" lives in this host's memory, once per local rank ("nvme" goes to disk): past it
+    # the kernel kills the run (or the machine) mid-build, long after the launch
+    local_ranks = local_world_size()
+    host_need = result.host_bytes(optimizer=optimizer_to == "cpu", weights=weights_to == "cpu") * local_ranks
+    host_have = host_memory_bytes()
     if host_need > host_have:
         raise ds_engine.ConfigError(
             f"the planner puts this run's offloaded state at {host_need / GIB:.1f} GiB of host memory "
@@ -712,8 +717,13 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
 
 
 def host_memory_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """This machine's physical memory, or the container's limit where a cgroup (v2) sets a lower one."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
