@@ -51,7 +51,7 @@ class Layout:
     seq_len: int = 2048
     dtype: str = "bf16"
     offload: bool = False
-    offload_weights: bool = True  # with offload at ZeRO-3, the weights too (DeepSpeed's offload_param)
+    offload_weights: bool | None = None  # ZeRO-3 weights in host memory (offload_param); None: as `offload`
     activation_checkpointing: bool | int = False  # True: every block; N: the first N
     images_per_sample: int = 1
     reduce_bucket_size: int = 0  # elements; 0 = no gradient buckets (as without DeepSpeed)
@@ -333,8 +333,8 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     def place(line: str, nbytes: float, offloaded: bool) -> None:
         (host if offloaded else gpu)[line] = math.ceil(nbytes)
 
-    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1),
-          lay.offload and lay.offload_weights and zero >= 3)
+    weights_offloaded = lay.offload if lay.offload_weights is None else lay.offload_weights
+    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1), weights_offloaded and zero >= 3)
     if lay.dtype != "fp32":
         place("master weights (fp32)", n_train * 4 / (dp if zero >= 1 else 1), lay.offload)
     # DeepSpeed reduces gradients into each rank's partition during backward at stage 1 as well as 2

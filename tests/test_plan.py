@@ -235,6 +235,20 @@ if __name__ == "__main__":
     _measure(Path(sys.argv[1]))
 
 
+def test_offload_places_the_optimizer_state_and_the_weights_apart():
+    """DeepSpeed offloads the optimizer's state (offload_optimizer) and the ZeRO-3 weights (offload_param) each on
+    its own: the trainer plans from its config's two devices, launch/plan.py --offload takes both."""
+    base = dict(gpus=1, zero=3, seq_len=256, micro_batch=1)
+    both = plan("tiny", Layout(offload=True, **base), stage="base")
+    optimizer_only = plan("tiny", Layout(offload=True, offload_weights=False, **base), stage="base")
+    weights_only = plan("tiny", Layout(offload_weights=True, **base), stage="base")
+    assert set(weights_only.host) == {"weights (bf16)"} and "weights (bf16)" in optimizer_only.gpu
+    assert set(both.host) == set(optimizer_only.host) | set(weights_only.host)
+    assert both.host_bytes(weights=False) == optimizer_only.host_bytes() > 0
+    assert both.host_bytes(optimizer=False) == weights_only.host_bytes() > 0
+    assert both.gpu_total < optimizer_only.gpu_total and both.gpu_total < weights_only.gpu_total
+
+
 def test_lora_rank_trains_the_adapters_and_the_connector():
     full = plan("vlm_tiny", Layout(zero=1), stage="sft")
     adapted = plan("vlm_tiny", Layout(zero=1), stage="sft", lora_rank=4)

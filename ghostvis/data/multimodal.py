@@ -434,15 +434,17 @@ class MixtureBatches:
                 "sources": [s.state_dict() for s in self.sources]}
 
     def check_state(self, state: dict[str, Any]) -> None:
-        """Each batcher's own check (`_Batcher.check_state`) on its saved position."""
+        """The saved mixture has as many sources, and each batcher's own check (`_Batcher.check_state`) passes."""
+        if len(state["sources"]) != len(self.sources):
+            raise DataError(f"the checkpoint's data position is of a mixture of {len(state['sources'])} datasets, this "
+                            f"run's has {len(self.sources)}: resume with the mixture it ran with")
         for source, saved in zip(self.sources, state["sources"]):
             check = getattr(source, "check_state", None)
             if check is not None:
                 check(saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["sources"]) != len(self.sources):
-            raise ValueError(f"saved mixture has {len(state['sources'])} sources, this one {len(self.sources)}")
+        self.check_state(state)
         for s, st in zip(self.sources, state["sources"]):
             s.load_state_dict(st)
         self.step, self.exhausted, self._last = int(state["step"]), set(state["exhausted"]), None

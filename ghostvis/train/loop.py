@@ -686,8 +686,8 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
         return
     zero_cfg = ds_config.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
-    optimizer_to = zero_cfg.get("offload_optimizer", {}).get("device") or "none"
-    weights_to = zero_cfg.get("offload_param", {}).get("device") or "none"
+    optimizer_to = (zero_cfg.get("offload_optimizer") or {}).get("device") or "none"
+    weights_to = (zero_cfg.get("offload_param") or {}).get("device") or "none"
     offload = optimizer_to != "none"
     layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
                     pp=topo.pp_size, cp=topo.cp_size, zero=zero,
@@ -717,13 +717,25 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
 
 
 def host_memory_bytes() -> int:
-    """This machine's physical memory, or the container's limit where a cgroup (v2) sets a lower one."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """This machine's physical memory, or less where a cgroup v2 `memory.max` on this process's cgroup path (a
+    container's, a Slurm or systemd job's) sets a lower limit. cgroup v1 limits are not read."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    root = Path("/sys/fs/cgroup")
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-    except OSError:
-        return physical
-    return min(physical, int(limit)) if limit.isdigit() else physical
+        own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
+        own = "/"
+    path = root / own.strip("/")
+    for d in [path, *path.parents]:
+        if not d.is_relative_to(root):
+            break
+        try:
+            text = (d / "memory.max").read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits)
 
 
 def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
