@@ -125,8 +125,9 @@ class Plan:
 
     def host_bytes(self, optimizer: bool = True, weights: bool = True) -> int:
         """Offloaded bytes per GPU: the optimizer's share (master weights, gradients, Adam states) and/or the
-        ZeRO-3 weights (`stage_plan`'s "weights (...)" line)."""
-        return sum(v for k, v in self.host.items() if (weights if k.startswith("weights (") else optimizer))
+        ZeRO-3 weights."""
+        line = weights_line(self.layout.dtype)
+        return sum(v for k, v in self.host.items() if (weights if k == line else optimizer))
 
     @property
     def host_per_node(self) -> int:
@@ -136,8 +137,11 @@ class Plan:
     def fits_host(self, host_mem_gib: float | None) -> bool:
         return host_mem_gib is None or self.host_per_node <= host_mem_gib * GIB
 
+    def fits_card(self, gpu_mem_gib: float) -> bool:
+        return self.gpu_total <= gpu_mem_gib * GIB
+
     def fits(self, gpu_mem_gib: float, host_mem_gib: float | None = None) -> bool:
-        return self.gpu_total <= gpu_mem_gib * GIB and self.fits_host(host_mem_gib)
+        return self.fits_card(gpu_mem_gib) and self.fits_host(host_mem_gib)
 
     def to_dict(self, gpu_mem_gib: float, host_mem_gib: float | None = None) -> dict[str, Any]:
         return {"model": self.model, "layout": {**asdict(self.layout), "dp": self.layout.dp},
@@ -319,6 +323,11 @@ def _largest_module_params(model: torch.nn.Module, params: list[Param]) -> int:
     return best
 
 
+def weights_line(dtype: str) -> str:
+    """The plan's line of the model's own weights (ZeRO-3 puts them in host memory under offload_param)."""
+    return f"weights ({dtype})"
+
+
 def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: int, blocks: range) -> tuple[dict, dict]:
     """(gpu bytes, host bytes) by line for pipeline stage `s`."""
     cfg: ModelConfig = model.config
@@ -334,7 +343,7 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
         (host if offloaded else gpu)[line] = math.ceil(nbytes)
 
     weights_offloaded = lay.offload if lay.offload_weights is None else lay.offload_weights
-    place(f"weights ({lay.dtype})", n_all * wbytes / (dp if zero >= 3 else 1), weights_offloaded and zero >= 3)
+    place(weights_line(lay.dtype), n_all * wbytes / (dp if zero >= 3 else 1), weights_offloaded and zero >= 3)
     if lay.dtype != "fp32":
         place("master weights (fp32)", n_train * 4 / (dp if zero >= 1 else 1), lay.offload)
     # DeepSpeed reduces gradients into each rank's partition during backward at stage 1 as well as 2
@@ -472,7 +481,7 @@ def format_plan(p: Plan, gpu_mem_gib: float, host_mem_gib: float | None = None) 
         lines += [f"  {k:<{width}}  {v / GIB:9.2f} GiB" for k, v in p.host.items()]
         lines.append(f"  {'total per node':<{width}}  {p.host_per_node / GIB:9.2f} GiB ({p.layout.gpus} GPU(s))")
     headroom = gpu_mem_gib - p.gpu_total / GIB
-    verdict = "fits" if p.gpu_total <= gpu_mem_gib * GIB else "does not fit"
+    verdict = "fits" if p.fits_card(gpu_mem_gib) else "does not fit"
     lines.append(f"{verdict} on a {gpu_mem_gib:g} GiB card ({'headroom' if headroom >= 0 else 'short by'} "
                  f"{abs(headroom):.2f} GiB)")
     if p.host and host_mem_gib is not None:

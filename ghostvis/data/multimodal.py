@@ -298,18 +298,19 @@ class _Batcher:
         # length, packing switched on or off (or, packed, another image cap) cuts other batches (between groups
         # anything resumes). A state saved before the keys existed was sft's then fixed 8 and its packing is
         # unknown. A packing window does not depend on the group size.
-        inside = int(state["emitted"]) > 0
+        if int(state["emitted"]) == 0:
+            return
         saved_pack = state.get("pack")
-        if inside and saved_pack is not None and saved_pack != self.pack:
+        if saved_pack is not None and saved_pack != self.pack:
             fix = "add --pack" if saved_pack else "drop --pack"
             raise DataError(f"the checkpoint's data position was saved {'with' if saved_pack else 'without'} --pack, "
                             f"inside a group of batches cut that way; resume as it ran ({fix})")
         saved = state.get("group_batches", 8)
-        if inside and saved != self.group_batches and not self.pack:
+        if saved != self.group_batches and not self.pack:
             raise DataError(f"the checkpoint's data position was saved with --length-group {saved} (its batches "
                             f"are cut from groups of {saved}); resume with --length-group {saved}")
-        changed = [f"--{flag} {value}" for flag, value in state.get("cut", {}).items()
-                   if inside and self._cut().get(flag, value) != value]
+        cut = self._cut()
+        changed = [f"--{flag} {value}" for flag, value in state.get("cut", {}).items() if cut.get(flag, value) != value]
         if changed:
             raise DataError(f"the checkpoint's data position was saved inside a group of batches cut with "
                             f"{', '.join(changed)}; resume with {' '.join(changed)} (or from a checkpoint saved "
