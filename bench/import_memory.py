@@ -13,6 +13,7 @@ maps) divided by the checkpoint's bytes. Target: <= 1.2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -121,10 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", default=None, help="where to write the checkpoint and the import (default: a temp dir)")
     p.add_argument("--repo", default=str(REPO), help="the checkout whose launch/import_hf.py runs (compare versions)")
     p.add_argument("--append", action="store_true", help="append the result to BENCHMARKS.md")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="write the checkpoint to DIR/hf and the import to DIR/imported and keep them (to train from "
+                        "the import: docs/parallelism.md, 'A 7B on one GPU')")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(dir=args.dir)) as tmp:
         hf_dir, out = Path(tmp) / "hf", Path(tmp) / "imported"
-        hf_dir.mkdir()
+        hf_dir.mkdir(parents=True)
         t0 = time.time()
         model_bytes = write_checkpoint(hf_dir, args.preset, args.layers)
         print(f"wrote {model_bytes / 2**30:.2f} GiB of random bf16 weights in {time.time() - t0:.0f} s", flush=True)

@@ -185,13 +185,17 @@ def classify(name: str) -> tuple[str, int | None]:
 
 
 def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
-               freeze: tuple[str, ...] | None = None, lora_rank: int = 0, lora_targets: str | None = None) -> list[Param]:
+               freeze: tuple[str, ...] | None = None, lora_rank: int = 0, lora_targets: str | None = None,
+               train_llm_layers: int | None = None) -> list[Param]:
     """Every parameter with its per-TP-rank size and whether it trains. Trainability: the stage's rules
-    with `freeze` (the trainer's `--freeze` groups; None = the stage's default) exactly as the trainer
-    builds its groups when `stage` is given, else the model's own requires_grad (the vision encoder is
-    frozen by default). `lora_rank` > 0 adds the trainer's adapters and trains them instead of the LLM."""
+    with `freeze` (the trainer's `--freeze` groups; None = the stage's default) and `train_llm_layers` (its
+    `--train-llm-layers`; None = the stage's default) exactly as the trainer builds its groups when `stage` is
+    given, else the model's own requires_grad (the vision encoder is frozen by default). `lora_rank` > 0 adds
+    the trainer's adapters and trains them instead of the LLM."""
     if stage is None and freeze is not None:
         raise PlanError("--freeze needs --stage: the groups it freezes are those of the stage's rules")
+    if stage is None and train_llm_layers is not None:
+        raise PlanError("--train-llm-layers needs --stage: the blocks it trains are those of the stage's rules")
     if stage is None and lora_rank:
         raise PlanError("--lora-rank needs --stage: the adapters replace the stage's LLM rules")
     if stage is not None:
@@ -203,6 +207,8 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
         if spec.needs_vision and not hasattr(model, "vision"):
             raise PlanError(f"--stage {stage} trains a vision model; pick a vlm_* --model")
         settings = Settings.of(spec, spec.defaults)
+        if train_llm_layers is not None:  # before LoRA, which trains adapters in place of every block
+            settings = replace(settings, train_llm_layers=train_llm_layers)
         if lora_rank:
             from ghostvis import lora
 
@@ -414,9 +420,10 @@ def zero_bucket_settings(zero: int, z: dict[str, Any]) -> dict[str, Any]:
 
 def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: str | None = None,
          freeze: tuple[str, ...] | None = None, model: torch.nn.Module | None = None, lora_rank: int = 0,
-         lora_targets: str | None = None, **overrides: Any) -> Plan:
-    """The plan for the heaviest pipeline stage. `stage` and `freeze` decide what trains as the trainer's
-    `--stage` and `--freeze` do; `model` (a meta or real model) skips building the preset."""
+         lora_targets: str | None = None, train_llm_layers: int | None = None, **overrides: Any) -> Plan:
+    """The plan for the heaviest pipeline stage. `stage`, `freeze` and `train_llm_layers` decide what trains as
+    the trainer's `--stage`, `--freeze` and `--train-llm-layers` do; `model` (a meta or real model) skips building
+    the preset."""
     layout.check()
     if model is None:
         model = build_meta_model(*get_preset(model_name, depth, **overrides))
@@ -432,7 +439,7 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
                         f"{cfg.n_layer} blocks; give 0..{cfg.n_layer}") from None
     if lora_rank and layout.pp > 1:
         raise PlanError("--lora-rank: LoRA runs with --tp 1 --pp 1")
-    params = parameters(model, layout.tp, stage, freeze, lora_rank, lora_targets)
+    params = parameters(model, layout.tp, stage, freeze, lora_rank, lora_targets, train_llm_layers)
     best: Plan | None = None
     for s, blocks in enumerate(stage_blocks(cfg.n_layer, layout.pp)):
         gpu, host = stage_plan(model, params, layout, s, blocks)

@@ -18,7 +18,7 @@ import sys
 
 from ghostvis.config import PRESETS, get_preset
 from ghostvis.plan import GIB, Layout, PlanError, ds_bucket_settings, format_plan, measure_activations, plan
-from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze
+from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
                    help=f"as launch/train.py's: comma list among {','.join(FREEZE_GROUPS)} to freeze ('none' = "
                         "nothing; default: the stage's, encoder for vision stages); needs --stage")
+    p.add_argument("--train-llm-layers", type=parse_layers, default=None, metavar="K|all",
+                   help="as launch/train.py's: only the LLM's last K blocks train (default: the stage's); needs "
+                        "--stage")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R",
                    help="as launch/train.py's: rank-R adapters train instead of the LLM's weights; needs --stage")
     p.add_argument("--lora-targets", default=None, metavar="REGEX,...",
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
         result = plan(args.model, layout, depth=args.depth, stage=args.stage, freeze=args.freeze,
-                      lora_rank=args.lora_rank, lora_targets=args.lora_targets, **overrides)
+                      lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                      train_llm_layers=args.train_llm_layers, **overrides)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)

@@ -23,16 +23,8 @@ from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
 from ghostvis.train.settings import DEFAULT_INIT_PERTURB
-from ghostvis.train.stages import ALL_LAYERS, FREEZE_GROUPS, STAGES, parse_freeze
+from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
-
-def _layers(text: str) -> int:
-    """--train-llm-layers: a block count, or `all` (ALL_LAYERS)."""
-    if text == "all":
-        return ALL_LAYERS
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
-    return int(text)
 
 
 def _workers(text: str) -> int:
@@ -139,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision-lr", type=float, default=None, help="vision connector: resampler + projector")
     g.add_argument("--encoder-lr", type=float, default=None,
                    help="vision encoder; giving it unfreezes the encoder (frozen by default in every stage)")
-    g.add_argument("--train-llm-layers", type=_layers, default=None, metavar="K|all",
+    g.add_argument("--train-llm-layers", type=parse_layers, default=None, metavar="K|all",
                    help="train the LLM's last K blocks; 0 = none, all = every LLM weight incl. embeddings and "
                         "head (defaults: vision_pretrain 0, others all)")
     g.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",

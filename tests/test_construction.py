@@ -190,6 +190,13 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     # to NVMe, the optimizer's state does not take host memory; the ZeRO-3 weights counted only where offloaded
     to_nvme = {**offload, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
     check_fits_card(big, _topo(), to_nvme, args, "base", (), 2048.0)
+    # --train-llm-layers, one of the levers the refusal names, shrinks what is offloaded (the last 4 of 28 blocks)
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    monkeypatch.setattr(loop, "host_memory_bytes", lambda: 64 * 2**30)
+    with pytest.raises(ConfigError, match="host memory"):
+        check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0, train_llm_layers=4)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
     monkeypatch.setattr(loop, "host_memory_bytes", lambda: 230 * 2**30)  # under 2 × 128 GiB, over 2 × 114 GiB
     with pytest.raises(ConfigError, match="host memory"):
         check_fits_card(big, _topo(), {**offload, "zero_optimization": {

@@ -82,6 +82,14 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     # freezing the connector as well leaves nothing to train: refused, as the trainer refuses it
     with pytest.raises(PlanError, match="--freeze encoder,connector"):
         plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="vision_pretrain", freeze=("encoder", "connector"))
+    # --train-llm-layers as in the trainer: sft's last block trains beside the connector (default: every block)
+    sft = get_stage("sft")
+    build_param_groups(model, sft, Settings.of(sft, {**sft.defaults, "train_llm_layers": 1}), cfg.n_layer)
+    last_block = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="sft", train_llm_layers=1)
+    assert last_block.params_trainable == sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert last_block.params_trainable < plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="sft").params_trainable
+    with pytest.raises(PlanError, match="--train-llm-layers needs --stage"):
+        plan("vlm_tiny", Layout(), train_llm_layers=1)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ Parameter names follow docs/architecture.md. A VLM holds the GPT under `llm.` an
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,15 @@ STAGES: dict[str, Stage] = {
         description="GRPO on verifiable rewards (reference answers in the conversation shards)",
     ),
 }
+
+
+def parse_layers(text: str) -> int:
+    """A `--train-llm-layers` value: a block count, or `all` (ALL_LAYERS)."""
+    if text == "all":
+        return ALL_LAYERS
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of blocks (0 = none) or 'all'")
+    return int(text)
 
 
 def parse_freeze(text: str) -> tuple[str, ...]:
