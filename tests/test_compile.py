@@ -4,7 +4,8 @@ The fused head + loss (`linear_cross_entropy`, an autograd.Function) once wrote 
 torch 2.11's compiler that routed the gradient to a phantom alias and every gradient upstream came back
 zero, so `--compile` trained nothing on the GPU (docs/training.md, "torch.compile"). Newer torch builds
 compile it correctly either way, so these tests fail on the old code only under an affected torch; the GPU
-check (`launch/train.py --compile` loss falling, and the benches' learning check) covers the rest.
+check (`launch/train.py --compile` loss falling, and the benches' learning check) covers the rest. A compiled model
+now runs that loss eagerly (its chunking's memory), and the Function's own compile is still tested.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ def test_compiled_fused_loss_matches_eager(backend: str, softcap: float | None) 
     targets = torch.randint(0, vocab, (n,))
     targets[::7] = IGNORE_INDEX
 
+    # the body under its compiler.disable, traced as a compile of the Function itself would trace it: the
+    # in-place rule above still holds for it
+    traceable = linear_cross_entropy.__wrapped__
+
     def fused(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # 10 rows per chunk: several chunks, the last one short
-        return linear_cross_entropy(x, w, t, vocab_size=vocab, softcap=softcap, chunk_elements=10 * padded)
+        return traceable(x, w, t, vocab_size=vocab, softcap=softcap, chunk_elements=10 * padded)
 
     torch._dynamo.reset()
     eager = _loss_and_grads(fused, x, w, targets)
@@ -46,6 +51,27 @@ def test_compiled_fused_loss_matches_eager(backend: str, softcap: float | None) 
     for name, a, b in zip(("loss", "grad x", "grad w"), eager, compiled):
         assert b.abs().sum() > 0, f"compiled {name} is all zero"
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"compiled {name} differs from eager")
+
+
+def test_compiled_gpt_leaves_the_chunked_loss_eager(monkeypatch) -> None:
+    """Inductor would unroll the loss's chunk loop and hold every chunk's logits at once (the memory the chunking
+    saves: bench/loss_memory.py), so a compiled model must run the fused loss outside its graph."""
+    from ghostvis.model import linear_ce
+
+    seen = []
+    forward = linear_ce._LinearCrossEntropy.forward
+
+    def spy(ctx, *args):
+        seen.append(torch.compiler.is_compiling())
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(linear_ce._LinearCrossEntropy, "forward", staticmethod(spy))
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    idx = torch.randint(0, model.config.vocab_size, (2, 24))
+    torch._dynamo.reset()
+    torch.compile(model, backend="aot_eager")(idx, idx).backward()
+    assert seen and not any(seen), f"the fused loss was traced into the compiled graph ({seen})"
 
 
 def test_compiled_gpt_gradients_match_eager() -> None:
