@@ -123,10 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repo", default=str(REPO), help="the checkout whose launch/import_hf.py runs (compare versions)")
     p.add_argument("--append", action="store_true", help="append the result to BENCHMARKS.md")
     p.add_argument("--keep", default=None, metavar="DIR",
-                   help="write the checkpoint to DIR/hf and the import to DIR/imported and keep them (to train from "
-                        "the import: docs/parallelism.md, 'A 7B on one GPU')")
+                   help="write the checkpoint to DIR/hf and the import to DIR/imported (a new directory) and keep "
+                        "them, e.g. to train from the import with launch/train.py --init-from DIR/imported")
     args = p.parse_args(argv)
-    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(dir=args.dir)) as tmp:
+    if args.keep and args.dir:
+        p.error("--keep DIR writes into DIR; --dir (a temporary directory's parent) does not apply: give one")
+    if args.keep and Path(args.keep).exists():
+        p.error(f"--keep {args.keep} exists: give a new directory")
+    keep = Path(args.keep).resolve() if args.keep else None  # the import runs with the repository as its cwd
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(dir=args.dir)) as tmp:
         hf_dir, out = Path(tmp) / "hf", Path(tmp) / "imported"
         hf_dir.mkdir(parents=True)
         t0 = time.time()

@@ -5,17 +5,19 @@
 
 Why: the fused head + loss (ghostvis/model/linear_ce.py) holds one chunk of logits at a time; inductor unrolled
 its chunk loop and kept every chunk alive, so a compiled step needed far more memory than an eager one (an
-80 GB GPU ran out at 32k tokens). The loss now runs eagerly inside a compiled model; this bench shows the step's
-memory of both. Each mode runs in a fresh process: a `small` GPT of `--depth` blocks with checkpointing, fp32 on
-CPU (bf16 autocast on CUDA), one forward + backward at `--seq` tokens. Compiled modes first compile at half the
-length, so compilation's own memory is not the step's. Memory: growth of the peak over the memory held just
-before the step (CPU: VmHWM against VmRSS; CUDA: max_memory_allocated against memory_allocated).
+80 GB GPU ran out at 32k tokens; a candidate cause, not yet rerun there). The loss now runs eagerly inside a
+compiled model; this bench shows a step's memory either way. Each mode runs in a fresh process: a `small` GPT of
+`--depth` blocks with checkpointing, fp32 on CPU (bf16 autocast on CUDA), one forward + backward at `--seq` tokens
+after one untimed step of the same length (compilation happens there, not in the measured step). Memory: the
+step's peak over what was held just before it (CPU: VmHWM, reset through /proc/self/clear_refs, against VmRSS;
+CUDA: max_memory_allocated against memory_allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import re
 import subprocess
 import sys
@@ -39,24 +41,24 @@ def step_memory(mode: str, depth: int, vocab: int, seq: int, device: str) -> tup
     model = GPT(dataclasses.replace(cfg, max_seq_len=seq, vocab_size=vocab)).to(device)
     model.set_activation_checkpointing(True)
     if mode == "compiled_traced_loss":  # the head + loss as the compiler saw it before it was left eager
-        parallel.linear_cross_entropy = linear_ce.linear_cross_entropy.__wrapped__
+        parallel.linear_cross_entropy = linear_ce.traceable_linear_cross_entropy
     fwd = model if mode == "eager" else torch.compile(model)
     idx = torch.randint(0, vocab, (1, seq), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-    if mode != "eager":
-        with autocast:
-            loss = fwd(idx[:, :seq // 2], idx[:, :seq // 2])
-        loss.backward()
+    for measured in (False, True):
         model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _status_kib("VmRSS") * 1024
-    with autocast:
-        loss = fwd(idx, idx)
-    loss.backward()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            before = _status_kib("VmRSS") * 1024
+        with autocast:
+            loss = fwd(idx, idx)
+        loss.backward()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024
     return (peak - before) / 2**30, loss.item()
 
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                "--vocab", str(args.vocab), "--seq", str(args.seq)]
         proc = subprocess.run(cmd, env=child_env(cuda=args.device == "cuda"), capture_output=True, text=True)
         if proc.returncode:
-            rows.append(f"| {label} | failed: {proc.stderr.strip().splitlines()[-1][:200]} | - |")
+            why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]
+            rows.append(f"| {label} | failed: {why} | - |")
         else:
             grew, loss = proc.stdout.split("RESULT")[-1].split()
             rows.append(f"| {label} | {float(grew):.2f} GiB | {float(loss):.4f} |")

@@ -26,7 +26,6 @@ from ghostvis.train.settings import DEFAULT_INIT_PERTURB
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
 
-
 def _workers(text: str) -> int:
     """--data-workers: a process count, 0 or more."""
     if not text.isdigit():

@@ -147,6 +147,7 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     from ghostvis.checkpoint_io import build_model
     from ghostvis.train.engine import ConfigError, check_layout
     from ghostvis.train.loop import check_fits_card
+    from ghostvis.train.stages import ALL_LAYERS
     from launch.train import build_parser
 
     cfg, _ = _configs("tiny")  # 4 heads, 2 KV heads, 2 blocks
@@ -166,15 +167,15 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
         big = GPT(get_preset("qwen25_7b")[0])
     zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
     with pytest.raises(ConfigError, match=r"^the planner puts this run at .* GiB per GPU, more than the card's 80"):
-        check_fits_card(big, _topo(), zero1, args, "base", (), 80.0)
-    check_fits_card(big, _topo(), zero1, args, "base", (), 2048.0)
+        check_fits_card(big, _topo(), zero1, args, "base", (), ALL_LAYERS, 80.0)
+    check_fits_card(big, _topo(), zero1, args, "base", (), ALL_LAYERS, 2048.0)
     args.no_plan_check = True
-    check_fits_card(big, _topo(), zero1, args, "base", (), 80.0)
+    check_fits_card(big, _topo(), zero1, args, "base", (), ALL_LAYERS, 80.0)
     # a CNN tower (vlm_tiny_cnn), which the planner does not estimate, still starts on a GPU
     args.no_plan_check = False
     cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
     check_fits_card(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (),
-                    80.0)
+                    0, 80.0)
     # offloaded, the card has room but the host must hold 7B's optimizer state (~128 GiB planned): refused on a
     # host that cannot, with the levers named; two ranks on one host need it twice
     from ghostvis.train import loop
@@ -182,27 +183,27 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     monkeypatch.setattr(loop, "host_memory_bytes", lambda: 200 * 2**30)
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+    check_fits_card(big, _topo(), offload, args, "base", (), ALL_LAYERS, 2048.0)
     monkeypatch.setenv("LOCAL_SIZE", "2")  # the deepspeed launcher's name; torchrun sets LOCAL_WORLD_SIZE
     with pytest.raises(ConfigError, match=r"^the planner puts this run's offloaded state at 2\d\d\.\d GiB of host "
                                           r"memory \(2 rank\(s\) on this host\), more than its 200\.0 GiB: .*--lora-rank"):
-        check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+        check_fits_card(big, _topo(), offload, args, "base", (), ALL_LAYERS, 2048.0)
     # to NVMe, the optimizer's state does not take host memory; the ZeRO-3 weights counted only where offloaded
     to_nvme = {**offload, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
-    check_fits_card(big, _topo(), to_nvme, args, "base", (), 2048.0)
+    check_fits_card(big, _topo(), to_nvme, args, "base", (), ALL_LAYERS, 2048.0)
     # --train-llm-layers, one of the levers the refusal names, shrinks what is offloaded (the last 4 of 28 blocks)
     monkeypatch.setenv("LOCAL_SIZE", "1")
     monkeypatch.setattr(loop, "host_memory_bytes", lambda: 64 * 2**30)
     with pytest.raises(ConfigError, match="host memory"):
-        check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
-    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0, train_llm_layers=4)
+        check_fits_card(big, _topo(), offload, args, "base", (), ALL_LAYERS, 2048.0)
+    check_fits_card(big, _topo(), offload, args, "base", (), 4, 2048.0)
     monkeypatch.setenv("LOCAL_SIZE", "2")
     monkeypatch.setattr(loop, "host_memory_bytes", lambda: 230 * 2**30)  # under 2 × 128 GiB, over 2 × 114 GiB
     with pytest.raises(ConfigError, match="host memory"):
         check_fits_card(big, _topo(), {**offload, "zero_optimization": {
             "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}, args, "base", (),
-            2048.0)
-    check_fits_card(big, _topo(), offload, args, "base", (), 2048.0)
+            ALL_LAYERS, 2048.0)
+    check_fits_card(big, _topo(), offload, args, "base", (), ALL_LAYERS, 2048.0)
 
 
 @pytest.mark.parametrize("where", ["cpu-bf16", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -90,6 +90,8 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     assert last_block.params_trainable < plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="sft").params_trainable
     with pytest.raises(PlanError, match="--train-llm-layers needs --stage"):
         plan("vlm_tiny", Layout(), train_llm_layers=1)
+    with pytest.raises(PlanError, match="--train-llm-layers trains the llm but --freeze lists it"):
+        plan("vlm_tiny", Layout(), stage="sft", freeze=("llm",), train_llm_layers=1)
 
 
 @pytest.mark.slow

@@ -111,16 +111,11 @@ def _local_targets(targets: torch.Tensor, col_start: int, local: int) -> tuple[t
     return local_t.clamp(0, local - 1), in_range.float()
 
 
-# Eager under torch.compile (one graph break a step): inductor unrolls the chunk loop and keeps every chunk's fp32
-# logits alive at once, which undoes the chunking. Measured on CPU (bench/loss_memory.py: 2 blocks, 152k
-# vocabulary, 8192 tokens, checkpointing), a step's memory grew 4.7 GiB compiled against 2.3 GiB eager; at 32k
-# tokens the compiled step ran an 80 GB GPU out of memory where eager peaks at 31 GiB.
-@torch.compiler.disable
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         vocab_size: int, softcap: float | None = None,
-                         tp_group: dist.ProcessGroup | None = None,
-                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Per-token fp32 cross-entropy `[...]` (the shape of `targets`; 0 where the target is -1) of the head
+def traceable_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                   vocab_size: int, softcap: float | None = None,
+                                   tp_group: dist.ProcessGroup | None = None,
+                                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`linear_cross_entropy` as torch.compile would trace it (the model calls the eager one, below). Per-token fp32 cross-entropy `[...]` (the shape of `targets`; 0 where the target is -1) of the head
     `weight` (`[padded_vocab / tp, d]`, this rank's rows) applied to hidden states `x` `[..., d]`.
     Columns at global index >= `vocab_size` (padding) never take probability. Under TP, `x` must already
     have passed `copy_to_tp` (the heads in parallel.py do it) so its gradient sums over the ranks' shards."""
@@ -128,3 +123,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     loss = _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), tp_group,
                                      vocab_size, softcap, chunk)
     return loss.view(targets.shape)
+
+
+# Eager under torch.compile (the graph breaks once, at the loss call): inductor unrolls the chunk loop and keeps
+# every chunk's fp32 logits alive at once, which undoes the chunking (bench/loss_memory.py, BENCHMARKS.md).
+linear_cross_entropy = torch.compiler.disable(traceable_linear_cross_entropy)

@@ -503,7 +503,7 @@ def build(args: argparse.Namespace) -> Run:
                             args.ds_config, args.tp, args.pp)
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     ds_engine.check_layout(shape, topo, args)
-    check_fits_card(shape, topo, ds_config, args, stage.name, settings.freeze, card_gib, settings.train_llm_layers)
+    check_fits_card(shape, topo, ds_config, args, stage.name, settings.freeze, settings.train_llm_layers, card_gib)
 
     def initial_model(zero3: dict[str, Any] | None = None, tp_group: Any = None) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -674,7 +674,7 @@ def finish(run: Run) -> None:
 
 
 def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
-                    freeze: tuple[str, ...], card_gib: float | None, train_llm_layers: int | None = None) -> None:
+                    freeze: tuple[str, ...], train_llm_layers: int, card_gib: float | None) -> None:
     """Refuse a run the planner (ghostvis/plan.py) says does not fit a card of `card_gib` GiB, or whose state
     offloaded to the CPU does not fit this host's memory, from the model's shape (meta device) before any weight
     exists. None: not on a GPU; --no-plan-check skips both; a CNN tower, which the planner does not estimate,
