@@ -223,8 +223,6 @@ def parameters(model: torch.nn.Module, tp: int, stage: str | None = None,
             unknown = sorted(set(freeze) - set(FREEZE_GROUPS))
             if unknown:
                 raise PlanError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
-            if train_llm_layers and "llm" in freeze:  # as the trainer refuses it (train/settings.py)
-                raise PlanError("--train-llm-layers trains the llm but --freeze lists it; drop one")
             settings = replace(settings, freeze=tuple(freeze))
         try:  # sets requires_grad from the stage's rules
             build_param_groups(model, spec, settings, model.config.n_layer)

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     try:
+        if args.train_llm_layers and args.freeze is not None and "llm" in args.freeze:  # as launch/train.py refuses it
+            raise PlanError("--train-llm-layers trains the llm but --freeze lists it; drop one")
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
                         activation_checkpointing=args.activation_checkpointing,

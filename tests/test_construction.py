@@ -176,6 +176,11 @@ def test_bad_layout_or_plan_fails_from_the_shape_before_any_weight(monkeypatch):
     cnn_cfg, cnn_vcfg = _configs("vlm_tiny_cnn")
     check_fits_card(build_model(cnn_cfg, cnn_vcfg, device="meta"), _topo(), zero1, args, "vision_pretrain", (),
                     0, 80.0)
+    # sft with --freeze llm: the trainer passes the stage's resolved default (every block), and the plan trains the
+    # connector alone
+    vit_cfg, vit_vcfg = _configs("vlm_tiny")
+    check_fits_card(build_model(vit_cfg, vit_vcfg, device="meta"), _topo(), zero1, args, "sft", ("llm",),
+                    ALL_LAYERS, 80.0)
     # offloaded, the card has room but the host must hold 7B's optimizer state (~128 GiB planned): refused on a
     # host that cannot, with the levers named; two ranks on one host need it twice
     from ghostvis.train import loop

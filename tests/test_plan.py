@@ -13,6 +13,7 @@ import torch
 from ghostvis.config import get_preset
 from ghostvis.plan import Layout, PlanError, build_meta_model, format_plan, plan
 from ghostvis.train.settings import Settings
+from ghostvis.train.stages import ALL_LAYERS
 
 # DeepSpeed pads each flat parameter group to a multiple of 2·dp elements; the planner leaves that out.
 PAD_ELEMENTS_PER_GROUP = 2
@@ -90,8 +91,11 @@ def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     assert last_block.params_trainable < plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="sft").params_trainable
     with pytest.raises(PlanError, match="--train-llm-layers needs --stage"):
         plan("vlm_tiny", Layout(), train_llm_layers=1)
-    with pytest.raises(PlanError, match="--train-llm-layers trains the llm but --freeze lists it"):
-        plan("vlm_tiny", Layout(), stage="sft", freeze=("llm",), train_llm_layers=1)
+    # the trainer passes its resolved value (sft's default: every block); --freeze llm then freezes them all, and
+    # (replacing the default freeze) the encoder and connector train, as in vision_pretrain with --freeze none
+    frozen_llm = plan("vlm_tiny", Layout(zero=0, dtype="fp32"), stage="sft", freeze=("llm",),
+                      train_llm_layers=ALL_LAYERS)
+    assert frozen_llm.params_trainable == unfrozen.params_trainable
 
 
 @pytest.mark.slow
@@ -188,6 +192,8 @@ def test_cli_json_and_exit_status(capsys):
     assert json.loads(capsys.readouterr().out)["params_trainable"] > connector_only > 0
     assert plan_cli.main(["--model", "tiny", "--stage", "base", "--freeze", "decoder"]) == 2
     assert "--freeze decoder: choose among llm,encoder,connector" in capsys.readouterr().err
+    assert plan_cli.main(["--model", "vlm_tiny", "--stage", "sft", "--freeze", "llm", "--train-llm-layers", "1"]) == 2
+    assert "--train-llm-layers trains the llm but --freeze lists it" in capsys.readouterr().err
     assert plan_cli.main(["--model", "tiny", "--pp", "2", "--gpus", "2", "--zero", "2"]) == 2
     # offloaded state counts against one node's host memory: 7B trained whole and offloaded from one GPU needs
     # ~128 GiB there (bf16 weights, fp32 master weights, gradients and Adam states of 7.6 B parameters)

@@ -115,16 +115,18 @@ def traceable_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target
                                    vocab_size: int, softcap: float | None = None,
                                    tp_group: dist.ProcessGroup | None = None,
                                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """`linear_cross_entropy` as torch.compile would trace it (the model calls the eager one, below). Per-token fp32 cross-entropy `[...]` (the shape of `targets`; 0 where the target is -1) of the head
-    `weight` (`[padded_vocab / tp, d]`, this rank's rows) applied to hidden states `x` `[..., d]`.
-    Columns at global index >= `vocab_size` (padding) never take probability. Under TP, `x` must already
-    have passed `copy_to_tp` (the heads in parallel.py do it) so its gradient sums over the ranks' shards."""
+    """Per-token fp32 cross-entropy `[...]` (the shape of `targets`; 0 where the target is -1) of the head
+    `weight` (`[padded_vocab / tp, d]`, this rank's rows) applied to hidden states `x` `[..., d]`, traceable by
+    torch.compile (the model calls `linear_cross_entropy`, the same left eager, below). Columns at global index
+    >= `vocab_size` (padding) never take probability. Under TP, `x` must already have passed `copy_to_tp` (the
+    heads in parallel.py do it) so its gradient sums over the ranks' shards."""
     chunk = max(1, chunk_elements // weight.shape[0])
     loss = _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), tp_group,
                                      vocab_size, softcap, chunk)
     return loss.view(targets.shape)
 
 
-# Eager under torch.compile (the graph breaks once, at the loss call): inductor unrolls the chunk loop and keeps
-# every chunk's fp32 logits alive at once, which undoes the chunking (bench/loss_memory.py, BENCHMARKS.md).
+# Eager under torch.compile (the graph breaks at the loss call; the blocks stay in one graph): inductor unrolls
+# the chunk loop and keeps every chunk's fp32 logits alive at once, which undoes the chunking
+# (bench/loss_memory.py, BENCHMARKS.md).
 linear_cross_entropy = torch.compiler.disable(traceable_linear_cross_entropy)
