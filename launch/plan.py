@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     try:
-        if args.train_llm_layers and args.freeze is not None and "llm" in args.freeze:  # as launch/train.py refuses it
-            raise PlanError("--train-llm-layers trains the llm but --freeze lists it; drop one")
+        if args.stage and args.freeze is not None:  # the trainer's refusal (a ConfigError, hence a ValueError)
+            from ghostvis.train.settings import refuse_flags_on_frozen
+            from ghostvis.train.stages import get_stage
+
+            refuse_flags_on_frozen(get_stage(args.stage), args, args.freeze)
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
                         activation_checkpointing=args.activation_checkpointing,

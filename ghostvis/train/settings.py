@@ -75,6 +75,17 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def refuse_flags_on_frozen(stage: Stage, args: argparse.Namespace, freeze: tuple[str, ...]) -> None:
+    """ConfigError when a flag given in `args` (a group's learning rate, --train-llm-layers) trains a group that
+    the explicit --freeze `freeze` lists."""
+    given = {r.lr: r.group for r in stage.trainable if getattr(args, r.lr, None) is not None}
+    if getattr(args, "train_llm_layers", None):
+        given["train_llm_layers"] = "llm"
+    for key, group in given.items():
+        if group in freeze:
+            raise ConfigError(f"{_flag(key)} trains the {group} but --freeze lists it; drop one")
+
+
 def resolve_settings(stage: Stage, args: argparse.Namespace) -> Settings:
     """Stage defaults overridden by every flag the user gave (flags default to None = "stage default";
     `--lr` sets every learning rate the stage uses that has no flag of its own). `--encoder-lr` unfreezes
@@ -100,12 +111,7 @@ def resolve_settings(stage: Stage, args: argparse.Namespace) -> Settings:
     if unknown:
         raise ConfigError(f"--freeze {','.join(unknown)}: choose among {','.join(FREEZE_GROUPS)}")
     if getattr(args, "freeze", None) is not None:
-        given = {r.lr: r.group for r in stage.trainable if getattr(args, r.lr, None) is not None}
-        if getattr(args, "train_llm_layers", None):
-            given["train_llm_layers"] = "llm"
-        for key, group in given.items():
-            if group in freeze:
-                raise ConfigError(f"{_flag(key)} trains the {group} but --freeze lists it; drop one")
+        refuse_flags_on_frozen(stage, args, freeze)
     elif getattr(args, "encoder_lr", None) is not None:
         freeze = tuple(g for g in freeze if g != "encoder")
     values["freeze"] = freeze
