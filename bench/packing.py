@@ -11,14 +11,14 @@ Runs (each from the same base export, trained once here on the embedded text):
 
 Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
 longest in the batch, in stream order (training's default; `--sft-args` reach both sides, so not `--length-group`,
-which `--pack` refuses). Packed: --pack
---seq-len k·T with as many rows as hold the unpacked run's real tokens per step (its mean, in whole rows as full
-as the packer fills them: `packed_fill`, measured on the stage's own batcher before the packed run), so both
-sides take about as many samples per step: the same optimization, its steps cheaper by the padding not
-computed. From each run's metrics.jsonl (medians after the first fifth): tokens/s (real tokens, padding
-excluded), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled
-(length grouping, when on, keeps unpacked padding low by making batches of short rows, which leaves positions
-unused), peak memory; the ratio packed/unpacked.
+which `--pack` refuses). Packed: --pack, rows of at least k·T tokens, as many and as long as hold the unpacked
+run's real tokens per step (its mean, with rows as full as the packer fills them, measured on the stage's own
+batcher before the packed run: `packed_geometry`), so both sides take about as many samples per step: the same
+optimization, its steps cheaper by the padding not computed. From each run's metrics.jsonl (medians after the
+first fifth): tokens/s (real tokens, padding excluded), real tokens a step (their mean: the two sides' should be
+close), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled (length
+grouping, when on, keeps unpacked padding low by making batches of short rows, which leaves positions unused),
+peak memory; the ratio packed/unpacked.
 
 Learning check (bench/learning.py): each side's training loss must fall (5%; 1% for vision_pretrain, whose LLM
 is frozen: only the connector trains; over trailing means of a tenth of the steps, `smooth`), and the packed side
@@ -39,6 +39,7 @@ import shlex
 import statistics
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,6 +192,26 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
     return sum(b["num_tokens"] for b in taken) / sum(b["input_ids"].numel() for b in taken)
 
 
+ROW_LEN_STEP = 16  # packed rows are lengthened in these steps to meet the unpacked side's tokens per step
+
+
+def packed_geometry(target_tokens: float, min_row_len: int, fill_of: Callable[[int, int], float]) -> tuple[int, int]:
+    """(rows, row length) of the packed side: as many real tokens a step as the unpacked side's `target_tokens`,
+    rows at least `min_row_len` long (k·T: the longest sample fits), `fill_of(row_len, rows)` the share of a row
+    the packer fills. Whole rows of k·T alone are too coarse when a step holds only a few rows: on the
+    LLaVA-like mix, 2 rows of 1024 held 0.76× the unpacked side's 2,425 tokens, and the packed side's validation
+    ended 19% higher, having seen 24% fewer samples (BENCHMARKS.md, eleventh session). So: as many rows of
+    `min_row_len` as the target fills, then rows lengthened to the nearest ROW_LEN_STEP that makes up the rest,
+    with the fill measured at the final length (it moves with the row length)."""
+    fill = fill_of(min_row_len, max(1, round(target_tokens / min_row_len)))
+    rows = max(1, int(target_tokens // (min_row_len * fill)))
+    row_len = min_row_len
+    for _ in range(2):  # the fill at the lengthened rows, then the length again
+        row_len = max(min_row_len, round(target_tokens / (rows * fill) / ROW_LEN_STEP) * ROW_LEN_STEP)
+        fill = fill_of(row_len, rows)
+    return rows, row_len
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     size = sizes(cuda)
@@ -225,11 +246,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for side in ("unpacked", "packed"):
             if side == "unpacked":
                 flags = ["--micro-batch", B, "--seq-len", T]
-            else:  # the unpacked side's real tokens per step, in whole packed rows of k·T as they fill
-                full = max(1, round(sides["unpacked"]["tokens_per_step"] / (k * T)))  # were rows full
-                fill = packed_fill(stage, data, paths["tokenizer"], model, k * T, full)
-                rows = max(1, round(sides["unpacked"]["tokens_per_step"] / (k * T * fill)))
-                flags = ["--pack", "--micro-batch", rows, "--seq-len", k * T]
+            else:
+                rows, row_len = packed_geometry(sides["unpacked"]["tokens_per_step"], k * T,
+                                                lambda n, r: packed_fill(stage, data, paths["tokenizer"], model, n, r))
+                flags = ["--pack", "--micro-batch", rows, "--seq-len", row_len]
             run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             t0 = time.perf_counter()
@@ -256,14 +276,16 @@ def table(results: list[dict[str, Any]]) -> str:
         return f"{r['tokens_per_s']:,.0f}" if r["verdict"].ok else f"FAILED ({r['verdict'].message})"
 
     lines = ["| data | stage | unpacked B × T | packed B × T | tokens/s unpacked | tokens/s packed | ratio | "
-             "padding u / p | B·T filled u / p | peak GiB u / p | learning (packed against unpacked) |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "real tokens a step u / p | padding u / p | B·T filled u / p | peak GiB u / p | "
+             "learning (packed against unpacked) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         u, p = r["unpacked"], r["packed"]
         ratio = f"{p['tokens_per_s'] / u['tokens_per_s']:.2f}×" if u["verdict"].ok and p["verdict"].ok else "-"
         mem = "-" if u["peak_mem_gib"] is None else f"{u['peak_mem_gib']:.1f} / {p['peak_mem_gib']:.1f}"
         lines.append(f"| {r['data']} | {r['stage']} | {u['geometry']} | {p['geometry']} | {speed(u)} | {speed(p)} | "
-                     f"{ratio} | {u['padding_frac']:.1%} / {p['padding_frac']:.1%} | "
+                     f"{ratio} | {u['tokens_per_step']:,.0f} / {p['tokens_per_step']:,.0f} | "
+                     f"{u['padding_frac']:.1%} / {p['padding_frac']:.1%} | "
                      f"{u['fill']:.0%} / {p['fill']:.0%} | {mem} | "
                      f"{p['verdict'].message} |")
     return "\n".join(lines)
