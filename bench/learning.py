@@ -24,10 +24,6 @@ from dataclasses import dataclass
 import torch
 
 MIN_DROP = 0.05  # a side's loss must fall at least this fraction (first step's loss → mean of the last 3)
-# LoRA adapters alone, on random weights: the fast first fall (which tokens occur at all) is the frozen head's
-# and embedding's to learn, so the adapters move the loss 3-4% in a bench's 13 steps, at 3e-4 and 3e-3 alike
-# (vlm_1.5b, one H100), while the full model moves it 24-28%
-ADAPTER_MIN_DROP = 0.02
 TRACK_ABS, TRACK_REL = 0.1, 0.02  # allowed gap to the reference: TRACK_ABS + TRACK_REL × the reference's mean
 
 

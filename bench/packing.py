@@ -9,11 +9,11 @@ Runs (each from the same base export, trained once here on the embedded text):
     a LLaVA-665K-like length mix (`llava_like_sample`: about half single-turn questions, a long tail of
     multi-turn conversations up to 24 turns about one image, 4% long text-only conversations).
 
-Sides, with the same samples per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
+Sides, with the same real tokens per optimizer step. Unpacked: --micro-batch B --seq-len T, rows padded to the
 longest in the batch, in stream order (training's default; `--sft-args` reach both sides, so not `--length-group`,
 which `--pack` refuses). Packed: --pack, rows of at least k·T tokens, as many and as long as hold the unpacked
 run's real tokens per step (its mean, with rows as full as the packer fills them, measured on the stage's own
-batcher before the packed run: `packed_geometry`), so both sides take about as many samples per step: the same
+batcher before the packed run: `packed_geometry`), so both sides take about as many real tokens per step: the same
 optimization, its steps cheaper by the padding not computed. From each run's metrics.jsonl (medians after the
 first fifth): tokens/s (real tokens, padding excluded), real tokens a step (their mean: the two sides' should be
 close), padding fraction (inside the rows), the share of each side's B·T row positions real tokens filled (length
@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,10 +172,10 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
 
 
 def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, rows: int) -> float:
-    """The share of a packed row's positions real tokens fill, from the stage's own batcher on the CPU with
-    `rows` rows a batch (a packing window holds that many batches' tokens) over about its first two windows.
-    First-fit decreasing leaves ~10% of a row empty: sized without it, the packed side took ~11% fewer samples a
-    step than the unpacked one."""
+    """The share of a packed step's `rows` × `row_len` positions real tokens fill, on the mean, from the stage's
+    own batcher on the CPU over about its first two packing windows (a window holds that many batches' tokens).
+    First-fit decreasing leaves ~10% of a row empty, and a window's last batch may be short: sized without them,
+    the packed side took ~11% fewer tokens a step than the unpacked one."""
     from ghostvis.config import get_preset
     from ghostvis.data.packing import PACK_WINDOW_BATCHES
     from ghostvis.data.request import DataRequest
@@ -189,27 +190,31 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
                       num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
     batches = DATA_BUILDERS[STAGES[stage].data_kind](req)  # the builder the trainer uses for this stage
     taken = [b for b, _ in zip(batches, range(2 * PACK_WINDOW_BATCHES + 2))]
-    return sum(b["num_tokens"] for b in taken) / sum(b["input_ids"].numel() for b in taken)
+    # over whole steps of `rows` × `row_len`: a window's last batch may hold fewer rows, and the target is the
+    # unpacked side's mean tokens a step (the LLaVA-like mix's rows were 97% full, its steps 90% on the mean)
+    return sum(b["num_tokens"] for b in taken) / (len(taken) * rows * row_len)
 
 
 ROW_LEN_STEP = 16  # packed rows are lengthened in these steps to meet the unpacked side's tokens per step
 
 
 def packed_geometry(target_tokens: float, min_row_len: int, fill_of: Callable[[int, int], float]) -> tuple[int, int]:
-    """(rows, row length) of the packed side: as many real tokens a step as the unpacked side's `target_tokens`,
-    rows at least `min_row_len` long (k·T: the longest sample fits), `fill_of(row_len, rows)` the share of a row
-    the packer fills. Whole rows of k·T alone are too coarse when a step holds only a few rows: on the
-    LLaVA-like mix, 2 rows of 1024 held 0.76× the unpacked side's 2,425 tokens, and the packed side's validation
-    ended 19% higher, having seen 24% fewer samples (BENCHMARKS.md, eleventh session). So: as many rows of
-    `min_row_len` as the target fills, then rows lengthened to the nearest ROW_LEN_STEP that makes up the rest,
-    with the fill measured at the final length (it moves with the row length)."""
+    """(rows, row length) of the packed side: at least the unpacked side's `target_tokens` real tokens a step,
+    rows at least `min_row_len` (k·T) long; `fill_of(row_len, rows)` is the share of a step's rows × row length
+    that real tokens fill (`packed_fill`). Whole rows of k·T alone are too coarse when a step holds only a few
+    rows: on the LLaVA-like mix, 2 rows of 1024 held 0.76× the unpacked side's 2,425 tokens (BENCHMARKS.md,
+    eleventh session). So: as many whole rows of k·T as the target fills (at least one), then rows lengthened
+    (rounded up to ROW_LEN_STEP) to hold the rest, at the fill measured at that length. Samples are cut at each
+    side's --seq-len, so longer rows keep more of a sample longer than T: the two sides see the same tokens
+    only where T holds every sample (the GPU geometries; not the CPU check's)."""
     fill = fill_of(min_row_len, max(1, round(target_tokens / min_row_len)))
     rows = max(1, int(target_tokens // (min_row_len * fill)))
-    row_len = min_row_len
-    for _ in range(2):  # the fill at the lengthened rows, then the length again
-        row_len = max(min_row_len, round(target_tokens / (rows * fill) / ROW_LEN_STEP) * ROW_LEN_STEP)
-        fill = fill_of(row_len, rows)
-    return rows, row_len
+
+    def length(fill: float) -> int:
+        return max(min_row_len, math.ceil(target_tokens / (rows * fill) / ROW_LEN_STEP) * ROW_LEN_STEP)
+
+    first = length(fill)
+    return rows, length(fill_of(first, rows)) if first > min_row_len else first
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="the unpacked side's B (default per data set)")
     p.add_argument("--seq-len", type=int, default=None, help="the unpacked side's T (default per data set)")
     p.add_argument("--pack-factor", type=int, default=None,
-                   help="k: the packed side's rows hold k·T tokens (default per data set: 4 for the embedded "
+                   help="k: the packed side's rows hold at least k·T tokens (default per data set: 4 for the embedded "
                         "data, whose samples nearly fill T, 1 for the LLaVA-like mix)")
     p.add_argument("--only", nargs="*", choices=("embedded", "llava-665k-like"), help="run only these data sets")
     p.add_argument("--data-workers", type=int, default=None, help="launch/train.py --data-workers (default: its own)")

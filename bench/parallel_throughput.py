@@ -9,8 +9,8 @@
     # context parallelism: one 32k sequence over 2 GPUs (beside --cp 1 on one GPU, same card)
     TORCH_CUDA_ARCH_LIST=9.0 torchrun --nproc_per_node 2 bench/parallel_throughput.py --model qwen25_1.5b \
         --cp 2 --seq-len 32768 --micro-batch 1 --activation-checkpointing
-    # LoRA's memory: the same 7B VLM line with --lora-rank 16 beside the one without (the LoRA side's loss
-    # must fall 2%, not 5%: bench/learning.py's ADAPTER_MIN_DROP says why)
+    # LoRA's memory: the same 7B VLM line with --lora-rank 16 beside the one without (on these random weights the
+    # adapters barely move the loss, and the LoRA side fails the check: docs/training.md, LoRA)
     # CPU check of the script (tiny model; add torchrun --nproc_per_node 2 and --tp 2 / --pp 2)
     DS_ACCELERATOR=cpu python bench/parallel_throughput.py --smoke --out /tmp/bench.md
 
@@ -49,7 +49,7 @@ from ghostvis.train.loop import lm_loss, pipeline_step, train_step
 from ghostvis.train.schedule import apply_lr
 from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
-from learning import ADAPTER_MIN_DROP, MIN_DROP, check_learning, learnable_batches
+from learning import check_learning, learnable_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,7 +156,7 @@ def main() -> None:
     losses += [step() for _ in range(args.steps)]
     seconds = (time.perf_counter() - t0) / args.steps
     reference = json.loads(Path(args.reference_losses).read_text()) if args.reference_losses else None
-    verdict = check_learning(losses, reference, min_drop=ADAPTER_MIN_DROP if args.lora_rank else MIN_DROP)
+    verdict = check_learning(losses, reference)
     if rank == 0 and args.save_losses:
         Path(args.save_losses).write_text(json.dumps(losses))
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0], device=device)

@@ -67,6 +67,20 @@ class ModelConfig:
         return _from_dict(cls, d)
 
 
+def activation_checkpointing_arg(text: str) -> int | str:
+    """--activation-checkpointing's value: a block count, or "auto" (the trainer picks the fewest checkpointed
+    blocks whose plan fits the card: loop.choose_activation_checkpointing)."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a block count, auto, or the flag alone for every "
+                                         "block") from None
+
+
 def checkpointed_blocks(activation_checkpointing: bool | int, n_layer: int) -> int:
     """Blocks recomputed in backward: all for True, none for False, else the first N (0..n_layer)."""
     n = n_layer if activation_checkpointing is True else int(activation_checkpointing)

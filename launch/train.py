@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ghostvis import recipes
-from ghostvis.config import vision_override_arg
+from ghostvis.config import activation_checkpointing_arg, vision_override_arg
 from ghostvis.lora import DEFAULT_TARGETS
 from ghostvis.model.attention import ATTENTION_CHOICES
 from ghostvis.shipped import shipped_dir
@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cp", type=int, default=1,
                    help="context-parallel size: each sequence split over cp ranks (--pp 1; --seq-len a multiple "
                         "of 2·cp)")
-    g.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+    g.add_argument("--activation-checkpointing", nargs="?", const=True, default=False,
+                   type=activation_checkpointing_arg, metavar="N|auto",
                    help="recompute each block's activations in backward (less memory, ~1/3 more compute); with N, "
-                        "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py)")
+                        "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py); auto: "
+                        "the fewest blocks whose plan fits 90%% of the GPU (every block off the GPU)")
     g.add_argument("--no-plan-check", action="store_true",
                    help="on a GPU, run even when the planner (launch/plan.py) says the run does not fit the card, or "
                         "its CPU-offloaded state does not fit this host's memory")

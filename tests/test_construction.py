@@ -228,3 +228,51 @@ def test_shrink_perturb_rounds_once_and_runs_where_the_weights_are(where):
         if name.startswith("blocks."):
             want = (fp32.state_dict()[name].to(value.dtype).float() * 0.5 + 0.1 * initial[name]).to(value.dtype)
             torch.testing.assert_close(value.cpu(), want, rtol=0, atol=1e-6 if where == "cuda" else 0, msg=name)
+
+
+def test_activation_checkpointing_auto_takes_the_fewest_blocks_that_fit():
+    """--activation-checkpointing auto: every checkpointed block costs its forward again, so the trainer takes the
+    fewest checkpointed blocks whose plan fits AUTO_SHARE of the card (qwen25_1.5b at 32k: 34 GiB with every block,
+    110 without)."""
+    import argparse
+
+    from ghostvis.train.loop import AUTO_SHARE, card_plan, choose_activation_checkpointing
+    from ghostvis.train.stages import ALL_LAYERS
+    from launch.train import build_parser
+
+    parser = build_parser()
+    base = ["--model", "qwen25_1.5b", "--data", "x", "--out", "x", "--micro-batch", "1", "--seq-len", "32768"]
+    args = parser.parse_args([*base, "--activation-checkpointing", "auto"])
+    assert args.activation_checkpointing == "auto"
+    assert parser.parse_args([*base, "--activation-checkpointing", "6"]).activation_checkpointing == 6
+    assert parser.parse_args([*base, "--activation-checkpointing"]).activation_checkpointing is True
+    with pytest.raises(argparse.ArgumentTypeError, match="give a block count, auto"):
+        parser._option_string_actions["--activation-checkpointing"].type("most")
+    with torch.device("meta"):
+        model = GPT(get_preset("qwen25_1.5b")[0])
+    zero2 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+
+    def gib(n):
+        return card_plan(model, _topo(), zero2, args, "base", (), ALL_LAYERS, n).gpu_total / 2**30
+
+    n_layer = model.config.n_layer
+    totals = [gib(n) for n in range(n_layer + 1)]
+    assert all(a > b for a, b in zip(totals, totals[1:]))  # each checkpointed block saves memory
+    for k in (0, 9, n_layer - 1):  # a card on which k blocks fit and k - 1 do not
+        card = (totals[k] + (totals[k - 1] if k else totals[0] + 10)) / 2 / AUTO_SHARE
+        value, note = choose_activation_checkpointing(model, _topo(), zero2, args, "base", (), ALL_LAYERS, card)
+        assert value == k and f"auto → {k} of {n_layer} blocks" in note, (k, value, note)
+    card = (totals[-1] + totals[-2]) / 2 / AUTO_SHARE  # only every block fits: True, as the plain flag
+    assert choose_activation_checkpointing(model, _topo(), zero2, args, "base", (), ALL_LAYERS, card)[0] is True
+    for card in (None, totals[-1] / 2):  # no card (CPU), or the plan does not fit even so: every block
+        value, note = choose_activation_checkpointing(model, _topo(), zero2, args, "base", (), ALL_LAYERS, card)
+        assert value is True and "every block" in note
+    card = (totals[0] + totals[1]) / 2 / AUTO_SHARE  # none checkpointed fits: False, as without the flag
+    assert choose_activation_checkpointing(model, _topo(), zero2, args, "base", (), ALL_LAYERS, card * 2)[0] is False
+    # under pipeline parallelism the engine takes every block or none, never a count
+    zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    none, every = (card_plan(model, _topo(pp=2), zero1, args, "base", (), ALL_LAYERS, v).gpu_total / 2**30
+                   for v in (False, True))
+    for card, expected in (((none + every) / 2 / AUTO_SHARE, True), (none * 1.01 / AUTO_SHARE, False)):
+        value, _ = choose_activation_checkpointing(model, _topo(pp=2), zero1, args, "base", (), ALL_LAYERS, card)
+        assert value is expected

@@ -184,7 +184,8 @@ def check_layout(model: torch.nn.Module, topo: Any, args: Any) -> None:
         raise ConfigError(f"--pp {topo.pp_size} is more than the model's {cfg.n_layer} blocks (each pipeline stage "
                           f"needs one); use --pp {cfg.n_layer} or fewer")
     try:
-        checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
+        if args.activation_checkpointing != "auto":  # the trainer sizes auto to the card later
+            checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
     except ValueError as err:
         raise ConfigError(f"--activation-checkpointing: {err}") from None
 

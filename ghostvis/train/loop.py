@@ -18,6 +18,7 @@ in its own module and registering it there:
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import math
 import os
@@ -45,7 +46,7 @@ from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
-from ghostvis.plan import GIB, Layout, plan, zero_bucket_settings
+from ghostvis.plan import GIB, Layout, Plan, plan, zero_bucket_settings
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -503,6 +504,11 @@ def build(args: argparse.Namespace) -> Run:
                             args.ds_config, args.tp, args.pp)
     card_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     ds_engine.check_layout(shape, topo, args)
+    if args.activation_checkpointing == "auto":
+        args.activation_checkpointing, note = choose_activation_checkpointing(
+            shape, topo, ds_config, args, stage.name, settings.freeze, settings.train_llm_layers, card_gib)
+        if rank == 0:
+            print(note, flush=True)
     check_fits_card(shape, topo, ds_config, args, stage.name, settings.freeze, settings.train_llm_layers, card_gib)
 
     def initial_model(zero3: dict[str, Any] | None = None, tp_group: Any = None) -> torch.nn.Module:
@@ -673,6 +679,64 @@ def finish(run: Run) -> None:
     run.log.close()
 
 
+def card_plan(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
+              freeze: tuple[str, ...], train_llm_layers: int, activation_checkpointing: bool | int) -> Plan | None:
+    """The planner's plan (ghostvis/plan.py) of this run from the model's shape (meta device), or None for a CNN
+    tower, which the planner does not estimate."""
+    vision = getattr(model, "vision", None)
+    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
+        return None
+    zero_cfg = ds_config.get("zero_optimization", {})
+    zero = int(zero_cfg.get("stage", 0))
+    weights_to = (zero_cfg.get("offload_param") or {}).get("device") or "none"
+    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
+                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
+                    micro_batch=args.micro_batch, seq_len=args.seq_len,
+                    dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32",
+                    offload=offload_device(ds_config) != "none", offload_weights=weights_to != "none",
+                    activation_checkpointing=activation_checkpointing, **zero_bucket_settings(zero, zero_cfg))
+    return plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
+                lora_targets=args.lora_targets, train_llm_layers=train_llm_layers)
+
+
+def offload_device(ds_config: dict[str, Any], part: str = "offload_optimizer") -> str:
+    """Where the DeepSpeed config sends the optimizer's state (or, with part="offload_param", ZeRO-3's weights)."""
+    return (ds_config.get("zero_optimization", {}).get(part) or {}).get("device") or "none"
+
+
+# auto sizes the plan to this share of the card: the planner does not model the allocator's fragmentation, and
+# its estimate without checkpointing has not been measured against a run
+AUTO_SHARE = 0.9
+
+
+def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any,
+                                    stage: str, freeze: tuple[str, ...], train_llm_layers: int,
+                                    card_gib: float | None) -> tuple[bool | int, str]:
+    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits the card, since every
+    checkpointed block costs its forward again in backward (qwen25_1.5b at 32k, planned: every block 34.4 GiB,
+    none 109.7, so an H200 needs none and an 80 GB card 15 of 28). Returns (the flag's value, a line for the
+    log). Off the GPU, or where the planner cannot size the model (a CNN tower), every block: the safe end."""
+    n_layer = model.config.n_layer
+    pipeline = topo.pp_size > 1  # the pipeline engine checkpoints every block or none
+
+    def value_of(n: int) -> bool | int:  # the flag's own values: every block True, none False
+        return True if n == n_layer else (n or False)
+
+    def plan_of(n: int) -> Plan | None:
+        return card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value_of(n))
+
+    every = None if card_gib is None else plan_of(n_layer)
+    if every is None:
+        return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
+    if not every.fits_card(AUTO_SHARE * card_gib):  # check_fits_card refuses it next if it exceeds the card
+        return True, "activation checkpointing: auto → every block (the plan does not fit the card even so)"
+    candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
+    # memory falls as more blocks are checkpointed: the first count that fits
+    n = candidates[bisect.bisect_left(candidates, True, key=lambda k: plan_of(k).fits_card(AUTO_SHARE * card_gib))]
+    return value_of(n), (f"activation checkpointing: auto → {n} of {n_layer} blocks (the planner: "
+                         f"{plan_of(n).gpu_total / GIB:.1f} GiB of the card's {card_gib:.1f})")
+
+
 def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
                     freeze: tuple[str, ...], train_llm_layers: int, card_gib: float | None) -> None:
     """Refuse a run the planner (ghostvis/plan.py) says does not fit a card of `card_gib` GiB, or whose state
@@ -681,23 +745,9 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
     skips both too."""
     if card_gib is None or getattr(args, "no_plan_check", False):
         return
-    vision = getattr(model, "vision", None)
-    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
+    result = card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, args.activation_checkpointing)
+    if result is None:
         return
-    zero_cfg = ds_config.get("zero_optimization", {})
-    zero = int(zero_cfg.get("stage", 0))
-    optimizer_to = (zero_cfg.get("offload_optimizer") or {}).get("device") or "none"
-    weights_to = (zero_cfg.get("offload_param") or {}).get("device") or "none"
-    offload = optimizer_to != "none"
-    layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
-                    pp=topo.pp_size, cp=topo.cp_size, zero=zero,
-                    micro_batch=args.micro_batch, seq_len=args.seq_len,
-                    dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", offload=offload,
-                    offload_weights=weights_to != "none",
-                    activation_checkpointing=args.activation_checkpointing,
-                    **zero_bucket_settings(zero, zero_cfg))
-    result = plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
-                  lora_targets=args.lora_targets, train_llm_layers=train_llm_layers)
     if not result.fits(card_gib):
         raise ds_engine.ConfigError(
             f"the planner puts this run at {result.gpu_total / GIB:.1f} GiB per GPU, more than the card's "
@@ -706,6 +756,7 @@ def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any]
     # state offloaded to "cpu" lives in this host's memory, once per local rank ("nvme" goes to disk): past it
     # the kernel kills the run (or the machine) mid-build, long after the launch
     local_ranks = local_world_size()
+    optimizer_to, weights_to = offload_device(ds_config), offload_device(ds_config, "offload_param")
     host_need = result.host_bytes(optimizer=optimizer_to == "cpu", weights=weights_to == "cpu") * local_ranks
     host_have = host_memory_bytes()
     if host_need > host_have:
