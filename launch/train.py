@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    type=activation_checkpointing_arg, metavar="N|auto",
                    help="recompute each block's activations in backward (less memory, ~1/3 more compute); with N, "
                         "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py); auto: "
-                        "the fewest blocks whose plan fits 90%% of the GPU (every block off the GPU)")
+                        "the fewest blocks whose plan fits 90%% of the GPU (every block off the GPU; under --pp, every "
+                        "block or none)")
     g.add_argument("--no-plan-check", action="store_true",
                    help="on a GPU, run even when the planner (launch/plan.py) says the run does not fit the card, or "
                         "its CPU-offloaded state does not fit this host's memory")

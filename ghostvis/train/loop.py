@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -688,12 +689,12 @@ def card_plan(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args
         return None
     zero_cfg = ds_config.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
-    weights_to = (zero_cfg.get("offload_param") or {}).get("device") or "none"
     layout = Layout(gpus=topo.tp_size * topo.pp_size * topo.cp_size * topo.dp_size, tp=topo.tp_size,
                     pp=topo.pp_size, cp=topo.cp_size, zero=zero,
                     micro_batch=args.micro_batch, seq_len=args.seq_len,
                     dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32",
-                    offload=offload_device(ds_config) != "none", offload_weights=weights_to != "none",
+                    offload=offload_device(ds_config) != "none",
+                    offload_weights=offload_device(ds_config, "offload_param") != "none",
                     activation_checkpointing=activation_checkpointing, **zero_bucket_settings(zero, zero_cfg))
     return plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
                 lora_targets=args.lora_targets, train_llm_layers=train_llm_layers)
@@ -712,16 +713,18 @@ AUTO_SHARE = 0.9
 def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any,
                                     stage: str, freeze: tuple[str, ...], train_llm_layers: int,
                                     card_gib: float | None) -> tuple[bool | int, str]:
-    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits the card, since every
-    checkpointed block costs its forward again in backward (qwen25_1.5b at 32k, planned: every block 34.4 GiB,
-    none 109.7, so an H200 needs none and an 80 GB card 15 of 28). Returns (the flag's value, a line for the
-    log). Off the GPU, or where the planner cannot size the model (a CNN tower), every block: the safe end."""
+    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits AUTO_SHARE of the card,
+    since every checkpointed block costs its forward again in backward (qwen25_1.5b at 32k, ZeRO-2 as shipped,
+    micro-batch 1, planned: every block 34.4 GiB, none 109.7, so an H200 needs none and an 80 GB card 15 of 28).
+    Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size the model (a CNN
+    tower), every block: the safe end."""
     n_layer = model.config.n_layer
     pipeline = topo.pp_size > 1  # the pipeline engine checkpoints every block or none
 
     def value_of(n: int) -> bool | int:  # the flag's own values: every block True, none False
         return True if n == n_layer else (n or False)
 
+    @functools.cache
     def plan_of(n: int) -> Plan | None:
         return card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value_of(n))
 
@@ -729,7 +732,7 @@ def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config
     if every is None:
         return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
     if not every.fits_card(AUTO_SHARE * card_gib):  # check_fits_card refuses it next if it exceeds the card
-        return True, "activation checkpointing: auto → every block (the plan does not fit the card even so)"
+        return True, f"activation checkpointing: auto → every block (even so the plan exceeds {AUTO_SHARE:.0%} of the card)"
     candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
     # memory falls as more blocks are checkpointed: the first count that fits
     n = candidates[bisect.bisect_left(candidates, True, key=lambda k: plan_of(k).fits_card(AUTO_SHARE * card_gib))]
