@@ -732,7 +732,8 @@ def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config
     if every is None:
         return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
     if not every.fits_card(AUTO_SHARE * card_gib):  # check_fits_card refuses it next if it exceeds the card
-        return True, f"activation checkpointing: auto → every block (even so the plan exceeds {AUTO_SHARE:.0%} of the card)"
+        return True, (f"activation checkpointing: auto → every block (even so the plan exceeds {AUTO_SHARE:.0%} of "
+                      "the card)")
     candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
     # memory falls as more blocks are checkpointed: the first count that fits
     n = candidates[bisect.bisect_left(candidates, True, key=lambda k: plan_of(k).fits_card(AUTO_SHARE * card_gib))]
