@@ -69,7 +69,7 @@ class ModelConfig:
 
 def activation_checkpointing_arg(text: str) -> int | str:
     """--activation-checkpointing's value: a block count, or "auto" (the trainer picks the fewest checkpointed
-    blocks whose plan fits the card: loop.choose_activation_checkpointing)."""
+    blocks whose plan fits the card: plan.fewest_checkpointed_blocks)."""
     import argparse
 
     if text == "auto":

@@ -10,10 +10,13 @@ one stated constant.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +465,30 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
 
 
 # ---- output --------------------------------------------------------------------------------------
+
+# --activation-checkpointing auto sizes the plan to this share of the card: the planner leaves the allocator's
+# fragmentation out, and its figure without checkpointing has not yet been checked against a run
+AUTO_SHARE = 0.9
+
+
+def fewest_checkpointed_blocks(plan_for: Callable[[bool | int], Plan], n_layer: int, pipeline: bool,
+                               budget_gib: float) -> bool | int | None:
+    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits `budget_gib`, as the flag's
+    value (True every block, False none, N the first N; under a pipeline every block or none), or None when even
+    every block does not fit. Every checkpointed block costs its forward again in backward, and each one more
+    saves memory, so the search is a bisection. `plan_for(value)` plans the run with that value."""
+    def value_of(n: int) -> bool | int:
+        return True if n == n_layer else (n or False)
+
+    @functools.cache
+    def fits(n: int) -> bool:
+        return plan_for(value_of(n)).fits_card(budget_gib)
+
+    if not fits(n_layer):
+        return None
+    candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
+    return value_of(candidates[bisect.bisect_left(candidates, True, key=fits)])
+
 
 def ac_words(activation_checkpointing: bool | int) -> str:
     """", activation checkpointing" (every block), ", activation checkpointing of N blocks", or nothing."""

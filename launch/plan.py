@@ -13,11 +13,13 @@ it fits, 1 when it does not (scripts can test it), 2 on a bad flag.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from ghostvis.config import PRESETS, get_preset
-from ghostvis.plan import GIB, Layout, PlanError, ds_bucket_settings, format_plan, measure_activations, plan
+from ghostvis.config import PRESETS, activation_checkpointing_arg, checkpointed_blocks, get_preset
+from ghostvis.plan import (AUTO_SHARE, GIB, Layout, PlanError, ds_bucket_settings, fewest_checkpointed_blocks,
+                           Plan, format_plan, measure_activations, plan)
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
 
@@ -39,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision")
     p.add_argument("--offload", action="store_true",
                    help="ZeRO-Offload: optimizer state (and with --zero 3 the weights) in host memory")
-    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
-                   help="recompute each block in backward; with N, only the first N blocks")
+    p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False,
+                   type=activation_checkpointing_arg, metavar="N|auto",
+                   help="recompute each block in backward; with N, only the first N blocks; auto: the fewest whose "
+                        "plan fits 90%% of --gpu-mem-gib, as launch/train.py's auto picks on its card")
     p.add_argument("--stage", default=None, choices=sorted(STAGES),
                    help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
@@ -76,12 +80,26 @@ def main(argv: list[str] | None = None) -> int:
             refuse_flags_on_frozen(get_stage(args.stage), args, args.freeze)
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
-                        activation_checkpointing=args.activation_checkpointing,
+                        activation_checkpointing=args.activation_checkpointing != "auto" and
+                        args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
-        result = plan(args.model, layout, depth=args.depth, stage=args.stage, freeze=args.freeze,
-                      lora_rank=args.lora_rank, lora_targets=args.lora_targets,
-                      train_llm_layers=args.train_llm_layers, **overrides)
+
+        def plan_for(activation_checkpointing: bool | int) -> Plan:
+            return plan(args.model, dataclasses.replace(layout, activation_checkpointing=activation_checkpointing),
+                        depth=args.depth, stage=args.stage, freeze=args.freeze, lora_rank=args.lora_rank,
+                        lora_targets=args.lora_targets, train_llm_layers=args.train_llm_layers, **overrides)
+
+        chosen = None
+        if args.activation_checkpointing == "auto":
+            n_layer = get_preset(args.model, args.depth, **overrides)[0].n_layer
+            value = fewest_checkpointed_blocks(plan_for, n_layer, args.pp > 1, AUTO_SHARE * args.gpu_mem_gib)
+            chosen = (f"activation checkpointing auto: {checkpointed_blocks(value, n_layer)} of {n_layer} blocks, the "
+                      f"fewest whose plan fits {AUTO_SHARE:.0%} of the card" if value is not None else
+                      f"activation checkpointing auto: every block, and even so the plan exceeds {AUTO_SHARE:.0%} of "
+                      "the card")
+            layout = dataclasses.replace(layout, activation_checkpointing=True if value is None else value)
+        result = plan_for(layout.activation_checkpointing)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
                           "measured_activation_bytes": measured}, indent=1))
     else:
+        if chosen:
+            print(chosen)
         print(format_plan(result, args.gpu_mem_gib, args.host_mem_gib))
         if measured is not None:
             print(f"measured activations on this GPU: {measured / GIB:.2f} GiB "

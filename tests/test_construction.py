@@ -236,7 +236,8 @@ def test_activation_checkpointing_auto_takes_the_fewest_blocks_that_fit():
     every block, 109 without)."""
     import argparse
 
-    from ghostvis.train.loop import AUTO_SHARE, card_plan, choose_activation_checkpointing
+    from ghostvis.plan import AUTO_SHARE
+    from ghostvis.train.loop import card_plan, choose_activation_checkpointing
     from ghostvis.train.stages import ALL_LAYERS
     from launch.train import build_parser
 

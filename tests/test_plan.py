@@ -306,3 +306,29 @@ def test_context_parallel_splits_activations_and_zero_shards():
         plan("tiny", Layout(gpus=4, cp=2, pp=2, zero=1))
     with pytest.raises(PlanError, match=r"not divisible by --tp 1 × --pp 1 × --cp 2"):
         plan("tiny", Layout(gpus=3, cp=2))
+
+
+def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
+    """launch/plan.py --activation-checkpointing auto prints and plans the count the trainer's auto takes on a card
+    of --gpu-mem-gib: the fewest checkpointed blocks whose plan fits AUTO_SHARE of it."""
+    import dataclasses
+    import re
+
+    from ghostvis.plan import AUTO_SHARE, ds_bucket_settings
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import plan as plan_cli
+
+    base = ["--model", "qwen25_1.5b", "--zero", "2", "--seq", "32768", "--activation-checkpointing", "auto"]
+    layout = Layout(zero=2, seq_len=32768, **ds_bucket_settings(2, False))
+
+    def fits(blocks: int, card: float) -> bool:
+        return plan("qwen25_1.5b", dataclasses.replace(layout, activation_checkpointing=blocks)).fits_card(
+            AUTO_SHARE * card)
+
+    for card in (60.0, 80.0, 141.0):
+        capsys.readouterr()
+        assert plan_cli.main([*base, "--gpu-mem-gib", str(card)]) == 0
+        n = int(re.search(r"auto: (\d+) of 28 blocks", capsys.readouterr().out).group(1))
+        assert fits(n, card) and (n == 0 or not fits(n - 1, card)), (card, n)
+    assert plan_cli.main([*base, "--gpu-mem-gib", "20"]) == 1  # even every block: the plan says it does not fit
+    assert "every block, and even so" in capsys.readouterr().out

@@ -18,9 +18,7 @@ in its own module and registering it there:
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -34,7 +32,7 @@ import torch.distributed as dist
 
 from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
-from ghostvis.config import ModelConfig, VisionConfig, get_preset
+from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
@@ -47,7 +45,8 @@ from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
-from ghostvis.plan import GIB, Layout, Plan, plan, zero_bucket_settings
+from ghostvis.plan import (AUTO_SHARE, GIB, Layout, Plan, fewest_checkpointed_blocks, plan,
+                           zero_bucket_settings)
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -705,40 +704,26 @@ def offload_device(ds_config: dict[str, Any], part: str = "offload_optimizer") -
     return (ds_config.get("zero_optimization", {}).get(part) or {}).get("device") or "none"
 
 
-# auto sizes the plan to this share of the card: the planner does not model the allocator's fragmentation, and
-# its estimate without checkpointing has not been measured against a run
-AUTO_SHARE = 0.9
-
-
 def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any,
                                     stage: str, freeze: tuple[str, ...], train_llm_layers: int,
                                     card_gib: float | None) -> tuple[bool | int, str]:
-    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits AUTO_SHARE of the card,
-    since every checkpointed block costs its forward again in backward (qwen25_1.5b at 32k, ZeRO-2 as shipped,
-    micro-batch 1, planned: every block 34.4 GiB, none 109.7, so an H200 needs none and an 80 GB card 15 of 28).
-    Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size the model (a CNN
-    tower), every block: the safe end."""
+    """--activation-checkpointing auto (plan.fewest_checkpointed_blocks within AUTO_SHARE of the card; qwen25_1.5b
+    at 32k, ZeRO-2 as shipped, micro-batch 1, is planned at 34.4 GiB with every block and 109.7 with none, so an
+    H200 needs none and an 80 GB card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or
+    where the planner cannot size the model (a CNN tower), every block: the safe end."""
     n_layer = model.config.n_layer
-    pipeline = topo.pp_size > 1  # the pipeline engine checkpoints every block or none
 
-    def value_of(n: int) -> bool | int:  # the flag's own values: every block True, none False
-        return True if n == n_layer else (n or False)
+    def plan_for(value: bool | int) -> Plan | None:
+        return card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value)
 
-    @functools.cache
-    def plan_of(n: int) -> Plan | None:
-        return card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value_of(n))
-
-    every = None if card_gib is None else plan_of(n_layer)
-    if every is None:
+    if card_gib is None or plan_for(True) is None:
         return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
-    if not every.fits_card(AUTO_SHARE * card_gib):  # check_fits_card refuses it next if it exceeds the card
+    value = fewest_checkpointed_blocks(plan_for, n_layer, topo.pp_size > 1, AUTO_SHARE * card_gib)
+    if value is None:  # check_fits_card refuses it next if it exceeds the card
         return True, (f"activation checkpointing: auto → every block (even so the plan exceeds {AUTO_SHARE:.0%} of "
                       "the card)")
-    candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
-    # memory falls as more blocks are checkpointed: the first count that fits
-    n = candidates[bisect.bisect_left(candidates, True, key=lambda k: plan_of(k).fits_card(AUTO_SHARE * card_gib))]
-    return value_of(n), (f"activation checkpointing: auto → {n} of {n_layer} blocks (the planner: "
-                         f"{plan_of(n).gpu_total / GIB:.1f} GiB of the card's {card_gib:.1f})")
+    return value, (f"activation checkpointing: auto → {checkpointed_blocks(value, n_layer)} of {n_layer} blocks (the "
+                   f"planner: {plan_for(value).gpu_total / GIB:.1f} GiB of the card's {card_gib:.1f})")
 
 
 def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
