@@ -168,7 +168,9 @@ def main() -> None:
     line = (f"{tps:,.0f} tokens/s, MFU {'n/a' if m is None else f'{100 * m:.1f}%'}, "
             f"peak {peak.item():.1f} GiB per GPU")
     if rank == 0 and not verdict.ok:
-        print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written)", flush=True)
+        # memory depends on what trains, not on whether it learnt: printed, never written as a row
+        print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written; peak "
+              f"{peak.item():.1f} GiB per GPU, for information)", flush=True)
     elif rank == 0:
         print(f"{topo} on {world} × {card}: {line}; {verdict.message}", flush=True)
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
