@@ -15,13 +15,13 @@
     DS_ACCELERATOR=cpu python bench/parallel_throughput.py --smoke --out /tmp/bench.md
 
 The model is built as launch/train.py builds it (full init, `parallelize`, the stage's parameter groups,
-`deepspeed.initialize` with the topology as mpu) and stepped by the loop's own `train_step` /
-`pipeline_step` on learnable batches (bench/learning.py; a VLM also gets one random image per sequence).
-Every step's loss is kept: the run must learn (loss falls), and with `--reference-losses FILE` (a run of
-the same batches saved by `--save-losses`, e.g. another layout or the old code) it must track it, or it
-prints FAILED and writes no row. Prints tokens/s, MFU (LLM FLOPs only: the vision tower's are not
-counted) and peak memory (max over ranks of torch.cuda.max_memory_allocated); rank 0 appends a block
-with the card's name to --out (BENCHMARKS.md).
+`deepspeed.initialize` with the topology as mpu) and stepped by the loop's own `train_step` / `pipeline_step` on
+learnable batches (bench/learning.py; a VLM also gets one random image per sequence). Every step's loss is kept: the
+run must learn (loss falls), and with `--reference-losses FILE` (a run of the same batches saved by `--save-losses`,
+e.g. another layout or the old code) it must track it, or it prints FAILED (with its peak memory, for information)
+and writes no row. Prints tokens/s, MFU (LLM FLOPs only: the vision tower's are not counted) and peak memory (max
+over ranks of torch.cuda.max_memory_allocated); rank 0 appends a block with the card's name to --out
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def main() -> None:
             f"peak {peak.item():.1f} GiB per GPU")
     if rank == 0 and not verdict.ok:
         # memory depends on what trains, not on whether it learnt: printed, never written as a row
-        print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written; peak "
-              f"{peak.item():.1f} GiB per GPU, for information)", flush=True)
+        memory = f"peak {peak.item():.1f} GiB per GPU, for information" if on_gpu else "no GPU memory to report"
+        print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written; {memory})",
+              flush=True)
     elif rank == 0:
         print(f"{topo} on {world} × {card}: {line}; {verdict.message}", flush=True)
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "

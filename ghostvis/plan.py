@@ -15,8 +15,8 @@ import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -464,31 +464,56 @@ def plan(model_name: str, layout: Layout, *, depth: int | None = None, stage: st
     return best
 
 
-# ---- output --------------------------------------------------------------------------------------
+# ---- --activation-checkpointing auto -------------------------------------------------------------
 
-# --activation-checkpointing auto sizes the plan to this share of the card: the planner leaves the allocator's
-# fragmentation out, and its figure without checkpointing has not yet been checked against a run
+# auto sizes the plan to this share of the card: the planner leaves the allocator's fragmentation out, and its
+# figure without checkpointing has not yet been checked against a run
 AUTO_SHARE = 0.9
 
 
+@dataclass(frozen=True)
+class AutoCheckpointing:
+    """What --activation-checkpointing auto chose: the flag's value (True every block, False none, N the first N),
+    its plan, and whether that plan fits the budget (False: even every block does not)."""
+
+    value: bool | int
+    plan: Plan
+    within: bool
+    n_layer: int
+
+    def line(self) -> str:
+        """The one line the trainer prints at start and launch/plan.py above its table."""
+        head = "activation checkpointing: auto →"
+        if not self.within:
+            return f"{head} every block (even so the plan exceeds {AUTO_SHARE:.0%} of the card)"
+        return (f"{head} {checkpointed_blocks(self.value, self.n_layer)} of {self.n_layer} blocks (the fewest whose "
+                f"plan fits {AUTO_SHARE:.0%} of the card: {self.plan.gpu_total / GIB:.1f} GiB)")
+
+
 def fewest_checkpointed_blocks(plan_for: Callable[[bool | int], Plan], n_layer: int, pipeline: bool,
-                               budget_gib: float) -> bool | int | None:
-    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits `budget_gib`, as the flag's
-    value (True every block, False none, N the first N; under a pipeline every block or none), or None when even
-    every block does not fit. Every checkpointed block costs its forward again in backward, and each one more
-    saves memory, so the search is a bisection. `plan_for(value)` plans the run with that value."""
+                               card_gib: float) -> AutoCheckpointing:
+    """--activation-checkpointing auto: the fewest checkpointed blocks whose plan fits AUTO_SHARE of `card_gib`
+    (under a pipeline every block or none); every block when even that does not fit. Every checkpointed block costs
+    its forward again in backward, and each one more saves memory, so the search is a bisection. `plan_for(value)`
+    plans the run with that flag value."""
     def value_of(n: int) -> bool | int:
         return True if n == n_layer else (n or False)
 
-    @functools.cache
+    @functools.cache  # by block count: True and 1 would collide as keys
+    def plan_of(n: int) -> Plan:
+        return plan_for(value_of(n))
+
     def fits(n: int) -> bool:
-        return plan_for(value_of(n)).fits_card(budget_gib)
+        return plan_of(n).fits_card(AUTO_SHARE * card_gib)
 
     if not fits(n_layer):
-        return None
+        return AutoCheckpointing(True, plan_of(n_layer), False, n_layer)
     candidates = [0, n_layer] if pipeline else list(range(n_layer + 1))
-    return value_of(candidates[bisect.bisect_left(candidates, True, key=fits)])
+    n = candidates[bisect.bisect_left(candidates, True, key=fits)]
+    return AutoCheckpointing(value_of(n), plan_of(n), True, n_layer)
 
+
+# ---- output --------------------------------------------------------------------------------------
 
 def ac_words(activation_checkpointing: bool | int) -> str:
     """", activation checkpointing" (every block), ", activation checkpointing of N blocks", or nothing."""

@@ -17,9 +17,9 @@ import dataclasses
 import json
 import sys
 
-from ghostvis.config import PRESETS, activation_checkpointing_arg, checkpointed_blocks, get_preset
-from ghostvis.plan import (AUTO_SHARE, GIB, Layout, PlanError, ds_bucket_settings, fewest_checkpointed_blocks,
-                           Plan, format_plan, measure_activations, plan)
+from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset
+from ghostvis.plan import (AUTO_SHARE, GIB, Layout, Plan, PlanError, build_meta_model, ds_bucket_settings,
+                           fewest_checkpointed_blocks, format_plan, measure_activations, plan)
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False,
                    type=activation_checkpointing_arg, metavar="N|auto",
                    help="recompute each block in backward; with N, only the first N blocks; auto: the fewest whose "
-                        "plan fits 90%% of --gpu-mem-gib, as launch/train.py's auto picks on its card")
+                        f"plan fits {100 * AUTO_SHARE:.0f}%% of --gpu-mem-gib, as launch/train.py's auto picks on a "
+                        "card of that size as CUDA reports it (79.2 GiB for an 80 GB H100)")
     p.add_argument("--stage", default=None, choices=sorted(STAGES),
                    help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
@@ -78,28 +79,24 @@ def main(argv: list[str] | None = None) -> int:
             from ghostvis.train.stages import get_stage
 
             refuse_flags_on_frozen(get_stage(args.stage), args, args.freeze)
+        auto = args.activation_checkpointing == "auto"
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
-                        activation_checkpointing=args.activation_checkpointing != "auto" and
-                        args.activation_checkpointing,
+                        activation_checkpointing=False if auto else args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
+        model = build_meta_model(*get_preset(args.model, args.depth, **overrides))  # once, for every plan below
 
         def plan_for(activation_checkpointing: bool | int) -> Plan:
             return plan(args.model, dataclasses.replace(layout, activation_checkpointing=activation_checkpointing),
-                        depth=args.depth, stage=args.stage, freeze=args.freeze, lora_rank=args.lora_rank,
-                        lora_targets=args.lora_targets, train_llm_layers=args.train_llm_layers, **overrides)
+                        stage=args.stage, freeze=args.freeze, model=model, lora_rank=args.lora_rank,
+                        lora_targets=args.lora_targets, train_llm_layers=args.train_llm_layers)
 
-        chosen = None
-        if args.activation_checkpointing == "auto":
-            n_layer = get_preset(args.model, args.depth, **overrides)[0].n_layer
-            value = fewest_checkpointed_blocks(plan_for, n_layer, args.pp > 1, AUTO_SHARE * args.gpu_mem_gib)
-            chosen = (f"activation checkpointing auto: {checkpointed_blocks(value, n_layer)} of {n_layer} blocks, the "
-                      f"fewest whose plan fits {AUTO_SHARE:.0%} of the card" if value is not None else
-                      f"activation checkpointing auto: every block, and even so the plan exceeds {AUTO_SHARE:.0%} of "
-                      "the card")
-            layout = dataclasses.replace(layout, activation_checkpointing=True if value is None else value)
-        result = plan_for(layout.activation_checkpointing)
+        chosen = (fewest_checkpointed_blocks(plan_for, model.config.n_layer, args.pp > 1, args.gpu_mem_gib)
+                  if auto else None)
+        if chosen:
+            layout = dataclasses.replace(layout, activation_checkpointing=chosen.value)
+        result = chosen.plan if chosen else plan_for(layout.activation_checkpointing)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)
@@ -111,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: {err}", file=sys.stderr)
         return 2
     if args.json:
+        auto_json = chosen and {"value": chosen.value, "fits_share": chosen.within, "share": AUTO_SHARE}
         print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
-                          "measured_activation_bytes": measured}, indent=1))
+                          "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json or None},
+                         indent=1))
     else:
         if chosen:
-            print(chosen)
+            print(chosen.line())
         print(format_plan(result, args.gpu_mem_gib, args.host_mem_gib))
         if measured is not None:
             print(f"measured activations on this GPU: {measured / GIB:.2f} GiB "

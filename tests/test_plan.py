@@ -315,8 +315,7 @@ def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
     import re
 
     from ghostvis.plan import AUTO_SHARE, ds_bucket_settings
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-    import plan as plan_cli
+    from launch import plan as plan_cli
 
     base = ["--model", "qwen25_1.5b", "--zero", "2", "--seq", "32768", "--activation-checkpointing", "auto"]
     layout = Layout(zero=2, seq_len=32768, **ds_bucket_settings(2, False))
@@ -328,7 +327,16 @@ def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
     for card in (60.0, 80.0, 141.0):
         capsys.readouterr()
         assert plan_cli.main([*base, "--gpu-mem-gib", str(card)]) == 0
-        n = int(re.search(r"auto: (\d+) of 28 blocks", capsys.readouterr().out).group(1))
+        out = capsys.readouterr().out
+        n = int(re.search(r"auto → (\d+) of 28 blocks", out).group(1))
         assert fits(n, card) and (n == 0 or not fits(n - 1, card)), (card, n)
+        assert (f"activation checkpointing of {n} blocks" in out) == (0 < n < 28)  # the table plans that count
+        assert plan_cli.main([*base, "--gpu-mem-gib", str(card), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["layout"]["activation_checkpointing"] == out["activation_checkpointing_auto"]["value"]
+        assert out["activation_checkpointing_auto"]["value"] == (True if n == 28 else (n or False))
     assert plan_cli.main([*base, "--gpu-mem-gib", "20"]) == 1  # even every block: the plan says it does not fit
-    assert "every block, and even so" in capsys.readouterr().out
+    assert "every block (even so" in capsys.readouterr().out
+    assert plan_cli.main([*base, "--gpu-mem-gib", "36", "--json"]) == 0  # fits the card, not AUTO_SHARE of it
+    assert json.loads(capsys.readouterr().out)["activation_checkpointing_auto"] == {"value": True, "fits_share": False,
+                                                                                 "share": AUTO_SHARE}

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ghostvis import checkpoint_io, lora
 from ghostvis.cli import Diverged
-from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
+from ghostvis.config import ModelConfig, VisionConfig, get_preset
 from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
@@ -45,8 +45,7 @@ from ghostvis.data.text import bpb_sums, text_batches, token_bytes
 from ghostvis.model.attention import select_attention
 from ghostvis.model.gpt import flops_per_token
 from ghostvis.parallel import Topology
-from ghostvis.plan import (AUTO_SHARE, GIB, Layout, Plan, fewest_checkpointed_blocks, plan,
-                           zero_bucket_settings)
+from ghostvis.plan import GIB, Layout, Plan, fewest_checkpointed_blocks, plan, zero_bucket_settings
 from ghostvis.parallel.layout import parallelize
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -707,23 +706,16 @@ def offload_device(ds_config: dict[str, Any], part: str = "offload_optimizer") -
 def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any,
                                     stage: str, freeze: tuple[str, ...], train_llm_layers: int,
                                     card_gib: float | None) -> tuple[bool | int, str]:
-    """--activation-checkpointing auto (plan.fewest_checkpointed_blocks within AUTO_SHARE of the card; qwen25_1.5b
-    at 32k, ZeRO-2 as shipped, micro-batch 1, is planned at 34.4 GiB with every block and 109.7 with none, so an
-    H200 needs none and an 80 GB card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or
-    where the planner cannot size the model (a CNN tower), every block: the safe end."""
-    n_layer = model.config.n_layer
-
-    def plan_for(value: bool | int) -> Plan | None:
-        return card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value)
-
-    if card_gib is None or plan_for(True) is None:
+    """--activation-checkpointing auto (plan.fewest_checkpointed_blocks; qwen25_1.5b at 32k, ZeRO-2 as shipped,
+    micro-batch 1, is planned at 34.4 GiB with every block and 109.7 with none, so an H200 needs none and an 80 GB
+    card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size
+    the model (a CNN tower), every block: the safe end."""
+    if card_gib is None or card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, True) is None:
         return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
-    value = fewest_checkpointed_blocks(plan_for, n_layer, topo.pp_size > 1, AUTO_SHARE * card_gib)
-    if value is None:  # check_fits_card refuses it next if it exceeds the card
-        return True, (f"activation checkpointing: auto → every block (even so the plan exceeds {AUTO_SHARE:.0%} of "
-                      "the card)")
-    return value, (f"activation checkpointing: auto → {checkpointed_blocks(value, n_layer)} of {n_layer} blocks (the "
-                   f"planner: {plan_for(value).gpu_total / GIB:.1f} GiB of the card's {card_gib:.1f})")
+    chosen = fewest_checkpointed_blocks(
+        lambda value: card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value),
+        model.config.n_layer, topo.pp_size > 1, card_gib)
+    return chosen.value, chosen.line()  # over the card itself, check_fits_card refuses it next
 
 
 def check_fits_card(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
