@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan.py: {err}", file=sys.stderr)
         return 2
     if args.json:
-        auto_json = chosen and {"value": chosen.value, "fits_share": chosen.within, "share": AUTO_SHARE}
+        auto_json = {"value": chosen.value, "fits_share": chosen.within, "share": AUTO_SHARE} if chosen else None
         print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
-                          "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json or None},
+                          "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json},
                          indent=1))
     else:
         if chosen:

@@ -680,10 +680,9 @@ def finish(run: Run) -> None:
 
 def card_plan(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args: Any, stage: str,
               freeze: tuple[str, ...], train_llm_layers: int, activation_checkpointing: bool | int) -> Plan | None:
-    """The planner's plan (ghostvis/plan.py) of this run from the model's shape (meta device), or None for a CNN
-    tower, which the planner does not estimate."""
-    vision = getattr(model, "vision", None)
-    if vision is not None and not vision.encoder.is_vit:  # plan.vision_activation_bytes models ViTs only
+    """The planner's plan (ghostvis/plan.py) of this run from the model's shape (meta device), or None for a model
+    it cannot size (`planner_sizes`)."""
+    if not planner_sizes(model):
         return None
     zero_cfg = ds_config.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
@@ -698,6 +697,12 @@ def card_plan(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args
                 lora_targets=args.lora_targets, train_llm_layers=train_llm_layers)
 
 
+def planner_sizes(model: torch.nn.Module) -> bool:
+    """False for a CNN tower: plan.vision_activation_bytes models ViTs only."""
+    vision = getattr(model, "vision", None)
+    return vision is None or vision.encoder.is_vit
+
+
 def offload_device(ds_config: dict[str, Any], part: str = "offload_optimizer") -> str:
     """Where the DeepSpeed config sends the optimizer's state (or, with part="offload_param", ZeRO-3's weights)."""
     return (ds_config.get("zero_optimization", {}).get(part) or {}).get("device") or "none"
@@ -710,7 +715,7 @@ def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config
     micro-batch 1, is planned at 34.4 GiB with every block and 109.7 with none, so an H200 needs none and an 80 GB
     card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size
     the model (a CNN tower), every block: the safe end."""
-    if card_gib is None or card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, True) is None:
+    if card_gib is None or not planner_sizes(model):
         return True, "activation checkpointing: auto → every block (no card, or a model the planner cannot size)"
     chosen = fewest_checkpointed_blocks(
         lambda value: card_plan(model, topo, ds_config, args, stage, freeze, train_llm_layers, value),
