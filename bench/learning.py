@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 MIN_DROP = 0.05  # a side's loss must fall at least this fraction (first step's loss → mean of the last 3)
+CONTROL_MARGIN = 0.01  # a LoRA side must end this fraction of its first loss below the frozen-adapter control
 TRACK_ABS, TRACK_REL = 0.1, 0.02  # allowed gap to the reference: TRACK_ABS + TRACK_REL × the reference's mean
 
 
@@ -83,4 +84,22 @@ def check_learning(losses: list[float], reference: list[float] | None = None,
     summary += f", gap to reference mean {mean_gap:.3f} / end {end_gap:.3f} (tolerance {tol:.3f})"
     if mean_gap > tol or end_gap > tol:
         return Verdict(False, f"{summary}: it does not track the reference")
+    return Verdict(True, summary)
+
+
+def check_beats_control(losses: list[float], control: list[float], margin: float = CONTROL_MARGIN) -> Verdict:
+    """Did the adapters learn? A LoRA side's own fall can't show it: on random weights most of a model's
+    first fall is which tokens occur at all, held by the frozen head and embedding, and the stage's connector
+    trains too. So it runs beside a control of the same steps with its adapters kept at zero (`--lora-control`),
+    and must end (mean of the last 3) below the control's end by `margin` × its first loss."""
+    if not losses or len(losses) != len(control):
+        return Verdict(False, f"{len(losses)} steps against the control's {len(control)}")
+    if not all(math.isfinite(x) for x in losses):
+        return Verdict(False, f"non-finite loss at step {next(i for i, x in enumerate(losses) if not math.isfinite(x))}")
+    first, last, floor = losses[0], _tail(losses), _tail(control)
+    gain = (floor - last) / abs(first) if first else 0.0
+    summary = (f"loss {first:.3f} → {last:.3f}, {100 * gain:.1f}% of the first loss below the control with "
+               f"frozen adapters ({control[0]:.3f} → {floor:.3f})")
+    if gain < margin:
+        return Verdict(False, f"{summary}: the adapters did not learn (needs ≥ {100 * margin:.0f}%)")
     return Verdict(True, summary)

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     paths = prepare_data(out, size["synth"], size["vocab"], env)
     llava = write_llava_like(out / "llava_like", size["num_llava"], shard_size=size["synth"]["shard_size"])
     common = ["--ds_config", REPO / "ds_configs" / args.ds_config, "--tokenizer", paths["tokenizer"],
-              "--save-every", "0", "--resume", "none", "--warmup", max(1, steps // 20)]
+              "--save-every", "0", "--resume", "none", "--warmup", max(1, steps // 20), "--seed", args.seed]
     # validation once, after the last step, on the same held-out samples for both sides: eval_batches covers
     # every val split here, so neither side stops part-way
     val = ["--eval-every", steps, "--eval-batches", size["eval_batches"]]
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vp-args", default=None, help="launch/train.py flags for vision_pretrain, one string "
                    "(default: --lr 1e-3 on CUDA, 3e-3 on CPU: the learning check needs a clear drop in few steps)")
     p.add_argument("--sft-args", default=None, help="... for sft (same defaults)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="launch/train.py --seed of both sides (their data order; a base model already in --out is "
+                        "reused): rerun with others to see the run-to-run spread")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     text = table(run(args))

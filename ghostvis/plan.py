@@ -513,6 +513,58 @@ def fewest_checkpointed_blocks(plan_for: Callable[[bool | int], Plan], n_layer: 
     return AutoCheckpointing(value_of(n), plan_of(n), True, n_layer)
 
 
+# ---- --seq max ------------------------------------------------------------------------------------
+
+SEQ_STEP = 1024  # --seq max answers in multiples of this (times 2 × --cp, which a sequence must split into)
+SEQ_LIMIT = 1 << 22  # 4M tokens: the search stops here
+# --seq max sizes the plan to this share of the card, below auto's: a long sequence's activations come in large
+# blocks that fragment the allocator. On an 80 GB H100 (qwen25_1.5b, ZeRO-2, every block checkpointed) 131,072
+# tokens planned 49.3 GiB and peaked at 48.7; 262,144 planned 71.6 GiB (90% of the card is 71.3) and ran out of
+# memory with 7.9 GiB of the card reserved but unallocated (BENCHMARKS.md, twelfth session).
+LONGEST_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class LongestSequence:
+    """What --seq max found: the longest sequence whose plan fits (0: not even one step does) and its plan."""
+
+    seq_len: int
+    plan: Plan
+    step: int
+    card_gib: float
+
+    def line(self) -> str:
+        """The one line launch/plan.py prints above the table."""
+        if not self.seq_len:
+            where = (f"{LONGEST_SHARE:.0%} of the card ({self.plan.gpu_total / GIB:.1f} GiB planned)"
+                     if not self.plan.fits_card(LONGEST_SHARE * self.card_gib) else "the host memory of --host-mem-gib")
+            return f"--seq max: not even {self.step:,} tokens fit {where}; the table shows that plan"
+        return (f"--seq max → {self.seq_len:,} tokens (the longest multiple of {self.step:,} whose plan fits "
+                f"{LONGEST_SHARE:.0%} of the card: {self.plan.gpu_total / GIB:.1f} GiB)")
+
+
+def longest_sequence(plan_for_seq: Callable[[int], Plan], card_gib: float, host_gib: float | None,
+                     step: int) -> LongestSequence:
+    """--seq max: the longest multiple of `step` (up to SEQ_LIMIT) whose plan fits LONGEST_SHARE of `card_gib`
+    (and `host_gib`, given one). Memory only grows with the sequence: doubling, then bisection."""
+    @functools.cache
+    def plan_of(k: int) -> Plan:
+        return plan_for_seq(k * step)
+
+    def fits(k: int) -> bool:
+        return plan_of(k).fits(LONGEST_SHARE * card_gib, host_gib)
+
+    if not fits(1):
+        return LongestSequence(0, plan_of(1), step, card_gib)
+    top = SEQ_LIMIT // step
+    lo = 1
+    while lo < top and fits(min(2 * lo, top)):
+        lo = min(2 * lo, top)
+    # the first k in (lo, 2·lo] that does not fit, less one
+    k = bisect.bisect_left(range(lo + 1, min(2 * lo, top) + 1), True, key=lambda k: not fits(k)) + lo
+    return LongestSequence(k * step, plan_of(k), step, card_gib)
+
+
 # ---- output --------------------------------------------------------------------------------------
 
 def ac_words(activation_checkpointing: bool | int) -> str:

@@ -4,6 +4,7 @@
     python launch/plan.py --model qwen25_7b --gpus 8 --nodes 2 --zero 1 --tp 2 --pp 2 --activation-checkpointing
     python launch/plan.py --model vlm_7b --stage vision_pretrain --gpus 4 --zero 2 --json
     python launch/plan.py --model vlm_7b --stage sft --freeze none --gpus 8 --zero 3   # the encoder trains too
+    python launch/plan.py --model qwen25_1.5b --zero 2 --seq max --activation-checkpointing --gpu-mem-gib 139.8
 
 Prints per-GPU bytes of weights, fp32 master weights, gradients, Adam states, ZeRO buffers, activations and
 a fixed CUDA overhead, then "fits / does not fit on a <N> GiB card" with the headroom. Exit status 0 when
@@ -18,9 +19,19 @@ import json
 import sys
 
 from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset
-from ghostvis.plan import (AUTO_SHARE, GIB, Layout, Plan, PlanError, build_meta_model, ds_bucket_settings,
-                           fewest_checkpointed_blocks, format_plan, measure_activations, plan)
+from ghostvis.plan import (AUTO_SHARE, GIB, LONGEST_SHARE, SEQ_STEP, Layout, Plan, PlanError, build_meta_model, ds_bucket_settings,
+                           fewest_checkpointed_blocks, format_plan, longest_sequence, measure_activations, plan)
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
+
+
+def seq_arg(value: str) -> int | str:
+    """--seq: a token count, or "max"."""
+    if value == "max":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a token count (e.g. 32768) or max") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel size: each sequence split over cp GPUs (--pp 1; --seq a multiple of 2·cp)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (image tokens included)")
+    p.add_argument("--seq", type=seq_arg, default=2048, metavar="N|max",
+                   help="tokens per sequence (image tokens included); max: the longest (in steps of "
+                        f"{SEQ_STEP} × 2·--cp) whose plan fits {100 * LONGEST_SHARE:.0f}%% of --gpu-mem-gib (and "
+                        "--host-mem-gib), with every block checkpointed under --activation-checkpointing auto")
     p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (VLM presets)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision")
     p.add_argument("--offload", action="store_true",
@@ -79,19 +93,27 @@ def main(argv: list[str] | None = None) -> int:
             from ghostvis.train.stages import get_stage
 
             refuse_flags_on_frozen(get_stage(args.stage), args, args.freeze)
-        auto = args.activation_checkpointing == "auto"
+        auto, longest = args.activation_checkpointing == "auto", args.seq == "max"
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
-                        micro_batch=args.micro_batch, seq_len=args.seq, dtype=args.dtype, offload=args.offload,
+                        micro_batch=args.micro_batch, seq_len=2 * args.cp if longest else args.seq,
+                        dtype=args.dtype, offload=args.offload,
                         activation_checkpointing=False if auto else args.activation_checkpointing,
                         images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
         model = build_meta_model(*get_preset(args.model, args.depth, **overrides))  # once, for every plan below
 
-        def plan_for(activation_checkpointing: bool | int) -> Plan:
-            return plan(args.model, dataclasses.replace(layout, activation_checkpointing=activation_checkpointing),
+        def plan_for(activation_checkpointing: bool | int, seq_len: int | None = None) -> Plan:
+            return plan(args.model, dataclasses.replace(layout, activation_checkpointing=activation_checkpointing,
+                                                        seq_len=seq_len or layout.seq_len),
                         stage=args.stage, freeze=args.freeze, model=model, lora_rank=args.lora_rank,
                         lora_targets=args.lora_targets, train_llm_layers=args.train_llm_layers)
 
+        found = None
+        if longest:  # auto's search then runs at the sequence found with every block checkpointed
+            found = longest_sequence(
+                lambda seq: plan_for(True if auto else layout.activation_checkpointing, seq),
+                args.gpu_mem_gib, args.host_mem_gib, SEQ_STEP * 2 * args.cp)
+            layout = dataclasses.replace(layout, seq_len=found.seq_len or found.step)
         chosen = (fewest_checkpointed_blocks(plan_for, model.config.n_layer, args.pp > 1, args.gpu_mem_gib)
                   if auto else None)
         if chosen:
@@ -110,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         auto_json = {"value": chosen.value, "fits_share": chosen.within, "share": AUTO_SHARE} if chosen else None
         print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
-                          "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json},
+                          "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json,
+                          "seq_max": {"seq_len": found.seq_len, "share": LONGEST_SHARE} if found else None},
                          indent=1))
     else:
+        if found:
+            print(found.line())
         if chosen:
             print(chosen.line())
         print(format_plan(result, args.gpu_mem_gib, args.host_mem_gib))
         if measured is not None:
             print(f"measured activations on this GPU: {measured / GIB:.2f} GiB "
                   f"(planned {result.gpu['activations'] / GIB:.2f} GiB)")
+    if found is not None and not found.seq_len:
+        return 1
     return 0 if result.fits(args.gpu_mem_gib, args.host_mem_gib) else 1
 
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
-from bench.learning import check_learning, learnable_batches
+from bench.learning import check_beats_control, check_learning, learnable_batches
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_learnable_batches_are_deterministic_shifted_and_learnable():
@@ -69,3 +75,34 @@ def test_a_side_must_track_its_reference():
     curve = [7.0 + 3.6 * math.exp(-i / 2) for i in range(25)]
     late = curve[:1] + curve[:-1]
     assert check_learning(late, curve).ok, check_learning(late, curve).message
+
+
+def test_a_lora_side_must_end_below_its_frozen_adapter_control():
+    control = [12.25, 12.22, 12.2, 12.19, 12.18, 12.17]  # only the connector learns
+    assert check_beats_control([12.25, 12.1, 12.0, 11.9, 11.85, 11.8], control).ok
+    verdict = check_beats_control([12.25, 12.2, 12.18, 12.16, 12.15, 12.14], control)  # the adapters add ~0.3%
+    assert not verdict.ok and "the adapters did not learn" in verdict.message
+    assert not check_beats_control(control[:3], control).ok  # other steps: not comparable
+    assert not check_beats_control([12.25, float("nan")] * 3, control).ok
+
+
+def test_parallel_throughput_lora_side_beats_its_control_and_only_it_writes_a_row(tmp_path):
+    """The bench's LoRA pair on CPU (vlm_tiny): the control's adapters stay at zero, the LoRA side learns past it."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    out, losses = tmp_path / "bench.md", tmp_path / "control.json"
+    common = [sys.executable, str(REPO / "bench" / "parallel_throughput.py"), "--model", "vlm_tiny", "--seq-len",
+              "128", "--micro-batch", "4", "--steps", "10", "--warmup", "3", "--lr", "3e-3", "--lora-rank", "16",
+              "--out", str(out)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*common, *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    control = run("--lora-control", "--save-losses", str(losses))
+    assert control.returncode == 0, control.stderr[-2000:]
+    assert "no row: a control" in control.stdout and not out.exists()
+    lora_side = run("--control-losses", str(losses))
+    assert lora_side.returncode == 0, lora_side.stderr[-2000:]
+    assert "below the control with frozen adapters" in lora_side.stdout and "FAILED" not in lora_side.stdout
+    assert "LoRA rank 16" in out.read_text()
+    refused = run("--lora-control", "--control-losses", str(losses))
+    assert refused.returncode == 2 and "--control-losses to the LoRA side only" in refused.stderr

@@ -340,3 +340,41 @@ def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
     assert plan_cli.main([*base, "--gpu-mem-gib", "36", "--json"]) == 0  # fits the card, not AUTO_SHARE of it
     assert json.loads(capsys.readouterr().out)["activation_checkpointing_auto"] == {"value": True, "fits_share": False,
                                                                                  "share": AUTO_SHARE}
+
+
+def test_cli_seq_max_is_the_longest_sequence_that_fits(capsys):
+    """launch/plan.py --seq max: the longest multiple of the step whose plan fits LONGEST_SHARE of the card (the
+    next step does not), planned in the table; with --cp the step doubles per CP rank; host memory binds too."""
+    import dataclasses
+    import re
+
+    from ghostvis.plan import LONGEST_SHARE, SEQ_STEP, ds_bucket_settings
+    from launch import plan as plan_cli
+
+    model = build_meta_model(*get_preset("qwen25_1.5b"))
+    layout = Layout(zero=2, activation_checkpointing=True, **ds_bucket_settings(2, False))
+
+    def fits(seq: int, card: float, **change) -> bool:
+        return plan("qwen25_1.5b", dataclasses.replace(layout, seq_len=seq, **change), model=model).fits_card(
+            LONGEST_SHARE * card)
+
+    base = ["--model", "qwen25_1.5b", "--zero", "2", "--activation-checkpointing", "--seq", "max"]
+    for card, cp in ((80.0, 1), (141.0, 1), (80.0, 2)):
+        step = SEQ_STEP * 2 * cp
+        capsys.readouterr()
+        assert plan_cli.main([*base, "--gpu-mem-gib", str(card), "--gpus", str(cp), "--cp", str(cp)]) == 0
+        out = capsys.readouterr().out
+        seq = int(re.search(r"--seq max → ([\d,]+) tokens", out).group(1).replace(",", ""))
+        assert seq % step == 0 and fits(seq, card, gpus=cp, cp=cp) and not fits(seq + step, card, gpus=cp, cp=cp)
+        assert f"seq {seq}" in out  # the table plans that sequence
+    assert plan_cli.main([*base, "--gpu-mem-gib", "141", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seq_max"] == {"seq_len": out["layout"]["seq_len"], "share": LONGEST_SHARE} and out["fits"]
+    assert plan_cli.main([*base, "--gpu-mem-gib", "20"]) == 1  # the weights alone fill 85% of 20 GiB
+    assert "not even 2,048 tokens fit 85% of the card" in capsys.readouterr().out
+    assert plan_cli.main(["--model", "qwen25_7b", "--zero", "3", "--offload", "--seq", "max", "--gpu-mem-gib", "141",
+                          "--host-mem-gib", "64"]) == 1
+    assert "the host memory of --host-mem-gib" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan_cli.main([*base[:-1], "longest"])
+    assert "give a token count (e.g. 32768) or max" in capsys.readouterr().err
