@@ -25,6 +25,7 @@ import torch
 
 MIN_DROP = 0.05  # a side's loss must fall at least this fraction (first step's loss → mean of the last 3)
 CONTROL_MARGIN = 0.01  # a LoRA side must end this fraction of its first loss below the frozen-adapter control
+CONTROL_START_RTOL = 0.01  # ... whose first loss must be its own within this fraction (same weights and batch)
 TRACK_ABS, TRACK_REL = 0.1, 0.02  # allowed gap to the reference: TRACK_ABS + TRACK_REL × the reference's mean
 
 
@@ -52,6 +53,12 @@ class Verdict:
     message: str
 
 
+def _non_finite(losses: list[float]) -> Verdict | None:
+    """A failing verdict naming the first non-finite step, or None."""
+    bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+    return None if bad is None else Verdict(False, f"non-finite loss at step {bad}")
+
+
 def _tail(losses: list[float], n: int = 3) -> float:
     tail = losses[-n:]
     return sum(tail) / len(tail)
@@ -65,8 +72,8 @@ def check_learning(losses: list[float], reference: list[float] | None = None,
     gaps: two correct runs (bf16 vs fp32, compiled vs eager) can cross a loss cliff a step apart."""
     if not losses:
         return Verdict(False, "no losses recorded")
-    if not all(math.isfinite(x) for x in losses):
-        return Verdict(False, f"non-finite loss at step {next(i for i, x in enumerate(losses) if not math.isfinite(x))}")
+    if (bad := _non_finite(losses)) is not None:
+        return bad
     first, last = losses[0], _tail(losses)
     drop = (first - last) / abs(first) if first else 0.0
     summary = f"loss {first:.3f} → {last:.3f} ({100 * drop:.1f}% drop)"
@@ -91,11 +98,16 @@ def check_beats_control(losses: list[float], control: list[float], margin: float
     """Did the adapters learn? A LoRA side's own fall can't show it: on random weights most of a model's
     first fall is which tokens occur at all, held by the frozen head and embedding, and the stage's connector
     trains too. So it runs beside a control of the same steps with its adapters kept at zero (`--lora-control`),
-    and must end (mean of the last 3) below the control's end by `margin` × its first loss."""
+    and must end (mean of the last 3) below the control's end by `margin` × its first loss. Both start from the
+    same weights with the adapters at zero, so their first losses must agree (else the flags differ)."""
     if not losses or len(losses) != len(control):
         return Verdict(False, f"{len(losses)} steps against the control's {len(control)}")
-    if not all(math.isfinite(x) for x in losses):
-        return Verdict(False, f"non-finite loss at step {next(i for i, x in enumerate(losses) if not math.isfinite(x))}")
+    for name, run in (("this run", losses), ("the control", control)):
+        if (bad := _non_finite(run)) is not None:
+            return Verdict(False, f"{name}: {bad.message}")
+    if abs(losses[0] - control[0]) > CONTROL_START_RTOL * abs(control[0]):
+        return Verdict(False, f"first loss {losses[0]:.3f} against the control's {control[0]:.3f}: not the same "
+                              "start (run the control with this run's flags)")
     first, last, floor = losses[0], _tail(losses), _tail(control)
     gain = (floor - last) / abs(first) if first else 0.0
     summary = (f"loss {first:.3f} → {last:.3f}, {100 * gain:.1f}% of the first loss below the control with "

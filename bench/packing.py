@@ -63,7 +63,10 @@ def sizes(cuda: bool) -> dict[str, Any]:
         return {"model": "vlm_small", "steps": 200, "base_steps": 300, "vocab": 4096, "eval_batches": 100,
                 "vp_args": "--lr 1e-3", "sft_args": "--lr 1e-3",
                 "embedded": {"micro_batch": 64, "seq_len": 128, "pack_factor": 4},
-                "llava": {"micro_batch": 16, "seq_len": 1024, "pack_factor": 1},
+                # T = 2048 holds every LLaVA-like sample, so both sides validate on the same tokens: the longest
+                # held-out one is 1,586 tokens with the CPU check's 300-token vocabulary, fewer at 4,096. At T = 1024
+                # (the twelfth session) the unpacked side may have cut some that the packed side's longer rows kept.
+                "llava": {"micro_batch": 16, "seq_len": 2048, "pack_factor": 1},
                 "num_llava": 20000, "synth": {"num_captions": 20000, "num_vqa": 20000, "num_val": 400,
                 "num_test": 100, "num_arith": 2000, "num_arith_test": 100, "num_text_docs": 10000,
                 "shard_size": 1000}}
@@ -206,7 +209,7 @@ def packed_geometry(target_tokens: float, min_row_len: int, fill_of: Callable[[i
     eleventh session). So: as many whole rows of k·T as the target fills (at least one), then rows lengthened
     (rounded up to ROW_LEN_STEP) to hold the rest, at the fill measured at that length. Samples are cut at each
     side's --seq-len, so longer rows keep more of a sample longer than T: the two sides see the same tokens
-    only where T holds every sample (the GPU geometries; not the CPU check's)."""
+    only where T holds every sample (the GPU geometries, `sizes`; not the CPU check's)."""
     fill = fill_of(min_row_len, max(1, round(target_tokens / min_row_len)))
     rows = max(1, int(target_tokens // (min_row_len * fill)))
 
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows, row_len = packed_geometry(sides["unpacked"]["tokens_per_step"], k * T,
                                                 lambda n, r: packed_fill(stage, data, paths["tokenizer"], model, n, r))
                 flags = ["--pack", "--micro-batch", rows, "--seq-len", row_len]
-            run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}"
+            run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}{f'_seed{args.seed}' if args.seed else ''}"
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             t0 = time.perf_counter()
             stage_args = shlex.split((args.vp_args if stage == "vision_pretrain" else args.sft_args)
@@ -317,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: --lr 1e-3 on CUDA, 3e-3 on CPU: the learning check needs a clear drop in few steps)")
     p.add_argument("--sft-args", default=None, help="... for sft (same defaults)")
     p.add_argument("--seed", type=int, default=0,
-                   help="launch/train.py --seed of both sides (their data order; a base model already in --out is "
-                        "reused): rerun with others to see the run-to-run spread")
+                   help="launch/train.py --seed of both sides (their data order and the new tower's initial "
+                        "weights; a base model already in --out is reused, else trained with it): rerun with others "
+                        "to see the run-to-run spread")
     p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     text = table(run(args))

@@ -122,6 +122,10 @@ def main() -> None:
         p.error("--lora-control and --control-losses are for a LoRA run: add --lora-rank R")
     if args.lora_control and args.control_losses:
         p.error("--lora-control is the control itself; give --control-losses to the LoRA side only")
+    if args.lora_control and not args.save_losses:
+        p.error("--lora-control: add --save-losses FILE, for the LoRA side's --control-losses FILE")
+    if args.control_losses and args.reference_losses:
+        p.error("--control-losses and --reference-losses: a LoRA side is checked against its control; give one")
     if args.smoke:
         args.model, args.depth, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", None, 64, 2, 6, 2
         args.lr = 3e-3
@@ -169,9 +173,10 @@ def main() -> None:
     losses += [step() for _ in range(args.steps)]
     seconds = (time.perf_counter() - t0) / args.steps
     reference = json.loads(Path(args.reference_losses).read_text()) if args.reference_losses else None
+    verdict = None  # a control is not judged: the LoRA side is judged against it
     if args.control_losses:
         verdict = check_beats_control(losses, json.loads(Path(args.control_losses).read_text()))
-    else:
+    elif not args.lora_control:
         verdict = check_learning(losses, reference)
     if rank == 0 and args.save_losses:
         Path(args.save_losses).write_text(json.dumps(losses))
@@ -185,9 +190,9 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     line = (f"{tps:,.0f} tokens/s, MFU {'n/a' if m is None else f'{100 * m:.1f}%'}, "
             f"peak {peak.item():.1f} GiB per GPU")
-    if rank == 0 and args.lora_control:
-        print(f"{topo} on {world} × {card}: control (adapters frozen): loss {losses[0]:.3f} → {losses[-1]:.3f} "
-              f"(no row: a control)", flush=True)
+    if rank == 0 and verdict is None:
+        print(f"{topo} on {world} × {card}: control (adapters frozen): loss {losses[0]:.3f} → "
+              f"{sum(losses[-3:]) / len(losses[-3:]):.3f} (mean of the last 3; no row: a control)", flush=True)
     elif rank == 0 and not verdict.ok:
         # memory depends on what trains, not on whether it learnt: printed, never written as a row
         memory = f"peak {peak.item():.1f} GiB per GPU, for information" if on_gpu else "no GPU memory to report"

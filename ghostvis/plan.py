@@ -517,10 +517,11 @@ def fewest_checkpointed_blocks(plan_for: Callable[[bool | int], Plan], n_layer: 
 
 SEQ_STEP = 1024  # --seq max answers in multiples of this (times 2 × --cp, which a sequence must split into)
 SEQ_LIMIT = 1 << 22  # 4M tokens: the search stops here
-# --seq max sizes the plan to this share of the card, below auto's: a long sequence's activations come in large
-# blocks that fragment the allocator. On an 80 GB H100 (qwen25_1.5b, ZeRO-2, every block checkpointed) 131,072
-# tokens planned 49.3 GiB and peaked at 48.7; 262,144 planned 71.6 GiB (90% of the card is 71.3) and ran out of
-# memory with 7.9 GiB of the card reserved but unallocated (BENCHMARKS.md, twelfth session).
+# --seq max sizes the plan to this share of the card, below auto's: at long sequences the planner runs low and the
+# allocator fragments. On an 80 GB H100 (qwen25_1.5b, ZeRO-2, every block checkpointed; BENCHMARKS.md, twelfth
+# session) 131,072 tokens planned 47.3 GiB of allocations and peaked at 48.7 (3% more); 262,144 planned 69.6 (71.6
+# with the constant 2 GiB, over 90% of the card's 79.2) and ran out of memory asking for 70.7 or more, with 7.9 GiB
+# of the card reserved but unallocated.
 LONGEST_SHARE = 0.85
 
 
@@ -532,6 +533,7 @@ class LongestSequence:
     plan: Plan
     step: int
     card_gib: float
+    capped: bool = False  # the search stopped at SEQ_LIMIT: longer may fit too
 
     def line(self) -> str:
         """The one line launch/plan.py prints above the table."""
@@ -539,6 +541,9 @@ class LongestSequence:
             where = (f"{LONGEST_SHARE:.0%} of the card ({self.plan.gpu_total / GIB:.1f} GiB planned)"
                      if not self.plan.fits_card(LONGEST_SHARE * self.card_gib) else "the host memory of --host-mem-gib")
             return f"--seq max: not even {self.step:,} tokens fit {where}; the table shows that plan"
+        if self.capped:
+            return (f"--seq max → {self.seq_len:,} tokens, where the search stops: it fits {LONGEST_SHARE:.0%} of "
+                    f"the card ({self.plan.gpu_total / GIB:.1f} GiB), and longer may too")
         return (f"--seq max → {self.seq_len:,} tokens (the longest multiple of {self.step:,} whose plan fits "
                 f"{LONGEST_SHARE:.0%} of the card: {self.plan.gpu_total / GIB:.1f} GiB)")
 
@@ -562,7 +567,7 @@ def longest_sequence(plan_for_seq: Callable[[int], Plan], card_gib: float, host_
         lo = min(2 * lo, top)
     # the first k in (lo, 2·lo] that does not fit, less one
     k = bisect.bisect_left(range(lo + 1, min(2 * lo, top) + 1), True, key=lambda k: not fits(k)) + lo
-    return LongestSequence(k * step, plan_of(k), step, card_gib)
+    return LongestSequence(k * step, plan_of(k), step, card_gib, capped=k == top)
 
 
 # ---- output --------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import json
 import sys
 
 from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset
-from ghostvis.plan import (AUTO_SHARE, GIB, LONGEST_SHARE, SEQ_STEP, Layout, Plan, PlanError, build_meta_model, ds_bucket_settings,
-                           fewest_checkpointed_blocks, format_plan, longest_sequence, measure_activations, plan)
+from ghostvis.plan import (AUTO_SHARE, GIB, LONGEST_SHARE, SEQ_STEP, Layout, Plan, PlanError, build_meta_model,
+                           ds_bucket_settings, fewest_checkpointed_blocks, format_plan, longest_sequence,
+                           measure_activations, plan)
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=seq_arg, default=2048, metavar="N|max",
                    help="tokens per sequence (image tokens included); max: the longest (in steps of "
                         f"{SEQ_STEP} × 2·--cp) whose plan fits {100 * LONGEST_SHARE:.0f}%% of --gpu-mem-gib (and "
-                        "--host-mem-gib), with every block checkpointed under --activation-checkpointing auto")
+                        "--host-mem-gib)")
     p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (VLM presets)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="training precision")
     p.add_argument("--offload", action="store_true",
@@ -109,16 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                         lora_targets=args.lora_targets, train_llm_layers=args.train_llm_layers)
 
         found = None
-        if longest:  # auto's search then runs at the sequence found with every block checkpointed
-            found = longest_sequence(
-                lambda seq: plan_for(True if auto else layout.activation_checkpointing, seq),
-                args.gpu_mem_gib, args.host_mem_gib, SEQ_STEP * 2 * args.cp)
-            layout = dataclasses.replace(layout, seq_len=found.seq_len or found.step)
+        if longest:
+            if auto:
+                raise PlanError("--seq max with --activation-checkpointing auto: the longest sequence is found for "
+                                "a fixed checkpointing; give --activation-checkpointing (every block, the least "
+                                "memory) or N")
+            found = longest_sequence(lambda seq: plan_for(layout.activation_checkpointing, seq), args.gpu_mem_gib,
+                                     args.host_mem_gib, SEQ_STEP * 2 * args.cp)
+            layout = dataclasses.replace(layout, seq_len=found.plan.layout.seq_len)
         chosen = (fewest_checkpointed_blocks(plan_for, model.config.n_layer, args.pp > 1, args.gpu_mem_gib)
                   if auto else None)
         if chosen:
             layout = dataclasses.replace(layout, activation_checkpointing=chosen.value)
-        result = chosen.plan if chosen else plan_for(layout.activation_checkpointing)
+        result = chosen.plan if chosen else found.plan if found else plan_for(layout.activation_checkpointing)
         measured = None
         if args.measure:
             model_cfg, vision_cfg = get_preset(args.model, args.depth, **overrides)
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         auto_json = {"value": chosen.value, "fits_share": chosen.within, "share": AUTO_SHARE} if chosen else None
         print(json.dumps({**result.to_dict(args.gpu_mem_gib, args.host_mem_gib),
                           "measured_activation_bytes": measured, "activation_checkpointing_auto": auto_json,
-                          "seq_max": {"seq_len": found.seq_len, "share": LONGEST_SHARE} if found else None},
+                          "seq_max": {"seq_len": found.seq_len, "share": LONGEST_SHARE, "capped": found.capped}
+                          if found else None},
                          indent=1))
     else:
         if found:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.learning import check_beats_control, check_learning, learnable_batches
@@ -84,8 +85,13 @@ def test_a_lora_side_must_end_below_its_frozen_adapter_control():
     assert not verdict.ok and "the adapters did not learn" in verdict.message
     assert not check_beats_control(control[:3], control).ok  # other steps: not comparable
     assert not check_beats_control([12.25, float("nan")] * 3, control).ok
+    broken = check_beats_control([12.25, 12.1, 12.0, 11.9, 11.85, 11.8], control[:3] + [float("nan")] * 3)
+    assert not broken.ok and "the control: non-finite loss at step 3" in broken.message  # NaN never passes
+    elsewhere = check_beats_control([10.0, 9.9, 9.8, 9.7, 9.6, 9.5], control)  # other flags: another start
+    assert not elsewhere.ok and "not the same start" in elsewhere.message
 
 
+@pytest.mark.slow
 def test_parallel_throughput_lora_side_beats_its_control_and_only_it_writes_a_row(tmp_path):
     """The bench's LoRA pair on CPU (vlm_tiny): the control's adapters stay at zero, the LoRA side learns past it."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}

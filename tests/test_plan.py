@@ -3,7 +3,9 @@ engines on CPU (this file is also the rank script: `python tests/test_plan.py OU
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from ghostvis.config import get_preset
-from ghostvis.plan import Layout, PlanError, build_meta_model, format_plan, plan
+from ghostvis.plan import Layout, Plan, PlanError, build_meta_model, format_plan, plan
 from ghostvis.train.settings import Settings
 from ghostvis.train.stages import ALL_LAYERS
 
@@ -311,9 +313,6 @@ def test_context_parallel_splits_activations_and_zero_shards():
 def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
     """launch/plan.py --activation-checkpointing auto prints and plans the count the trainer's auto takes on a card
     of --gpu-mem-gib: the fewest checkpointed blocks whose plan fits AUTO_SHARE of it."""
-    import dataclasses
-    import re
-
     from ghostvis.plan import AUTO_SHARE, ds_bucket_settings
     from launch import plan as plan_cli
 
@@ -345,9 +344,6 @@ def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):
 def test_cli_seq_max_is_the_longest_sequence_that_fits(capsys):
     """launch/plan.py --seq max: the longest multiple of the step whose plan fits LONGEST_SHARE of the card (the
     next step does not), planned in the table; with --cp the step doubles per CP rank; host memory binds too."""
-    import dataclasses
-    import re
-
     from ghostvis.plan import LONGEST_SHARE, SEQ_STEP, ds_bucket_settings
     from launch import plan as plan_cli
 
@@ -366,15 +362,36 @@ def test_cli_seq_max_is_the_longest_sequence_that_fits(capsys):
         out = capsys.readouterr().out
         seq = int(re.search(r"--seq max → ([\d,]+) tokens", out).group(1).replace(",", ""))
         assert seq % step == 0 and fits(seq, card, gpus=cp, cp=cp) and not fits(seq + step, card, gpus=cp, cp=cp)
-        assert f"seq {seq}" in out  # the table plans that sequence
+        assert re.search(rf"× seq {seq}\b", out)  # the table plans that sequence
     assert plan_cli.main([*base, "--gpu-mem-gib", "141", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["seq_max"] == {"seq_len": out["layout"]["seq_len"], "share": LONGEST_SHARE} and out["fits"]
+    assert out["seq_max"] == {"seq_len": out["layout"]["seq_len"], "share": LONGEST_SHARE, "capped": False}
+    assert out["fits"]
     assert plan_cli.main([*base, "--gpu-mem-gib", "20"]) == 1  # the weights alone fill 85% of 20 GiB
     assert "not even 2,048 tokens fit 85% of the card" in capsys.readouterr().out
     assert plan_cli.main(["--model", "qwen25_7b", "--zero", "3", "--offload", "--seq", "max", "--gpu-mem-gib", "141",
                           "--host-mem-gib", "64"]) == 1
     assert "the host memory of --host-mem-gib" in capsys.readouterr().out
+    assert plan_cli.main(["--model", "qwen25_1.5b", "--seq", "max", "--activation-checkpointing", "auto"]) == 2
+    assert "for a fixed checkpointing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plan_cli.main([*base[:-1], "longest"])
     assert "give a token count (e.g. 32768) or max" in capsys.readouterr().err
+
+
+def test_longest_sequence_finds_every_threshold_and_says_when_capped():
+    """The doubling-then-bisection search against a plan whose memory grows by one GiB a step of tokens: for
+    every card size, the answer is the last step that fits; past the search's cap it says so."""
+    from ghostvis.plan import GIB, LONGEST_SHARE, SEQ_LIMIT, longest_sequence
+
+    step = 2048
+
+    def plan_for_seq(seq: int):
+        return Plan("made-up", Layout(seq_len=seq), 0, 0, 0, 0, gpu={"activations": seq // step * GIB})
+
+    for fitting in range(0, 70):  # the card holds exactly `fitting` steps at LONGEST_SHARE
+        found = longest_sequence(plan_for_seq, (fitting + 0.5) / LONGEST_SHARE, None, step)
+        assert found.seq_len == fitting * step and not found.capped, (fitting, found.seq_len)
+        assert found.plan.layout.seq_len == max(fitting, 1) * step
+    top = longest_sequence(plan_for_seq, 10**9, None, step)
+    assert top.capped and top.seq_len == SEQ_LIMIT // step * step and "where the search stops" in top.line()
