@@ -99,7 +99,8 @@ def check_beats_control(losses: list[float], control: list[float], margin: float
     first fall is which tokens occur at all, held by the frozen head and embedding, and the stage's connector
     trains too. So it runs beside a control of the same steps with its adapters kept at zero (`--lora-control`),
     and must end (mean of the last 3) below the control's end by `margin` × its first loss. Both start from the
-    same weights with the adapters at zero, so their first losses must agree (else the flags differ)."""
+    same weights with the adapters at zero, so their first losses must agree: a different start proves the flags
+    differ, though the same start does not prove they match (rank, lr or compile leave step 0 alone)."""
     if not losses or len(losses) != len(control):
         return Verdict(False, f"{len(losses)} steps against the control's {len(control)}")
     for name, run in (("this run", losses), ("the control", control)):

@@ -64,7 +64,8 @@ def sizes(cuda: bool) -> dict[str, Any]:
                 "vp_args": "--lr 1e-3", "sft_args": "--lr 1e-3",
                 "embedded": {"micro_batch": 64, "seq_len": 128, "pack_factor": 4},
                 # T = 2048 holds every LLaVA-like sample, so both sides validate on the same tokens: the longest
-                # held-out one is 1,586 tokens with the CPU check's 300-token vocabulary, fewer at 4,096. At T = 1024
+                # held-out one is 1,586 tokens with the CPU check's 300-token vocabulary and vlm_tiny's 16 image
+                # tokens; vlm_small adds at most 48, and the 4,096 vocabulary (not counted) likely fewer. At T = 1024
                 # (the twelfth session) the unpacked side may have cut some that the packed side's longer rows kept.
                 "llava": {"micro_batch": 16, "seq_len": 2048, "pack_factor": 1},
                 "num_llava": 20000, "synth": {"num_captions": 20000, "num_vqa": 20000, "num_val": 400,
@@ -174,7 +175,8 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
     return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)  # lower is fine
 
 
-def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, rows: int) -> float:
+def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, rows: int,
+                seed: int = 0) -> float:
     """The share of a packed step's `rows` × `row_len` positions real tokens fill, on the mean, from the stage's
     own batcher on the CPU over about its first two packing windows (a window holds that many batches' tokens).
     First-fit decreasing leaves part of each row empty (3–10% on our data sets), and a window's last batch may be
@@ -189,7 +191,7 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
 
     tok = Tokenizer.load(tokenizer_dir)
     _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
-    req = DataRequest(Path(data), "train", row_len, rows, 0, 1, 0, tok, torch.device("cpu"), False,
+    req = DataRequest(Path(data), "train", row_len, rows, 0, 1, seed, tok, torch.device("cpu"), False,
                       num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
     batches = DATA_BUILDERS[STAGES[stage].data_kind](req)  # the builder the trainer uses for this stage
     taken = [b for b, _ in zip(batches, range(2 * PACK_WINDOW_BATCHES + 2))]
@@ -209,7 +211,7 @@ def packed_geometry(target_tokens: float, min_row_len: int, fill_of: Callable[[i
     eleventh session). So: as many whole rows of k·T as the target fills (at least one), then rows lengthened
     (rounded up to ROW_LEN_STEP) to hold the rest, at the fill measured at that length. Samples are cut at each
     side's --seq-len, so longer rows keep more of a sample longer than T: the two sides see the same tokens
-    only where T holds every sample (the GPU geometries, `sizes`; not the CPU check's)."""
+    only where T holds every sample (the GPU LLaVA-like geometry, `sizes`; not counted for the others)."""
     fill = fill_of(min_row_len, max(1, round(target_tokens / min_row_len)))
     rows = max(1, int(target_tokens // (min_row_len * fill)))
 
@@ -260,7 +262,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 flags = ["--micro-batch", B, "--seq-len", T]
             else:
                 rows, row_len = packed_geometry(sides["unpacked"]["tokens_per_step"], k * T,
-                                                lambda n, r: packed_fill(stage, data, paths["tokenizer"], model, n, r))
+                                                lambda n, r: packed_fill(stage, data, paths["tokenizer"], model, n, r,
+                                                                         args.seed))
                 flags = ["--pack", "--micro-batch", rows, "--seq-len", row_len]
             run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}{f'_seed{args.seed}' if args.seed else ''}"
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_packing"), help="data, runs and logs (data is reused)")
     p.add_argument("--model", default=None, help="VLM preset (default: vlm_small on CUDA, vlm_tiny on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="steps per side (default: 200 on CUDA, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="steps per side (default: 200 on CUDA, 16 on CPU)")
     p.add_argument("--micro-batch", type=int, default=None, help="the unpacked side's B (default per data set)")
     p.add_argument("--seq-len", type=int, default=None, help="the unpacked side's T (default per data set)")
     p.add_argument("--pack-factor", type=int, default=None,

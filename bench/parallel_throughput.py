@@ -124,8 +124,9 @@ def main() -> None:
         p.error("--lora-control is the control itself; give --control-losses to the LoRA side only")
     if args.lora_control and not args.save_losses:
         p.error("--lora-control: add --save-losses FILE, for the LoRA side's --control-losses FILE")
-    if args.control_losses and args.reference_losses:
-        p.error("--control-losses and --reference-losses: a LoRA side is checked against its control; give one")
+    if (args.control_losses or args.lora_control) and args.reference_losses:
+        p.error("--reference-losses with a LoRA control pair: the LoRA side is checked against its control "
+                "(--control-losses), the control against nothing; drop --reference-losses")
     if args.smoke:
         args.model, args.depth, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", None, 64, 2, 6, 2
         args.lr = 3e-3

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
             refuse_flags_on_frozen(get_stage(args.stage), args, args.freeze)
         auto, longest = args.activation_checkpointing == "auto", args.seq == "max"
+        if longest and auto:
+            raise PlanError("--seq max with --activation-checkpointing auto: the longest sequence is found for a "
+                            "fixed checkpointing; give --activation-checkpointing (every block, the least memory) or N")
         layout = Layout(gpus=args.gpus, nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero,
                         micro_batch=args.micro_batch, seq_len=2 * args.cp if longest else args.seq,
                         dtype=args.dtype, offload=args.offload,
@@ -111,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
         found = None
         if longest:
-            if auto:
-                raise PlanError("--seq max with --activation-checkpointing auto: the longest sequence is found for "
-                                "a fixed checkpointing; give --activation-checkpointing (every block, the least "
-                                "memory) or N")
             found = longest_sequence(lambda seq: plan_for(layout.activation_checkpointing, seq), args.gpu_mem_gib,
                                      args.host_mem_gib, SEQ_STEP * 2 * args.cp)
             layout = dataclasses.replace(layout, seq_len=found.plan.layout.seq_len)

@@ -110,5 +110,9 @@ def test_parallel_throughput_lora_side_beats_its_control_and_only_it_writes_a_ro
     assert lora_side.returncode == 0, lora_side.stderr[-2000:]
     assert "below the control with frozen adapters" in lora_side.stdout and "FAILED" not in lora_side.stdout
     assert "LoRA rank 16" in out.read_text()
-    refused = run("--lora-control", "--control-losses", str(losses))
-    assert refused.returncode == 2 and "--control-losses to the LoRA side only" in refused.stderr
+    for flags, message in ((["--lora-control", "--control-losses", str(losses)], "to the LoRA side only"),
+                           (["--lora-control"], "add --save-losses FILE"),
+                           (["--control-losses", str(losses), "--reference-losses", str(losses)],
+                            "drop --reference-losses")):
+        refused = run(*flags)
+        assert refused.returncode == 2 and message in refused.stderr, (flags, refused.stderr[-500:])

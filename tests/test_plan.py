@@ -389,9 +389,12 @@ def test_longest_sequence_finds_every_threshold_and_says_when_capped():
     def plan_for_seq(seq: int):
         return Plan("made-up", Layout(seq_len=seq), 0, 0, 0, 0, gpu={"activations": seq // step * GIB})
 
-    for fitting in range(0, 70):  # the card holds exactly `fitting` steps at LONGEST_SHARE
+    top = SEQ_LIMIT // step
+    for fitting in [*range(0, 70), top - 1]:  # the card holds exactly `fitting` steps at LONGEST_SHARE
         found = longest_sequence(plan_for_seq, (fitting + 0.5) / LONGEST_SHARE, None, step)
         assert found.seq_len == fitting * step and not found.capped, (fitting, found.seq_len)
         assert found.plan.layout.seq_len == max(fitting, 1) * step
-    top = longest_sequence(plan_for_seq, 10**9, None, step)
-    assert top.capped and top.seq_len == SEQ_LIMIT // step * step and "where the search stops" in top.line()
+    for step in (2048, 6144):  # a cap that is a power of two steps, and one that is not (--cp 3)
+        capped = longest_sequence(plan_for_seq, 10**9, None, step)
+        assert capped.capped and capped.seq_len == SEQ_LIMIT // step * step, (step, capped.seq_len)
+        assert "where the search stops" in capped.line()
