@@ -156,13 +156,40 @@ def smooth(losses: list[float]) -> list[float]:
     return [sum(losses[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
 
 
-def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP) -> tuple[Any, Any]:
+def held_out_cuts(data: Path, tokenizer_dir: Path, model: str,
+                  lengths: tuple[int, int]) -> tuple[int, int, bool] | None:
+    """(how many held-out conversations the unpacked side's T cuts, how many the packed row length cuts, whether
+    the two validations score the same tokens: the lengths are equal or neither cuts one; a sample both cut keeps
+    a different number of tokens on each side). None where `data/val` is not a conversation shard directory (a
+    mixture or captions: not counted)."""
+    from ghostvis.config import get_preset
+    from ghostvis.data.manifest import read_manifest
+    from ghostvis.data.multimodal import read_conversation
+    from ghostvis.tokenizer import Tokenizer
+
+    val = Path(data) / "val"
+    manifest = read_manifest(val) if (val / "manifest.json").is_file() else None
+    if manifest is None or manifest.kind != "conversation":
+        return None
+    tok = Tokenizer.load(tokenizer_dir)
+    _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
+    shards = [str(val / s.name) for s in manifest.shards]
+    sizes = [len(tok.render_conversation(read_conversation(s)[0], 10**9, vision.num_vision_tokens)[0])
+             for s in wds.WebDataset(shards, shardshuffle=False)]
+    cut_u, cut_p = sum(n > lengths[0] for n in sizes), sum(n > lengths[1] for n in sizes)
+    return cut_u, cut_p, lengths[0] == lengths[1] or cut_u == cut_p == 0
+
+
+def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop: float = MIN_DROP,
+                      cuts: tuple[int, int, bool] | None = None) -> tuple[Any, Any]:
     """(unpacked's verdict, packed's verdict). Each side's (smoothed) training loss must fall. Equal loss is
     judged on the same held-out samples: the packed side's final validation bits per byte at most VAL_RTOL
     above the unpacked side's. Step-by-step tracking of the training loss (check_learning against the unpacked
     side) is reported too, and decides only where no validation ran: packed and unpacked batches differ in
     composition step by step (a batch of long text-only conversations against rows of mixed samples), so their
-    per-step losses differ by more than its tolerance on a mix like LLaVA-665K's."""
+    per-step losses differ by more than its tolerance on a mix like LLaVA-665K's. `cuts` (`held_out_cuts`): where
+    the sides' lengths cut held-out samples differently, their validations score different tokens and cannot be
+    compared, so the packed side fails."""
     ref = smooth(unpacked["losses"])
     own = check_learning(smooth(packed["losses"]), min_drop=min_drop)
     tracked = check_learning(smooth(packed["losses"]), ref, min_drop=min_drop)
@@ -172,7 +199,12 @@ def learning_verdicts(unpacked: dict[str, Any], packed: dict[str, Any], min_drop
     gap = (p - u) / u
     message = (f"{own.message}; val bpb {u:.3f} → {p:.3f} ({100 * gap:+.1f}%, at most +{100 * VAL_RTOL:.0f}%); "
                f"train loss against unpacked, for information: {tracked.message.split(', ', 1)[-1]}")
-    return check_learning(ref, min_drop=min_drop), type(own)(own.ok and gap <= VAL_RTOL, message)  # lower is fine
+    same_tokens = cuts is None or cuts[2]
+    if cuts is not None:
+        message += (f"; held-out samples cut u / p: {cuts[0]} / {cuts[1]}"
+                    f"{'' if same_tokens else ': the validations score different tokens, not comparable'}")
+    return (check_learning(ref, min_drop=min_drop),
+            type(own)(own.ok and gap <= VAL_RTOL and same_tokens, message))  # lower is fine
 
 
 def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len: int, rows: int,
@@ -276,7 +308,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             sides[side] = {**side_summary(run_dir / "metrics.jsonl", flags[-3] * flags[-1]),
                            "wall_s": time.perf_counter() - t0,
                            "geometry": f"{flags[-3]} × {flags[-1]}"}
-        ref, packed = learning_verdicts(sides["unpacked"], sides["packed"], STAGE_MIN_DROP[stage])
+        cuts = held_out_cuts(data, paths["tokenizer"], model, (T, row_len))
+        ref, packed = learning_verdicts(sides["unpacked"], sides["packed"], STAGE_MIN_DROP[stage], cuts)
         sides["unpacked"]["verdict"], sides["packed"]["verdict"] = ref, packed
         for side, r in sides.items():
             print(f"{data_name} / {stage} / {side} ({r['geometry']}): {r['tokens_per_s']:,.0f} tokens/s, "

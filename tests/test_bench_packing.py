@@ -54,6 +54,32 @@ def test_summary_and_learning_check(tmp_path):
     assert b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=1.9))[1].ok  # better is fine
     assert not b.learning_verdicts(with_val, write("p", 240.0, [5.0] * 20, val_bpb=2.0))[1].ok  # did not learn
     assert b.smooth([4.0, 2.0, 3.0] * 10) == [4.0, 3.0] + [3.0] * 28  # a tenth of the steps: threes
+    same = b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.0), cuts=(0, 0, True))[1]
+    assert same.ok and "held-out samples cut u / p: 0 / 0" in same.message
+    apart = b.learning_verdicts(with_val, write("p", 240.0, unpacked["losses"], val_bpb=2.0), cuts=(3, 1, False))[1]
+    assert not apart.ok and "not comparable" in apart.message  # validations over different tokens
+
+
+def test_held_out_cuts_count_what_each_sides_length_cuts(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    """The LLaVA-like val split's conversations, counted against each side's --seq-len as the batcher renders
+    them; directories that are not conversation shards are not counted."""
+    from ghostvis.config import get_preset
+
+    b = bench()
+    data = b.write_llava_like(tmp_path / "llava", 40, image_size=16, shard_size=20)  # val: 8 conversations
+    _, vision = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
+                           image_token_id=tiny_tokenizer.image_token_id)
+    lengths = sorted(len(tiny_tokenizer.render_conversation(record, 10**9, vision.num_vision_tokens)[0])
+                     for record in (json.loads(b.llava_like_sample(0, 10**7 + i, 16)["json"]) for i in range(8)))
+    T, cut = lengths[3], sum(n > lengths[3] for n in lengths)
+    assert cut >= 3
+    assert b.held_out_cuts(data, tiny_tokenizer_dir, "vlm_tiny", (T, lengths[-1])) == (cut, 0, False)
+    longer = lengths[5]  # cuts fewer (or none) than T, and those it cuts keep more tokens: not the same
+    assert b.held_out_cuts(data, tiny_tokenizer_dir, "vlm_tiny", (T, longer)) == (
+        cut, sum(n > longer for n in lengths), False)
+    assert b.held_out_cuts(data, tiny_tokenizer_dir, "vlm_tiny", (T, T)) == (cut, cut, True)  # cut alike
+    assert b.held_out_cuts(data, tiny_tokenizer_dir, "vlm_tiny", (lengths[-1], lengths[-1] + 9)) == (0, 0, True)
+    assert b.held_out_cuts(tmp_path / "nothing", tiny_tokenizer_dir, "vlm_tiny", (T, T)) is None
 
 
 def test_packed_fill_sizes_the_packed_side_by_its_real_tokens(tmp_path, tiny_tokenizer_dir):
