@@ -59,7 +59,8 @@ def _non_finite(losses: list[float]) -> Verdict | None:
     return None if bad is None else Verdict(False, f"non-finite loss at step {bad}")
 
 
-def _tail(losses: list[float], n: int = 3) -> float:
+def tail_mean(losses: list[float], n: int = 3) -> float:
+    """The mean of the last `n` losses: where a side ended."""
     tail = losses[-n:]
     return sum(tail) / len(tail)
 
@@ -74,7 +75,7 @@ def check_learning(losses: list[float], reference: list[float] | None = None,
         return Verdict(False, "no losses recorded")
     if (bad := _non_finite(losses)) is not None:
         return bad
-    first, last = losses[0], _tail(losses)
+    first, last = losses[0], tail_mean(losses)
     drop = (first - last) / abs(first) if first else 0.0
     summary = f"loss {first:.3f} → {last:.3f} ({100 * drop:.1f}% drop)"
     if drop < min_drop:
@@ -87,7 +88,7 @@ def check_learning(losses: list[float], reference: list[float] | None = None,
     ref_mean = sum(reference) / n
     tol = TRACK_ABS + TRACK_REL * abs(ref_mean)
     mean_gap = abs(sum(losses[:n]) / n - ref_mean)
-    end_gap = abs(_tail(losses[:n]) - _tail(reference))
+    end_gap = abs(tail_mean(losses[:n]) - tail_mean(reference))
     summary += f", gap to reference mean {mean_gap:.3f} / end {end_gap:.3f} (tolerance {tol:.3f})"
     if mean_gap > tol or end_gap > tol:
         return Verdict(False, f"{summary}: it does not track the reference")
@@ -109,7 +110,7 @@ def check_beats_control(losses: list[float], control: list[float], margin: float
     if abs(losses[0] - control[0]) > CONTROL_START_RTOL * abs(control[0]):
         return Verdict(False, f"first loss {losses[0]:.3f} against the control's {control[0]:.3f}: not the same "
                               "start (run the control with this run's flags)")
-    first, last, floor = losses[0], _tail(losses), _tail(control)
+    first, last, floor = losses[0], tail_mean(losses), tail_mean(control)
     gain = (floor - last) / abs(first) if first else 0.0
     summary = (f"loss {first:.3f} → {last:.3f}, {100 * gain:.1f}% of the first loss below the control with "
                f"frozen adapters ({control[0]:.3f} → {floor:.3f})")

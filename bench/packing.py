@@ -156,23 +156,29 @@ def smooth(losses: list[float]) -> list[float]:
     return [sum(losses[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
 
 
+def tokenizer_and_vision(tokenizer_dir: Path, model: str) -> tuple[Any, Any]:
+    """The bench's tokenizer and the preset's vision config at its vocabulary (image tokens per image, transform)."""
+    from ghostvis.config import get_preset
+    from ghostvis.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    return tok, get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)[1]
+
+
 def held_out_cuts(data: Path, tokenizer_dir: Path, model: str,
                   lengths: tuple[int, int]) -> tuple[int, int, bool] | None:
     """(how many held-out conversations the unpacked side's T cuts, how many the packed row length cuts, whether
     the two validations score the same tokens: the lengths are equal or neither cuts one; a sample both cut keeps
     a different number of tokens on each side). None where `data/val` is not a conversation shard directory (a
     mixture or captions: not counted)."""
-    from ghostvis.config import get_preset
     from ghostvis.data.manifest import read_manifest
     from ghostvis.data.multimodal import read_conversation
-    from ghostvis.tokenizer import Tokenizer
 
     val = Path(data) / "val"
     manifest = read_manifest(val) if (val / "manifest.json").is_file() else None
     if manifest is None or manifest.kind != "conversation":
         return None
-    tok = Tokenizer.load(tokenizer_dir)
-    _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
+    tok, vision = tokenizer_and_vision(tokenizer_dir, model)
     shards = [str(val / s.name) for s in manifest.shards]
     sizes = [len(tok.render_conversation(read_conversation(s)[0], 10**9, vision.num_vision_tokens)[0])
              for s in wds.WebDataset(shards, shardshuffle=False)]
@@ -213,16 +219,13 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
     own batcher on the CPU over about its first two packing windows (a window holds that many batches' tokens).
     First-fit decreasing leaves part of each row empty (3–10% on our data sets), and a window's last batch may be
     short: sized without them, the packed side took 11% (embedded captions) to 24% fewer tokens a step."""
-    from ghostvis.config import get_preset
     from ghostvis.data.packing import PACK_WINDOW_BATCHES
     from ghostvis.data.request import DataRequest
-    from ghostvis.tokenizer import Tokenizer
     from ghostvis.train.loop import DATA_BUILDERS
     from ghostvis.train.stages import STAGES
     from ghostvis.vision.transforms import image_transform
 
-    tok = Tokenizer.load(tokenizer_dir)
-    _, vision = get_preset(model, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id)
+    tok, vision = tokenizer_and_vision(tokenizer_dir, model)
     req = DataRequest(Path(data), "train", row_len, rows, 0, 1, seed, tok, torch.device("cpu"), False,
                       num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
     batches = DATA_BUILDERS[STAGES[stage].data_kind](req)  # the builder the trainer uses for this stage

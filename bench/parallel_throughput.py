@@ -51,7 +51,7 @@ from ghostvis.train.loop import lm_loss, pipeline_step, train_step
 from ghostvis.train.schedule import apply_lr
 from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
-from learning import check_beats_control, check_learning, learnable_batches
+from learning import check_beats_control, check_learning, learnable_batches, tail_mean
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,7 +193,7 @@ def main() -> None:
             f"peak {peak.item():.1f} GiB per GPU")
     if rank == 0 and verdict is None:
         print(f"{topo} on {world} × {card}: control (adapters frozen): loss {losses[0]:.3f} → "
-              f"{sum(losses[-3:]) / len(losses[-3:]):.3f} (mean of the last 3; no row: a control)", flush=True)
+              f"{tail_mean(losses):.3f} (mean of the last 3; no row: a control)", flush=True)
     elif rank == 0 and not verdict.ok:
         # memory depends on what trains, not on whether it learnt: printed, never written as a row
         memory = f"peak {peak.item():.1f} GiB per GPU, for information" if on_gpu else "no GPU memory to report"

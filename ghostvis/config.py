@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,18 +68,24 @@ class ModelConfig:
         return _from_dict(cls, d)
 
 
-def activation_checkpointing_arg(text: str) -> int | str:
-    """--activation-checkpointing's value: a block count, or "auto" (the trainer picks the fewest checkpointed
-    blocks whose plan fits the card: plan.fewest_checkpointed_blocks)."""
+def int_or(word: str, hint: str) -> Callable[[str], int | str]:
+    """An argparse type: an integer, or `word`; anything else is refused with `hint` (what to give)."""
     import argparse
 
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a block count, auto, or the flag alone for every "
-                                         "block") from None
+    def parse(text: str) -> int | str:
+        if text == word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {hint}") from None
+
+    return parse
+
+
+# --activation-checkpointing's value: a block count, or "auto" (the trainer picks the fewest checkpointed blocks
+# whose plan fits the card: plan.fewest_checkpointed_blocks)
+activation_checkpointing_arg = int_or("auto", "give a block count, auto, or the flag alone for every block")
 
 
 def checkpointed_blocks(activation_checkpointing: bool | int, n_layer: int) -> int:

@@ -551,7 +551,7 @@ class LongestSequence:
 def longest_sequence(plan_for_seq: Callable[[int], Plan], card_gib: float, host_gib: float | None,
                      step: int) -> LongestSequence:
     """--seq max: the longest multiple of `step` (up to SEQ_LIMIT) whose plan fits LONGEST_SHARE of `card_gib`
-    (and `host_gib`, given one). Memory only grows with the sequence: doubling, then bisection."""
+    (and `host_gib`, given one). Memory only grows with the sequence, so the search is a bisection."""
     @functools.cache
     def plan_of(k: int) -> Plan:
         return plan_for_seq(k * step)
@@ -559,15 +559,9 @@ def longest_sequence(plan_for_seq: Callable[[int], Plan], card_gib: float, host_
     def fits(k: int) -> bool:
         return plan_of(k).fits(LONGEST_SHARE * card_gib, host_gib)
 
-    if not fits(1):
-        return LongestSequence(0, plan_of(1), step, card_gib)
     top = SEQ_LIMIT // step
-    lo = 1
-    while lo < top and fits(min(2 * lo, top)):
-        lo = min(2 * lo, top)
-    # the first k in (lo, 2·lo] that does not fit, less one
-    k = bisect.bisect_left(range(lo + 1, min(2 * lo, top) + 1), True, key=lambda k: not fits(k)) + lo
-    return LongestSequence(k * step, plan_of(k), step, card_gib, capped=k == top)
+    k = bisect.bisect_left(range(1, top + 1), True, key=lambda k: not fits(k))  # how many steps fit
+    return LongestSequence(k * step, plan_of(max(k, 1)), step, card_gib, capped=k == top)
 
 
 # ---- output --------------------------------------------------------------------------------------

@@ -18,21 +18,11 @@ import dataclasses
 import json
 import sys
 
-from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset
+from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset, int_or
 from ghostvis.plan import (AUTO_SHARE, GIB, LONGEST_SHARE, SEQ_STEP, Layout, Plan, PlanError, build_meta_model,
                            ds_bucket_settings, fewest_checkpointed_blocks, format_plan, longest_sequence,
                            measure_activations, plan)
 from ghostvis.train.stages import FREEZE_GROUPS, STAGES, parse_freeze, parse_layers
-
-
-def seq_arg(value: str) -> int | str:
-    """--seq: a token count, or "max"."""
-    if value == "max":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a token count (e.g. 32768) or max") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel size: each sequence split over cp GPUs (--pp 1; --seq a multiple of 2·cp)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
-    p.add_argument("--seq", type=seq_arg, default=2048, metavar="N|max",
+    p.add_argument("--seq", type=int_or("max", "give a token count (e.g. 32768) or max"), default=2048, metavar="N|max",
                    help="tokens per sequence (image tokens included); max: the longest (in steps of "
                         f"{SEQ_STEP} × 2·--cp) whose plan fits {100 * LONGEST_SHARE:.0f}%% of --gpu-mem-gib (and "
                         "--host-mem-gib)")
