@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
                    help="recompute every block in backward; with N, only the first N blocks")
     p.add_argument("--compile", action="store_true", help="torch.compile inside the engine, as train.py --compile")
+    p.add_argument("--recompute-attention", action="store_true", help="as train.py's: checkpointed blocks keep "
+                   "only their input")
     p.add_argument("--lora-rank", type=int, default=0, help="as launch/train.py's: adapters train, not the LLM")
     p.add_argument("--lora-control", action="store_true",
                    help="with --lora-rank: the adapters stay at zero (lr 0), so only the rest of the stage (a VLM's "
@@ -139,9 +141,10 @@ def main() -> None:
     topo = Topology(args.tp, args.pp, args.cp)
     plain, stage_name = build(args)
     choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
-                              plain.config.head_dim)
+                              plain.config.head_dim, seq_len=args.seq_len)
     data = batches(plain, args, device)
-    model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing)  # deepspeed moves it
+    model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing,
+                        recompute_attention=args.recompute_attention)  # deepspeed moves it
     del plain
     stage, dtype = STAGES[stage_name], "bf16" if on_gpu else "fp32"
     settings = Settings.of(stage, {**stage.defaults, **{name: args.lr for name in stage.lr_names}, "weight_decay": 0.1})
@@ -204,7 +207,8 @@ def main() -> None:
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "
                  f"({count_params(model.config):,} non-embedding LLM parameters), seq {args.seq_len}, "
                  f"micro-batch {args.micro_batch} × grad-accum {args.grad_accum} × dp {topo.dp_size}, {dtype}, "
-                 f"{Path(args.ds_config).stem}{ac_words(args.activation_checkpointing)}, "
+                 f"{Path(args.ds_config).stem}{ac_words(args.activation_checkpointing)}"
+                 f"{' (attention recomputed)' if args.recompute_attention else ''}, "
                  f"{'compiled' if args.compile else 'eager'}, attention {choice.kernel}"
                  f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}")
         with Path(args.out).open("a") as f:

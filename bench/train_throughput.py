@@ -291,7 +291,8 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     dtype = "bf16" if on_gpu else "fp32"
     choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
-                              get_preset(args.model, args.depth, max_seq_len=args.seq_len)[0].head_dim)
+                              get_preset(args.model, args.depth, max_seq_len=args.seq_len)[0].head_dim,
+                              seq_len=args.seq_len)
     args.attention_used = choice.kernel
     print(f"attention: {choice.describe()}", flush=True)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"

@@ -56,6 +56,7 @@ class Layout:
     offload: bool = False
     offload_weights: bool | None = None  # ZeRO-3 weights in host memory (offload_param); None: as `offload`
     activation_checkpointing: bool | int = False  # True: every block; N: the first N
+    recompute_attention: bool = False  # checkpointed blocks recompute attention too (keep only their input)
     images_per_sample: int = 1
     reduce_bucket_size: int = 0  # elements; 0 = no gradient buckets (as without DeepSpeed)
     overlap_comm: bool = False
@@ -382,7 +383,11 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     # kept until backward, plus the largest transient: a block recomputed (checkpointing) or the loss
     n_ckpt = checkpointed_blocks(lay.activation_checkpointing, cfg.n_layer)
     ckpt = [b < n_ckpt for b in blocks]
-    kept = [tokens * cfg.n_embd * act_bytes if c else a for c, a in zip(ckpt, per_layer)]  # checkpointed: input only
+    # checkpointed: the block's input, and unless recomputed its attention kernel's output and log-sum-exp (under PP
+    # DeepSpeed's checkpoint recomputes the whole block)
+    kept_attention = 0 if lay.recompute_attention or lay.pp > 1 else (cfg.n_head * cfg.head_dim * act_bytes + 4 * cfg.n_head) // lay.tp
+    ckpt_kept = tokens * (cfg.n_embd * act_bytes + kept_attention)
+    kept = [ckpt_kept if c else a for c, a in zip(ckpt, per_layer)]
     act = sum(kept) * in_flight
     transient = max((a for c, a in zip(ckpt, per_layer) if c), default=0)
     if s == lay.pp - 1:  # final norm's input and output, then the loss

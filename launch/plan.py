@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each block in backward; with N, only the first N blocks; auto: the fewest whose "
                         f"plan fits {100 * AUTO_SHARE:.0f}%% of --gpu-mem-gib, as launch/train.py's auto picks on a "
                         "card of that size as CUDA reports it (79.2 GiB for an 80 GB H100)")
+    p.add_argument("--recompute-attention", action="store_true", help="as launch/train.py's: checkpointed blocks "
+                   "keep only their input, not their attention output")
     p.add_argument("--stage", default=None, choices=sorted(STAGES),
                    help="what trains, by the trainer's own rules (default: everything but a frozen encoder)")
     p.add_argument("--freeze", type=parse_freeze, default=None, metavar="GROUPS",
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         micro_batch=args.micro_batch, seq_len=2 * args.cp if longest else args.seq,
                         dtype=args.dtype, offload=args.offload,
                         activation_checkpointing=False if auto else args.activation_checkpointing,
-                        images_per_sample=args.images_per_sample,
+                        recompute_attention=args.recompute_attention, images_per_sample=args.images_per_sample,
                         **ds_bucket_settings(args.zero, args.offload, args.ds_config))
         model = build_meta_model(*get_preset(args.model, args.depth, **overrides))  # once, for every plan below
 

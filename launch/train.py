@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "only the first N blocks: the rest keep theirs (pp 1; size N with launch/plan.py); auto: "
                         "the fewest blocks whose plan fits 90%% of the GPU (every block off the GPU; under --pp, every "
                         "block or none)")
+    g.add_argument("--recompute-attention", action="store_true",
+                   help="checkpointed blocks recompute their attention too, keeping only their input: less memory "
+                        "(one d-wide tensor a token and block), slower at long context (docs/parallelism.md)")
     g.add_argument("--no-plan-check", action="store_true",
                    help="on a GPU, run even when the planner (launch/plan.py) says the run does not fit the card, or "
                         "its CPU-offloaded state does not fit this host's memory")

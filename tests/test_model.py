@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from ghostvis.config import PRESETS, ModelConfig, VisionConfig, get_preset
 from ghostvis.model import GPT, KVCache
@@ -226,6 +227,42 @@ def test_activation_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(g0, g1)
 
 
+class _KernelCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the attention kernels' forward calls (outside checkpointing's own dispatch mode, so a kept output
+    that is not recomputed is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from ghostvis.model.attention import is_attention_kernel
+        self.calls += is_attention_kernel(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_checkpointed_blocks_keep_attention_and_recompute_the_rest():
+    """Selective checkpointing: the attention forward runs once a block, the block's other ops run twice, and
+    loss and gradients equal the uncheckpointed model's; with recompute_attention the attention runs twice too."""
+    idx = torch.randint(0, 500, (2, 16))
+    model = make_model(n_layer=3).train()
+    results = {}
+    for ac, recompute in ((False, False), (True, False), ("whole", True)):
+        model.set_activation_checkpointing(ac is not False, recompute_attention=recompute)
+        model.zero_grad()
+        counter = _KernelCounter()
+        with counter:
+            loss = model(idx, idx)
+            loss.backward()
+        results[ac] = (counter.calls, loss.detach(), [p.grad.clone() for p in model.parameters()])
+    assert results[False][0] == results[True][0] == 3  # one attention forward per block, recompute or not
+    assert results["whole"][0] == 6  # --recompute-attention: the whole block again in backward
+    for ac in (True, "whole"):
+        torch.testing.assert_close(results[ac][1], results[False][1])
+        for g0, g1 in zip(results[False][2], results[ac][2]):
+            torch.testing.assert_close(g1, g0)
+
+
 def test_meta_build_then_materialize():
     with torch.device("meta"):
         model = GPT(tiny(qk_norm=True))
@@ -311,6 +348,13 @@ def test_attention_choice_on_cpu_is_expand_and_named_gpu_kernels_are_refused():
             select_attention(name, "cpu", torch.bfloat16)
     with pytest.raises(AttentionError, match="unknown kernel"):
         select_attention("xformers", "cpu", torch.float32)
+
+
+def test_auto_tries_cudnn_first_on_short_rows_and_fa4_on_long_ones():
+    from ghostvis.model.attention import AUTO_ORDER, FA4_FROM_SEQ, auto_order
+    assert auto_order(None) == auto_order(FA4_FROM_SEQ) == AUTO_ORDER
+    short = auto_order(FA4_FROM_SEQ - 1)
+    assert short[:2] == ("cudnn", "fa4") and sorted(short) == sorted(AUTO_ORDER)
 
 
 def test_attention_probe_rejects_a_wrong_kernel_and_passes_a_right_one():

@@ -6,10 +6,11 @@ imports and passes a forward + backward probe against SDPA's math backend in fp3
 
     fa4 (flash-attn-4, CuTe DSL)  >  cudnn (SDPA, native GQA)  >  fa3  >  fa2  >  sdpa_flash  >  expand
 
-The order follows one H200's measurements (torch 2.11, causal GQA, D=128, fwd+bwd): cuDNN ran 1.7-1.9x
-SDPA's flash backend; flash-attn-4 is put first as the Hopper-tuned kernel, expected above cuDNN.
-`bench/attention.py` re-measures every installed kernel on a card; change AUTO_ORDER if it disagrees. A kernel asked for by name that is missing or fails its probe is an
-error, never a silent slower fallback. `expand` (K/V heads repeated, then SDPA with any backend) is
+The order follows measurements (torch 2.11, causal GQA, D=128, fwd+bwd): cuDNN ran 1.7-1.9x SDPA's flash
+backend on an H200; on an H100 flash-attn-4 led cuDNN from 8k tokens a row up and trailed it at 2k, so rows
+shorter than FA4_FROM_SEQ try cuDNN first (`auto_order`). `bench/attention.py` re-measures every installed
+kernel on a card; change AUTO_ORDER if it disagrees. A kernel asked for by name that is missing or fails its
+probe is an error, never a silent slower fallback. `expand` (K/V heads repeated, then SDPA with any backend) is
 correct everywhere and is the only choice on CPU and in fp32: `enable_gqa` there silently falls back to
 the slow math kernel.
 
@@ -47,6 +48,9 @@ from ghostvis.model.parallel import ColumnParallelLinear, RowParallelLinear, cop
 
 _HALF = (torch.bfloat16, torch.float16)
 AUTO_ORDER = ("fa4", "cudnn", "fa3", "fa2", "sdpa_flash", "expand")
+# Below this many tokens a row `auto` tries cuDNN before fa4: on an H100 (BENCHMARKS.md, thirteenth session)
+# fa4 through its custom op ran 0.79x cuDNN at 16x2048 and 1.04x / 1.08x at 2x8192 / 1x32768.
+FA4_FROM_SEQ = 8192
 ATTENTION_CHOICES = ("auto", *AUTO_ORDER)
 PACKED_ORDER = ("varlen", "flex", "sdpa_mask")
 
@@ -56,8 +60,8 @@ class AttentionError(UserError, ValueError):
 
 
 def _import_fa4() -> Callable:
-    from flash_attn.cute import flash_attn_func  # the flash-attn-4 wheel (`pip install .[gpu]`)
-    return flash_attn_func
+    from ghostvis.model.fa4_op import fa4_causal  # needs the flash-attn-4 wheel (`pip install .[gpu]`)
+    return lambda q, k, v, causal: fa4_causal(q, k, v)  # causal only: the op is torch.compile-safe
 
 
 def _import_fa3() -> Callable:
@@ -216,6 +220,20 @@ def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
     return out.view(B, T, H, D).transpose(1, 2)
 
 
+# ---- what a checkpointed block keeps -------------------------------------------------------------------
+
+# The dense kernels' forward ops (each SDPA backend, flash-attn-4's custom op once registered).
+_KERNEL_OPS = ("aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
+               "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "ghostvis::fa4_causal_fwd")
+
+
+def is_attention_kernel(op: Any) -> bool:
+    """Whether dispatcher op `op` is a training attention kernel's forward (selective checkpointing keeps its
+    outputs: docs/training.md, "Activation checkpointing")."""
+    return op.name() in _KERNEL_OPS
+
+
 # ---- choosing the kernels -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -239,7 +257,9 @@ class AttentionChoice:
 _selected: tuple[str, Callable] | None = None  # (name, fn) once select_attention ran on CUDA
 _packed: str | None = None  # the packed kernel select_attention(packed=True) chose
 
-PROBE_DOCUMENTS = ((100, 56, 99, 1), (256,))  # document lengths of the probe's two rows (T = 256)
+# document lengths of the probe's two rows: T = 300 ends in a partial 128-block, as packed rows (--pack sizes them
+# from the data) mostly do
+PROBE_DOCUMENTS = ((100, 56, 99, 45), (300,))
 
 
 def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -248,9 +268,9 @@ def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_di
     else what went wrong. The inputs and the incoming gradient have the strides training gives them
     (q/k/v are transposed views of [B, T, H, D]; the gradient comes back through transpose + reshape):
     kernels have been wrong on exactly such non-contiguous layouts while right on contiguous ones.
-    With `document_ids` [2, 256] the reference attends within documents only (packed kernels)."""
+    With `document_ids` [2, 300] the reference attends within documents only (packed kernels)."""
     g = torch.Generator(device=device).manual_seed(0)
-    B, T, H, KV = 2, 256, 4, 2
+    B, T, H, KV = 2, 300, 4, 2
     ref_mask = None if document_ids is None else documents(document_ids, "sdpa_mask").mask
     q, k, v = (torch.randn(B, T, h, head_dim, device=device, generator=g) for h in (H, KV, KV))
     grad = torch.randn(B, T, H * head_dim, device=device, generator=g)
@@ -281,13 +301,21 @@ def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_di
     return None
 
 
+def auto_order(seq_len: int | None) -> tuple[str, ...]:
+    """The kernels `auto` tries, in order, for rows of `seq_len` tokens (None: long rows)."""
+    if seq_len is not None and seq_len < FA4_FROM_SEQ:
+        return ("cudnn", "fa4", *AUTO_ORDER[2:])
+    return AUTO_ORDER
+
+
 def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128,
-                     packed: bool = False) -> AttentionChoice:
+                     packed: bool = False, seq_len: int | None = None) -> AttentionChoice:
     """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it;
-    with `packed`, also the document-masked kernel for packed rows (PACKED_ORDER, module docstring).
+    `auto` tries `auto_order(seq_len)`. With `packed`, also the document-masked kernel for packed rows
+    (PACKED_ORDER, module docstring).
     On CPU or in fp32 only `expand` runs (and `auto` is `expand`; packed rows: sdpa_mask). Raises
     AttentionError when a kernel named explicitly cannot run, with the fix."""
-    choice = _select_dense(name, torch.device(device), dtype, head_dim)
+    choice = _select_dense(name, torch.device(device), dtype, head_dim, seq_len)
     return _select_packed(choice, torch.device(device), dtype, head_dim) if packed else choice
 
 
@@ -322,7 +350,8 @@ def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.d
     raise AttentionError("no packed attention kernel passed its probe: " + "; ".join(skipped))
 
 
-def _select_dense(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionChoice:
+def _select_dense(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                  seq_len: int | None) -> AttentionChoice:
     global _selected
     if name not in ATTENTION_CHOICES:
         raise AttentionError(f"--attention {name!r}: unknown kernel; choose from {', '.join(ATTENTION_CHOICES)}")
@@ -333,7 +362,7 @@ def _select_dense(name: str, device: torch.device, dtype: torch.dtype, head_dim:
         _selected = None
         return AttentionChoice("expand")
     skipped = []
-    for candidate in (AUTO_ORDER if name == "auto" else (name,)):
+    for candidate in (auto_order(seq_len) if name == "auto" else (name,)):
         try:
             fn = kernel_fn(candidate)
         except ImportError as err:

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from ghostvis.config import ModelConfig, checkpointed_blocks
 import ghostvis.model.seeded as seeded
-from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents
+from ghostvis.model.attention import CausalSelfAttention, Documents, document_positions, documents, is_attention_kernel
 from ghostvis.model.kv_cache import KVCache
 from ghostvis.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from ghostvis.model.linear_ce import IGNORE_INDEX
@@ -34,6 +34,16 @@ from ghostvis.model.parallel import (
 
 if TYPE_CHECKING:
     from ghostvis.parallel.context import ContextParallel
+
+
+def _attention_saved(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if is_attention_kernel(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention() -> tuple:
+    """A checkpointed block keeps its attention kernel's outputs (out and log-sum-exp, about one more block input
+    a token) and recomputes the rest: at long context the attention forward is most of a block's recompute."""
+    return create_selective_checkpoint_contexts(_attention_saved)
 
 
 class Block(nn.Module):
@@ -112,16 +122,20 @@ class GPT(nn.Module):
         self.norm_f = RMSNorm(d, config.norm_eps)
         self.lm_head = head
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.checkpointed_blocks = 0  # a training setting: `set_activation_checkpointing`
+        self.checkpointed_blocks = 0  # training settings: `set_activation_checkpointing`
+        self.checkpoint_context = _keep_attention
         self.cp: ContextParallel | None = None
         # an explicit CPU draw: also right under a meta-device context or deepspeed.zero.Init
         self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
         self.init_weights()
 
-    def set_activation_checkpointing(self, activation_checkpointing: bool | int) -> None:
+    def set_activation_checkpointing(self, activation_checkpointing: bool | int,
+                                     recompute_attention: bool = False) -> None:
         """Recompute the activations of every block (True), none (False) or the first N in backward
-        (less memory, ~1/3 more compute; docs/training.md). A count outside 0..n_layer fails now."""
+        (less memory, more compute; docs/parallelism.md). A checkpointed block keeps its attention kernel's
+        output unless `recompute_attention`. A count outside 0..n_layer fails now."""
         self.checkpointed_blocks = checkpointed_blocks(activation_checkpointing, self.config.n_layer)
+        self.checkpoint_context = noop_context_fn if recompute_attention else _keep_attention
 
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         """Train with the sequence split over a CP group (ghostvis/parallel/context.py); None = whole."""
@@ -218,8 +232,8 @@ class GPT(nn.Module):
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.checkpointed_blocks if training else 0
         for i, block in enumerate(self.blocks):
-            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False) if i < n_ckpt
-                 else block(x, cos, sin, kv_cache, docs))
+            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False, context_fn=self.checkpoint_context)
+                 if i < n_ckpt else block(x, cos, sin, kv_cache, docs))
         if kv_cache is not None:
             kv_cache.advance(T)
         if cp is None:

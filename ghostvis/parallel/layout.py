@@ -20,7 +20,8 @@ def _llm(model: nn.Module) -> GPT:
     return model.llm if hasattr(model, "llm") else model
 
 
-def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: bool | int = False) -> nn.Module:
+def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: bool | int = False,
+                recompute_attention: bool = False) -> nn.Module:
     """The plain GPT/VLM `model` (full weights, same on every rank) laid out for `topo`: itself at
     tp = pp = 1, or when its LLM was built as this rank's TP shard (checkpoint_io.build_model's `tp_group`);
     its LLM swapped for a tensor-parallel GPT holding this rank's shards at tp > 1; a
@@ -30,7 +31,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
     `copy_to_tp`). Under context parallelism the LLM splits each sequence over the CP group."""
     llm = _llm(model)
     config = llm.config
-    llm.set_activation_checkpointing(activation_checkpointing)  # a bad block count fails now
+    llm.set_activation_checkpointing(activation_checkpointing, recompute_attention)  # a bad count fails now
     if topo.pp_size == 1 and llm.tp_size == topo.tp_size:  # plain, or built as this rank's TP shard already
         llm.set_context_parallel(topo.context_parallel)
         return model
@@ -52,7 +53,7 @@ def parallelize(model: nn.Module, topo: Topology, *, activation_checkpointing: b
             pipe.load_canonical(full)
             return pipe
         tp_llm = GPT(config, tp_group=topo.tp_group)
-    tp_llm.set_activation_checkpointing(activation_checkpointing)
+    tp_llm.set_activation_checkpointing(activation_checkpointing, recompute_attention)
     tp_llm.set_context_parallel(topo.context_parallel)
     tp_llm.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     if llm is model:

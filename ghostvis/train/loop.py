@@ -519,7 +519,8 @@ def build(args: argparse.Namespace) -> Run:
     # (zero.Init), TP shards; pipeline stages take theirs from the full (tp=1) model
     zero_init = ds_engine.builds_partitioned(ds_config, topo.tp_size, topo.pp_size, args.lora_rank)
     model = parallelize(initial_model(ds_config if zero_init else None, topo.tp_group if topo.pp_size == 1 else None),
-                        topo, activation_checkpointing=args.activation_checkpointing)
+                        topo, activation_checkpointing=args.activation_checkpointing,
+                        recompute_attention=getattr(args, "recompute_attention", False))
     torch.manual_seed(args.seed)
     if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets)
@@ -528,7 +529,7 @@ def build(args: argparse.Namespace) -> Run:
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                                 model_cfg.head_dim, packed=getattr(args, "pack", False))
+                                 model_cfg.head_dim, packed=getattr(args, "pack", False), seq_len=args.seq_len)
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     if args.compile:
@@ -692,7 +693,9 @@ def card_plan(model: torch.nn.Module, topo: Any, ds_config: dict[str, Any], args
                     dtype="bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32",
                     offload=offload_device(ds_config) != "none",
                     offload_weights=offload_device(ds_config, "offload_param") != "none",
-                    activation_checkpointing=activation_checkpointing, **zero_bucket_settings(zero, zero_cfg))
+                    activation_checkpointing=activation_checkpointing,
+                    recompute_attention=getattr(args, "recompute_attention", False),
+                    **zero_bucket_settings(zero, zero_cfg))
     return plan(args.model, layout, stage=stage, freeze=freeze, model=model, lora_rank=args.lora_rank,
                 lora_targets=args.lora_targets, train_llm_layers=train_llm_layers)
 
@@ -712,7 +715,7 @@ def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config
                                     stage: str, freeze: tuple[str, ...], train_llm_layers: int,
                                     card_gib: float | None) -> tuple[bool | int, str]:
     """--activation-checkpointing auto (plan.fewest_checkpointed_blocks; qwen25_1.5b at 32k, ZeRO-2 as shipped,
-    micro-batch 1, is planned at 34.4 GiB with every block and 109.7 with none, so an H200 needs none and an 80 GB
+    micro-batch 1, is planned at 37.1 GiB with every block and 109.7 with none, so an H200 needs none and an 80 GB
     card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size
     the model (a CNN tower), every block: the safe end."""
     if card_gib is None or not planner_sizes(model):
