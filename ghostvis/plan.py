@@ -385,7 +385,8 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     ckpt = [b < n_ckpt for b in blocks]
     # checkpointed: the block's input, and unless recomputed its attention kernel's output and log-sum-exp (under PP
     # DeepSpeed's checkpoint recomputes the whole block)
-    kept_attention = 0 if lay.recompute_attention or lay.pp > 1 else (cfg.n_head * cfg.head_dim * act_bytes + 4 * cfg.n_head) // lay.tp
+    kept_attention = (0 if lay.recompute_attention or lay.pp > 1
+                      else (cfg.n_head * cfg.head_dim * act_bytes + 4 * cfg.n_head) // lay.tp)
     ckpt_kept = tokens * (cfg.n_embd * act_bytes + kept_attention)
     kept = [ckpt_kept if c else a for c, a in zip(ckpt, per_layer)]
     act = sum(kept) * in_flight
@@ -621,7 +622,7 @@ def measure_activations(model_cfg: ModelConfig, layout: Layout, device: str = "c
     model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, layout.seq_len))
     with torch.device("meta"):
         model = GPT(model_cfg)
-    model.set_activation_checkpointing(layout.activation_checkpointing)
+    model.set_activation_checkpointing(layout.activation_checkpointing, layout.recompute_attention)
     model.to_empty(device=device)
     model.init_weights()
     model.to(torch.bfloat16).train()

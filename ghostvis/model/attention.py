@@ -61,7 +61,10 @@ class AttentionError(UserError, ValueError):
 
 def _import_fa4() -> Callable:
     from ghostvis.model.fa4_op import fa4_causal  # needs the flash-attn-4 wheel (`pip install .[gpu]`)
-    return lambda q, k, v, causal: fa4_causal(q, k, v)  # causal only: the op is torch.compile-safe
+    def causal_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        assert causal, "ghostvis::fa4_causal_fwd is causal attention only"
+        return fa4_causal(q, k, v)
+    return causal_only
 
 
 def _import_fa3() -> Callable:
@@ -222,15 +225,17 @@ def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
 
 # ---- what a checkpointed block keeps -------------------------------------------------------------------
 
-# The dense kernels' forward ops (each SDPA backend, flash-attn-4's custom op once registered).
+# The kernels' forward ops: each SDPA backend, the memory-efficient kernel context parallelism's prefix attention
+# reaches through its causal bias, flash-attn-4's custom op once registered. FA2/FA3 and varlen calls are not
+# named, so with them a checkpointed block recomputes its attention (the planner still counts it kept).
 _KERNEL_OPS = ("aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
                "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
-               "ghostvis::fa4_causal_fwd")
+               "aten::_efficient_attention_forward", "ghostvis::fa4_causal_fwd")
 
 
 def is_attention_kernel(op: Any) -> bool:
     """Whether dispatcher op `op` is a training attention kernel's forward (selective checkpointing keeps its
-    outputs: docs/training.md, "Activation checkpointing")."""
+    outputs: docs/parallelism.md, "Activation checkpointing")."""
     return op.name() in _KERNEL_OPS
 
 
@@ -311,11 +316,12 @@ def auto_order(seq_len: int | None) -> tuple[str, ...]:
 def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128,
                      packed: bool = False, seq_len: int | None = None) -> AttentionChoice:
     """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it;
-    `auto` tries `auto_order(seq_len)`. With `packed`, also the document-masked kernel for packed rows
-    (PACKED_ORDER, module docstring).
+    `auto` tries `auto_order(seq_len)`, or AUTO_ORDER with `packed`, which also picks the document-masked
+    kernel for packed rows (PACKED_ORDER, module docstring).
     On CPU or in fp32 only `expand` runs (and `auto` is `expand`; packed rows: sdpa_mask). Raises
     AttentionError when a kernel named explicitly cannot run, with the fix."""
-    choice = _select_dense(name, torch.device(device), dtype, head_dim, seq_len)
+    # packed rows keep the FlashAttention kernels first: only they give the varlen kernel
+    choice = _select_dense(name, torch.device(device), dtype, head_dim, None if packed else seq_len)
     return _select_packed(choice, torch.device(device), dtype, head_dim) if packed else choice
 
 

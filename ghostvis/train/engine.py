@@ -188,6 +188,8 @@ def check_layout(model: torch.nn.Module, topo: Any, args: Any) -> None:
             checkpointed_blocks(args.activation_checkpointing, cfg.n_layer)
     except ValueError as err:
         raise ConfigError(f"--activation-checkpointing: {err}") from None
+    if getattr(args, "recompute_attention", False) and topo.pp_size > 1:
+        raise ConfigError("--recompute-attention: under --pp DeepSpeed checkpoints whole blocks already; drop it")
 
 
 def make_optimizer(groups: list[dict[str, Any]], ds_config: dict[str, Any], device_type: str,
