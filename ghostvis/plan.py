@@ -384,8 +384,8 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     n_ckpt = checkpointed_blocks(lay.activation_checkpointing, cfg.n_layer)
     ckpt = [b < n_ckpt for b in blocks]
     # checkpointed: the block's input, and unless recomputed its attention kernel's output and log-sum-exp (under PP
-    # DeepSpeed's checkpoint recomputes the whole block)
-    kept_attention = (0 if lay.recompute_attention or lay.pp > 1
+    # DeepSpeed's checkpoint recomputes the whole block, and under CP GPT.forward does)
+    kept_attention = (0 if lay.recompute_attention or lay.pp > 1 or lay.cp > 1
                       else (cfg.n_head * cfg.head_dim * act_bytes + 4 * cfg.n_head) // lay.tp)
     ckpt_kept = tokens * (cfg.n_embd * act_bytes + kept_attention)
     kept = [ckpt_kept if c else a for c, a in zip(ckpt, per_layer)]

@@ -312,16 +312,17 @@ def test_context_parallel_splits_activations_and_zero_shards():
 
 def test_checkpointed_blocks_keep_their_attention_output_unless_recomputed():
     """Each checkpointed block keeps its input and its attention output + fp32 log-sum-exp (selective
-    checkpointing); --recompute-attention drops the latter, and so does PP, whose checkpoint is DeepSpeed's."""
+    checkpointing); --recompute-attention drops the latter, and so do PP (DeepSpeed's checkpoint) and CP."""
     cfg = get_preset("qwen25_1.5b")[0]
     tokens, blocks = 4096, 6
     layout = Layout(zero=2, seq_len=tokens, activation_checkpointing=blocks)
     kept = plan("qwen25_1.5b", layout).gpu["activations"]
     recomputed = plan("qwen25_1.5b", dataclasses.replace(layout, recompute_attention=True)).gpu["activations"]
     assert kept - recomputed == blocks * tokens * (cfg.n_head * cfg.head_dim * 2 + 4 * cfg.n_head)
-    pp = dataclasses.replace(layout, gpus=2, pp=2, zero=1, activation_checkpointing=True)
-    assert (plan("qwen25_1.5b", pp).gpu["activations"] ==
-            plan("qwen25_1.5b", dataclasses.replace(pp, recompute_attention=True)).gpu["activations"])
+    for whole in (dataclasses.replace(layout, gpus=2, pp=2, zero=1, activation_checkpointing=True),
+                  dataclasses.replace(layout, gpus=2, cp=2)):
+        assert (plan("qwen25_1.5b", whole).gpu["activations"] ==
+                plan("qwen25_1.5b", dataclasses.replace(whole, recompute_attention=True)).gpu["activations"])
 
 
 def test_cli_auto_activation_checkpointing_is_the_trainers_choice(capsys):

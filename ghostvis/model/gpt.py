@@ -231,8 +231,11 @@ class GPT(nn.Module):
                 cos, sin = self.rotary.at(rows + torch.arange(T, device=idx.device))
         training = self.training and kv_cache is None and torch.is_grad_enabled()
         n_ckpt = self.checkpointed_blocks if training else 0
+        # under CP the prefix attention builds a CausalBias tensor subclass, which a selective-checkpoint region
+        # refuses to create: its blocks are checkpointed whole
+        context = self.checkpoint_context if cp is None else noop_context_fn
         for i, block in enumerate(self.blocks):
-            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False, context_fn=self.checkpoint_context)
+            x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False, context_fn=context)
                  if i < n_ckpt else block(x, cos, sin, kv_cache, docs))
         if kv_cache is not None:
             kv_cache.advance(T)
