@@ -141,7 +141,7 @@ def main() -> None:
     topo = Topology(args.tp, args.pp, args.cp)
     plain, stage_name = build(args)
     choice = select_attention(args.attention, device, torch.bfloat16 if on_gpu else torch.float32,
-                              plain.config.head_dim, seq_len=args.seq_len)
+                              plain.config.head_dim, seq_len=args.seq_len // args.cp)
     data = batches(plain, args, device)
     model = parallelize(plain, topo, activation_checkpointing=args.activation_checkpointing,
                         recompute_attention=args.recompute_attention)  # deepspeed moves it

@@ -242,8 +242,8 @@ class _KernelCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_checkpointed_blocks_keep_attention_and_recompute_the_rest():
-    """Selective checkpointing: the attention forward runs once a block, the block's other ops run twice, and
-    loss and gradients equal the uncheckpointed model's; with recompute_attention the attention runs twice too."""
+    """Selective checkpointing: the attention forward runs once a block (the rest is recomputed), and loss and
+    gradients equal the uncheckpointed model's; with recompute_attention the attention runs twice."""
     idx = torch.randint(0, 500, (2, 16))
     model = make_model(n_layer=3).train()
     results = {}

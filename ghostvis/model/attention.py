@@ -225,8 +225,9 @@ def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
 
 # ---- what a checkpointed block keeps -------------------------------------------------------------------
 
-# The kernels' forward ops: each SDPA backend, flash-attn-4's custom op once registered. FA2/FA3 and varlen calls
-# are not named, so with them a checkpointed block recomputes its attention (the planner still counts it kept).
+# The kernels' forward ops: SDPA's fused backends, flash-attn-4's custom op once registered. SDPA's math backend,
+# FA2/FA3 and varlen calls are not named, so with them a checkpointed block recomputes its attention (the planner
+# still counts it kept).
 _KERNEL_OPS = ("aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
                "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
                "ghostvis::fa4_causal_fwd")

@@ -529,7 +529,8 @@ def build(args: argparse.Namespace) -> Run:
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                                 model_cfg.head_dim, packed=getattr(args, "pack", False), seq_len=args.seq_len)
+                                 model_cfg.head_dim, packed=getattr(args, "pack", False),
+                                 seq_len=args.seq_len // topo.cp_size)  # a CP rank attends chunks
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
     if args.compile:
