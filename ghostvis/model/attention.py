@@ -228,9 +228,9 @@ def attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Do
 # The kernels' forward ops: SDPA's fused backends, flash-attn-4's custom op once registered. SDPA's math backend,
 # FA2/FA3 and varlen calls are not named, so with them a checkpointed block recomputes its attention (the planner
 # still counts it kept).
-_KERNEL_OPS = ("aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
-               "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
-               "ghostvis::fa4_causal_fwd")
+_KERNEL_OPS = frozenset(("aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
+                         "aten::_scaled_dot_product_efficient_attention",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu", "ghostvis::fa4_causal_fwd"))
 
 
 def is_attention_kernel(op: Any) -> bool:
@@ -309,7 +309,7 @@ def probe_kernel(fn: Callable, device: torch.device, dtype: torch.dtype, head_di
 def auto_order(seq_len: int | None) -> tuple[str, ...]:
     """The kernels `auto` tries, in order, for rows of `seq_len` tokens (None: long rows)."""
     if seq_len is not None and seq_len < FA4_FROM_SEQ:
-        return ("cudnn", "fa4", *AUTO_ORDER[2:])
+        return ("cudnn", *(k for k in AUTO_ORDER if k != "cudnn"))
     return AUTO_ORDER
 
 

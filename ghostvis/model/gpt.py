@@ -123,7 +123,7 @@ class GPT(nn.Module):
         self.lm_head = head
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.checkpointed_blocks = 0  # training settings: `set_activation_checkpointing`
-        self.checkpoint_context = _keep_attention
+        self.recompute_attention = False
         self.cp: ContextParallel | None = None
         # an explicit CPU draw: also right under a meta-device context or deepspeed.zero.Init
         self.init_seed = int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
@@ -135,7 +135,7 @@ class GPT(nn.Module):
         (less memory, more compute; docs/parallelism.md). A checkpointed block keeps its attention kernel's
         output unless `recompute_attention`. A count outside 0..n_layer fails now."""
         self.checkpointed_blocks = checkpointed_blocks(activation_checkpointing, self.config.n_layer)
-        self.checkpoint_context = noop_context_fn if recompute_attention else _keep_attention
+        self.recompute_attention = recompute_attention
 
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         """Train with the sequence split over a CP group (ghostvis/parallel/context.py); None = whole."""
@@ -233,7 +233,7 @@ class GPT(nn.Module):
         n_ckpt = self.checkpointed_blocks if training else 0
         # under CP the prefix attention builds a CausalBias tensor subclass, which a selective-checkpoint region
         # refuses to create: its blocks are checkpointed whole
-        context = self.checkpoint_context if cp is None else noop_context_fn
+        context = noop_context_fn if self.recompute_attention or cp is not None else _keep_attention
         for i, block in enumerate(self.blocks):
             x = (checkpoint(block, x, cos, sin, None, docs, use_reentrant=False, context_fn=context)
                  if i < n_ckpt else block(x, cos, sin, kv_cache, docs))
