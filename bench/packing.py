@@ -46,6 +46,8 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from ghostvis.model.attention import PACKED_CHOICES
+
 from learning import MIN_DROP, check_learning
 from pipeline import REPO, append_to_benchmarks, child_env, launcher, prepare_data, sh
 
@@ -269,7 +271,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = child_env(cuda)
     paths = prepare_data(out, size["synth"], size["vocab"], env)
-    llava = write_llava_like(out / "llava_like", size["num_llava"], shard_size=size["synth"]["shard_size"])
+    llava = write_llava_like(out / "llava_like", args.llava_samples or size["num_llava"],
+                             shard_size=size["synth"]["shard_size"])
     common = ["--ds_config", REPO / "ds_configs" / args.ds_config, "--tokenizer", paths["tokenizer"],
               "--save-every", "0", "--resume", "none", "--warmup", max(1, steps // 20), "--seed", args.seed]
     # validation once, after the last step, on the same held-out samples for both sides: eval_batches covers
@@ -299,8 +302,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows, row_len = packed_geometry(sides["unpacked"]["tokens_per_step"], k * T,
                                                 lambda n, r: packed_fill(stage, data, paths["tokenizer"], model, n, r,
                                                                          args.seed))
-                flags = ["--pack", "--micro-batch", rows, "--seq-len", row_len]
-            run_dir = out / f"{stage}_{data_name.split()[0].lower()}_{side}{f'_seed{args.seed}' if args.seed else ''}"
+                flags = ["--pack", "--packed-attention", args.packed_attention, "--micro-batch", rows, "--seq-len",
+                         row_len]
+            kernel = f"_{args.packed_attention}" if side == "packed" and args.packed_attention != "auto" else ""
+            run_dir = out / (f"{stage}_{data_name.split()[0].lower()}_{side}{kernel}"
+                             f"{f'_seed{args.seed}' if args.seed else ''}")
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             t0 = time.perf_counter()
             stage_args = shlex.split((args.vp_args if stage == "vision_pretrain" else args.sft_args)
@@ -358,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vp-args", default=None, help="launch/train.py flags for vision_pretrain, one string "
                    "(default: --lr 1e-3 on CUDA, 3e-3 on CPU: the learning check needs a clear drop in few steps)")
     p.add_argument("--sft-args", default=None, help="... for sft (same defaults)")
+    p.add_argument("--llava-samples", type=int, default=None,
+                   help="LLaVA-665K-like training conversations, and 1 in 40 more held out (default: 20,000 on CUDA, "
+                        "200 on CPU; written once per --out)")
+    p.add_argument("--packed-attention", default="auto", choices=PACKED_CHOICES,
+                   help="the packed side's launch/train.py --packed-attention")
     p.add_argument("--seed", type=int, default=0,
                    help="launch/train.py --seed of both sides (their data order and the new tower's initial "
                         "weights; a base model already in --out is reused, else trained with it): rerun with others "

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ghostvis import recipes
 from ghostvis.config import activation_checkpointing_arg, vision_override_arg
 from ghostvis.lora import DEFAULT_TARGETS
-from ghostvis.model.attention import ATTENTION_CHOICES
+from ghostvis.model.attention import ATTENTION_CHOICES, PACKED_CHOICES
 from ghostvis.shipped import shipped_dir
 from ghostvis.train.logging import H100_BF16_PEAK, WANDB_MODES
 from ghostvis.train.schedule import SCHEDULES
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack", action="store_true",
                    help="pack several samples into each row, none split, each attending only to itself with RoPE "
                         "positions from 0 (vision_pretrain, sft; docs/data.md, Packing)")
+    g.add_argument("--packed-attention", default="auto", choices=PACKED_CHOICES,
+                   help="with --pack on a GPU, the document-masked kernel: auto takes the first of varlen (the "
+                        "chosen FlashAttention's cu_seqlens entry), flex, sdpa_mask that passes its probe; CPU and "
+                        "fp32 use sdpa_mask. The run log names it")
     g.add_argument("--pack-images", type=int, default=0, metavar="N",
                    help="with --pack, the most images one row may hold (0 = no bound but --seq-len)")
     g.add_argument("--length-group", type=_count, default=1, metavar="N",

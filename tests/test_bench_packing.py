@@ -84,7 +84,7 @@ def test_held_out_cuts_count_what_each_sides_length_cuts(tmp_path, tiny_tokenize
 
 def test_packed_fill_sizes_the_packed_side_by_its_real_tokens(tmp_path, tiny_tokenizer_dir):
     """The packed side's rows come from the unpacked side's tokens per step over the packed rows' own fill
-    (first-fit decreasing leaves part of each row empty); measured on the stage's batcher over real shards."""
+    (first fit leaves part of each row empty); measured on the stage's batcher over real shards."""
     from data_prep import synth
     b = bench()
     synth.generate(tmp_path, seed=1, num_captions=200, num_vqa=8, num_val=4, num_test=4, num_arith=4,

@@ -59,7 +59,19 @@ def test_pack_rows_bounds_determinism_and_errors() -> None:
     assert sorted(i for r in rows for i in r) == list(range(200))  # every sample once, none split
     assert all(sum(lengths[i] for i in r) <= 64 and sum(images[i] for i in r) <= 4 for r in rows)
     assert all(r == sorted(r) for r in rows) and rows == pack_rows(lengths, images, 64, max_images=4)
-    assert len(rows) <= 1.25 * sum(lengths) / 64 + 1  # first-fit decreasing wastes little
+    assert len(rows) <= 1.25 * sum(lengths) / 64 + 1  # first fit wastes little
+    # read order, not longest first: rows open in the stream's order, each sample at its turn, so a row mixes
+    # what the stream gives (first-fit decreasing left the shortest samples to rows of their own)
+    firsts = [r[0] for r in rows]
+    assert firsts[0] == 0 and firsts == sorted(firsts)
+
+    def room_for(i: int, row: list[int]) -> bool:  # whether `row`, as it stood at sample i's turn, had room
+        before = [j for j in row if j < i]
+        return sum(lengths[j] for j in before) + lengths[i] <= 64 and sum(images[j] for j in before) + images[i] <= 4
+
+    for i in range(200):
+        home = next(k for k, r in enumerate(rows) if i in r)
+        assert not any(room_for(i, r) for r in rows[:home])  # no row opened before its own had room
     with pytest.raises(PackError, match=r"^a sample of 65 tokens is longer than a packed row \(64 tokens"):
         pack_rows([3, 65], [0, 0], 64)
     with pytest.raises(PackError, match="a sample with 3 images does not fit .* raise --pack-images to 3"):
@@ -196,9 +208,9 @@ def test_resume_inside_a_window_keeps_its_cut(synth_dir, tiny_tokenizer, vlm) ->
 
 
 def test_packed_batches_mix_row_lengths(synth_dir, tiny_tokenizer, vlm) -> None:
-    """First-fit decreasing leaves rows of long samples, then rows of short ones, side by side; cut in that
-    order, a batch held one kind only (training on a GPU saw runs of steps of one caption length). Most
-    batches of a window now mix them, and the window is arranged the same way again (exact resume)."""
+    """Rows of long samples and rows of short ones come out of a window side by side; cut in that order, a
+    batch held one kind only (training on a GPU saw runs of steps of one caption length). Most batches of a
+    window now mix them, and the window is arranged the same way again (exact resume)."""
     packer = batcher(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, vlm, max_len=64,
                      batch_size=4, pack=True)
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
@@ -221,7 +233,7 @@ def test_packed_kernel_on_cuda_matches_the_masked_one(synth_dir, tiny_tokenizer)
     cfg, vcfg = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
                            image_token_id=tiny_tokenizer.image_token_id)
     model = VLM(cfg, vcfg).cuda()
-    choice = attention.select_attention("auto", "cuda", torch.bfloat16, cfg.head_dim, packed=True)
+    choice = attention.select_attention("auto", "cuda", torch.bfloat16, cfg.head_dim, packed="auto")
     packer = batcher(CaptionBatches, synth_dir / "captions" / "train", tiny_tokenizer, model, max_len=256,
                      batch_size=3, pack=True, loop=True, device="cuda")
 
@@ -293,6 +305,20 @@ def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_p
     with pytest.raises(PackError, match=r"^--pack: --stage base can't pack \(base already fills every row from one "
                                         r"token stream .*\); packing applies to vision_pretrain and sft: drop --pack$"):
         loop.run(args)
+
+
+def test_packed_attention_refused_without_pack_or_a_gpu(synth_dir, tiny_tokenizer_dir, tmp_path, world1) -> None:
+    from ghostvis.model.attention import AttentionError, select_attention
+
+    common = ("--stage", "sft", "--model", "vlm_tiny", "--data", synth_dir / "vqa", "--tokenizer", tiny_tokenizer_dir,
+              "--eval-every", "0", "--ds_config", REPO / "ds_configs" / "zero2.json", "--packed-attention", "flex")
+    with pytest.raises(ConfigError, match=r"^--packed-attention flex chooses the kernel of --pack rows: add --pack, "
+                                          r"or drop --packed-attention$"):
+        loop.run(parse(*common, "--out", tmp_path / "s"))
+    with pytest.raises(AttentionError, match=r"^--packed-attention flex runs only on a GPU in bf16/fp16; on cpu in "
+                                             r"float32 packed rows use sdpa_mask \(pass auto\)$"):
+        loop.run(parse(*common, "--pack", "--out", tmp_path / "p"))
+    assert select_attention("auto", "cpu", torch.float32, 16, packed="sdpa_mask").packed == "sdpa_mask"
 
 
 def test_length_group_refused_where_nothing_is_grouped(text_data, synth_dir, tiny_tokenizer_dir, tmp_path,

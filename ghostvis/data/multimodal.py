@@ -45,10 +45,9 @@ the scene's object count and the conversation's kind, so batches of one kind hel
 data-worker share draws its own.
 
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
-PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit decreasing into rows of max_len tokens (and at
-most `pack_images` images), shuffled (first-fit decreasing leaves rows of one sample length side by side)
-and cut into batches of batch_size rows, emitted in a seeded random order; the window's last batch may hold
-fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
+PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit in read order into rows of max_len tokens (and
+at most `pack_images` images), shuffled (rows opened early are the fullest) and cut into batches of batch_size
+rows, emitted in a seeded random order; the window's last batch may hold fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
 
 Exact resume: the state is the source's state at the start of the current group plus the number of
 batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted (packing
@@ -240,8 +239,8 @@ class _Batcher:
             bins = pack_rows([len(r.ids) for r in rows], [len(r.images) for r in rows], self.max_len,
                              self.pack_images)
             rows = [join_rows([rows[i] for i in b]) for b in bins]
-            # first-fit decreasing fills rows longest-first, so neighbouring rows hold samples of one length
-            # (captions of one object count): every row is max_len long anyway, so mix them across batches
+            # rows opened early in the window are the fullest, the last ones hold what no earlier row had room
+            # for: every row is max_len long anyway, so mix them across batches
             order.shuffle(rows)
         else:
             rows = sorted(rows, key=lambda r: len(r.ids))

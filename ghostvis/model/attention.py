@@ -18,8 +18,8 @@ Decode and chunked prefill (Tq != Tk, KV cache) use FA2/FA3 when the process cho
 is bottom-right aligned), else expanded K/V with an explicit offset mask.
 
 Packed rows (`--pack`, ghostvis/data/packing.py) hold several documents; each attends causally to itself
-only. `select_attention(..., packed=True)` also picks the document-masked kernel, first of PACKED_ORDER that
-passes the same probe against masked SDPA math:
+only. `select_attention(..., packed="auto")` also picks the document-masked kernel, first of PACKED_ORDER that
+passes the same probe against masked SDPA math (`--packed-attention` names one instead):
 
     varlen (the chosen FlashAttention's cu_seqlens entry)  >  flex (flex_attention + block mask)  >  sdpa_mask
 
@@ -53,6 +53,7 @@ AUTO_ORDER = ("fa4", "cudnn", "fa3", "fa2", "sdpa_flash", "expand")
 FA4_FROM_SEQ = 8192
 ATTENTION_CHOICES = ("auto", *AUTO_ORDER)
 PACKED_ORDER = ("varlen", "flex", "sdpa_mask")
+PACKED_CHOICES = ("auto", *PACKED_ORDER)
 
 
 class AttentionError(UserError, ValueError):
@@ -260,7 +261,7 @@ class AttentionChoice:
 
 
 _selected: tuple[str, Callable] | None = None  # (name, fn) once select_attention ran on CUDA
-_packed: str | None = None  # the packed kernel select_attention(packed=True) chose
+_packed: str | None = None  # the packed kernel select_attention(packed=...) chose
 
 # document lengths of the probe's two rows: T = 300 ends in a partial 128-block, as packed rows (--pack sizes them
 # from the data) mostly do
@@ -314,29 +315,35 @@ def auto_order(seq_len: int | None) -> tuple[str, ...]:
 
 
 def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128,
-                     packed: bool = False, seq_len: int | None = None) -> AttentionChoice:
+                     packed: str | None = None, seq_len: int | None = None) -> AttentionChoice:
     """Choose the training attention kernel for this process (`name` in ATTENTION_CHOICES) and pin it;
-    `auto` tries `auto_order(seq_len)`, or AUTO_ORDER with `packed`, which also picks the document-masked
-    kernel for packed rows (PACKED_ORDER, module docstring).
+    `auto` tries `auto_order(seq_len)`, or AUTO_ORDER for packed rows, whose document-masked kernel `packed`
+    (PACKED_CHOICES; None: rows are not packed) chooses: `auto` takes the first of PACKED_ORDER that passes
+    its probe (module docstring).
     On CPU or in fp32 only `expand` runs (and `auto` is `expand`; packed rows: sdpa_mask). Raises
     AttentionError when a kernel named explicitly cannot run, with the fix."""
     # packed rows keep the FlashAttention kernels first: only they give the varlen kernel
     choice = _select_dense(name, torch.device(device), dtype, head_dim, None if packed else seq_len)
-    return _select_packed(choice, torch.device(device), dtype, head_dim) if packed else choice
+    return choice if packed is None else _select_packed(choice, packed, torch.device(device), dtype, head_dim)
 
 
-def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.dtype,
+def _select_packed(choice: AttentionChoice, name: str, device: torch.device, dtype: torch.dtype,
                    head_dim: int) -> AttentionChoice:
-    """The first kernel of PACKED_ORDER that runs here and passes the document-masked probe (sdpa_mask is
-    the reference's own computation, so it always can)."""
+    """`name`, or under `auto` the first kernel of PACKED_ORDER, that runs here and passes the document-masked
+    probe (sdpa_mask is the reference's own computation, so it always can)."""
     global _packed
+    if name not in PACKED_CHOICES:
+        raise AttentionError(f"--packed-attention {name!r}: choose from {', '.join(PACKED_CHOICES)}")
     if device.type != "cuda" or dtype not in _HALF:
+        if name not in ("auto", "sdpa_mask"):
+            raise AttentionError(f"--packed-attention {name} runs only on a GPU in bf16/fp16; on {device.type} "
+                                 f"in {str(dtype).removeprefix('torch.')} packed rows use sdpa_mask (pass auto)")
         _packed = "sdpa_mask"
         return dataclasses.replace(choice, packed=_packed)
     ids = torch.cat([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)).unsqueeze(0)
                      for d in PROBE_DOCUMENTS]).to(device)
     skipped = []
-    for candidate in PACKED_ORDER:
+    for candidate in PACKED_ORDER if name == "auto" else (name,):
         if candidate == "varlen" and choice.kernel not in _VARLEN_IMPORTS:
             skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry")
             continue
@@ -353,6 +360,9 @@ def _select_packed(choice: AttentionChoice, device: torch.device, dtype: torch.d
             _packed = candidate
             return dataclasses.replace(choice, packed=candidate, packed_skipped=tuple(skipped))
         skipped.append(f"{candidate}: {problem}")
+    if name != "auto":
+        raise AttentionError(f"--packed-attention {name} cannot run here ({skipped[0].split(': ', 1)[1]}); "
+                             "pass --packed-attention auto to take the first that can")
     raise AttentionError("no packed attention kernel passed its probe: " + "; ".join(skipped))
 
 

@@ -494,8 +494,12 @@ def build(args: argparse.Namespace) -> Run:
 
     if topo.pp_size > 1:
         check_pipeline(stage, args, ds_config)
-    if getattr(args, "pack", False):
+    pack = getattr(args, "pack", False)
+    if pack:
         check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
+    elif getattr(args, "packed_attention", "auto") != "auto":
+        raise ds_engine.ConfigError(f"--packed-attention {args.packed_attention} chooses the kernel of --pack rows: "
+                                    "add --pack, or drop --packed-attention")
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
@@ -529,7 +533,7 @@ def build(args: argparse.Namespace) -> Run:
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                                 model_cfg.head_dim, packed=getattr(args, "pack", False),
+                                 model_cfg.head_dim, packed=args.packed_attention if pack else None,
                                  seq_len=args.seq_len // topo.cp_size)  # a CP rank attends chunks
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
@@ -542,7 +546,7 @@ def build(args: argparse.Namespace) -> Run:
         # every TP rank and pipeline stage of a replica reads the same batches
         return DataRequest(Path(args.data), split, args.seq_len, args.micro_batch, topo.dp_rank, dp, args.seed,
                            tokenizer, device, eval_mode, **inputs, max_corrupt_fraction=args.max_corrupt_fraction,
-                           pack=getattr(args, "pack", False), pack_images=getattr(args, "pack_images", 0),
+                           pack=pack, pack_images=getattr(args, "pack_images", 0),
                            length_group=getattr(args, "length_group", 1))
 
     data_builder = DATA_BUILDERS[stage.data_kind]
