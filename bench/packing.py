@@ -111,12 +111,16 @@ def llava_like_sample(seed: int, index: int, image_size: int) -> dict:
 
 def write_llava_like(out: Path, n: int, seed: int = 0, image_size: int = 64, shard_size: int = 1000) -> Path:
     """`n` llava_like_sample conversations under out/train and n/40 others under out/val (8 at least), as
-    conversation shards (reused when present)."""
-    from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
+    conversation shards (reused when present and of that size; another size is an error)."""
+    from ghostvis.data.manifest import Manifest, ShardInfo, read_manifest, write_manifest
 
     for split, first, count in (("train", 0, n), ("val", 10**7, max(8, n // 40))):  # disjoint sample indices
         d = out / split
         if (d / "manifest.json").is_file():
+            held = read_manifest(d).num_samples
+            if held != count:
+                raise SystemExit(f"{d} holds {held} conversations, not {count}: pass another --out (or delete "
+                                 f"{out}) for --llava-samples {n}")
             continue
         d.mkdir(parents=True, exist_ok=True)
         shards = []
@@ -219,7 +223,7 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
                 seed: int = 0) -> float:
     """The share of a packed step's `rows` × `row_len` positions real tokens fill, on the mean, from the stage's
     own batcher on the CPU over about its first two packing windows (a window holds that many batches' tokens).
-    First-fit decreasing leaves part of each row empty (3–10% on our data sets), and a window's last batch may be
+    First fit leaves part of each row empty (1-8% on our data sets), and a window's last batch may be
     short: sized without them, the packed side took 11% (embedded captions) to 24% fewer tokens a step."""
     from ghostvis.data.packing import PACK_WINDOW_BATCHES
     from ghostvis.data.request import DataRequest

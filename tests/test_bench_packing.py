@@ -67,6 +67,9 @@ def test_held_out_cuts_count_what_each_sides_length_cuts(tmp_path, tiny_tokenize
 
     b = bench()
     data = b.write_llava_like(tmp_path / "llava", 40, image_size=16, shard_size=20)  # val: 8 conversations
+    assert b.write_llava_like(tmp_path / "llava", 40) == data  # reused as it is
+    with pytest.raises(SystemExit, match=r"llava/train holds 40 conversations, not 80: pass another --out"):
+        b.write_llava_like(tmp_path / "llava", 80)
     _, vision = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
                            image_token_id=tiny_tokenizer.image_token_id)
     lengths = sorted(len(tiny_tokenizer.render_conversation(record, 10**9, vision.num_vision_tokens)[0])

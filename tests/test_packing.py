@@ -1,4 +1,4 @@
-"""--pack: the first-fit-decreasing packer, packed batches from real shards, a real tiny VLM's packed loss and
+"""--pack: the first-fit (read order) packer, packed batches from real shards, a real tiny VLM's packed loss and
 gradients against the unpacked batch of the same samples, no attention across sample boundaries, exact
 resume through the training loop with packing on, and the one-line errors."""
 
@@ -319,6 +319,8 @@ def test_packed_attention_refused_without_pack_or_a_gpu(synth_dir, tiny_tokenize
                                              r"float32 packed rows use sdpa_mask \(pass auto\)$"):
         loop.run(parse(*common, "--pack", "--out", tmp_path / "p"))
     assert select_attention("auto", "cpu", torch.float32, 16, packed="sdpa_mask").packed == "sdpa_mask"
+    with pytest.raises(AttentionError, match=r"^--packed-attention 'ring': choose from auto, varlen, flex, sdpa_mask$"):
+        select_attention("auto", "cpu", torch.float32, 16, packed="ring")
 
 
 def test_length_group_refused_where_nothing_is_grouped(text_data, synth_dir, tiny_tokenizer_dir, tmp_path,

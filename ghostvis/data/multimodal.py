@@ -47,7 +47,8 @@ data-worker share draws its own.
 Packing (`pack=True`, launch/train.py --pack): a group is instead a window of samples holding about
 PACK_WINDOW_BATCHES batches' worth of tokens, packed first-fit in read order into rows of max_len tokens (and
 at most `pack_images` images), shuffled (rows opened early are the fullest) and cut into batches of batch_size
-rows, emitted in a seeded random order; the window's last batch may hold fewer rows. The loss per token is the unpacked one's (ghostvis/data/packing.py).
+rows, emitted in a seeded random order; the window's last batch may hold fewer rows. The loss per token is
+the unpacked one's (ghostvis/data/packing.py).
 
 Exact resume: the state is the source's state at the start of the current group plus the number of
 batches already emitted from it; `load_state_dict` re-reads that group and skips what was emitted (packing

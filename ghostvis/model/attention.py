@@ -322,7 +322,7 @@ def select_attention(name: str, device: torch.device | str, dtype: torch.dtype, 
     its probe (module docstring).
     On CPU or in fp32 only `expand` runs (and `auto` is `expand`; packed rows: sdpa_mask). Raises
     AttentionError when a kernel named explicitly cannot run, with the fix."""
-    # packed rows keep the FlashAttention kernels first: only they give the varlen kernel
+    # packed rows skip the length-aware order: fa4 stays first, and its cu_seqlens entry is the varlen kernel
     choice = _select_dense(name, torch.device(device), dtype, head_dim, None if packed else seq_len)
     return choice if packed is None else _select_packed(choice, packed, torch.device(device), dtype, head_dim)
 
@@ -345,7 +345,8 @@ def _select_packed(choice: AttentionChoice, name: str, device: torch.device, dty
     skipped = []
     for candidate in PACKED_ORDER if name == "auto" else (name,):
         if candidate == "varlen" and choice.kernel not in _VARLEN_IMPORTS:
-            skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry")
+            skipped.append(f"varlen: {choice.kernel} has no cu_seqlens entry (varlen needs --attention "
+                           f"{', '.join(_VARLEN_IMPORTS)})")
             continue
         try:
             docs = documents(ids, candidate, choice.kernel)
@@ -361,7 +362,7 @@ def _select_packed(choice: AttentionChoice, name: str, device: torch.device, dty
             return dataclasses.replace(choice, packed=candidate, packed_skipped=tuple(skipped))
         skipped.append(f"{candidate}: {problem}")
     if name != "auto":
-        raise AttentionError(f"--packed-attention {name} cannot run here ({skipped[0].split(': ', 1)[1]}); "
+        raise AttentionError(f"--packed-attention {name} cannot run here: {skipped[0].split(': ', 1)[1]}; "
                              "pass --packed-attention auto to take the first that can")
     raise AttentionError("no packed attention kernel passed its probe: " + "; ".join(skipped))
 

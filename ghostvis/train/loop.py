@@ -461,12 +461,21 @@ def check_length_group(stage: Stage, args: argparse.Namespace) -> None:
                                     "groups: drop one of them")
 
 
+def check_packed_attention(args: argparse.Namespace) -> None:
+    """Refuse --packed-attention without --pack, before anything is built."""
+    kernel = getattr(args, "packed_attention", "auto")
+    if kernel != "auto" and not getattr(args, "pack", False):
+        raise ds_engine.ConfigError(f"--packed-attention {kernel} chooses the kernel of --pack rows: add --pack, or "
+                                    "drop --packed-attention")
+
+
 def build(args: argparse.Namespace) -> Run:
     """Settings, process groups, the model in its (tp, pp) layout, parameter groups, the DeepSpeed engine,
     the loss, the data, the resumed state and the logger of `args.stage` (launch/train.py)."""
     stage = get_stage(args.stage)
     settings = resolve_settings(stage, args)
     check_length_group(stage, args)
+    check_packed_attention(args)
     rank, world, device = ds_engine.init_distributed()
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
@@ -497,9 +506,6 @@ def build(args: argparse.Namespace) -> Run:
     pack = getattr(args, "pack", False)
     if pack:
         check_packing(stage.name, stage.data_kind, topo.pp_size, args.pack_images, topo.cp_size)
-    elif getattr(args, "packed_attention", "auto") != "auto":
-        raise ds_engine.ConfigError(f"--packed-attention {args.packed_attention} chooses the kernel of --pack rows: "
-                                    "add --pack, or drop --packed-attention")
     ds_engine.check_context_parallel(topo.cp_size, args.seq_len, stage, args.compile)
     if args.lora_rank and (topo.tp_size > 1 or topo.pp_size > 1):
         raise ds_engine.ConfigError("--lora-rank: LoRA runs with --tp 1 --pp 1 (ZeRO-1/2/3 shard the rest)")
@@ -532,8 +538,9 @@ def build(args: argparse.Namespace) -> Run:
     model_cfg: ModelConfig = model.config
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
+    packed_kernel = getattr(args, "packed_attention", "auto") if pack else None
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                                 model_cfg.head_dim, packed=args.packed_attention if pack else None,
+                                 model_cfg.head_dim, packed=packed_kernel,
                                  seq_len=args.seq_len // topo.cp_size)  # a CP rank attends chunks
     engine = ds_engine.initialize(model, groups, ds_config, device.type,
                                   mpu=topo if topo.model_parallel and topo.pp_size == 1 else None)
