@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, parse, write_shards
+from conftest import REPO, bench_module, parse, write_shards
 
 from data_prep import synth
 from ghostvis.config import get_preset
@@ -296,6 +296,30 @@ def test_training_with_pack_resumes_exactly(synth_dir, tiny_tokenizer_dir, tmp_p
     assert [r["val_bpb"] for r in resumed if "val_bpb" in r] == [r["val_bpb"] for r in straight if "val_bpb" in r]
     assert all(0.0 <= r["padding_frac"] < 0.5 for r in straight)  # packed rows are mostly full
     assert "packed rows: sdpa_mask" in (tmp_path / "straight" / "run_log.md").read_text()
+
+
+def test_padded_unpacked_rows_get_a_pack_hint(synth_dir, tiny_tokenizer_dir, tmp_path, world1) -> None:
+    """An unpacked sft run whose rows are mostly padding says so in its log after its first steps, with the fix
+    (--pack and a smaller --micro-batch); a packed run and rows that are mostly real tokens say nothing."""
+    from ghostvis.data.packing import PACK_HINT_PADDING, PACK_HINT_STEPS, pack_hint
+
+    assert pack_hint([PACK_HINT_PADDING] * 4) is None and pack_hint([0.7, 0.2]) is None
+    assert pack_hint([0.7, 0.6]).startswith("rows were 65% padding over the first 2 steps: --pack puts several")
+
+    data = bench_module("packing").write_llava_like(tmp_path / "llava", 80, image_size=16, shard_size=40)
+
+    def log(out: Path, *extra: str) -> tuple[str, float]:
+        loop.run(parse("--stage", "sft", "--model", "vlm_tiny", "--data", data, "--tokenizer",
+                       tiny_tokenizer_dir, "--steps", str(PACK_HINT_STEPS), "--data-workers", "0", "--out", out,
+                       "--ds_config", REPO / "ds_configs" / "zero2.json", "--eval-every", "0", "--save-every", "0",
+                       *extra))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return (out / "run_log.md").read_text(), sum(m["padding_frac"] for m in metrics) / len(metrics)
+
+    text, padding = log(tmp_path / "padded", "--micro-batch", "8", "--seq-len", "1024")  # a LLaVA-like mix pads
+    assert padding > PACK_HINT_PADDING and f"step {PACK_HINT_STEPS}: rows were {padding:.0%} padding" in text
+    text, padding = log(tmp_path / "packed", "--micro-batch", "1", "--seq-len", "1024", "--pack")
+    assert padding < PACK_HINT_PADDING and "rows were" not in text
 
 
 def test_pack_refused_where_it_cannot_apply(text_data, tiny_tokenizer_dir, tmp_path, world1) -> None:

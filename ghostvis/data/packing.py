@@ -28,6 +28,8 @@ from ghostvis.cli import UserError
 
 PACKABLE_KINDS = ("image-text", "conversation")  # the data kinds whose batchers pack (vision_pretrain, sft)
 PACK_WINDOW_BATCHES = 8  # a window holds about this many batches' tokens: enough for full rows, short to re-read
+PACK_HINT_STEPS = 10  # an unpacked run's first steps whose padding decides whether the log suggests --pack
+PACK_HINT_PADDING = 0.5  # the mean padding fraction above which it does
 
 
 class PackError(UserError, ValueError):
@@ -80,3 +82,14 @@ def pack_rows(lengths: Sequence[int], images: Sequence[int], capacity: int, max_
             pics.append(m)
     return rows
 
+
+def pack_hint(paddings: Sequence[float]) -> str | None:
+    """The run-log note that suggests --pack to an unpacked run of a stage that packs, given the padding fraction
+    of its first steps' rows: None unless their mean is above PACK_HINT_PADDING."""
+    mean = sum(paddings) / len(paddings)
+    if mean <= PACK_HINT_PADDING:
+        return None
+    return (f"rows were {mean:.0%} padding over the first {len(paddings)} steps: --pack puts several samples in "
+            "each row (its --micro-batch counts full rows: lower it to keep the real tokens a step). On a "
+            "LLaVA-like mix that padded 66%, packed sft ran at 2.4-3.1x the tokens/s on an H100 (docs/data.md, "
+            "Packing)")

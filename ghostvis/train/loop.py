@@ -37,7 +37,7 @@ from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
-from ghostvis.data.packing import check_packing
+from ghostvis.data.packing import PACK_HINT_STEPS, PACKABLE_KINDS, check_packing, pack_hint
 from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
@@ -595,6 +595,10 @@ def train(run: Run) -> dict[str, Any]:
     guard.reset(state.step if state.step else None)  # the checkpoint resumed from is confirmed by its next step
     rollbacks, metrics = 0, {}
     end = min(args.steps, args.stop_at or args.steps)
+    # an unpacked run of a stage that packs collects its first steps' padding: mostly padding, a note suggests --pack
+    could_pack = (run.stage.data_kind in PACKABLE_KINDS and not getattr(args, "pack", False)
+                  and run.topo.pp_size == run.topo.cp_size == 1)  # check_packing refuses --pack beside those
+    paddings: list[float] | None = [] if could_pack else None
     while state.step < end:
         mult = lr_multiplier(state.step, total=args.steps, warmup=run.settings.warmup,
                              schedule=run.settings.schedule, warmdown=run.settings.warmdown)
@@ -603,6 +607,12 @@ def train(run: Run) -> dict[str, Any]:
         stop = account(run, result, guard)
         metrics = step_metrics(run, result, mult, batches, validate=run.val_data is not None and (
             state.step % args.eval_every == 0 or state.step == end))
+        if paddings is not None and metrics.get("padding_frac") is not None:
+            paddings.append(metrics["padding_frac"])
+            if len(paddings) == PACK_HINT_STEPS:
+                hint, paddings = pack_hint(paddings), None
+                if hint:
+                    run.log.note(f"step {state.step}: {hint}")
         if stop:
             kept = checkpoint.discard(run.out, guard.unconfirmed)
             if rollbacks < args.rollbacks and kept is not None:
