@@ -36,19 +36,26 @@ class PackError(UserError, ValueError):
     """Packing asked of a stage that can't pack, or a sample that fits no row."""
 
 
-def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int, cp: int = 1) -> None:
-    """Refuse `--pack` where it can't apply, before anything is built."""
+def pack_refusal(stage_name: str, data_kind: str, pp: int, cp: int = 1) -> str | None:
+    """Why `--pack` can't apply to this stage and layout, as a one-line error with the fix; None where it can."""
     if data_kind not in PACKABLE_KINDS:
         why = ("base already fills every row from one token stream (docs/data.md)" if data_kind == "text-tokens"
                else f"its {data_kind} data is generated per step")
-        raise PackError(f"--pack: --stage {stage_name} can't pack ({why}); packing applies to vision_pretrain "
-                        "and sft: drop --pack")
+        return (f"--pack: --stage {stage_name} can't pack ({why}); packing applies to vision_pretrain and sft: "
+                "drop --pack")
     if pp > 1:
-        raise PackError(f"--pack with --pp {pp}: the pipeline engine passes no document boundaries between stages; "
-                        "use --pp 1 (or drop --pack)")
+        return (f"--pack with --pp {pp}: the pipeline engine passes no document boundaries between stages; use "
+                "--pp 1 (or drop --pack)")
     if cp > 1:
-        raise PackError(f"--pack with --cp {cp}: context parallelism does not split packed rows' document masks "
-                        "yet; use --cp 1 (or drop --pack)")
+        return (f"--pack with --cp {cp}: context parallelism does not split packed rows' document masks yet; use "
+                "--cp 1 (or drop --pack)")
+    return None
+
+
+def check_packing(stage_name: str, data_kind: str, pp: int, pack_images: int, cp: int = 1) -> None:
+    """Refuse `--pack` where it can't apply, before anything is built."""
+    if (why := pack_refusal(stage_name, data_kind, pp, cp)) is not None:
+        raise PackError(why)
     if pack_images < 0:
         raise PackError(f"--pack-images {pack_images}: give the most images a packed row may hold (0 = no bound)")
 

@@ -37,7 +37,7 @@ from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
 from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
-from ghostvis.data.packing import PACK_HINT_STEPS, PACKABLE_KINDS, check_packing, pack_hint
+from ghostvis.data.packing import PACK_HINT_STEPS, check_packing, pack_hint, pack_refusal
 from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
 from ghostvis.data.shards import corrupt_summary
@@ -596,8 +596,8 @@ def train(run: Run) -> dict[str, Any]:
     rollbacks, metrics = 0, {}
     end = min(args.steps, args.stop_at or args.steps)
     # an unpacked run of a stage that packs collects its first steps' padding: mostly padding, a note suggests --pack
-    could_pack = (run.stage.data_kind in PACKABLE_KINDS and not getattr(args, "pack", False)
-                  and run.topo.pp_size == run.topo.cp_size == 1)  # check_packing refuses --pack beside those
+    could_pack = not getattr(args, "pack", False) and pack_refusal(run.stage.name, run.stage.data_kind,
+                                                                    run.topo.pp_size, run.topo.cp_size) is None
     paddings: list[float] | None = [] if could_pack else None
     while state.step < end:
         mult = lr_multiplier(state.step, total=args.steps, warmup=run.settings.warmup,
