@@ -15,7 +15,8 @@ compiled plain loop; appends a table with the card's name to BENCHMARKS.md.
 `--variants` times several engine configurations (VARIANTS below) one after another in the same process,
 after the plain loop, to find where the engine loses time outside forward/backward. On a GPU each row
 also gives the peak memory and the device synchronisations of one extra (untimed) step, counted with
-`torch.cuda.set_sync_debug_mode` and attributed to file:line.
+`torch.cuda.set_sync_debug_mode` and attributed to file:line. `--profile-steps N` profiles N more untimed steps of
+each engine side and prints where its device time went (matmuls, attention, the rest) and its longest kernels.
 """
 
 from __future__ import annotations
@@ -146,6 +147,34 @@ def sync_sites(step: Callable[[], None]) -> Counter:
                    if "synchroniz" in str(w.message))
 
 
+KERNEL_CLASSES = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort")),
+                  ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
+                  ("optimizer", ("multi_tensor", "adam")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, words in KERNEL_CLASSES if any(w in low for w in words)), "other")
+
+
+def device_time_profile(step: Callable[[], float], steps: int, top: int = 12) -> str:
+    """Where `steps` steps spent their device time: a share per kernel class, then the `top` longest kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0
+               and e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(t for _, t in kernels) or 1.0
+    shares = Counter()
+    for name, t in kernels:
+        shares[kernel_class(name)] += t
+    lines = [f"device time of {steps} steps: {total / 1e3 / steps:.1f} ms a step; "
+             + ", ".join(f"{cls} {100 * t / total:.1f}%" for cls, t in shares.most_common())]
+    lines += [f"  {100 * t / total:5.1f}%  {name[:110]}" for name, t in sorted(kernels, key=lambda k: -k[1])[:top]]
+    return "\n".join(lines)
+
+
 def plain_step(args: argparse.Namespace, device: torch.device, dtype: str,
                compile_model: bool) -> tuple[None, Callable[[], float]]:
     torch.manual_seed(0)
@@ -206,8 +235,10 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], fl
             row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
             try:  # diagnostics only: the timing above stands whatever happens here
                 row.syncs = sync_sites(step)
+                if args.profile_steps and engine is not None:
+                    print(f"{name}: {device_time_profile(step, args.profile_steps)}", flush=True)
             except Exception as err:  # noqa: BLE001
-                print(f"{name}: sync count failed ({type(err).__name__}: {err})", flush=True)
+                print(f"{name}: diagnostics failed ({type(err).__name__}: {err})", flush=True)
     except Exception as err:  # noqa: BLE001 - reported in the table, the other sides still run
         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
     finally:
@@ -275,6 +306,8 @@ def main() -> None:
                    help="attention kernel for every side (ghostvis/model/attention.py)")
     p.add_argument("--skip-plain", action="store_true", help="skip the compiled plain loop (the eager reference always runs)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of every side (constant)")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="profile N more untimed steps of each engine side (GPU): its device time by kernel class")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append the result to")
     args = p.parse_args()
