@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import bench_module
 
 
 @pytest.mark.parametrize("name, cls", [
@@ -15,10 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", "attention"),
     ("kernel_cutlass_FlashAttentionForwardSm90_object_at_0x7f", "attention"),  # fa4: attention before cutlass
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("triton_tem_fused_mm_0", "matmul"),  # inductor's GEMM template (max-autotune)
+    ("void fast_walsh_hadamard_kernel", "other"),
     ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),
 ])
-def test_profile_names_what_each_kernel_does(monkeypatch: pytest.MonkeyPatch, name: str, cls: str) -> None:
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from train_throughput import kernel_class
-
-    assert kernel_class(name) == cls
+def test_profile_names_what_each_kernel_does(name: str, cls: str) -> None:
+    assert bench_module("train_throughput").kernel_class(name) == cls
