@@ -243,7 +243,7 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], fl
                 print(f"{name}: sync count failed ({type(err).__name__}: {err})", flush=True)
             if args.profile_steps:
                 try:
-                    print(f"{name}: {device_time_profile(step, args.profile_steps)}", flush=True)
+                    print(f"{name}: {device_time_profile(step, args.profile_steps, args.profile_top)}", flush=True)
                 except Exception as err:  # noqa: BLE001
                     print(f"{name}: profile failed ({type(err).__name__}: {err})", flush=True)
     except Exception as err:  # noqa: BLE001 - reported in the table, the other sides still run
@@ -315,6 +315,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of every side (constant)")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
                    help="profile N more untimed steps of each side (GPU): its device time by kernel class")
+    p.add_argument("--profile-top", type=int, default=12, metavar="K", help="longest kernels listed per profile")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to append the result to")
     args = p.parse_args()

@@ -285,11 +285,12 @@ def llm_layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, weights_t
 
 def loss_bytes(cfg: ModelConfig, tokens: int, tp: int) -> int:
     """Peak of the fused head + cross-entropy (ghostvis/model/linear_ce.py), in its backward: one chunk's
-    fp32 logits, their softmax and bf16 gradient (10 bytes a logit), the head's fp32 gradient accumulator
+    bf16 logits and their bf16 gradient (4 bytes a logit: on a GPU the softmax between them is one fused kernel
+    that keeps no fp32 copy), the head's fp32 gradient accumulator
     with one chunk's product (10 bytes a weight), and the hidden states' gradient."""
     vocab = cfg.padded_vocab_size // tp
     chunk_logits = min(tokens, max(1, CHUNK_ELEMENTS // vocab)) * vocab
-    return chunk_logits * 10 + vocab * cfg.n_embd * 10 + tokens * cfg.n_embd * 2
+    return chunk_logits * 4 + vocab * cfg.n_embd * 10 + tokens * cfg.n_embd * 2
 
 
 def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains: bool, connector_trains: bool,

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ghostvis.config import get_preset
 from ghostvis.model import GPT
+from ghostvis.model import linear_ce
 from ghostvis.model.linear_ce import linear_cross_entropy
 
 VOCAB, PADDED, D = 50, 64, 16  # columns 50..63 are padding
@@ -44,6 +45,27 @@ def test_matches_full_logits_loss_and_gradients(cap, chunk_elements):
     torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
     assert ours_w.grad[VOCAB:].abs().max() == 0  # padding rows never take probability
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_fused_chunk_kernels_match_full_logits(cap, monkeypatch):
+    """The chunks' elementwise work compiled into fused kernels (what a GPU runs) gives the same losses and
+    gradients: forced on CPU here, over uneven chunks (the last is shorter, so shapes are dynamic)."""
+    compile_ = linear_ce._chunk_kernel
+    monkeypatch.setattr(linear_ce, "_chunk_kernel", lambda fn, on_gpu: compile_(fn, True))
+    monkeypatch.setattr(linear_ce, "_FUSED", {})
+    x, w, targets = inputs(2)
+    upstream = torch.rand(3, 7)
+    ours_x, ours_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(ours_x, ours_w, targets, vocab_size=VOCAB, softcap=cap, chunk_elements=PADDED * 4)
+    ref = reference(ref_x, ref_w, targets, cap)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (loss * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+    assert set(linear_ce._FUSED) == {linear_ce._chunk_stats, linear_ce._chunk_grad}
 
 
 def test_frozen_head_gets_no_gradient_and_autocast_keeps_input_dtypes():

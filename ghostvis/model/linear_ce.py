@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 IGNORE_INDEX = -1
-CHUNK_ELEMENTS = 2**28  # fp32 logits per chunk (1 GiB): large enough for full-speed matmuls
+CHUNK_ELEMENTS = 2**28  # logits per chunk (512 MiB in bf16): large enough for full-speed matmuls
 
 
 def _tp_rank(group: dist.ProcessGroup | None) -> int:
@@ -44,71 +44,104 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(x)
         x, w = x.to(dtype), weight.to(dtype)
         col_start = _tp_rank(group) * w.shape[0]
+        first_pad = vocab_size - col_start  # this shard's first padding column (may lie outside it)
+        local_t, in_range = _local_targets(targets, col_start, w.shape[0])
         # Built out of place (a list of chunks, then cat + where): under torch.compile (torch 2.11) an
         # autograd.Function whose output was written in place aliases a pre-mutation intermediate, and the
         # gradient reaches that phantom instead of x and the weight: every gradient upstream comes back 0
         # (docs/training.md, "torch.compile").
-        losses, lses = [], []
+        lses, picks = [], []
         for s in range(0, x.shape[0], chunk):
-            z, _ = _chunk_logits(x[s:s + chunk], w, cap, col_start, vocab_size)
-            local_t, in_range = _local_targets(targets[s:s + chunk], col_start, w.shape[0])
-            m = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
-            sum_exp = _all_reduce_((z - m.unsqueeze(-1)).exp_().sum(dim=-1), group)
-            lse = m + sum_exp.log()
-            # where, not a product: a shard of only padding gathers -inf, and -inf * 0 is NaN
-            picked = _all_reduce_(torch.where(in_range.bool(), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0),
-                                  group)
-            lses.append(lse)
-            losses.append(lse - picked)
+            m, sum_exp, picked = _chunk_kernel(_chunk_stats, x.is_cuda)(
+                F.linear(x[s:s + chunk], w), local_t[s:s + chunk], in_range[s:s + chunk], cap, first_pad)
+            if group is not None and dist.get_world_size(group) > 1:
+                # Megatron's vocab-parallel softmax: rescale each shard's sum to the global max
+                global_m = _all_reduce_(m.clone(), group, dist.ReduceOp.MAX)
+                sum_exp = _all_reduce_(sum_exp * (m - global_m).exp(), group)
+                m, picked = global_m, _all_reduce_(picked, group)
+            lses.append(m + sum_exp.log())
+            picks.append(picked)
         lse = torch.cat(lses)
-        ctx.save_for_backward(x, w, targets, lse)
-        ctx.group, ctx.vocab_size, ctx.cap, ctx.chunk, ctx.col_start = group, vocab_size, cap, chunk, col_start
-        return torch.where(targets == IGNORE_INDEX, 0.0, torch.cat(losses))
+        ctx.save_for_backward(x, w, local_t, in_range, targets == IGNORE_INDEX, lse)
+        ctx.chunk, ctx.cap, ctx.first_pad = chunk, cap, first_pad
+        return torch.where(targets == IGNORE_INDEX, 0.0, lse - torch.cat(picks))
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, w, targets, lse = ctx.saved_tensors
-        g = grad_loss.float().masked_fill(targets == IGNORE_INDEX, 0.0)
+        x, w, local_t, in_range, ignored, lse = ctx.saved_tensors
+        g = grad_loss.float().masked_fill(ignored, 0.0)
         want_x, want_w = ctx.needs_input_grad[:2]  # a frozen head (vision_pretrain) skips its matmul
         grad_x = torch.empty_like(x) if want_x else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
         for s in range(0, x.shape[0], ctx.chunk):
-            x_c = x[s:s + ctx.chunk]
-            z, t = _chunk_logits(x_c, w, ctx.cap, ctx.col_start, ctx.vocab_size)
-            local_t, in_range = _local_targets(targets[s:s + ctx.chunk], ctx.col_start, w.shape[0])
-            dz = z.sub_(lse[s:s + ctx.chunk].unsqueeze(-1)).exp_()  # softmax; padding columns are exp(-inf) = 0
-            dz.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.unsqueeze(-1))
-            dz.mul_(g[s:s + ctx.chunk].unsqueeze(-1))
-            if t is not None:  # d(cap·tanh(z/cap))/dz, in place: no extra chunk-sized buffers
-                dz.mul_(t.square_().neg_().add_(1.0))
-            dz = dz.to(w.dtype)
+            x_c, rows = x[s:s + ctx.chunk], slice(s, s + ctx.chunk)
+            dz = _chunk_kernel(_chunk_grad, x.is_cuda)(F.linear(x_c, w), lse[rows], local_t[rows], in_range[rows],
+                                                       g[rows], ctx.cap, ctx.first_pad)
             if want_x:
-                grad_x[s:s + ctx.chunk] = dz @ w
+                grad_x[rows] = dz @ w
             if want_w:
                 grad_w += (dz.t() @ x_c).float()
         return (grad_x.to(ctx.x_dtype) if want_x else None, grad_w.to(ctx.w_dtype) if want_w else None,
                 None, None, None, None, None)
 
 
-def _chunk_logits(x: torch.Tensor, w: torch.Tensor, cap: float | None, col_start: int,
-                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of one chunk (padding columns -inf) and, with a soft-cap, tanh(raw / cap)."""
-    z = F.linear(x, w).float()
+def _capped_logits(z: torch.Tensor, cap: float | None, first_pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of one chunk (soft-capped; columns from `first_pad` on are padding: -inf) and tanh(raw / cap)."""
+    z = z.float()
     t = None
     if cap is not None:
         t = torch.tanh(z / cap)
         z = t * cap
-    first_pad = vocab_size - col_start
-    if first_pad < z.shape[-1]:
-        z[:, max(first_pad, 0):] = float("-inf")
-    return z, t
+    col = torch.arange(z.shape[-1], device=z.device)
+    return torch.where(col >= first_pad, float("-inf"), z), t
+
+
+def _chunk_stats(z: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor, cap: float | None,
+                 first_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of one chunk's raw logits `z`: (max, sum of exp(logit - max), the target's logit or 0 where the
+    target is not in this shard). A row of only padding (a TP shard past the vocabulary) gives max -inf, sum 0."""
+    z, _ = _capped_logits(z, cap, first_pad)
+    m = z.amax(dim=-1)
+    shift = torch.where(m == float("-inf"), 0.0, m)  # -inf - -inf would be NaN
+    sum_exp = (z - shift.unsqueeze(-1)).exp().sum(dim=-1)
+    # where, not a product: the gathered logit of a padding target is -inf, and -inf * 0 is NaN
+    picked = torch.where(in_range, z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
+    return m, sum_exp, picked
+
+
+def _chunk_grad(z: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
+                g: torch.Tensor, cap: float | None, first_pad: int) -> torch.Tensor:
+    """d(Σ g·loss)/d(raw logits) of one chunk, in the logits' dtype: g·(softmax − one-hot), through the cap."""
+    capped, t = _capped_logits(z, cap, first_pad)
+    col = torch.arange(z.shape[-1], device=z.device)
+    one_hot = (col == local_t.unsqueeze(-1)) & in_range.unsqueeze(-1)
+    dz = ((capped - lse.unsqueeze(-1)).exp() - one_hot.float()) * g.unsqueeze(-1)  # padding: exp(-inf) = 0
+    if t is not None:
+        dz = dz * (1.0 - t * t)
+    return dz.to(z.dtype)
+
+
+_FUSED = {}
+
+
+def _chunk_kernel(fn, on_gpu: bool):
+    """`fn` as one fused inductor kernel on a GPU, else as it is. Eagerly, each elementwise step of a chunk reads
+    and writes the whole chunk of fp32 logits (about ten passes of 1 GiB at the default chunk): the step's
+    largest cost after the matmuls on a GPU. Fused, the chunk is read once and its gradient written once.
+    Compiled with dynamic shapes, so a short last chunk or a new sequence length does not recompile. On CPU
+    (tests, the demo) compiling costs more than it saves."""
+    if not on_gpu:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
 
 
 def _local_targets(targets: torch.Tensor, col_start: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets as column indices into this shard (clamped) and a 0/1 mask of those inside it."""
+    """Targets as column indices into this shard (clamped) and whether each is inside it."""
     local_t = targets - col_start
     in_range = (local_t >= 0) & (local_t < local)
-    return local_t.clamp(0, local - 1), in_range.float()
+    return local_t.clamp(0, local - 1), in_range
 
 
 def traceable_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
