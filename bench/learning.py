@@ -59,6 +59,12 @@ def _non_finite(losses: list[float]) -> Verdict | None:
     return None if bad is None else Verdict(False, f"non-finite loss at step {bad}")
 
 
+def loss_series(losses: list[float]) -> str:
+    """Every step's loss, for the log of a failed check: where the runs parted shows whether it was a bug or
+    one run leaving the plateau a step later."""
+    return " ".join(f"{x:.3f}" for x in losses)
+
+
 def tail_mean(losses: list[float], n: int = 3) -> float:
     """The mean of the last `n` losses: where a side ended."""
     tail = losses[-n:]

@@ -51,7 +51,7 @@ from ghostvis.train.loop import lm_loss, pipeline_step, train_step
 from ghostvis.train.schedule import apply_lr
 from ghostvis.train.settings import Settings
 from ghostvis.train.stages import STAGES
-from learning import check_beats_control, check_learning, learnable_batches, tail_mean
+from learning import check_beats_control, check_learning, learnable_batches, loss_series, tail_mean
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,6 +202,9 @@ def main() -> None:
         memory = f"peak {peak.item():.1f} GiB per GPU, for information" if on_gpu else "no GPU memory to report"
         print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written; {memory})",
               flush=True)
+        print(f"losses:           {loss_series(losses)}", flush=True)
+        if reference is not None:
+            print(f"reference losses: {loss_series(reference)}", flush=True)
     elif rank == 0:
         print(f"{topo} on {world} × {card}: {line}; {verdict.message}", flush=True)
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "

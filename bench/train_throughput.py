@@ -44,7 +44,7 @@ from ghostvis.train.schedule import apply_lr
 from ghostvis.train.settings import Settings
 from ghostvis.model.attention import ATTENTION_CHOICES, select_attention
 from ghostvis.train.stages import STAGES
-from learning import Verdict, check_learning, learnable_batches
+from learning import Verdict, check_learning, learnable_batches, loss_series
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,6 +230,9 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], fl
         seconds, row.losses = timed(step, args.warmup, args.steps)
         row.learning = check_learning(row.losses, None if reference is None else reference.losses)
         if not row.learning.ok:
+            print(f"{name} losses:      {loss_series(row.losses)}", flush=True)
+            if reference is not None:
+                print(f"reference losses: {loss_series(reference.losses)}", flush=True)
             raise RuntimeError(f"learning check: {row.learning.message}")
         tps = tokens / seconds
         m = mfu(flops, tps, args.peak_flops if on_gpu else None)

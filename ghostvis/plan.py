@@ -283,14 +283,15 @@ def llm_layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, weights_t
     return tokens * (act_bytes * (replicated + split // tp) + lse)
 
 
-def loss_bytes(cfg: ModelConfig, tokens: int, tp: int) -> int:
-    """Peak of the fused head + cross-entropy (ghostvis/model/linear_ce.py), in its backward: one chunk's
-    bf16 logits and their bf16 gradient (4 bytes a logit: on a GPU the softmax between them is one fused kernel
-    that keeps no fp32 copy), the head's fp32 gradient accumulator
-    with one chunk's product (10 bytes a weight), and the hidden states' gradient."""
+def loss_bytes(cfg: ModelConfig, tokens: int, tp: int, act_bytes: int) -> int:
+    """Peak of the fused head + cross-entropy (ghostvis/model/linear_ce.py): one chunk's logits and their gradient
+    in the compute dtype (on a GPU the fp32 softmax between them stays inside one fused kernel; with a soft-cap the
+    forward kernel keeps an fp32 copy of the capped chunk, seen in inductor's code), the head's fp32 gradient
+    accumulator with one chunk's product (10 bytes a weight), and the hidden states' gradient."""
     vocab = cfg.padded_vocab_size // tp
     chunk_logits = min(tokens, max(1, CHUNK_ELEMENTS // vocab)) * vocab
-    return chunk_logits * 4 + vocab * cfg.n_embd * 10 + tokens * cfg.n_embd * 2
+    per_logit = max(2 * act_bytes, act_bytes + 4 if cfg.logit_softcap else 0)
+    return chunk_logits * per_logit + vocab * cfg.n_embd * 10 + tokens * cfg.n_embd * 2
 
 
 def vision_activation_bytes(model: torch.nn.Module, images: int, encoder_trains: bool, connector_trains: bool,
@@ -394,7 +395,7 @@ def stage_plan(model: torch.nn.Module, params: list[Param], layout: Layout, s: i
     transient = max((a for c, a in zip(ckpt, per_layer) if c), default=0)
     if s == lay.pp - 1:  # final norm's input and output, then the loss
         act += 2 * tokens * cfg.n_embd * act_bytes
-        transient = max(transient, loss_bytes(cfg, tokens, lay.tp))
+        transient = max(transient, loss_bytes(cfg, tokens, lay.tp, act_bytes))
     act += transient
     if s == 0 and hasattr(model, "vision"):
         trains = {p.part for p in held if p.trainable}

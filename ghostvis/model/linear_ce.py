@@ -86,14 +86,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _capped_logits(z: torch.Tensor, cap: float | None, first_pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of one chunk (soft-capped; columns from `first_pad` on are padding: -inf) and tanh(raw / cap)."""
+    """fp32 logits of one chunk (soft-capped; columns from `first_pad` on are padding: -inf) and tanh(raw / cap).
+    May overwrite `z` (a fresh matmul output, when already fp32): in place, so eager runs hold fewer chunk-sized
+    buffers; inductor fuses in-place steps the same."""
     z = z.float()
     t = None
     if cap is not None:
         t = torch.tanh(z / cap)
         z = t * cap
-    col = torch.arange(z.shape[-1], device=z.device)
-    return torch.where(col >= first_pad, float("-inf"), z), t
+    if first_pad < z.shape[-1]:
+        z[:, max(first_pad, 0):] = float("-inf")
+    return z, t
 
 
 def _chunk_stats(z: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor, cap: float | None,
@@ -103,7 +106,7 @@ def _chunk_stats(z: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
     z, _ = _capped_logits(z, cap, first_pad)
     m = z.amax(dim=-1)
     shift = torch.where(m == float("-inf"), 0.0, m)  # -inf - -inf would be NaN
-    sum_exp = (z - shift.unsqueeze(-1)).exp().sum(dim=-1)
+    sum_exp = (z - shift.unsqueeze(-1)).exp_().sum(dim=-1)
     # where, not a product: the gathered logit of a padding target is -inf, and -inf * 0 is NaN
     picked = torch.where(in_range, z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
     return m, sum_exp, picked
@@ -112,29 +115,28 @@ def _chunk_stats(z: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
 def _chunk_grad(z: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
                 g: torch.Tensor, cap: float | None, first_pad: int) -> torch.Tensor:
     """d(Σ g·loss)/d(raw logits) of one chunk, in the logits' dtype: g·(softmax − one-hot), through the cap."""
-    capped, t = _capped_logits(z, cap, first_pad)
-    col = torch.arange(z.shape[-1], device=z.device)
-    one_hot = (col == local_t.unsqueeze(-1)) & in_range.unsqueeze(-1)
-    dz = ((capped - lse.unsqueeze(-1)).exp() - one_hot.float()) * g.unsqueeze(-1)  # padding: exp(-inf) = 0
-    if t is not None:
-        dz = dz * (1.0 - t * t)
-    return dz.to(z.dtype)
+    dtype = z.dtype
+    dz, t = _capped_logits(z, cap, first_pad)
+    dz = dz.sub_(lse.unsqueeze(-1)).exp_()  # softmax; padding columns are exp(-inf) = 0
+    dz.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.unsqueeze(-1).float())
+    dz.mul_(g.unsqueeze(-1))
+    if t is not None:  # d(cap·tanh(z/cap))/dz
+        dz.mul_(t.square_().neg_().add_(1.0))
+    return dz.to(dtype)
 
 
-_FUSED = {}
+# Built here, not on first use: torch.compile is lazy, and creating it while an outer compile traces the loss fails.
+_FUSED = {fn: torch.compile(fn, dynamic=True) for fn in (_chunk_stats, _chunk_grad)}
 
 
 def _chunk_kernel(fn, on_gpu: bool):
     """`fn` as one fused inductor kernel on a GPU, else as it is. Eagerly, each elementwise step of a chunk reads
-    and writes the whole chunk of fp32 logits (about ten passes of 1 GiB at the default chunk): the step's
-    largest cost after the matmuls on a GPU. Fused, the chunk is read once and its gradient written once.
-    Compiled with dynamic shapes, so a short last chunk or a new sequence length does not recompile. On CPU
-    (tests, the demo) compiling costs more than it saves."""
-    if not on_gpu:
-        return fn
-    if fn not in _FUSED:
-        _FUSED[fn] = torch.compile(fn, dynamic=True)
-    return _FUSED[fn]
+    and writes the whole chunk of fp32 logits (several passes of 1 GiB at the default chunk): the step's largest
+    cost after the matmuls on a GPU. Fused, the chunk is read once and its gradient written once. Compiled with
+    dynamic shapes, so a shorter last chunk or a new sequence length does not recompile (a one-row chunk gets a
+    graph of its own: dynamo specializes sizes 0 and 1). Inside an outer compile (the traceable loss) the plain
+    function is traced with the rest. On CPU (tests, the demo) compiling costs more than it saves."""
+    return _FUSED[fn] if on_gpu and not torch.compiler.is_compiling() else fn
 
 
 def _local_targets(targets: torch.Tensor, col_start: int, local: int) -> tuple[torch.Tensor, torch.Tensor]:

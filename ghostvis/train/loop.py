@@ -737,7 +737,7 @@ def choose_activation_checkpointing(model: torch.nn.Module, topo: Any, ds_config
                                     stage: str, freeze: tuple[str, ...], train_llm_layers: int,
                                     card_gib: float | None) -> tuple[bool | int, str]:
     """--activation-checkpointing auto (plan.fewest_checkpointed_blocks; qwen25_1.5b at 32k, ZeRO-2 as shipped,
-    micro-batch 1, is planned at 37.1 GiB with every block and 109.7 with none, so an H200 needs none and an 80 GB
+    micro-batch 1, is planned at 35.6 GiB with every block and 108.2 with none, so an H200 needs none and an 80 GB
     card 15 of 28). Returns (the flag's value, a line for the log). Off the GPU, or where the planner cannot size
     the model (a CNN tower), every block: the safe end."""
     if card_gib is None or not planner_sizes(model):
