@@ -70,6 +70,24 @@ def test_fused_chunk_kernels_match_full_logits(cap, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # compiled, whole, once each
 
 
+@pytest.mark.parametrize("name", ["_chunk_stats", "_chunk_grad"])
+def test_each_chunk_function_compiles_to_one_kernel_with_no_fp32_chunk(name):
+    """The point of compiling them: one pass over a chunk of bf16 logits, no fp32 copy of the chunk written out
+    (a scatter in `_chunk_grad` once split it in two, behind an fp32 softmax buffer). Checked in inductor's CPU code."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    rows, width, first_pad = 8, 64, 50
+    z = torch.randn(rows, width, dtype=torch.bfloat16)
+    t, hit = torch.randint(0, first_pad, (rows,)), torch.ones(rows, dtype=torch.bool)
+    args = ((z, t, hit, None, first_pad) if name == "_chunk_stats"
+            else (z, torch.rand(rows), t, hit, torch.rand(rows), None, first_pad))
+    _, code = run_and_get_code(torch.compile(getattr(linear_ce, name), dynamic=True), *args)
+    assert len(set(re.findall(r"cpp_fused_\w+", code[0]))) == 1, code[0]
+    assert not re.search(r"empty_strided_cpu\(\(\w+, \w+\), \(\w+, 1\), torch\.float32\)", code[0]), code[0]
+
+
 def test_frozen_head_gets_no_gradient_and_autocast_keeps_input_dtypes():
     x, w, targets = inputs(1)
     x.requires_grad_()

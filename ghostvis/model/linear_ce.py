@@ -118,7 +118,12 @@ def _chunk_grad(z: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, in_ra
     dtype = z.dtype
     dz, t = _capped_logits(z, cap, first_pad)
     dz = dz.sub_(lse.unsqueeze(-1)).exp_()  # softmax; padding columns are exp(-inf) = 0
-    dz.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.unsqueeze(-1).float())
+    if torch.compiler.is_compiling():
+        # a one-hot, pointwise: before a scatter inductor writes the whole fp32 softmax out (two kernels, not one)
+        col = torch.arange(dz.shape[-1], device=dz.device)
+        dz = dz - ((col == local_t.unsqueeze(-1)) & in_range.unsqueeze(-1)).float()
+    else:  # eager: no chunk-sized mask
+        dz.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.unsqueeze(-1).float())
     dz.mul_(g.unsqueeze(-1))
     if t is not None:  # d(cap·tanh(z/cap))/dz
         dz.mul_(t.square_().neg_().add_(1.0))
