@@ -88,6 +88,24 @@ def test_each_chunk_function_compiles_to_one_kernel_with_no_fp32_chunk(name):
     assert not re.search(r"empty_strided_cpu\(\(\w+, \w+\), \(\w+, 1\), torch\.float32\)", code[0]), code[0]
 
 
+def test_fused_kernels_that_cannot_compile_fall_back_once_with_a_warning():
+    class NoCompiler(torch._dynamo.exc.BackendCompilerFailed):
+        def __init__(self):
+            RuntimeError.__init__(self, "no C compiler for Triton's launcher")
+
+    def fails(*args):
+        raise NoCompiler()
+
+    fused = linear_ce._Fused(linear_ce._chunk_stats)
+    fused.compiled = fails
+    z, t, hit = torch.randn(4, 64), torch.randint(0, 50, (4,)), torch.ones(4, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="runs unfused.*no C compiler"):
+        got = fused(z.clone(), t, hit, None, 50)
+    for a, b in zip(got, linear_ce._chunk_stats(z.clone(), t, hit, None, 50)):
+        torch.testing.assert_close(a, b)
+    assert fused.compiled is None  # later calls go straight to the eager function, without a warning
+
+
 def test_frozen_head_gets_no_gradient_and_autocast_keeps_input_dtypes():
     x, w, targets = inputs(1)
     x.requires_grad_()

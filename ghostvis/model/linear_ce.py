@@ -10,6 +10,8 @@ all-reduced over the TP group (Megatron's vocab-parallel cross-entropy), so no r
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -130,8 +132,26 @@ def _chunk_grad(z: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, in_ra
     return dz.to(dtype)
 
 
-# Built here, not on first use: torch.compile is lazy, and creating it while an outer compile traces the loss fails.
-_FUSED = {fn: torch.compile(fn, dynamic=True) for fn in (_chunk_stats, _chunk_grad)}
+class _Fused:
+    """`fn` compiled (lazily, on the first call) and, where inductor cannot compile on this machine (no Triton
+    for the card, no C compiler for Triton's launcher), `fn` as it is, after one warning: slower, never broken."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # inductor's own errors derive from it
+                warnings.warn(f"the fused loss kernels do not compile here, so the loss runs unfused (slower, same "
+                              f"values): {type(err).__name__}: {str(err).splitlines()[0][:200]}", stacklevel=2)
+                self.compiled = None
+        return self.fn(*args)
+
+
+# Built here, not on first use: creating a torch.compile while an outer compile traces the loss fails.
+_FUSED = {fn: _Fused(fn) for fn in (_chunk_stats, _chunk_grad)}
 
 
 def _chunk_kernel(fn, on_gpu: bool):
