@@ -286,7 +286,7 @@ def llm_layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, weights_t
 def loss_bytes(cfg: ModelConfig, tokens: int, tp: int, act_bytes: int) -> int:
     """Peak of the fused head + cross-entropy (ghostvis/model/linear_ce.py): one chunk's logits and their gradient
     in the compute dtype (on a GPU the fp32 softmax between them stays inside one fused kernel; with a soft-cap the
-    forward kernel keeps an fp32 copy of the capped chunk, seen in inductor's code), the head's fp32 gradient
+    forward kernel keeps an fp32 copy of the capped chunk, seen in inductor's CPU code), the head's fp32 gradient
     accumulator with one chunk's product (10 bytes a weight), and the hidden states' gradient."""
     vocab = cfg.padded_vocab_size // tp
     chunk_logits = min(tokens, max(1, CHUNK_ELEMENTS // vocab)) * vocab
