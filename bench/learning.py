@@ -59,10 +59,11 @@ def _non_finite(losses: list[float]) -> Verdict | None:
     return None if bad is None else Verdict(False, f"non-finite loss at step {bad}")
 
 
-def loss_series(losses: list[float]) -> str:
-    """Every step's loss, for the log of a failed check: where the runs parted shows whether it was a bug or
-    one run leaving the plateau a step later."""
-    return " ".join(f"{x:.3f}" for x in losses)
+def loss_series(losses: list[float], reference: list[float] | None) -> str:
+    """Every step's loss of a side and of its reference, for the log of a failed check: where the runs parted
+    shows whether it was a bug or one run leaving the plateau a step later."""
+    runs = [("losses", losses)] + ([("reference losses", reference)] if reference is not None else [])
+    return "\n".join(f"{name + ':':17s} " + " ".join(f"{x:.3f}" for x in run) for name, run in runs)
 
 
 def tail_mean(losses: list[float], n: int = 3) -> float:

@@ -202,9 +202,7 @@ def main() -> None:
         memory = f"peak {peak.item():.1f} GiB per GPU, for information" if on_gpu else "no GPU memory to report"
         print(f"{topo} on {world} × {card}: FAILED learning check: {verdict.message} (no row written; {memory})",
               flush=True)
-        print(f"losses:           {loss_series(losses)}", flush=True)
-        if reference is not None:
-            print(f"reference losses: {loss_series(reference)}", flush=True)
+        print(loss_series(losses, reference), flush=True)
     elif rank == 0:
         print(f"{topo} on {world} × {card}: {line}; {verdict.message}", flush=True)
         shape = (f"{args.model}{'' if args.depth is None else f' --depth {args.depth}'} "

@@ -230,9 +230,7 @@ def measure(name: str, about: str, make: Callable[[], tuple[Any, Callable[[], fl
         seconds, row.losses = timed(step, args.warmup, args.steps)
         row.learning = check_learning(row.losses, None if reference is None else reference.losses)
         if not row.learning.ok:
-            print(f"{name} losses:      {loss_series(row.losses)}", flush=True)
-            if reference is not None:
-                print(f"reference losses: {loss_series(reference.losses)}", flush=True)
+            print(f"{name}:\n{loss_series(row.losses, None if reference is None else reference.losses)}", flush=True)
             raise RuntimeError(f"learning check: {row.learning.message}")
         tps = tokens / seconds
         m = mfu(flops, tps, args.peak_flops if on_gpu else None)

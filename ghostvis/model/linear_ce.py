@@ -63,10 +63,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 m, picked = global_m, _all_reduce_(picked, group)
             lses.append(m + sum_exp.log())
             picks.append(picked)
-        lse = torch.cat(lses)
-        ctx.save_for_backward(x, w, local_t, in_range, targets == IGNORE_INDEX, lse)
+        lse, ignored = torch.cat(lses), targets == IGNORE_INDEX
+        ctx.save_for_backward(x, w, local_t, in_range, ignored, lse)
         ctx.chunk, ctx.cap, ctx.first_pad = chunk, cap, first_pad
-        return torch.where(targets == IGNORE_INDEX, 0.0, lse - torch.cat(picks))
+        return torch.where(ignored, 0.0, lse - torch.cat(picks))
 
     @staticmethod
     def backward(ctx, grad_loss):
