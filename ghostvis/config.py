@@ -97,6 +97,9 @@ def checkpointed_blocks(activation_checkpointing: bool | int, n_layer: int) -> i
     return n
 
 
+LLM_WIDTH = -1  # VisionConfig.projector_hidden: the MLP is as wide as the LLM it feeds
+
+
 @dataclass
 class VisionConfig:
     """Vision tower: a timm encoder, a resampler to `num_vision_tokens`, an MLP projector."""
@@ -110,6 +113,7 @@ class VisionConfig:
     resampler_depth: int = 2
     resampler_heads: int = 8
     projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's);
+    # LLM_WIDTH (-1) = the LLM's n_embd, LLaVA's and FastVLM's MLP, whatever LLM the tower is grown on;
     # with the perceiver, the width of its SwiGLU projector (Idefics2's: the LLM's ffn_dim)
     # a learned row + column embedding on each token of a grid resampler, so the LLM knows where it lies
     position_embedding: bool = False
@@ -121,6 +125,13 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.resampler={self.resampler!r}; choose one of {RESAMPLERS}")
         if self.num_vision_tokens <= 0:
             raise ValueError(f"VisionConfig.num_vision_tokens must be positive, got {self.num_vision_tokens}")
+        if self.projector_hidden < LLM_WIDTH:
+            raise ValueError(f"VisionConfig.projector_hidden={self.projector_hidden}; give a width, 0 (one linear "
+                             f"layer) or {LLM_WIDTH} (the LLM's width)")
+
+    def projector_width(self, llm_dim: int) -> int:
+        """The projector's hidden width on an LLM of width `llm_dim` (`projector_hidden`, LLM_WIDTH resolved)."""
+        return llm_dim if self.projector_hidden == LLM_WIDTH else self.projector_hidden
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,18 +232,22 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
     "qwen25_0.5b": (lambda depth: _qwen25(896, 24, 14, 2, 4864, True, 151936), None),
     "qwen25_1.5b": (lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936), None),
     "qwen25_7b": (lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064), None),
+    # the tiny presets' towers train from scratch in minutes on a CPU, and each connector is one transformers has,
+    # so what they train exports (docs/interop.md): a ViT-Ti built SigLIP-shaped (2 blocks, read after the first,
+    # 8-px patches: 8 x 8 at 64 px), pixel-shuffled 2 x 2 into 16 tokens, one linear layer: Idefics3/SmolVLM
     "vlm_tiny": (
         lambda depth: _tiny(),
-        VisionConfig(encoder="vit_tiny_patch16_224", image_size=64, encoder_kwargs={"depth": 2, "patch_size": 8},
-                     resampler="avgpool", num_vision_tokens=16, resampler_depth=1, resampler_heads=2,
-                     projector_hidden=128),
+        VisionConfig(encoder="vit_tiny_patch16_224", image_size=64,
+                     encoder_kwargs={"depth": 2, "patch_size": 8, **_SIGLIP_SHAPED}, feature_norm=True,
+                     resampler="pixel_shuffle", num_vision_tokens=16, projector_hidden=0),
     ),
-    # the same LLM with a small CNN (ResNet-10t, from scratch) read at its stride-8 stage: an 8 x 8 map,
-    # pixel-shuffled 2 x 2 into 16 tokens that keep the layout (docs/demo.md, "Learning to look")
+    # the same LLM with a small CNN (ResNet-10t, from scratch; it sees shapes far sooner than the ViT, docs/demo.md
+    # "Learning to look") read at its stride-16 stage: every cell of the 4 x 4 map a token, through an MLP of the
+    # LLM's width: FastVLM
     "vlm_tiny_cnn": (
         lambda depth: _tiny(),
-        VisionConfig(encoder="resnet10t", image_size=64, feature_layer=2, resampler="pixel_shuffle",
-                     num_vision_tokens=16, projector_hidden=128),
+        VisionConfig(encoder="resnet10t", image_size=64, feature_layer=3, resampler="none",
+                     num_vision_tokens=16, projector_hidden=LLM_WIDTH),
     ),
     # the perceiver presets: Idefics2's connector (SwiGLU projector of the LLM's ffn width, then the perceiver at
     # the LLM's width); with a SigLIP-shaped encoder and feature_norm they export as Idefics2ForConditionalGeneration

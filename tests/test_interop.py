@@ -215,4 +215,4 @@ def test_imported_llm_with_new_vision_tower_trains_connector(imported):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in vlm.llm.parameters()) and all(p.grad is None for p in vlm.vision.encoder.parameters())
-    assert vlm.vision.projector.fc1.weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in vlm.vision.projector.parameters())

@@ -157,23 +157,29 @@ def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
         load_encoder_weights(vlm.vision.encoder, tmp_path / "supervised.safetensors")
 
 
-def test_fastvlm_export_of_a_resnet_tower(tiny_tokenizer, tmp_path):
-    """vlm_tiny_cnn's ResNet-10t (stride-8 stage) under LLaVA's connector (every cell of the map, an MLP of the
-    LLM's width) as FastVLM, whose tower is transformers' TimmWrapperModel; BatchNorm statistics included."""
+@pytest.mark.parametrize("feature_layer", [2, 3])
+def test_fastvlm_export_of_a_resnet_tower(feature_layer, tiny_tokenizer, tmp_path):
+    """vlm_tiny_cnn's ResNet-10t (its stride-16 stage, and the stride-8 one) under LLaVA's connector (every cell of
+    the map, an MLP of the LLM's width) as FastVLM, whose tower is transformers' TimmWrapperModel; BatchNorm
+    statistics included."""
     tok = tiny_tokenizer
     torch.manual_seed(0)
+    cells = (IMAGE_SIZE // 2 ** (feature_layer + 1)) ** 2
     model_cfg, vision_cfg = get_preset("vlm_tiny_cnn", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
-                                       image_size=IMAGE_SIZE, resampler="none", num_vision_tokens=16,
-                                       projector_hidden=64)
+                                       image_size=IMAGE_SIZE, feature_layer=feature_layer, num_vision_tokens=cells)
     vlm = _perturbed(VLM(model_cfg, vision_cfg))
     with torch.no_grad():
         for name, b in vlm.named_buffers():
             if name.endswith(("running_mean", "running_var")):
                 b.add_(0.1 * torch.rand_like(b))
+    if feature_layer == 3:  # some timm versions prune a ResNet stage to an Identity, not an empty Sequential
+        vlm.vision.encoder.model.layer4 = torch.nn.Identity()
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "FastVlmForConditionalGeneration"
-    assert hf.config.vision_config.model_args["layers"] == [1, 1, 0, 0]  # layer3/layer4 pruned
-    _assert_same_logits(vlm, hf, tok, 16, image_dim=False)
+    assert vlm.vision.projector.fc1.out_features == model_cfg.n_embd  # the preset's LLM_WIDTH
+    layers = [1] * feature_layer + [0] * (4 - feature_layer)  # the stages after the feature layer pruned
+    assert hf.config.vision_config.model_args["layers"] == layers
+    _assert_same_logits(vlm, hf, tok, cells, image_dim=False)
 
 
 def test_every_vlm_preset_exports_or_is_refused():
@@ -197,7 +203,8 @@ def test_every_vlm_preset_exports_or_is_refused():
     assert verdicts == {
         "vlm_1.5b": (["Idefics2"], "siglip"), "vlm_7b": (["Idefics2"], "siglip"),
         "vlm_small": (["Idefics2"], "siglip"),  # timm's vit_small built SigLIP-shaped (no class token)
-        "vlm_tiny": ([], "clip"), "vlm_tiny_cnn": ([], "cnn"),  # avgpool + MLP; pixel_shuffle + MLP on a CNN
+        "vlm_tiny": (["Idefics3"], "siglip"),  # ViT-Ti built SigLIP-shaped, pixel shuffle + one linear layer
+        "vlm_tiny_cnn": (["FastVLM"], "cnn"),  # every cell of a ResNet's map, an MLP of the LLM's width
     }
 
 

@@ -55,7 +55,7 @@ def test_fp32_adamw_step_matches_plan_exactly():
 
 def test_frozen_parts_carry_no_gradients_or_optimizer_state():
     """vision_pretrain on vlm_tiny: the trainer's own rules freeze LLM and encoder; only the connector
-    (the projector, avgpool has no weights) gets gradients and Adam state, as measured after a step."""
+    (the projector; the pixel shuffle has no weights) gets gradients and Adam state, as measured after a step."""
     from ghostvis.model.vlm import VLM
     from ghostvis.train.engine import build_param_groups
     from ghostvis.train.stages import get_stage

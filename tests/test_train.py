@@ -258,7 +258,7 @@ def test_resume_check_compares_the_vision_tower(tmp_path):
     state = tmp_path / "ckpt" / tag / "client_state_rank0.json"
     state.write_text(json.dumps({"stage": "sft", "model": cfg.to_dict(), "vision": vision.to_dict()}))
     loop.check_resumable(tmp_path, "sft", cfg, vision)
-    other = dataclasses.replace(vision, encoder_kwargs={**vision.encoder_kwargs, "class_token": False})
+    other = dataclasses.replace(vision, encoder_kwargs={**vision.encoder_kwargs, "class_token": True})
     with pytest.raises(checkpoint.CheckpointError, match="another model.*vision encoder_kwargs"):
         loop.check_resumable(tmp_path, "sft", cfg, other)
     state.write_text(json.dumps({"stage": "sft", "model": cfg.to_dict()}))

@@ -76,8 +76,9 @@ def test_splice_count_mismatch_is_a_clear_error():
 
 
 @pytest.mark.parametrize("tower", [
-    {},  # ViT + avgpool
-    {"resampler": "perceiver", "num_vision_tokens": 8, "resampler_heads": 2},
+    {},  # ViT + pixel shuffle + one linear layer
+    {"resampler": "avgpool", "projector_hidden": 32},
+    {"resampler": "perceiver", "num_vision_tokens": 8, "resampler_heads": 2, "projector_hidden": 128},
     {"encoder": "resnet10t", "feature_layer": 2, "resampler": "pixel_shuffle", "encoder_kwargs": {}},
 ])
 def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower, monkeypatch):
@@ -168,7 +169,7 @@ def test_grid_position_embedding_tells_tokens_apart():
     assert {n for n, _ in vlm.vision.named_parameters() if "position" in n} == {"resampler.position.row",
                                                                                "resampler.position.col"}
     with pytest.raises(ValueError, match="grid resampler"):
-        tiny_vlm(resampler="perceiver", resampler_heads=4, position_embedding=True)
+        tiny_vlm(resampler="perceiver", resampler_heads=4, projector_hidden=128, position_embedding=True)
 
 
 def test_resampler_config_errors():
@@ -178,6 +179,8 @@ def test_resampler_config_errors():
         PerceiverResampler(96, num_tokens=4, depth=1, heads=7)
     with pytest.raises(ValueError, match="perfect square"):
         AvgPoolResampler(96, num_tokens=12, num_patches=64)
+    with pytest.raises(ValueError, match=r"projector_hidden=-2; .* -1 \(the LLM's width\)"):
+        VisionConfig(projector_hidden=-2)
 
 
 def test_perceiver_is_idefics2_shaped_and_old_checkpoints_are_refused():
@@ -193,7 +196,7 @@ def test_perceiver_is_idefics2_shaped_and_old_checkpoints_are_refused():
 
 
 def test_frozen_encoder_untouched_by_training_step():
-    vlm = tiny_vlm(resampler="perceiver", resampler_heads=4).train()
+    vlm = tiny_vlm(resampler="perceiver", resampler_heads=4, projector_hidden=128).train()
     encoder = vlm.vision.encoder
     assert not encoder.training  # frozen encoder stays in eval inside model.train()
     enc_before = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -212,7 +215,8 @@ def test_frozen_encoder_untouched_by_training_step():
 
 
 def _encoder_cfg(**overrides) -> VisionConfig:
-    _, cfg = get_preset("vlm_tiny", **{"encoder_kwargs": {"depth": 3, "patch_size": 8}, **overrides})
+    _, cfg = get_preset("vlm_tiny", **{"encoder_kwargs": {"depth": 3, "patch_size": 8}, "feature_norm": False,
+                                       **overrides})
     return cfg
 
 
@@ -241,17 +245,17 @@ def test_encoder_weights_roundtrip_and_full_timm_checkpoint(tmp_path):
 
 
 def test_cnn_encoder_feature_map_as_patch_tokens(tmp_path):
-    """A timm CNN (vlm_tiny_cnn: ResNet-10t, stride-8 stage) gives its feature map as row-major patch
+    """A timm CNN (vlm_tiny_cnn: ResNet-10t, stride-16 stage) gives its feature map as row-major patch
     tokens, trains when unfrozen, and saves/loads its pruned weights."""
     torch.manual_seed(0)
     model_cfg, cfg = get_preset("vlm_tiny_cnn", image_token_id=IMG)
     enc = VisionEncoder(cfg, frozen=False)
-    assert enc.grid == (8, 8) and enc.dim == 128 and len(enc.model.layer3) == 0  # later stages pruned
+    assert enc.grid == (4, 4) and enc.dim == 256 and len(enc.model.layer4) == 0  # the last stage pruned
     pixels = torch.randn(2, 3, 64, 64)
     feats = enc(pixels)
     with torch.no_grad():
-        (fmap,) = enc.model.forward_intermediates(pixels, indices=[2], intermediates_only=True)
-    assert feats.shape == (2, 64, 128) and torch.equal(feats[:, 9], fmap[:, :, 1, 1])  # token 9 = row 1, col 1
+        (fmap,) = enc.model.forward_intermediates(pixels, indices=[3], intermediates_only=True)
+    assert feats.shape == (2, 16, 256) and torch.equal(feats[:, 5], fmap[:, :, 1, 1])  # token 5 = row 1, col 1
     feats.sum().backward()
     assert all(p.grad is not None for p in enc.parameters())
     vlm = VLM(model_cfg, cfg)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (LLAVA_PROJECTOR, POSITION_EMBEDDING_REFUSAL, language_tensors, read_vlm,
                                         vision_tensors, write_vlm_folder)
 from ghostvis.interop.hf_vision import encoder_kind
@@ -30,9 +30,9 @@ def fastvlm_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | N
     if vision_cfg.resampler != "none":
         return (f"its resampler is {vision_cfg.resampler!r}; FastVLM feeds every cell of a CNN's map to its MLP "
                 "(resampler='none'), and has no pixel shuffle")
-    if vision_cfg.projector_hidden != model_cfg.n_embd:
+    if vision_cfg.projector_width(model_cfg.n_embd) != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, FastVLM's MLP is the LLM's width: "
-                f"train with projector_hidden={model_cfg.n_embd}")
+                f"train with projector_hidden={model_cfg.n_embd} (or {LLM_WIDTH}, the LLM's width)")
     if vision_cfg.position_embedding:
         return POSITION_EMBEDDING_REFUSAL
     kind = encoder_kind(vision_cfg)  # last: it builds the encoder (on the meta device)
@@ -42,6 +42,11 @@ def fastvlm_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | N
     if vision_cfg.feature_layer in (0, -len(_STAGES) - 1):
         return "it reads the ResNet's stem (feature_layer 0), which timm cannot end a ResNet at: read a stage (1-4)"
     return None
+
+
+def _blocks(stage: torch.nn.Module) -> int:
+    """A ResNet stage's block count; a pruned stage is an empty Sequential or, in some timm versions, an Identity."""
+    return len(list(stage.children()))
 
 
 def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
@@ -55,7 +60,7 @@ def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
     timm_model = vlm.encoder.model  # pruned: the stages after the feature layer are empty
     vision = TimmWrapperConfig(
         architecture=vlm.vision_cfg.encoder, do_pooling=False, hidden_size=vlm.encoder.dim,
-        model_args={**vlm.vision_cfg.encoder_kwargs, "layers": [len(getattr(timm_model, s)) for s in _STAGES]})
+        model_args={**vlm.vision_cfg.encoder_kwargs, "layers": [_blocks(getattr(timm_model, s)) for s in _STAGES]})
     config = FastVlmConfig(
         vision_config=vision.to_dict(), text_config=vlm.text_cfg.to_dict(), image_token_id=vlm.tok.image_token_id,
         image_seq_length=vlm.encoder.num_patches, projector_hidden_act="gelu",  # exact GELU, like our nn.GELU()

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ghostvis import checkpoint_io
-from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.common import InteropError
 from ghostvis.interop.hf_llm import hf_llm_state, write_generation_and_tokenizer
 from ghostvis.interop.hf_vision import encoder_kind, hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
@@ -47,9 +47,10 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
         return POSITION_EMBEDDING_REFUSAL
     if vision_cfg.feature_norm:
         return "its encoder applies its final norm to the features (feature_norm), which LLaVA never does"
-    if vision_cfg.projector_hidden != model_cfg.n_embd:
+    if vision_cfg.projector_width(model_cfg.n_embd) != model_cfg.n_embd:
         return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
-                f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd}")
+                f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd} "
+                f"(or {LLM_WIDTH}, the LLM's width)")
     if encoder_kind(vision_cfg) != "vit":  # last: it builds the encoder (on the meta device)
         return (f"its encoder ({vision_cfg.encoder}) is a CNN, LLaVA's vision tower a ViT (SigLIP/CLIP); a timm ResNet "
                 "with LLaVA's connector exports as FastVLM")

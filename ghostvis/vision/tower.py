@@ -22,11 +22,11 @@ class VisionTower(nn.Module):
         self.encoder = VisionEncoder(vision_cfg, frozen=freeze_encoder)
         self.project_first = vision_cfg.resampler == "perceiver"
         if self.project_first:
-            self.projector = build_projector(self.encoder.dim, vision_cfg.projector_hidden, llm_dim, gated=True)
+            self.projector = build_projector(self.encoder.dim, vision_cfg.projector_width(llm_dim), llm_dim, gated=True)
             self.resampler = build_resampler(vision_cfg, llm_dim, self.encoder.num_patches)
         else:
             self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
-            self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
+            self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_width(llm_dim), llm_dim)
 
     @property
     def num_vision_tokens(self) -> int:
