@@ -241,9 +241,9 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
                      encoder_kwargs={"depth": 2, "patch_size": 8, **_SIGLIP_SHAPED}, feature_norm=True,
                      resampler="pixel_shuffle", num_vision_tokens=16, projector_hidden=0),
     ),
-    # the same LLM with a small CNN (ResNet-10t, from scratch; it sees shapes far sooner than the ViT, docs/demo.md
-    # "Learning to look") read at its stride-16 stage: every cell of the 4 x 4 map a token, through an MLP of the
-    # LLM's width: FastVLM
+    # the same LLM with a small CNN (ResNet-10t, from scratch; its stride-8 form saw shapes far sooner than the ViT,
+    # docs/demo.md "Learning to look") read at its stride-16 stage: every cell of the 4 x 4 map a token, through an
+    # MLP of the LLM's width: FastVLM
     "vlm_tiny_cnn": (
         lambda depth: _tiny(),
         VisionConfig(encoder="resnet10t", image_size=64, feature_layer=3, resampler="none",

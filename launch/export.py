@@ -7,10 +7,11 @@ The language model becomes a transformers Qwen2 folder (q/k/v biases) or a Llama
 are cut and the chat template renders like GhostVis. A VLM becomes, by its connector:
   - resampler "none" + MLP of the LLM's width (LLaVA-1.5): `LlavaForConditionalGeneration`, with its processor;
   - resampler "pixel_shuffle" + linear (projector_hidden 0), feature_norm, SigLIP encoder (SmolVLM):
-    `Idefics3ForConditionalGeneration`;
+    `Idefics3ForConditionalGeneration` (the vlm_tiny preset);
   - resampler "perceiver" (SwiGLU projector of the LLM's ffn_dim, then the perceiver), feature_norm, SigLIP
     encoder: `Idefics2ForConditionalGeneration` (the vlm_small, vlm_1.5b and vlm_7b presets);
-  - a timm ResNet read at a stage, resampler "none" + MLP of the LLM's width: `FastVlmForConditionalGeneration`.
+  - a timm ResNet read at a stage, resampler "none" + MLP of the LLM's width: `FastVlmForConditionalGeneration`
+    (the vlm_tiny_cnn preset).
 Other connectors (avgpool, pixel_shuffle + MLP, ...) have no transformers equivalent: their directory is
 already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language model. Train an
 exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         if not fits:
             p.error(f"--ckpt {args.ckpt} is a VLM whose connector has no transformers equivalent ("
                     + "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
-                    + "). Exportable connectors: resampler=none + an MLP of the LLM's width (LLaVA), "
-                    "resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3), resampler="
+                    + "). Exportable connectors: resampler=none + an MLP of the LLM's width (projector_hidden=-1; "
+                    "LLaVA), resampler=pixel_shuffle + projector_hidden=0 + feature_norm=true (Idefics3), resampler="
                     f"perceiver + projector_hidden={model_cfg.ffn_dim} (the LLM's ffn_dim) + feature_norm=true "
                     "(Idefics2), the Idefics ones with a SigLIP-like encoder (no class token); a timm ResNet with "
                     "resampler=none + an MLP of the LLM's width (FastVLM). Its directory is "

@@ -10,9 +10,9 @@ OUT=${DEMO_OUT:-runs/demo}
 DATA=$OUT/data
 TOK=$OUT/tokenizer
 export DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-# The vision tower grown on the base model. DEMO_TOWER=vlm_tiny_cnn grows a small CNN, which sees shapes
-# from scratch far better than vlm_tiny's one-block ViT in tower-only probes (docs/demo.md, "Learning to
-# look") but makes vision_pretrain about 3x slower on 2 cores; the whole demo with it is not measured yet.
+# The vision tower grown on the base model. DEMO_TOWER=vlm_tiny_cnn grows a small CNN instead; its earlier,
+# stride-8 form saw shapes from scratch far better than vlm_tiny's one-block ViT in tower-only probes
+# (docs/demo.md, "Learning to look"). Both presets' models export to transformers (docs/interop.md).
 TOWER=${DEMO_TOWER:-vlm_tiny}
 
 rm -rf "$OUT"

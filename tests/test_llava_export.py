@@ -157,11 +157,29 @@ def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
         load_encoder_weights(vlm.vision.encoder, tmp_path / "supervised.safetensors")
 
 
-@pytest.mark.parametrize("feature_layer", [2, 3])
-def test_fastvlm_export_of_a_resnet_tower(feature_layer, tiny_tokenizer, tmp_path):
+def _prune_resnets_to_identity(monkeypatch) -> None:
+    """timm as some versions are: a ResNet's pruned stages become Identity, not an empty Sequential (ours)."""
+    from timm.models.resnet import ResNet
+
+    prune = ResNet.prune_intermediate_layers
+
+    def pruned_to_identity(self, *args, **kwargs):
+        kept = prune(self, *args, **kwargs)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            if not list(getattr(self, name).children()):
+                setattr(self, name, torch.nn.Identity())
+        return kept
+
+    monkeypatch.setattr(ResNet, "prune_intermediate_layers", pruned_to_identity)
+
+
+@pytest.mark.parametrize("feature_layer,identity", [(2, False), (3, True)])
+def test_fastvlm_export_of_a_resnet_tower(feature_layer, identity, tiny_tokenizer, tmp_path, monkeypatch):
     """vlm_tiny_cnn's ResNet-10t (its stride-16 stage, and the stride-8 one) under LLaVA's connector (every cell of
     the map, an MLP of the LLM's width) as FastVLM, whose tower is transformers' TimmWrapperModel; BatchNorm
-    statistics included."""
+    statistics included; also where timm prunes the later stages to Identity (the export counts them as empty)."""
+    if identity:
+        _prune_resnets_to_identity(monkeypatch)
     tok = tiny_tokenizer
     torch.manual_seed(0)
     cells = (IMAGE_SIZE // 2 ** (feature_layer + 1)) ** 2
@@ -172,14 +190,29 @@ def test_fastvlm_export_of_a_resnet_tower(feature_layer, tiny_tokenizer, tmp_pat
         for name, b in vlm.named_buffers():
             if name.endswith(("running_mean", "running_var")):
                 b.add_(0.1 * torch.rand_like(b))
-    if feature_layer == 3:  # some timm versions prune a ResNet stage to an Identity, not an empty Sequential
-        vlm.vision.encoder.model.layer4 = torch.nn.Identity()
+    assert isinstance(vlm.vision.encoder.model.layer4, torch.nn.Identity) == identity
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "FastVlmForConditionalGeneration"
     assert vlm.vision.projector.fc1.out_features == model_cfg.n_embd  # the preset's LLM_WIDTH
     layers = [1] * feature_layer + [0] * (4 - feature_layer)  # the stages after the feature layer pruned
     assert hf.config.vision_config.model_args["layers"] == layers
     _assert_same_logits(vlm, hf, tok, cells, image_dim=False)
+
+
+@pytest.mark.parametrize("preset,target,image_dim", [("vlm_tiny", "Idefics3ForConditionalGeneration", True),
+                                                     ("vlm_tiny_cnn", "FastVlmForConditionalGeneration", False)])
+def test_tiny_presets_export_as_they_are(preset, target, image_dim, tiny_tokenizer, tmp_path):
+    """The CPU presets, unchanged but for an LLM twice their own width (as the demo grows them on a wider base):
+    vlm_tiny_cnn's MLP follows it (projector_hidden -1), and both match transformers' logits."""
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model_cfg, vision_cfg = get_preset(preset, vocab_size=tok.vocab_size, image_token_id=tok.image_token_id, n_embd=128)
+    vlm = _perturbed(VLM(model_cfg, vision_cfg))
+    if preset == "vlm_tiny_cnn":
+        assert vlm.vision.projector.fc1.out_features == 128
+    hf = _export_and_load(vlm, tok, tmp_path)
+    assert type(hf).__name__ == target
+    _assert_same_logits(vlm, hf, tok, 16, image_size=vision_cfg.image_size, image_dim=image_dim)
 
 
 def test_every_vlm_preset_exports_or_is_refused():
@@ -209,7 +242,8 @@ def test_every_vlm_preset_exports_or_is_refused():
 
 
 def test_train_an_exportable_connector_with_vision_flags(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, world1):
-    """The user's path: --vision turns a preset's connector into Idefics3's; the trained export loads in transformers."""
+    """The user's path: --vision gives vlm_tiny another SigLIP-shaped encoder (Idefics3's connector is the preset's);
+    the trained export loads in transformers."""
     root = tmp_path / "synth"
     synth.generate(root, seed=1, num_captions=32, num_vqa=8, num_val=4, num_test=4, num_arith=4, num_arith_test=4,
                    num_text_docs=2, shard_size=16)

@@ -3,11 +3,11 @@
 FastVLM's vision tower is transformers' ``TimmWrapperModel``: any timm model by name, built with ``model_args``;
 its ``forward_features`` map (``[N, C, H, W]``) is flattened row by row into H·W tokens, as our encoder flattens a
 CNN's feature map, and goes through LLaVA's MLP (``Linear(C, n_embd) -> GELU -> Linear(n_embd, n_embd)``). So our
-``resampler="none"`` connector with ``projector_hidden = n_embd`` over a ResNet read at stage k is FastVLM with the
-ResNet's later stages given no blocks (``layers`` = the kept block counts, then zeros: timm builds those stages
-empty, exactly as our encoder prunes them). The encoder's tensors keep their timm names under
-``model.vision_tower.timm_model``. FastVLM has no pixel shuffle, so a CNN read through it (vlm_tiny_cnn's
-connector) has no transformers equivalent.
+``resampler="none"`` connector with ``projector_hidden = n_embd`` (or -1, the LLM's width: the vlm_tiny_cnn preset)
+over a ResNet read at stage k is FastVLM with the ResNet's later stages given no blocks (``layers`` = the kept block
+counts, then zeros: timm builds those stages empty, as our encoder prunes them). The encoder's tensors keep their
+timm names under ``model.vision_tower.timm_model``. FastVLM has no pixel shuffle, so a CNN read through one has no
+transformers equivalent.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ def idefics2_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     if vision_cfg.resampler != "perceiver":
         return f"its resampler is {vision_cfg.resampler!r}, Idefics2's is the perceiver"
     if vision_cfg.projector_width(model_cfg.n_embd) != model_cfg.ffn_dim:
-        return (f"its SwiGLU projector's hidden width is {vision_cfg.projector_hidden}, Idefics2's is the LLM's "
+        width = vision_cfg.projector_width(model_cfg.n_embd)
+        return (f"its SwiGLU projector's hidden width is {width}, Idefics2's is the LLM's "
                 f"ffn_dim: train with projector_hidden={model_cfg.ffn_dim}")
     if not vision_cfg.feature_norm:
         return "its features skip the encoder's final norm, which Idefics2 applies: train with feature_norm=true"

@@ -42,8 +42,8 @@ def siglip_vision_config(vlm: VLMExport, config_class: type, target: str) -> Any
     if vlm.family != "siglip":
         what = "is a CNN" if vlm.family == "cnn" else "has one"
         raise InteropError(f"{vlm.ckpt}: {target}'s vision tower is SigLIP's, without a class token; this encoder "
-                           f"({vlm.vision_cfg.encoder}) {what}; train with a SigLIP-shaped encoder (as the vlm_small, "
-                           "vlm_1.5b and vlm_7b presets do), or export just the LLM with --llm-only")
+                           f"({vlm.vision_cfg.encoder}) {what}; train with a SigLIP-shaped encoder (as the vlm_tiny, "
+                           "vlm_small, vlm_1.5b and vlm_7b presets do), or export just the LLM with --llm-only")
     v = vlm.vision_hf
     return config_class(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,

@@ -41,8 +41,8 @@ LLAVA_PROJECTOR = {"projector.fc1": "model.multi_modal_projector.linear_1",
 def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
     """Why this VLM cannot be a transformers LLaVA (None when it can)."""
     if vision_cfg.resampler != "none":
-        return (f"its connector is the {vision_cfg.resampler!r} resampler + MLP, which transformers' LLaVA cannot "
-                "express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
+        return (f"its connector is the {vision_cfg.resampler!r} resampler + projector, which transformers' LLaVA "
+                "cannot express (LLaVA = an MLP over every patch token: VisionConfig.resampler='none')")
     if vision_cfg.position_embedding:
         return POSITION_EMBEDDING_REFUSAL
     if vision_cfg.feature_norm:
