@@ -95,14 +95,20 @@ def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     assert hf.config.vision_config.num_hidden_layers == 2  # only the blocks up to the feature layer
     _assert_same_logits(vlm, hf, tok, PATCHES, image_dim=False)
 
-    # the processor: one <|image|> in the prompt becomes the image's tokens; pixels as our transform makes them
-    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    _assert_processor_matches(tmp_path / "hf", vlm, tok, PATCHES)
+
+
+def _assert_processor_matches(folder, vlm, tok, tokens: int) -> None:
+    """The exported processor: one <|image|> in the prompt becomes the image's tokens; pixels as our transform
+    makes them."""
+    processor = AutoProcessor.from_pretrained(folder)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
     batch = processor(text="<|image|>What colour?", images=image, return_tensors="pt")
-    assert (batch["input_ids"] == tok.image_token_id).sum() == PATCHES
+    assert (batch["input_ids"] == tok.image_token_id).sum() == tokens
     norm = data_config(vlm.vision_config)
     expected = normalize_pixels(image_transform(vlm.vision_config)(image)[None], norm["mean"], norm["std"])[0]
-    assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    size = vlm.vision_config.image_size
+    assert batch["pixel_values"].shape == (1, 3, size, size)
     diff = (batch["pixel_values"][0] - expected).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255
 
@@ -213,6 +219,8 @@ def test_tiny_presets_export_as_they_are(preset, target, image_dim, tiny_tokeniz
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == target
     _assert_same_logits(vlm, hf, tok, 16, image_size=vision_cfg.image_size, image_dim=image_dim)
+    if preset == "vlm_tiny_cnn":  # LLaVA's processor (FastVLM has none); Idefics3's wraps images in tokens we lack
+        _assert_processor_matches(tmp_path / "hf", vlm, tok, 16)
 
 
 def test_every_vlm_preset_exports_or_is_refused():

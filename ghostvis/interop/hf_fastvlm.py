@@ -19,7 +19,7 @@ import torch
 
 from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (LLAVA_PROJECTOR, POSITION_EMBEDDING_REFUSAL, language_tensors, read_vlm,
-                                        vision_tensors, write_vlm_folder)
+                                        save_processor, vision_tensors, write_vlm_folder)
 from ghostvis.interop.hf_vision import encoder_kind
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feature_info 1..4; 0 is the stem)
@@ -51,9 +51,10 @@ def _blocks(stage: torch.nn.Module) -> int:
 
 def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
     """GhostVis VLM export directory -> transformers FastVLM folder (config.json, model.safetensors, tokenizer
-    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens. Pixels are our
-    transform's, normalised (``[batch, 3, S, S]``); no processor is written. Raises InteropError (with the
-    reason) for other connectors and towers."""
+    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with LLaVA's
+    processor (FastVLM has none of its own), which ``AutoProcessor.from_pretrained`` opens, where the map is a
+    square whose cells divide the image; else feed our transform's pixels, normalised (``[batch, 3, S, S]``).
+    Raises InteropError (with the reason) for other connectors and towers."""
     from transformers import FastVlmConfig, TimmWrapperConfig
 
     vlm = read_vlm(ckpt_dir, dtype, fastvlm_refusal, "FastVLM")
@@ -68,5 +69,8 @@ def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
         architectures=["FastVlmForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
              **vision_tensors(vlm, "model.vision_tower.timm_model", LLAVA_PROJECTOR)}
-    write_vlm_folder(vlm, out_dir, config, state)
+    out = write_vlm_folder(vlm, out_dir, config, state)
+    rows, cols = vlm.encoder.grid
+    if rows == cols and vlm.vision_cfg.image_size % rows == 0:  # LLaVA's processor counts (S / cell)² tokens
+        save_processor(out, vlm.vision_cfg, "cnn", vlm.vision_cfg.image_size // rows)
     return config

@@ -135,10 +135,11 @@ def language_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {(f"{prefix}." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
 
 
-def _save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int) -> None:
+def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int) -> None:
     """preprocessor_config.json + processor_config.json: our transform (pad to square with the mean colour,
     resize to S x S, never crop, the encoder's mean/std) as LlavaImageProcessor; the processor expands each
-    ``<|image|>`` in a prompt to the image's tokens."""
+    ``<|image|>`` in a prompt to the image's (S / patch_size)² tokens (+1 for CLIP's class token, which LLaVA
+    drops)."""
     from PIL import Image
     from transformers import AutoTokenizer, LlavaImageProcessor, LlavaProcessor
 
@@ -174,5 +175,5 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
              **vision_tensors(vlm, "model.vision_tower.vision_model", LLAVA_PROJECTOR)}
     out = write_vlm_folder(vlm, out_dir, config, state)
-    _save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
+    save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
     return config
