@@ -25,8 +25,8 @@ def idefics2_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     """Why this VLM cannot be a transformers Idefics2 (None when it can; the encoder family is checked on export)."""
     if vision_cfg.resampler != "perceiver":
         return f"its resampler is {vision_cfg.resampler!r}, Idefics2's is the perceiver"
-    if vision_cfg.projector_width(model_cfg.n_embd) != model_cfg.ffn_dim:
-        width = vision_cfg.projector_width(model_cfg.n_embd)
+    width = vision_cfg.projector_width(model_cfg.n_embd)
+    if width != model_cfg.ffn_dim:
         return (f"its SwiGLU projector's hidden width is {width}, Idefics2's is the LLM's "
                 f"ffn_dim: train with projector_hidden={model_cfg.ffn_dim}")
     if not vision_cfg.feature_norm:
