@@ -25,8 +25,13 @@ def _tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def _sharded(group: dist.ProcessGroup | None) -> bool:
+    """Whether the vocabulary is split over more than one rank of `group`."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
 def _all_reduce_(x: torch.Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if _sharded(group):
         dist.all_reduce(x, op=op, group=group)
     return x
 
@@ -48,6 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         col_start = _tp_rank(group) * w.shape[0]
         first_pad = vocab_size - col_start  # this shard's first padding column (may lie outside it)
         local_t, in_range = _local_targets(targets, col_start, w.shape[0])
+        sharded = _sharded(group)
         # Built out of place (a list of chunks, then cat + where): under torch.compile (torch 2.11) an
         # autograd.Function whose output was written in place aliases a pre-mutation intermediate, and the
         # gradient reaches that phantom instead of x and the weight: every gradient upstream comes back 0
@@ -56,7 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, x.shape[0], chunk):
             m, sum_exp, picked = _chunk_kernel(_chunk_stats, x.is_cuda)(
                 F.linear(x[s:s + chunk], w), local_t[s:s + chunk], in_range[s:s + chunk], cap, first_pad)
-            if group is not None and dist.get_world_size(group) > 1:
+            if sharded:
                 # Megatron's vocab-parallel softmax: rescale each shard's sum to the global max
                 global_m = _all_reduce_(m.clone(), group, dist.ReduceOp.MAX)
                 sum_exp = _all_reduce_(sum_exp * (m - global_m).exp(), group)
