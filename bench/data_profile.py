@@ -73,10 +73,11 @@ def profile_phases(kind: str, data_dir: Path, tok: Tokenizer, model: VLM, sample
         if kind == "captions":
             keys = [next(f"{e}" for e in IMAGE_EXTS if e in sample)]
             ids = clock.time("tokenize", lambda: tok.encode(sample["txt"].decode()))
-            ids, mask = [tok.bos_token_id] + [tok.image_token_id] * batcher.n_vis + ids, [0] * (1 + batcher.n_vis) + [1] * len(ids)
+            ids, mask = batcher.head + ids, [0] * len(batcher.head) + [1] * len(ids)
         else:
             record, keys = read_conversation(sample)
-            ids, mask = clock.time("tokenize", tok.render_conversation, record, seq_len, batcher.n_vis)
+            ids, mask = clock.time("tokenize", tok.render_conversation, record, seq_len, batcher.n_vis,
+                                   batcher.image_frame)
         images = []
         for key in keys:
             img = clock.time("decode", load_image, sample[key])

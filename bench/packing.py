@@ -186,7 +186,8 @@ def held_out_cuts(data: Path, tokenizer_dir: Path, model: str,
         return None
     tok, vision = tokenizer_and_vision(tokenizer_dir, model)
     shards = [str(val / s.name) for s in manifest.shards]
-    sizes = [len(tok.render_conversation(read_conversation(s)[0], 10**9, vision.num_vision_tokens)[0])
+    sizes = [len(tok.render_conversation(read_conversation(s)[0], 10**9, vision.num_vision_tokens,
+                                         vision.image_frame)[0])
              for s in wds.WebDataset(shards, shardshuffle=False)]
     cut_u, cut_p = sum(n > lengths[0] for n in sizes), sum(n > lengths[1] for n in sizes)
     return cut_u, cut_p, lengths[0] == lengths[1] or cut_u == cut_p == 0

@@ -31,7 +31,7 @@ from ghostvis.config import get_preset, small_config, vision_override_arg
 from ghostvis.data import scenes
 from ghostvis.data.multimodal import shift_targets
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import IMAGE_PLACEHOLDER
+from ghostvis.tokenizer import IMAGE_PLACEHOLDER, spaced_after_image
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.vision.transforms import image_transform
 
@@ -48,15 +48,15 @@ def prompt(question: str, question_first: bool) -> str:
 
 
 def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, question_first: bool, tok,
-               n_vis: int, transform, turns: int = 1, max_objects: int = scenes.MAX_OBJECTS
+               n_vis: int, transform, turns: int = 1, max_objects: int = scenes.MAX_OBJECTS, frame: str = "none"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, images = [], []
     for _ in range(n):
         if rng.random() < caption_frac:
             scene = scenes.sample_scene(rng, rng.randint(1, max_objects))
-            text = tok.encode(scenes.caption(scene, places))
-            ids = [tok.bos_token_id] + [tok.image_token_id] * n_vis + text
-            mask = [0] * (1 + n_vis) + [1] * len(text)
+            head = [tok.bos_token_id] + tok.image_ids(n_vis, frame)
+            text = tok.encode(spaced_after_image(scenes.caption(scene, places), frame))
+            ids, mask = head + text, [0] * len(head) + [1] * len(text)
         else:
             scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES), max_objects)
             # one turn draws nothing more, so the earlier single-question runs repeat exactly
@@ -66,7 +66,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
                 messages += [{"role": "user", "content": prompt(q.question, question_first) if i == 0 else q.question},
                              {"role": "assistant", "content": q.answer}]
             record = {"messages": messages}
-            ids, mask = tok.render_conversation(record, 10_000, n_vis)
+            ids, mask = tok.render_conversation(record, 10_000, n_vis, frame)
         rows.append((ids, shift_targets(ids, mask)))
         images.append(transform(scenes.render(scene, 64)))
     T = max(len(ids) for ids, _ in rows)
@@ -76,14 +76,15 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
     return idx, tgt, torch.stack(images)
 
 
-def held_out(tok, n_vis: int, transform, question_first: bool) -> list[tuple[str, list[int], int, torch.Tensor]]:
+def held_out(tok, n_vis: int, transform, question_first: bool,
+             frame: str = "none") -> list[tuple[str, list[int], int, torch.Tensor]]:
     rng = random.Random(12345)
     out = []
     for qtype in scenes.QUESTION_TYPES:
         for _ in range(100):
             scene, qa = qa_sample(rng, qtype)
             ids = tok.render_for_completion(
-                {"messages": [{"role": "user", "content": prompt(qa.question, question_first)}]}, n_vis)
+                {"messages": [{"role": "user", "content": prompt(qa.question, question_first)}]}, n_vis, frame)
             out.append((qtype, ids, tok.encode(qa.answer)[0], transform(scenes.render(scene, 64))))
     return out
 
@@ -180,7 +181,7 @@ def main() -> None:
               {"params": list(model.vision.encoder.parameters()), "lr": a.encoder_lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
-    cases = held_out(tok, n_vis, transform, a.question_first)
+    cases = held_out(tok, n_vis, transform, a.question_first, vision_cfg.image_frame)
     pad = tok.pad_token_id
     rng = random.Random(a.seed)
     t0 = time.time()
@@ -190,7 +191,8 @@ def main() -> None:
             g["lr"] = lr * scale
         captions = 1.0 if step <= a.captions_first else a.captions
         idx, tgt, pixels = make_batch(rng, a.batch, captions, a.places, a.question_first, tok, n_vis, transform,
-                                      a.turns, 2 if step <= a.curriculum else scenes.MAX_OBJECTS)
+                                      a.turns, 2 if step <= a.curriculum else scenes.MAX_OBJECTS,
+                                      vision_cfg.image_frame)
         loss = model(idx.to(device), tgt.to(device), pixel_values=pixels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ghostvis.tokenizer import IMAGE_FRAMES
+
 VOCAB_PAD_MULTIPLE = 64
 
 
@@ -118,11 +120,16 @@ class VisionConfig:
     # a learned row + column embedding on each token of a grid resampler, so the LLM knows where it lies
     position_embedding: bool = False
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
-    pad_to_square: bool = True
+    pad_to_square: bool = True  # false: squash to a square, as the Idefics families' processors do
+    # the special tokens around each image's tokens (ghostvis.tokenizer.IMAGE_FRAMES): "idefics2"/"idefics3" keep
+    # that family's prompt, so its transformers processor builds our ids (docs/interop.md)
+    image_frame: str = "none"
 
     def __post_init__(self) -> None:
         if self.resampler not in RESAMPLERS:
             raise ValueError(f"VisionConfig.resampler={self.resampler!r}; choose one of {RESAMPLERS}")
+        if self.image_frame not in IMAGE_FRAMES:
+            raise ValueError(f"VisionConfig.image_frame={self.image_frame!r}; choose one of {IMAGE_FRAMES}")
         if self.num_vision_tokens <= 0:
             raise ValueError(f"VisionConfig.num_vision_tokens must be positive, got {self.num_vision_tokens}")
         if self.projector_hidden < LLM_WIDTH:
@@ -224,6 +231,10 @@ _SIGLIP_KW = {"act_layer": "gelu_tanh"}
 # a timm ViT built as SigLIP is (no class token, tanh GELU; pre-LN blocks, LayerNorm eps 1e-6 and no pre-norm are
 # already timm's ViT defaults), so a from-scratch tower exports as a transformers SigLIP/Idefics vision model
 _SIGLIP_SHAPED = {"class_token": False, "global_pool": "", **_SIGLIP_KW}
+# the family's prompt and pixels (its processor squashes an image to the square; it never pads), so what its
+# transformers processor makes of an image and a prompt is what the model trained on
+_IDEFICS2_PROMPT = {"image_frame": "idefics2", "pad_to_square": False}
+_IDEFICS3_PROMPT = {"image_frame": "idefics3", "pad_to_square": False}
 
 # name -> (model config factory taking depth or None, vision config or None)
 _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
@@ -234,12 +245,13 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
     "qwen25_7b": (lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064), None),
     # the tiny presets' towers train from scratch in minutes on a CPU, and each connector is one transformers has,
     # so what they train exports (docs/interop.md): a ViT-Ti built SigLIP-shaped (2 blocks, read after the first,
-    # 8-px patches: 8 x 8 at 64 px), pixel-shuffled 2 x 2 into 16 tokens, one linear layer: Idefics3/SmolVLM
+    # 8-px patches: 8 x 8 at 64 px), pixel-shuffled 2 x 2 into 16 tokens, one linear layer, images squashed and
+    # framed as Idefics3's processor does: Idefics3/SmolVLM
     "vlm_tiny": (
         lambda depth: _tiny(),
         VisionConfig(encoder="vit_tiny_patch16_224", image_size=64,
                      encoder_kwargs={"depth": 2, "patch_size": 8, **_SIGLIP_SHAPED}, feature_norm=True,
-                     resampler="pixel_shuffle", num_vision_tokens=16, projector_hidden=0),
+                     resampler="pixel_shuffle", num_vision_tokens=16, projector_hidden=0, **_IDEFICS3_PROMPT),
     ),
     # the same LLM with a small CNN (ResNet-10t, from scratch; its stride-8 form saw shapes far sooner than the ViT,
     # docs/demo.md "Learning to look") read at its stride-16 stage: every cell of the 4 x 4 map a token, through an
@@ -250,22 +262,25 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
                      num_vision_tokens=16, projector_hidden=LLM_WIDTH),
     ),
     # the perceiver presets: Idefics2's connector (SwiGLU projector of the LLM's ffn width, then the perceiver at
-    # the LLM's width); with a SigLIP-shaped encoder and feature_norm they export as Idefics2ForConditionalGeneration
+    # the LLM's width); with a SigLIP-shaped encoder, feature_norm, and images squashed and framed as Idefics2's
+    # processor does, they export as Idefics2ForConditionalGeneration with its processor
     "vlm_small": (
         lambda depth: small_config(12 if depth is None else depth),
         VisionConfig(encoder="vit_small_patch16_224", image_size=224, encoder_kwargs=dict(_SIGLIP_SHAPED),
                      resampler="perceiver", num_vision_tokens=64, resampler_depth=2, resampler_heads=6,
-                     projector_hidden=2688, feature_norm=True),
+                     projector_hidden=2688, feature_norm=True, **_IDEFICS2_PROMPT),
     ),
     "vlm_1.5b": (
         lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=8960, feature_norm=True),
+                     resampler_depth=2, resampler_heads=16, projector_hidden=8960, feature_norm=True,
+                     **_IDEFICS2_PROMPT),
     ),
     "vlm_7b": (
         lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=18944, feature_norm=True),
+                     resampler_depth=2, resampler_heads=16, projector_hidden=18944, feature_norm=True,
+                     **_IDEFICS2_PROMPT),
     ),
 }
 PRESETS: list[str] = list(_PRESETS)

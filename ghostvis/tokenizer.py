@@ -43,10 +43,21 @@ SPECIAL_TOKENS = (
     IMAGE_PLACEHOLDER,
     "<|pad|>",  # batch padding for inference/collation; never trained on
 )
+# The frame around an image's tokens for models that keep the Idefics families' prompts (VisionConfig.image_frame),
+# so those families' transformers processors build our ids: Idefics' <fake_token_around_image> and Idefics3's
+# <global-img>. Tokenizers trained before them lack them and still load; only a framed model needs them.
+IMAGE_FRAME_TOKEN = "<|image_frame|>"
+IMAGE_GLOBAL_TOKEN = "<|image_global|>"
+FRAME_TOKENS = (IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN)
+NEW_SPECIAL_TOKENS = SPECIAL_TOKENS + FRAME_TOKENS  # what a tokenizer trained or imported now holds
+# "none": <|image|> x N. "idefics2": <|image_frame|> <|image|> x N <|image_frame|>, adjacent images sharing a frame
+# and a word right after an image spaced off it, as Idefics2's processor writes them. "idefics3": <|image_frame|>
+# <|image_global|> <|image|> x N <|image_frame|>, Idefics3's (SmolVLM's) unsplit image.
+IMAGE_FRAMES = ("none", "idefics2", "idefics3")
 RANKS_FILE = "ranks.tiktoken"
 META_FILE = "tokenizer.json"
 FORMAT = "ghostvis-tokenizer/1"
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(NEW_SPECIAL_TOKENS)
 
 
 class Tokenizer:
@@ -87,18 +98,18 @@ class Tokenizer:
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(
                 f"vocab_size={vocab_size} is too small: it must cover the 256 byte tokens and "
-                f"{len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
+                f"{len(NEW_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
             )
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), buffer_size, pattern)
+        trainer.train_from_iterator(iter(texts), vocab_size - len(NEW_SPECIAL_TOKENS), buffer_size, pattern)
         ranks = {bytes(b): i for b, i in trainer.get_mergeable_ranks()}
-        if len(ranks) + len(SPECIAL_TOKENS) < vocab_size:
+        if len(ranks) + len(NEW_SPECIAL_TOKENS) < vocab_size:
             warnings.warn(
                 f"the corpus only supported {len(ranks) - 256} merges; vocab_size is "
-                f"{len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}",
+                f"{len(ranks) + len(NEW_SPECIAL_TOKENS)} instead of {vocab_size}",
                 stacklevel=2,
             )
-        specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        specials = {s: len(ranks) + i for i, s in enumerate(NEW_SPECIAL_TOKENS)}
         return cls(ranks, trainer.get_pattern(), specials)
 
     def _ranks_text(self) -> str:
@@ -199,37 +210,63 @@ class Tokenizer:
         return self._enc.decode(list(ids))
 
     # ---------------------------------------------------------------- chat rendering
+    def image_ids(self, num_vision_tokens: int, image_frame: str = "none") -> list[int]:
+        """The ids of one image in a prompt: ``num_vision_tokens`` <|image|> ids in ``image_frame``'s frame
+        (``IMAGE_FRAMES``)."""
+        run = [self.image_token_id] * num_vision_tokens
+        if image_frame == "none":
+            return run
+        if image_frame not in IMAGE_FRAMES:
+            raise ValueError(f"image_frame={image_frame!r}; choose one of {IMAGE_FRAMES}")
+        frame = self._frame_id(IMAGE_FRAME_TOKEN, image_frame)
+        if image_frame == "idefics2":
+            return [frame, *run, frame]
+        return [frame, self._frame_id(IMAGE_GLOBAL_TOKEN, image_frame), *run, frame]
+
+    def _frame_id(self, name: str, image_frame: str) -> int:
+        if name not in self.special_tokens:
+            raise ValueError(f"image_frame={image_frame!r} needs the special token {name}, which this tokenizer "
+                             "(trained before image frames) lacks: train a new one with launch/tok_train.py, or "
+                             "train the model with --vision image_frame=none")
+        return self.special_tokens[name]
+
     def render_conversation(
-        self, conversation: dict[str, Any], max_tokens: int = 2048, num_vision_tokens: int = 0
+        self, conversation: dict[str, Any], max_tokens: int = 2048, num_vision_tokens: int = 0,
+        image_frame: str = "none",
     ) -> tuple[list[int], list[int]]:
-        """Token ids and loss mask (1 = train on it) of a whole conversation, truncated to ``max_tokens``.
+        """Token ids and loss mask (1 = train on it) of a whole conversation, truncated to ``max_tokens``; each
+        image is ``image_ids(num_vision_tokens, image_frame)``.
 
         Truncation never cuts through an image: it stops before an image that would not fit whole,
         so ``ids.count(image_token_id) // num_vision_tokens`` images (the first ones) are kept.
         """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        ids, mask, image_spans = self._render(_messages(conversation), num_vision_tokens)
+        ids, mask, image_spans = self._render(_messages(conversation), num_vision_tokens, image_frame)
         cut = min(max_tokens, len(ids))
         for start, end in image_spans:
             if start < cut < end:
                 cut = start
         return ids[:cut], mask[:cut]
 
-    def render_for_completion(self, conversation: dict[str, Any], num_vision_tokens: int = 0) -> list[int]:
+    def render_for_completion(
+        self, conversation: dict[str, Any], num_vision_tokens: int = 0, image_frame: str = "none"
+    ) -> list[int]:
         """Ids primed for the assistant's reply: drops a trailing assistant turn, appends <|assistant_start|>."""
         messages = _messages(conversation)
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("render_for_completion needs a conversation ending with a user message")
-        ids, _, _ = self._render(messages, num_vision_tokens)
+        ids, _, _ = self._render(messages, num_vision_tokens, image_frame)
         return ids + [self.special_id("<|assistant_start|>")]
 
     def _render(
-        self, messages: list[dict[str, Any]], num_vision_tokens: int
+        self, messages: list[dict[str, Any]], num_vision_tokens: int, image_frame: str
     ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         ids, mask, spans = [self.bos_token_id], [0], []
+        # Idefics2's processor merges the frames of adjacent images and spaces a word off a closing frame
+        idefics2_frame = self._frame_id(IMAGE_FRAME_TOKEN, image_frame) if image_frame == "idefics2" else None
 
         def emit(toks: list[int], m: int) -> None:
             ids.extend(toks)
@@ -251,10 +288,14 @@ class Tokenizer:
                             f"message {i} has an image but num_vision_tokens={num_vision_tokens}; pass the "
                             f"number of vision tokens per image (> 0)"
                         )
-                    spans.append((len(ids), len(ids) + num_vision_tokens))
-                    emit([self.image_token_id] * num_vision_tokens, 0)
+                    block = self.image_ids(num_vision_tokens, image_frame)
+                    if ids[-1] == idefics2_frame:
+                        block = block[1:]
+                    spans.append((len(ids), len(ids) + len(block)))
+                    emit(block, 0)
                 elif kind == "text":
-                    emit(self.encode(text), train)
+                    emit(self.encode(spaced_after_image(text, image_frame) if ids[-1] == idefics2_frame else text),
+                         train)
                 else:  # python (trained) or output (tool result, not trained)
                     m = 1 if kind == "python" else 0
                     emit([self.special_id(f"<|{kind}_start|>")], m)
@@ -262,6 +303,13 @@ class Tokenizer:
                     emit([self.special_id(f"<|{kind}_end|>")], m)
             emit([self.special_id(f"<|{role}_end|>")], train)
         return ids, mask, spans
+
+
+def spaced_after_image(text: str, image_frame: str) -> str:
+    """Text right after an image, as Idefics2's processor writes it: a word spaced off the closing frame."""
+    if image_frame == "idefics2" and text[:1] not in ("", "<") and not text[0].isspace():
+        return " " + text
+    return text
 
 
 def message_images(message: dict[str, Any]) -> int:

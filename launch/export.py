@@ -12,6 +12,8 @@ are cut and the chat template renders like GhostVis. A VLM becomes, by its conne
     encoder: `Idefics2ForConditionalGeneration` (the vlm_small, vlm_1.5b and vlm_7b presets);
   - a timm ResNet read at a stage, resampler "none" + MLP of the LLM's width: `FastVlmForConditionalGeneration`
     (the vlm_tiny_cnn preset).
+The Idefics ones come with their processor when the model was trained on the family's prompt and pixels
+(--vision image_frame=idefics3|idefics2 --vision pad_to_square=false, as those presets are).
 Other connectors (avgpool, pixel_shuffle + MLP, ...) have no transformers equivalent: their directory is
 already their own format (`ghostvis.load_pretrained`), and --llm-only exports just the language model. Train an
 exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
@@ -20,11 +22,12 @@ exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ghostvis.checkpoint_io import read_config
 from ghostvis.interop.hf_fastvlm import export_fastvlm, fastvlm_refusal
 from ghostvis.interop.hf_idefics2 import export_idefics2, idefics2_refusal
-from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
+from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal, idefics_processor_refusal
 from ghostvis.interop.hf_llava import export_llava, llava_refusal
 from ghostvis.interop.hf_llm import DTYPES, export_llm
 
@@ -56,8 +59,14 @@ def main(argv: list[str] | None = None) -> None:
                     "opened by ghostvis.load_pretrained); --llm-only exports its language model as a transformers "
                     "folder.")
         config = exporters[fits[0]][1](args.ckpt, args.out, dtype=dtype)
+        if (Path(args.out) / "processor_config.json").is_file():
+            processor = "with its processor"
+        elif fits[0].startswith("Idefics"):
+            processor = f"no processor: {idefics_processor_refusal(vision_cfg, fits[0].lower())}"
+        else:
+            processor = "no processor: its feature map is not a square grid that divides the image"
         print(f"wrote {args.out}: transformers {config.architectures[0]} "
-              f"({config.text_config.model_type} + {config.vision_config.model_type})")
+              f"({config.text_config.model_type} + {config.vision_config.model_type}), {processor}")
         return
     hf_cfg = export_llm(args.ckpt, args.out, dtype=dtype, cfg=model_cfg)
     print(f"wrote {args.out}: transformers {hf_cfg.architectures[0]}")

@@ -72,7 +72,8 @@ def test_held_out_cuts_count_what_each_sides_length_cuts(tmp_path, tiny_tokenize
         b.write_llava_like(tmp_path / "llava", 80)
     _, vision = get_preset("vlm_tiny", vocab_size=tiny_tokenizer.vocab_size,
                            image_token_id=tiny_tokenizer.image_token_id)
-    lengths = sorted(len(tiny_tokenizer.render_conversation(record, 10**9, vision.num_vision_tokens)[0])
+    lengths = sorted(len(tiny_tokenizer.render_conversation(record, 10**9, vision.num_vision_tokens,
+                                                            vision.image_frame)[0])
                      for record in (json.loads(b.llava_like_sample(0, 10**7 + i, 16)["json"]) for i in range(8)))
     T, cut = lengths[3], sum(n > lengths[3] for n in lengths)
     assert cut >= 3

@@ -211,7 +211,7 @@ def test_fitting_keeps_the_system_message_and_its_images():
                 user_message("look", 2)]
     ids, kept, dropped = fit_prompt(engine, messages, imgs, reply_tokens=64)
     assert dropped == 2 and [int(k[0, 0, 0]) for k in kept] == [1, 2]
-    assert ids == TOK.render_for_completion({"messages": [system, messages[-1]]}, n_vis)
+    assert ids == TOK.render_for_completion({"messages": [system, messages[-1]]}, n_vis, engine.image_frame)
 
 
 def test_stop_text_holds_back_a_possible_stop_string():

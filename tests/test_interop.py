@@ -22,7 +22,7 @@ from ghostvis.interop.hf_llm import import_llm
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.interop.hf_vision import timm_spec_from_hf
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import NEW_SPECIAL_TOKENS, Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import engine as ds_engine
 from ghostvis.train.settings import Settings
@@ -105,7 +105,7 @@ def test_imported_tokenizer_adds_specials_and_reloads(imported, hf_folder):
     assert isinstance(tok, HFTokenizer) and isinstance(load_tokenizer(out / "tokenizer"), HFTokenizer)
     assert tok.bos_token_id == tok.raw.token_to_id("<|endoftext|>")  # aliased: Qwen-style vocab without a BOS
     assert sorted(tok.added_ids.values()) == list(range(hf_vocab, tok.vocab_size))
-    assert set(tok.added_ids) == set(SPECIAL_TOKENS) - {"<|bos|>"}
+    assert set(tok.added_ids) == set(NEW_SPECIAL_TOKENS) - {"<|bos|>"}
     assert tok.encode("<|im_end|>") != [tok.raw.token_to_id("<|im_end|>")]  # specials in text stay text
     assert tok.decode(tok.encode(PROMPT)) == PROMPT
     ids, mask = tok.render_conversation(CONV)

@@ -67,7 +67,8 @@ def _perturbed(vlm: VLM) -> VLM:
 def _assert_same_logits(vlm, hf, tok, tokens: int, image_size: int = IMAGE_SIZE, image_dim: bool = True) -> None:
     """Our logits and transformers' for a conversation with one image (a batch of two); the Idefics classes
     take pixels as [batch, images, 3, S, S] (`image_dim`), LLaVA as [batch, 3, S, S]."""
-    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens)[0]] * 2)
+    ids = torch.tensor([tok.render_conversation(CONV, num_vision_tokens=tokens,
+                                                image_frame=vlm.vision_config.image_frame)[0]] * 2)
     assert (ids == tok.image_token_id).sum() == 2 * tokens
     pixels = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
@@ -98,23 +99,38 @@ def test_llava_export_matches_transformers(family, tiny_tokenizer, tmp_path):
     _assert_processor_matches(tmp_path / "hf", vlm, tok, PATCHES)
 
 
+# prompts as a user writes them ("<I>" = the processor's image token): one image, two adjacent ones, and a word
+# right after an image (Idefics2's processor merges adjacent frames and spaces such a word off the frame)
+PROMPTS = ["<I>What colour?", "<I><I>\nWhich is red?", "Look:<I>is it red?"]
+
+
 def _assert_processor_matches(folder, vlm, tok, tokens: int) -> None:
-    """The exported processor: one <|image|> in the prompt becomes the image's tokens; pixels as our transform
-    makes them."""
+    """The exported processor, as a user runs it (chat template, then the processor on text and images): our
+    renderer's ids, each image's tokens framed as the model was trained; pixels as our transform makes them."""
     processor = AutoProcessor.from_pretrained(folder)
+    cfg = vlm.vision_config
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
-    batch = processor(text="<|image|>What colour?", images=image, return_tensors="pt")
-    assert (batch["input_ids"] == tok.image_token_id).sum() == tokens
-    norm = data_config(vlm.vision_config)
-    expected = normalize_pixels(image_transform(vlm.vision_config)(image)[None], norm["mean"], norm["std"])[0]
-    size = vlm.vision_config.image_size
-    assert batch["pixel_values"].shape == (1, 3, size, size)
-    diff = (batch["pixel_values"][0] - expected).abs()
+    for text in PROMPTS:
+        n = text.count("<I>")
+        chat = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text.replace("<I>", processor.image_token)}], tokenize=False,
+            add_generation_prompt=True)
+        batch = processor(text=chat, images=[image] * n, return_tensors="pt")
+        ours = tok.render_for_completion({"messages": [{"role": "user", "content": text.replace("<I>", "<|image|>")}]},
+                                         cfg.num_vision_tokens, cfg.image_frame)
+        assert batch["input_ids"][0].tolist() == ours, text
+        assert ours.count(tok.image_token_id) == n * tokens
+    norm = data_config(cfg)
+    expected = normalize_pixels(image_transform(cfg)(image)[None], norm["mean"], norm["std"])[0]
+    size = cfg.image_size
+    pixels = batch["pixel_values"].reshape(-1, 3, size, size)  # the Idefics processors' are [batch, images, ...]
+    assert pixels.shape[0] == 1
+    diff = (pixels[0] - expected).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])
-def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
+def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path, capsys):
     tok = tiny_tokenizer
     tokens = PATCHES // 4  # pixel shuffle r = 2
     vlm = _vlm(tok, "siglip", resampler="pixel_shuffle", num_vision_tokens=tokens, projector_hidden=0,
@@ -123,6 +139,9 @@ def test_idefics3_export_matches_transformers(llama, tiny_tokenizer, tmp_path):
     assert type(hf).__name__ == "Idefics3ForConditionalGeneration"
     assert hf.config.scale_factor == 2 and hf.config.text_config.model_type == ("llama" if llama else "qwen2")
     _assert_same_logits(vlm, hf, tok, tokens)
+    # unframed, padded to a square: Idefics3's processor would build other inputs, so none is written
+    assert not (tmp_path / "hf" / "processor_config.json").exists()
+    assert "no processor: the model's images are framed 'none'" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])
@@ -155,6 +174,7 @@ def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
     assert type(hf).__name__ == "Idefics2ForConditionalGeneration"
     assert hf.config.vision_config.hidden_act == "gelu_pytorch_tanh"
     _assert_same_logits(vlm, hf, tok, 6)
+    _assert_processor_matches(tmp_path / "hf", vlm, tok, 6)  # the preset frames and squashes as Idefics2's does
 
     supervised = VisionEncoder(dataclasses.replace(vlm.vision_config, encoder_kwargs={
         k: v for k, v in vlm.vision_config.encoder_kwargs.items() if k not in ("class_token", "global_pool")}))
@@ -219,8 +239,7 @@ def test_tiny_presets_export_as_they_are(preset, target, image_dim, tiny_tokeniz
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == target
     _assert_same_logits(vlm, hf, tok, 16, image_size=vision_cfg.image_size, image_dim=image_dim)
-    if preset == "vlm_tiny_cnn":  # LLaVA's processor (FastVLM has none); Idefics3's wraps images in tokens we lack
-        _assert_processor_matches(tmp_path / "hf", vlm, tok, 16)
+    _assert_processor_matches(tmp_path / "hf", vlm, tok, 16)  # LLaVA's for FastVLM (which has none of its own)
 
 
 def test_every_vlm_preset_exports_or_is_refused():

@@ -23,9 +23,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TOK, ServerProcess, free_port
+from ghostvis.config import get_preset
 
 MAX_TOKENS = 12  # per test request; the server allows up to 200
 N_VIS = 16
+IMAGE_IDS = len(TOK.image_ids(N_VIS, get_preset("vlm_tiny")[1].image_frame))  # an image's ids, frame included
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 30)) -> bytes:
@@ -129,9 +131,9 @@ def test_one_and_two_images(client, image_root):
     one = complete(client, user("what colour?", red))
     text, _, usage = streamed(client, user("what colour?", red))
     assert one.choices[0].message.content == text != text_only  # the image changes the greedy reply
-    assert one.usage.prompt_tokens == usage.prompt_tokens == N_VIS + len("what colour?") + 4
+    assert one.usage.prompt_tokens == usage.prompt_tokens == IMAGE_IDS + len("what colour?") + 4
     two = complete(client, user("compare them", red, "blue.png"))  # a data URL and a path under --image-root
-    assert two.usage.prompt_tokens == 2 * N_VIS + len("compare them") + 4
+    assert two.usage.prompt_tokens == 2 * IMAGE_IDS + len("compare them") + 4
     assert streamed(client, user("compare them", red, "blue.png"))[0] == two.choices[0].message.content
 
 

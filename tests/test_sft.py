@@ -135,10 +135,30 @@ def test_sft_length_grouping_is_opt_in(sft_data, tiny_tokenizer):
         return sum(b["input_ids"].numel() - b["num_tokens"] for b in batches)
 
     plain = first(ConversationBatches(sample_source(req, "conversation"), tiny_tokenizer, batch_size=8, max_len=96,
-                                      num_vision_tokens=16, transform=lambda im: torch.zeros(3, 64, 64), seed=0))
+                                      num_vision_tokens=16, transform=lambda im: torch.zeros(3, 64, 64), seed=0,
+                                      image_frame=vcfg.image_frame))
     default = first(builder(req))
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(default, plain, strict=True))
     assert padding(first(builder(dataclasses.replace(req, length_group=8)))) < 0.5 * padding(plain)
+
+
+def test_a_framed_tower_needs_a_tokenizer_with_the_frame_tokens():
+    """vlm_tiny frames its images as Idefics3 does; a tokenizer trained before the frame tokens still trains
+    unframed towers, and is refused for a framed one with the fix."""
+    from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    old = Tokenizer({bytes([i]): i for i in range(256)}, r"\S+|\s+", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+    stage = STAGES["vision_pretrain"]
+
+    def build(*argv):
+        args = parse("--stage", "vision_pretrain", "--data", "x", "--out", "x", "--seq-len", "64", "--model",
+                     "vlm_tiny", *argv)
+        return loop.starting_model(args, stage, old, resolve_settings(stage, args))
+
+    with pytest.raises(ds_engine.ConfigError, match=r"image_frame='idefics3' needs the special token "
+                                                    r"<\|image_frame\|>.*launch/tok_train.py.*image_frame=none"):
+        build()
+    assert build("--vision", "image_frame=none").vision_config.image_frame == "none"
 
 
 def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tokenizer):

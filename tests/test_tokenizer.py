@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostvis.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from ghostvis.tokenizer import MIN_VOCAB_SIZE, NEW_SPECIAL_TOKENS, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 from conftest import TINY_VOCAB_SIZE, tiny_corpus
 
@@ -17,8 +17,8 @@ from conftest import TINY_VOCAB_SIZE, tiny_corpus
 def test_layout_and_specials(tiny_tokenizer: Tokenizer) -> None:
     t = tiny_tokenizer
     assert t.vocab_size == TINY_VOCAB_SIZE
-    ids = sorted(t.special_id(s) for s in SPECIAL_TOKENS)
-    assert ids == list(range(TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), TINY_VOCAB_SIZE))  # the last ids
+    ids = sorted(t.special_id(s) for s in NEW_SPECIAL_TOKENS)
+    assert ids == list(range(TINY_VOCAB_SIZE - len(NEW_SPECIAL_TOKENS), TINY_VOCAB_SIZE))  # the last ids
     assert t.bos_token_id == t.special_id("<|bos|>") and t.image_token_id == t.special_id("<|image|>")
     with pytest.raises(KeyError, match="unknown special token"):
         t.special_id("<|nope|>")
@@ -34,7 +34,7 @@ def test_encode_matches_rustbpe(tiny_tokenizer: Tokenizer) -> None:
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(tiny_corpus(), TINY_VOCAB_SIZE - len(SPECIAL_TOKENS))
+    trainer.train_from_iterator(tiny_corpus(), TINY_VOCAB_SIZE - len(NEW_SPECIAL_TOKENS))
     texts = ["héllo wörld 😀 天空 12345678 \t\n\n x=1", *tiny_corpus(5, seed=1)]
     assert tiny_tokenizer.encode_batch(texts) == trainer.batch_encode(texts)
 
@@ -163,6 +163,47 @@ def test_truncation_never_cuts_an_image(tiny_tokenizer: Tokenizer) -> None:
         assert ids.count(t.image_token_id) % 8 == 0
         assert len(ids) == (first if first < max_tokens < first + 8 else second if second < max_tokens < second + 8
                             else min(max_tokens, len(full)))
+
+
+def test_image_frames(tiny_tokenizer: Tokenizer) -> None:
+    """Each frame's layout, Idefics2's shared frame between adjacent images and its space after a closing
+    frame, and truncation that keeps or drops a framed image whole."""
+    t = tiny_tokenizer
+    img, frame, glob = t.image_token_id, t.special_id("<|image_frame|>"), t.special_id("<|image_global|>")
+    assert t.image_ids(3) == [img] * 3
+    assert t.image_ids(3, "idefics2") == [frame, img, img, img, frame]
+    assert t.image_ids(3, "idefics3") == [frame, glob, img, img, img, frame]
+    with pytest.raises(ValueError, match="image_frame='llava'; choose one of"):
+        t.image_ids(3, "llava")
+
+    conv = _conv(("user", "<|image|><|image|>is it red?"), ("assistant", "Yes."))
+    two, _ = t.render_conversation(conv, num_vision_tokens=2, image_frame="idefics2")
+    start = two.index(frame)
+    assert two[start:start + 7] == [frame, img, img, frame, img, img, frame]  # one frame between the two
+    assert t.decode(two[start + 7:]).startswith(" is it red?")  # spaced off the frame, as Idefics2's processor
+    three, _ = t.render_conversation(conv, num_vision_tokens=2, image_frame="idefics3")
+    start = three.index(frame)
+    assert three[start:start + 10] == [frame, glob, img, img, frame] * 2
+    assert t.decode(three[start + 10:]).startswith("is it red?")
+    spaced, _ = t.render_conversation(_conv(("user", "<|image|>\nis it?")), num_vision_tokens=2, image_frame="idefics2")
+    assert t.decode(spaced).count("\nis it?") == 1  # whitespace after the frame: nothing added
+
+    for frame_name, full in (("idefics2", two), ("idefics3", three)):
+        for max_tokens in range(1, len(full) + 1):
+            ids, _ = t.render_conversation(conv, max_tokens=max_tokens, num_vision_tokens=2, image_frame=frame_name)
+            assert ids == full[:len(ids)] and ids.count(img) % 2 == 0
+            if img in ids:  # an image is kept with its closing frame
+                assert ids[max(i for i, x in enumerate(ids) if x == img) + 1] == frame
+
+
+def test_a_tokenizer_without_frame_tokens_loads_and_refuses_frames(tmp_path: Path) -> None:
+    """Tokenizers trained before the frame tokens keep working for unframed models."""
+    old = Tokenizer({bytes([i]): i for i in range(256)}, r"\S+|\s+", {s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+    old.save(tmp_path)
+    old = Tokenizer.load(tmp_path)
+    assert old.render_for_completion(_conv(("user", "<|image|>hi")), num_vision_tokens=2).count(old.image_token_id) == 2
+    with pytest.raises(ValueError, match=r"needs the special token <\|image_frame\|>.*tok_train.py"):
+        old.render_for_completion(_conv(("user", "<|image|>hi")), num_vision_tokens=2, image_frame="idefics2")
 
 
 def test_role_order_errors(tiny_tokenizer: Tokenizer) -> None:

@@ -330,7 +330,8 @@ def test_load_image_rejects_bad_input():
 
 
 def test_image_transform_pads_to_square_without_cropping():
-    _, cfg = get_preset("vlm_tiny")
+    _, cfg = get_preset("vlm_tiny_cnn")
+    assert cfg.pad_to_square
     wide = Image.new("RGB", (128, 32), (255, 255, 255))
     padded = image_transform(cfg)(wide)
     assert padded.shape == (3, 64, 64) and padded.dtype == torch.uint8
@@ -346,7 +347,7 @@ def test_uint8_pixels_normalised_in_the_encoder_match_timms_float_transform():
     """Workers ship uint8 pixels and the encoder normalises them: the same features as timm's own float
     preprocessing (resize, ToTensor, Normalize) fed to the encoder; an image already at size skips the resize."""
     _, cfg = get_preset("vlm_tiny")
-    cfg = dataclasses.replace(cfg, pad_to_square=False)
+    assert not cfg.pad_to_square  # as Idefics3's processor, it squashes
     norm = data_config(cfg)
     timm_float = timm.data.create_transform(input_size=norm["input_size"], interpolation=norm["interpolation"],
                                             mean=norm["mean"], std=norm["std"], crop_pct=1.0, crop_mode="squash")

@@ -19,6 +19,8 @@ tokens predictive of it:
 
     <|bos|> <|image|> x num_vision_tokens  caption tokens
 
+(the image's ids in the model's frame, `Tokenizer.image_ids`, and the caption spaced off an Idefics2 frame)
+
 Loss on caption tokens only (including the first one, predicted from the last image position); no end
 token, since the frozen base model never learned one. Conversations use `Tokenizer.render_conversation`
 (loss on assistant tokens only); text-only conversations are fine.
@@ -76,7 +78,7 @@ from ghostvis.data.packing import PACK_WINDOW_BATCHES, pack_rows
 from ghostvis.data.request import DataRequest
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
-from ghostvis.tokenizer import Tokenizer, message_images
+from ghostvis.tokenizer import Tokenizer, message_images, spaced_after_image
 from ghostvis.vision.transforms import BadImage, load_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -131,7 +133,7 @@ class _Batcher:
                  num_vision_tokens: int, transform: Transform | None, use_features: bool = False,
                  feature_shape: tuple[int, int] | None = None, group_batches: int = 1, seed: int | str = 0,
                  device: str | torch.device = "cpu", restart: bool = False, pack: bool = False,
-                 pack_images: int = 0) -> None:
+                 pack_images: int = 0, image_frame: str = "none") -> None:
         if batch_size < 1 or group_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) must be >= 1")
         if pack and group_batches > 1:
@@ -142,6 +144,7 @@ class _Batcher:
             raise ValueError("pass an image transform (PIL -> tensor), or use_features=True for cached features")
         self.source, self.tok = source, tokenizer
         self.batch_size, self.max_len, self.n_vis = batch_size, max_len, num_vision_tokens
+        self.image_frame = image_frame  # VisionConfig.image_frame
         self.transform, self.use_features = transform, use_features
         self.group_batches, self.seed = group_batches, seed
         self.device = torch.device(device)
@@ -322,20 +325,20 @@ class CaptionBatches(_Batcher):
 
     def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
                  num_vision_tokens: int, transform: Transform | None, **kw: Any) -> None:
-        if num_vision_tokens < 1 or max_len < num_vision_tokens + 2:
-            raise ValueError(f"max_len ({max_len}) must leave room for <|bos|>, {num_vision_tokens} image "
-                             "tokens and at least one caption token; raise --max-len or lower the vision tokens")
         super().__init__(source, tokenizer, batch_size=batch_size, max_len=max_len,
                          num_vision_tokens=num_vision_tokens, transform=transform, **kw)
+        self.head = [tokenizer.bos_token_id] + tokenizer.image_ids(num_vision_tokens, self.image_frame)
+        if num_vision_tokens < 1 or max_len < len(self.head) + 1:
+            raise ValueError(f"max_len ({max_len}) must leave room for <|bos|>, {len(self.head) - 1} image "
+                             "tokens and at least one caption token; raise --max-len or lower the vision tokens")
 
     def _row(self, sample: dict[str, Any]) -> Row:
         caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
         if not caption:
             raise Unusable("missing caption")
         image = self._image(sample, "")
-        head = [self.tok.bos_token_id] + [self.tok.image_token_id] * self.n_vis
-        text = self.tok.encode(caption)[: self.max_len - len(head)]
-        return Row(head + text, [0] * len(head) + [1] * len(text), [image])
+        text = self.tok.encode(spaced_after_image(caption, self.image_frame))[: self.max_len - len(self.head)]
+        return Row(self.head + text, [0] * len(self.head) + [1] * len(text), [image])
 
 
 class ConversationBatches(_Batcher):
@@ -344,7 +347,7 @@ class ConversationBatches(_Batcher):
     def _row(self, sample: dict[str, Any]) -> Row:
         record, _ = read_conversation(sample)  # images are read by index below (or their cached features)
         try:
-            ids, mask = self.tok.render_conversation(record, self.max_len, self.n_vis)
+            ids, mask = self.tok.render_conversation(record, self.max_len, self.n_vis, self.image_frame)
         except (ValueError, TypeError, KeyError) as e:
             raise Unusable(f"conversation not renderable: {e}") from e
         kept = ids.count(self.tok.image_token_id) // self.n_vis if self.n_vis else 0  # truncation drops tail images
@@ -543,7 +546,7 @@ def _batcher_args(req: DataRequest, source: SampleSource) -> dict[str, Any]:
     `req.cached_features`, the checked cached features instead of the preprocessing."""
     args = {"batch_size": req.batch_size, "max_len": req.seq_len, "seed": req.draw_seed, "device": req.device,
             "restart": req.eval_mode, "pack": req.pack, "pack_images": req.pack_images,
-            "num_vision_tokens": req.num_vision_tokens, "transform": req.transform}
+            "num_vision_tokens": req.num_vision_tokens, "image_frame": req.image_frame, "transform": req.transform}
     if req.cached_features:
         streams = getattr(source, "sources", [source])  # a MixtureBatches' ShardStreams, or the one stream
         shape = check_features({str(s.data_dir): s.manifest.extra.get(FEATURES_KEY) for s in streams}, req.encoder)

@@ -41,12 +41,13 @@ class PromptBatches:
     """Batches of RL prompts with their reference answers (see the module doc)."""
 
     def __init__(self, source: SampleSource, tokenizer: Tokenizer, *, batch_size: int, max_prompt_len: int,
-                 num_vision_tokens: int, transform: Any, device: torch.device | str = "cpu") -> None:
+                 num_vision_tokens: int, transform: Any, device: torch.device | str = "cpu",
+                 image_frame: str = "none") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.source, self.tok = source, tokenizer
         self.batch_size, self.max_prompt_len = batch_size, max_prompt_len
-        self.n_vis, self.transform = num_vision_tokens, transform
+        self.n_vis, self.transform, self.image_frame = num_vision_tokens, transform, image_frame
         self.device = torch.device(device)
         self.skips = Skips()
         # a pass over every sample without a usable one means none will come
@@ -58,7 +59,7 @@ class PromptBatches:
             sample = parse_sample(raw)
             if sample.images and self.transform is None:
                 raise Unusable("a sample has images but the model has no vision tower")
-            ids = qa_prompt(sample, self.tok, self.n_vis, self.max_prompt_len)
+            ids = qa_prompt(sample, self.tok, self.n_vis, self.max_prompt_len, self.image_frame)
         except Unusable as e:
             self.skips.add(e, self.source)
             return None
@@ -105,4 +106,4 @@ def prompt_batches(req: DataRequest) -> PromptBatches | ConversationBatches:
         return conversation_batches(req)
     return PromptBatches(sample_source(req, "conversation"), req.tokenizer, batch_size=req.batch_size,
                          max_prompt_len=req.seq_len, num_vision_tokens=req.num_vision_tokens,
-                         transform=req.transform, device=req.device)
+                         transform=req.transform, device=req.device, image_frame=req.image_frame)

@@ -39,7 +39,7 @@ def caption_loss(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | P
     stream = ShardStream(data_dir, seed=0, loop=False, shuffle=False, expected_kind="image-text",
                          max_corrupt_fraction=0.05)
     batches = CaptionBatches(stream, tokenizer, batch_size=batch_size, max_len=model.config.max_seq_len,
-                             num_vision_tokens=model.num_vision_tokens,
+                             num_vision_tokens=model.num_vision_tokens, image_frame=model.vision_config.image_frame,
                              transform=image_transform(model.vision_config), device=device)
     nats, tokens, samples = 0.0, 0, 0
     limit = _batches_for(max_samples, batch_size)

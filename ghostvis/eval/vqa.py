@@ -160,7 +160,7 @@ def _evaluate_vqa(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | 
     for sample in samples:
         check_model(model, bool(sample.images), f"{data_dir} sample {sample.key}")
         try:
-            ids = qa_prompt(sample, tokenizer, engine.num_vision_tokens, engine.max_seq_len)
+            ids = qa_prompt(sample, tokenizer, engine.num_vision_tokens, engine.max_seq_len, engine.image_frame)
         except Unusable as e:
             skips.add(e)  # a prompt problem, not a damaged sample: not counted as corrupt
             bar.update(1)

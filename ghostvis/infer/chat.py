@@ -54,7 +54,7 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[Any]
     if sum(message_images(m) for m in messages) != len(images):
         raise ValueError(f"the conversation has {sum(message_images(m) for m in messages)} image parts "
                          f"but {len(images)} images were given")
-    tok, n_vis = engine.tokenizer, engine.num_vision_tokens
+    tok, n_vis, frame = engine.tokenizer, engine.num_vision_tokens, engine.image_frame
     context = engine.max_seq_len if context is None else context
     budget = context - min(reply_tokens, context // 2)
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
@@ -62,16 +62,16 @@ def fit_prompt(engine: Engine, messages: list[dict[str, Any]], images: list[Any]
     if len(turns) % 2 == 0:
         raise ValueError("the conversation must end with a user message")
     # tokens each user/assistant pair adds (rendered once each), then the shortest suffix that fits
-    pair_cost = [len(tok.render_conversation({"messages": turns[i:i + 2]}, sys.maxsize, n_vis)[0]) - 1
+    pair_cost = [len(tok.render_conversation({"messages": turns[i:i + 2]}, sys.maxsize, n_vis, frame)[0]) - 1
                  for i in range(0, len(turns) - 1, 2)]
-    need = len(tok.render_for_completion({"messages": system + turns[-1:]}, n_vis))
+    need = len(tok.render_for_completion({"messages": system + turns[-1:]}, n_vis, frame))
     first = len(pair_cost)
     while first > 0 and need + pair_cost[first - 1] <= budget:
         first -= 1
         need += pair_cost[first]
     while True:  # one render; more only where the system text joins a different first turn
         kept = system + turns[2 * first:]
-        ids = tok.render_for_completion({"messages": kept}, n_vis)
+        ids = tok.render_for_completion({"messages": kept}, n_vis, frame)
         if len(ids) <= budget:
             break
         if first == len(pair_cost):

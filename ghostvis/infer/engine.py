@@ -122,6 +122,12 @@ class Engine:
         """Image-token positions per image in a prompt (0 for a text-only model)."""
         return 0 if self.vision is None else self.vision.num_vision_tokens
 
+    @property
+    def image_frame(self) -> str:
+        """The special tokens around each image's positions in a prompt (`VisionConfig.image_frame`)."""
+        vision_cfg = getattr(self.model, "vision_config", None)
+        return "none" if vision_cfg is None else vision_cfg.image_frame
+
     def _validate(self, prompts: Sequence[Sequence[int]], images: Sequence[Sequence[torch.Tensor]] | None,
                   temperature: float, top_k: int | None, top_p: float | None) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):

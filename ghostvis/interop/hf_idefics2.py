@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_idefics3 import siglip_vision_config
+from ghostvis.interop.hf_idefics3 import IDEFICS_SPELLINGS, save_idefics_processor, siglip_vision_config
 from ghostvis.interop.hf_llava import language_tensors, read_vlm, vision_tensors, write_vlm_folder
 from ghostvis.vision.resampler import PERCEIVER_EPS
 
@@ -36,10 +36,9 @@ def idefics2_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
 
 def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
     """GhostVis VLM export directory -> transformers Idefics2 folder (config.json, model.safetensors, tokenizer
-    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens. Pixels are our
-    transform's (``ghostvis.vision.transforms.image_transform``): no processor is written (Idefics2's splits
-    and wraps images in tokens our tokenizer lacks, as Idefics3's does). Raises InteropError (with the reason)
-    for other connectors and for an encoder with a class token."""
+    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with Idefics2's
+    processor where ``idefics_processor_refusal`` allows (hf_idefics3's module doc). Raises InteropError (with
+    the reason) for other connectors and for an encoder with a class token."""
     from transformers import Idefics2Config, Idefics2PerceiverConfig, Idefics2VisionConfig
 
     vlm = read_vlm(ckpt_dir, dtype, idefics2_refusal, "Idefics2")
@@ -56,5 +55,5 @@ def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
     state = {**language_tensors(vlm.llm_state, "model.text_model"),
              **vision_tensors(vlm, "model.vision_model", {"projector": "model.connector.modality_projection",
                                                           "resampler": "model.connector.perceiver_resampler"})}
-    write_vlm_folder(vlm, out_dir, config, state)
+    save_idefics_processor(write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS), vlm, "idefics2")
     return config

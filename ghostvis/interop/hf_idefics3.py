@@ -6,6 +6,12 @@ bias-free linear layer (``VisionConfig.projector_hidden = 0``). Its vision tower
 and applies ``post_layernorm`` to the last block's output, so the encoder must keep and apply its final norm
 (``VisionConfig.feature_norm = true``); the kept blocks end at our feature layer. Our image token becomes
 ``image_token_id``; a prompt holds ``num_vision_tokens`` of them per image, as in our own rendering.
+
+The processor (Idefics3's, and Idefics2's for hf_idefics2) is written for a model trained on that family's
+prompt and pixels (``VisionConfig.image_frame``, ``pad_to_square = false``): it then turns ``<image>`` in a
+prompt into the ids our renderer makes, and an image into our pixels. Both processors hard-code the spellings
+``<image>`` and ``<fake_token_around_image>`` (Idefics3's also ``<global-img>``), so the folder's tokenizer
+spells our specials so (``IDEFICS_SPELLINGS``); the ids stay ours.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (POSITION_EMBEDDING_REFUSAL, VLMExport, language_tensors, read_vlm,
                                         vision_tensors, write_vlm_folder)
 from ghostvis.interop.common import InteropError
+from ghostvis.tokenizer import IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN, IMAGE_PLACEHOLDER
+from ghostvis.vision.transforms import data_config
+
+# our special tokens as the Idefics processors spell them
+IDEFICS_SPELLINGS = {IMAGE_PLACEHOLDER: "<image>", IMAGE_FRAME_TOKEN: "<fake_token_around_image>",
+                     IMAGE_GLOBAL_TOKEN: "<global-img>"}
 
 
 def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:
@@ -51,11 +63,46 @@ def siglip_vision_config(vlm: VLMExport, config_class: type, target: str) -> Any
         hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
 
 
+def idefics_processor_refusal(vision_cfg: VisionConfig, frame: str) -> str | None:
+    """Why the Idefics2/Idefics3 (``frame``) processor would not reproduce this model's inputs (None when it does)."""
+    if vision_cfg.image_frame != frame:
+        return (f"the model's images are framed {vision_cfg.image_frame!r}, the processor's {frame!r}: train with "
+                f"--vision image_frame={frame}")
+    if vision_cfg.pad_to_square:
+        return ("the model saw images padded to a square, the processor squashes them: train with "
+                "--vision pad_to_square=false")
+    return None
+
+
+def save_idefics_processor(out: Path, vlm: VLMExport, frame: str) -> None:
+    """processor_config.json + preprocessor_config.json when ``idefics_processor_refusal`` allows: one unsplit
+    image per ``<image>``, squashed to S x S with our interpolation and the encoder's mean/std; the prompt gets
+    ``frame``'s tokens around ``num_vision_tokens`` image tokens."""
+    if idefics_processor_refusal(vlm.vision_cfg, frame):
+        return
+    from PIL import Image
+    from transformers import (AutoTokenizer, Idefics2ImageProcessor, Idefics2Processor, Idefics3ImageProcessor,
+                              Idefics3Processor)
+
+    data, size = data_config(vlm.vision_cfg), vlm.vision_cfg.image_size
+    pixels = dict(do_convert_rgb=True, do_rescale=True, do_normalize=True, image_mean=list(data["mean"]),
+                  image_std=list(data["std"]), resample=Image.Resampling[str(data["interpolation"]).upper()],
+                  do_image_splitting=False, do_pad=True)
+    if frame == "idefics3":  # unsplit, it only squashes to max_image_size; do_resize would resize once more first
+        images, processor = Idefics3ImageProcessor(do_resize=False, max_image_size={"longest_edge": size},
+                                                   **pixels), Idefics3Processor
+    else:
+        images, processor = Idefics2ImageProcessor(do_resize=True, size={"height": size, "width": size},
+                                                   **pixels), Idefics2Processor
+    processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(out)),
+              image_seq_len=vlm.vision_cfg.num_vision_tokens).save_pretrained(str(out))
+
+
 def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
     """GhostVis VLM export directory -> transformers Idefics3 folder (config.json, model.safetensors, tokenizer
-    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens. Pixels are our
-    transform's (``ghostvis.vision.transforms.image_transform``): no processor is written. Raises InteropError
-    (with the reason) for other connectors and for an encoder with a class token."""
+    files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with Idefics3's
+    processor where ``idefics_processor_refusal`` allows (module doc). Raises InteropError (with the reason) for
+    other connectors and for an encoder with a class token."""
     from transformers import Idefics3Config, Idefics3VisionConfig
 
     vlm = read_vlm(ckpt_dir, dtype, idefics3_refusal, "Idefics3")
@@ -67,5 +114,5 @@ def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
         architectures=["Idefics3ForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.text_model"),
              **vision_tensors(vlm, "model.vision_model", {"projector.proj": "model.connector.modality_projection.proj"})}
-    write_vlm_folder(vlm, out_dir, config, state)
+    save_idefics_processor(write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS), vlm, "idefics3")
     return config

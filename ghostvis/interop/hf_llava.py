@@ -120,13 +120,15 @@ def vision_tensors(vlm: VLMExport, tower: str, connector: dict[str, str]) -> dic
     return {k: (v.to(vlm.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
-def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: dict[str, torch.Tensor]) -> Path:
-    """model.safetensors, config.json, generation_config.json and the tokenizer files."""
+def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: dict[str, torch.Tensor],
+                     spellings: dict[str, str] | None = None) -> Path:
+    """model.safetensors, config.json, generation_config.json and the tokenizer files (``spellings``: the target
+    family's names for our special tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
     config.save_pretrained(str(out))
-    write_generation_and_tokenizer(vlm.text_cfg, vlm.tok, out)
+    write_generation_and_tokenizer(vlm.text_cfg, vlm.tok, out, spellings)
     return out
 
 

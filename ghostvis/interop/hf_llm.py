@@ -240,11 +240,12 @@ def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype 
     return hf_cfg
 
 
-def write_generation_and_tokenizer(hf_cfg: Any, tok: Tokenizer, out: Path) -> None:
+def write_generation_and_tokenizer(hf_cfg: Any, tok: Tokenizer, out: Path,
+                                   spellings: dict[str, str] | None = None) -> None:
     """generation_config.json (bos/eos = <|assistant_end|>/pad, so generate stops at the end of the turn)
-    and the transformers tokenizer files."""
+    and the transformers tokenizer files (``spellings``: see ``hf_tokenizer_files``)."""
     from transformers import GenerationConfig
 
     GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
                      pad_token_id=hf_cfg.pad_token_id).save_pretrained(str(out))
-    hf_tokenizer_files(tok, out)
+    hf_tokenizer_files(tok, out, spellings)

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
-from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import NEW_SPECIAL_TOKENS, SPECIAL_TOKENS, Tokenizer
 
 HF_MARKER_FILE = "ghostvis_hf.json"  # marks an imported tokenizer's directory (load_tokenizer looks for it)
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -86,16 +86,16 @@ class HFTokenizer(Tokenizer):
         if vocab_ids != list(range(base)):
             raise ValueError(f"{path}: token ids are not contiguous 0..{base - 1}; such a vocabulary is not supported")
         chosen = {**default_aliases(hf_dir, raw), **(aliases or {})}
-        unknown = sorted(set(chosen) - set(SPECIAL_TOKENS))
+        unknown = sorted(set(chosen) - set(NEW_SPECIAL_TOKENS))
         if unknown:
-            raise ValueError(f"alias for {unknown}: not GhostVis special tokens; known: {list(SPECIAL_TOKENS)}")
+            raise ValueError(f"alias for {unknown}: not GhostVis special tokens; known: {list(NEW_SPECIAL_TOKENS)}")
         specials: dict[str, int] = {}
         for name, target in chosen.items():
             tid = raw.token_to_id(target)
             if tid is None:
                 raise ValueError(f"alias {name}={target}: {target!r} is not a token of {path}")
             specials[name] = tid
-        for name in SPECIAL_TOKENS:
+        for name in NEW_SPECIAL_TOKENS:
             if name in specials:
                 continue
             existing = raw.token_to_id(name)  # a vocabulary that already has our spelling keeps its id
@@ -186,22 +186,33 @@ class HFTokenizer(Tokenizer):
         return [i for i in self.encode(name) if i < self.base_vocab_size]
 
 
-def hf_tokenizer_files(tok: Tokenizer, out_dir: str | Path) -> None:
+def hf_tokenizer_files(tok: Tokenizer, out_dir: str | Path, spellings: dict[str, str] | None = None) -> None:
     """Write ``tok`` as transformers tokenizer files (tokenizer.json + tokenizer_config.json) that
     ``AutoTokenizer.from_pretrained`` opens. A native GhostVis tokenizer is converted from its tiktoken
-    ranks (byte-level BPE, same pattern and specials). The chat template renders like ours."""
+    ranks (byte-level BPE, same pattern and specials). The chat template renders like ours. ``spellings``
+    respells special tokens (ours -> the target family's, e.g. ``<|image|>`` -> ``<image>``); ids stay."""
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(tok, HFTokenizer):
         raw = RawTokenizer.from_str(tok.raw.to_str())
     else:
         raw = _raw_from_ranks(tok)
+    if spellings:
+        raw = _respelled(raw, spellings)
     raw.encode_special_tokens = False  # transformers decides how specials in text are handled
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token=_spelling(tok, tok.bos_token_id), pad_token=_spelling(tok, tok.pad_token_id),
         eos_token=_spelling(tok, tok.special_id("<|assistant_end|>")))
     fast.chat_template = chat_template(tok)
     fast.save_pretrained(str(out_dir))
+
+
+def _respelled(raw: RawTokenizer, spellings: dict[str, str]) -> RawTokenizer:
+    """``raw`` with its added tokens ``spellings`` names respelled (a special token's id is where it stays)."""
+    data = json.loads(raw.to_str())
+    for added in data["added_tokens"]:
+        added["content"] = spellings.get(added["content"], added["content"])
+    return RawTokenizer.from_str(json.dumps(data))
 
 
 def _spelling(tok: Tokenizer, token_id: int) -> str:

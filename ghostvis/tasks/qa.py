@@ -128,12 +128,13 @@ class Skips:
         return {cause: n for cause, n in sorted(report.items()) if n}
 
 
-def qa_prompt(sample: QASample, tokenizer: Tokenizer, num_vision_tokens: int, max_len: int) -> list[int]:
+def qa_prompt(sample: QASample, tokenizer: Tokenizer, num_vision_tokens: int, max_len: int,
+              image_frame: str = "none") -> list[int]:
     """Ids that prime the model for the sample's answer: the conversation up to its last user turn, images
-    expanded, then <|assistant_start|> (`Tokenizer.render_for_completion`). Raises Unusable when it can't
-    be rendered and PromptTooLong when it is `max_len` tokens or more (no room left to answer)."""
+    expanded (in `image_frame`), then <|assistant_start|> (`Tokenizer.render_for_completion`). Raises Unusable
+    when it can't be rendered and PromptTooLong when it is `max_len` tokens or more (no room left to answer)."""
     try:
-        ids = tokenizer.render_for_completion(sample.record, num_vision_tokens)
+        ids = tokenizer.render_for_completion(sample.record, num_vision_tokens, image_frame)
     except (ValueError, TypeError, KeyError) as e:
         raise Unusable(f"sample {sample.key}: conversation not renderable: {e}") from e
     if len(ids) >= max_len:

@@ -107,11 +107,12 @@ LOSSES: dict[str, Callable[[LossRequest], Callable]] = {"lm": make_lm_loss, "grp
 
 
 def data_inputs(model: torch.nn.Module, cached_features: bool = False) -> dict[str, Any]:
-    """The DataRequest fields read off the model: vision tokens per image, the encoder's preprocessing,
+    """The DataRequest fields read off the model: vision tokens per image and their frame, the encoder's preprocessing,
     whether any LLM weight trains, and with --cached-features what the cache must match (a collective
     under ZeRO-3: every rank calls this at the same point)."""
     vision_cfg = getattr(model, "vision_config", None)
     return {"num_vision_tokens": model.num_vision_tokens if vision_cfg is not None else 0,
+            "image_frame": vision_cfg.image_frame if vision_cfg is not None else "none",
             "transform": image_transform(vision_cfg) if vision_cfg is not None else None,
             "llm_trains": any(p.requires_grad for n, p in model.named_parameters() if "vision." not in n),
             "cached_features": cached_features, "encoder": encoder_spec(model, cached_features)}
@@ -202,6 +203,10 @@ def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, 
             vision_cfg = dataclasses.replace(vision_cfg, **dict(args.vision))
         except (TypeError, ValueError) as e:
             raise ds_engine.ConfigError(f"--vision: {e}") from e
+    try:  # a framed prompt needs the frame's special tokens, which tokenizers trained before them lack
+        tokenizer.image_ids(1, vision_cfg.image_frame)
+    except ValueError as e:
+        raise ds_engine.ConfigError(str(e)) from e
     if encoder_weights:
         if tower_saved(args):
             raise ds_engine.ConfigError(f"--encoder-weights: --init-from {args.init_from} already holds the vision "
