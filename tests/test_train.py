@@ -248,8 +248,21 @@ def test_resume_check_reads_client_states_whose_config_held_run_settings(tmp_pat
 
 def test_resume_check_compares_the_vision_tower(tmp_path):
     """A checkpoint records its tower: resuming with another one (vlm_small's earlier class-token encoder, say)
-    is refused naming the field; a checkpoint from before towers were recorded is compared on the LLM only."""
+    is refused naming the field; a checkpoint from before towers were recorded is compared on the LLM only; an
+    MLP's width given as a number resumes under LLM_WIDTH (-1), the same width."""
     import dataclasses
+
+    cfg, cnn = get_preset("vlm_tiny_cnn")
+    tag = checkpoint.step_tag(5)
+    (tmp_path / "cnn" / "ckpt" / tag).mkdir(parents=True)
+    (tmp_path / "cnn" / "ckpt" / "latest").write_text(tag)
+    explicit = dataclasses.replace(cnn, projector_hidden=cfg.n_embd)
+    (tmp_path / "cnn" / "ckpt" / tag / "client_state_rank0.json").write_text(json.dumps(
+        {"stage": "sft", "model": cfg.to_dict(), "vision": explicit.to_dict()}))
+    assert cnn.projector_hidden == -1
+    loop.check_resumable(tmp_path / "cnn", "sft", cfg, cnn)
+    with pytest.raises(checkpoint.CheckpointError, match=f"vision projector_hidden {cfg.n_embd} vs {2 * cfg.n_embd}"):
+        loop.check_resumable(tmp_path / "cnn", "sft", cfg, dataclasses.replace(cnn, projector_hidden=2 * cfg.n_embd))
 
     cfg, vision = get_preset("vlm_tiny")
     tag = checkpoint.step_tag(5)

@@ -817,9 +817,12 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
     def differences(now: dict[str, Any], then: dict[str, Any], prefix: str = "") -> list[str]:
         return [f"{prefix}{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
 
+    def tower(cfg: VisionConfig) -> dict[str, Any]:  # projector_hidden LLM_WIDTH and the width it is: one tower
+        return {**cfg.to_dict(), "projector_hidden": cfg.projector_width(model_cfg.n_embd)}
+
     differ = differences(model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict())
     if vision_cfg is not None and "vision" in saved:
-        differ += differences(vision_cfg.to_dict(), VisionConfig.from_dict(saved["vision"]).to_dict(), "vision ")
+        differ += differences(tower(vision_cfg), tower(VisionConfig.from_dict(saved["vision"])), "vision ")
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
     if differ:
