@@ -35,7 +35,7 @@ from ghostvis.data.multimodal import (IMAGE_EXTS, CaptionBatches, ConversationBa
                                       conversation_batches, read_conversation)
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer import Tokenizer, spaced_after_image
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.data.request import DataRequest
 from ghostvis.train.loop import data_inputs
@@ -65,14 +65,15 @@ def profile_phases(kind: str, data_dir: Path, tok: Tokenizer, model: VLM, sample
                                         mean=norm["mean"], std=norm["std"], crop_pct=1.0, crop_mode="squash")
     make = CaptionBatches if kind == "captions" else ConversationBatches
     batcher = make(ShardStream(data_dir, seed=0), tok, batch_size=batch, max_len=seq_len,
-                   num_vision_tokens=model.num_vision_tokens, transform=transform)
+                   num_vision_tokens=model.num_vision_tokens, image_frame=vcfg.image_frame, transform=transform)
     clock, rows, n_images = Clock(), [], 0
     it = iter(batcher.source)
     for _ in range(samples):
         sample = clock.time("read", next, it)
         if kind == "captions":
             keys = [next(f"{e}" for e in IMAGE_EXTS if e in sample)]
-            ids = clock.time("tokenize", lambda: tok.encode(sample["txt"].decode()))
+            caption = spaced_after_image(sample["txt"].decode(), vcfg.image_frame)
+            ids = clock.time("tokenize", lambda: tok.encode(caption))
             ids, mask = batcher.head + ids, [0] * len(batcher.head) + [1] * len(ids)
         else:
             record, keys = read_conversation(sample)

@@ -234,7 +234,8 @@ def packed_fill(stage: str, data: Path, tokenizer_dir: Path, model: str, row_len
 
     tok, vision = tokenizer_and_vision(tokenizer_dir, model)
     req = DataRequest(Path(data), "train", row_len, rows, 0, 1, seed, tok, torch.device("cpu"), False,
-                      num_vision_tokens=vision.num_vision_tokens, transform=image_transform(vision), pack=True)
+                      num_vision_tokens=vision.num_vision_tokens, image_frame=vision.image_frame,
+                      transform=image_transform(vision), pack=True)
     batches = DATA_BUILDERS[STAGES[stage].data_kind](req)  # the builder the trainer uses for this stage
     taken = [b for b, _ in zip(batches, range(2 * PACK_WINDOW_BATCHES + 2))]
     # over whole steps of `rows` × `row_len`: a window's last batch may hold fewer rows, and the target is the

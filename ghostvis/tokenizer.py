@@ -49,7 +49,8 @@ SPECIAL_TOKENS = (
 IMAGE_FRAME_TOKEN = "<|image_frame|>"
 IMAGE_GLOBAL_TOKEN = "<|image_global|>"
 FRAME_TOKENS = (IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN)
-NEW_SPECIAL_TOKENS = SPECIAL_TOKENS + FRAME_TOKENS  # what a tokenizer trained or imported now holds
+ALL_SPECIAL_TOKENS = SPECIAL_TOKENS + FRAME_TOKENS  # what a tokenizer trained or imported now holds
+IMAGE_TOKENS = (IMAGE_PLACEHOLDER, *FRAME_TOKENS)  # only the renderer writes these, never the model
 # "none": <|image|> x N. "idefics2": <|image_frame|> <|image|> x N <|image_frame|>, adjacent images sharing a frame
 # and a word right after an image spaced off it, as Idefics2's processor writes them. "idefics3": <|image_frame|>
 # <|image_global|> <|image|> x N <|image_frame|>, Idefics3's (SmolVLM's) unsplit image.
@@ -57,7 +58,7 @@ IMAGE_FRAMES = ("none", "idefics2", "idefics3")
 RANKS_FILE = "ranks.tiktoken"
 META_FILE = "tokenizer.json"
 FORMAT = "ghostvis-tokenizer/1"
-MIN_VOCAB_SIZE = 256 + len(NEW_SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(ALL_SPECIAL_TOKENS)
 
 
 class Tokenizer:
@@ -98,18 +99,18 @@ class Tokenizer:
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(
                 f"vocab_size={vocab_size} is too small: it must cover the 256 byte tokens and "
-                f"{len(NEW_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
+                f"{len(ALL_SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
             )
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(iter(texts), vocab_size - len(NEW_SPECIAL_TOKENS), buffer_size, pattern)
+        trainer.train_from_iterator(iter(texts), vocab_size - len(ALL_SPECIAL_TOKENS), buffer_size, pattern)
         ranks = {bytes(b): i for b, i in trainer.get_mergeable_ranks()}
-        if len(ranks) + len(NEW_SPECIAL_TOKENS) < vocab_size:
+        if len(ranks) + len(ALL_SPECIAL_TOKENS) < vocab_size:
             warnings.warn(
                 f"the corpus only supported {len(ranks) - 256} merges; vocab_size is "
-                f"{len(ranks) + len(NEW_SPECIAL_TOKENS)} instead of {vocab_size}",
+                f"{len(ranks) + len(ALL_SPECIAL_TOKENS)} instead of {vocab_size}",
                 stacklevel=2,
             )
-        specials = {s: len(ranks) + i for i, s in enumerate(NEW_SPECIAL_TOKENS)}
+        specials = {s: len(ranks) + i for i, s in enumerate(ALL_SPECIAL_TOKENS)}
         return cls(ranks, trainer.get_pattern(), specials)
 
     def _ranks_text(self) -> str:
@@ -226,8 +227,9 @@ class Tokenizer:
     def _frame_id(self, name: str, image_frame: str) -> int:
         if name not in self.special_tokens:
             raise ValueError(f"image_frame={image_frame!r} needs the special token {name}, which this tokenizer "
-                             "(trained before image frames) lacks: train a new one with launch/tok_train.py, or "
-                             "train the model with --vision image_frame=none")
+                             "(made before image frames) lacks: train the model with --vision image_frame=none, or "
+                             "start from a tokenizer that has it (a new one from launch/tok_train.py, a new "
+                             "launch/import_hf.py import, or an --alias onto an existing token)")
         return self.special_tokens[name]
 
     def render_conversation(

@@ -22,12 +22,11 @@ exportable one with `launch/train.py --vision KEY=VALUE`. See docs/interop.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ghostvis.checkpoint_io import read_config
 from ghostvis.interop.hf_fastvlm import export_fastvlm, fastvlm_refusal
 from ghostvis.interop.hf_idefics2 import export_idefics2, idefics2_refusal
-from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal, idefics_processor_refusal
+from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
 from ghostvis.interop.hf_llava import export_llava, llava_refusal
 from ghostvis.interop.hf_llm import DTYPES, export_llm
 
@@ -58,13 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                     "already its own format (llm.safetensors + vision.safetensors + config.json + tokenizer/, "
                     "opened by ghostvis.load_pretrained); --llm-only exports its language model as a transformers "
                     "folder.")
-        config = exporters[fits[0]][1](args.ckpt, args.out, dtype=dtype)
-        if (Path(args.out) / "processor_config.json").is_file():
-            processor = "with its processor"
-        elif fits[0].startswith("Idefics"):
-            processor = f"no processor: {idefics_processor_refusal(vision_cfg, fits[0].lower())}"
-        else:
-            processor = "no processor: its feature map is not a square grid that divides the image"
+        folder = exporters[fits[0]][1](args.ckpt, args.out, dtype=dtype)
+        config = folder.config
+        processor = "with its processor" if folder.no_processor is None else f"no processor: {folder.no_processor}"
         print(f"wrote {args.out}: transformers {config.architectures[0]} "
               f"({config.text_config.model_type} + {config.vision_config.model_type}), {processor}")
         return

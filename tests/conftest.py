@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ghostvis.tokenizer import NEW_SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from ghostvis.tokenizer import ALL_SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VOCAB_SIZE = 512
@@ -70,7 +70,7 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path) -> Tokenizer:
 def byte_tokenizer() -> Tokenizer:
     """A real tokenizer with no merges: ids 0-255 are bytes, then the specials."""
     ranks = {bytes([i]): i for i in range(256)}
-    return Tokenizer(ranks, r"\S+|\s+", {s: 256 + i for i, s in enumerate(NEW_SPECIAL_TOKENS)})
+    return Tokenizer(ranks, r"\S+|\s+", {s: 256 + i for i, s in enumerate(ALL_SPECIAL_TOKENS)})
 
 
 TOK = byte_tokenizer()

@@ -8,16 +8,18 @@ from conftest import TOK, bigram_gpt, tiny_gpt, tiny_vlm
 
 from ghostvis.infer.chat import ReplyStream, fit_prompt, user_message, ContextTooLong
 from ghostvis.infer.engine import Engine, ToolUse, sample
+from ghostvis.tokenizer import IMAGE_TOKENS
 
 
 def greedy_without_cache(model, prompt, n, pixel_values=None):
-    """The reference: recompute the whole sequence every step."""
+    """The reference: recompute the whole sequence every step; never an image token or its frame, as the engine."""
     ids = list(prompt)
+    banned = [TOK.special_id(name) for name in IMAGE_TOKENS]
     with torch.no_grad():
         for _ in range(n):
             idx = torch.tensor([ids])
             logits = model(idx, pixel_values=pixel_values) if pixel_values is not None else model(idx)
-            ids.append(int(logits[0, -1].argmax()))
+            ids.append(int(logits[0, -1].index_fill(-1, torch.tensor(banned), float("-inf")).argmax()))
     return ids[len(prompt):]
 
 
@@ -200,6 +202,23 @@ def test_continuous_batching_rows_equal_solo_generation():
     finally:
         batcher.stop()
     assert got == solo
+
+
+@pytest.mark.parametrize("preset,depth", [("vlm_tiny", None), ("vlm_small", 3)])
+def test_random_chat_models_take_framed_images(preset, depth):
+    """The stand-in models of load tests frame images as their presets do (Idefics3's, Idefics2's), and a
+    reply can never sample an image token or its frame."""
+    from ghostvis.infer.chat import random_chat_model
+
+    chat = random_chat_model(preset, depth=depth)
+    engine, tok = chat.engine, chat.engine.tokenizer
+    size = engine.model.vision_config.image_size
+    ids, kept, _ = fit_prompt(engine, [user_message("what colour?", 1)], [torch.zeros(3, size, size)], reply_tokens=8)
+    assert tok.special_id("<|image_frame|>") in ids and len(kept) == 1
+    assert sorted(engine.never_sampled.tolist()) == sorted(
+        tok.special_id(name) for name in ("<|image|>", "<|image_frame|>", "<|image_global|>"))
+    [done] = engine.complete([ids], [kept], max_new_tokens=4, temperature=0.0, stop_ids=[])
+    assert not set(done.tokens) & set(engine.never_sampled.tolist())
 
 
 def test_fitting_keeps_the_system_message_and_its_images():

@@ -22,7 +22,7 @@ from ghostvis.interop.hf_llm import import_llm
 from ghostvis.interop.hf_tokenizer import HFTokenizer, hf_tokenizer_files
 from ghostvis.interop.hf_vision import timm_spec_from_hf
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import NEW_SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import ALL_SPECIAL_TOKENS, Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.train import engine as ds_engine
 from ghostvis.train.settings import Settings
@@ -105,7 +105,7 @@ def test_imported_tokenizer_adds_specials_and_reloads(imported, hf_folder):
     assert isinstance(tok, HFTokenizer) and isinstance(load_tokenizer(out / "tokenizer"), HFTokenizer)
     assert tok.bos_token_id == tok.raw.token_to_id("<|endoftext|>")  # aliased: Qwen-style vocab without a BOS
     assert sorted(tok.added_ids.values()) == list(range(hf_vocab, tok.vocab_size))
-    assert set(tok.added_ids) == set(NEW_SPECIAL_TOKENS) - {"<|bos|>"}
+    assert set(tok.added_ids) == set(ALL_SPECIAL_TOKENS) - {"<|bos|>"}
     assert tok.encode("<|im_end|>") != [tok.raw.token_to_id("<|im_end|>")]  # specials in text stay text
     assert tok.decode(tok.encode(PROMPT)) == PROMPT
     ids, mask = tok.render_conversation(CONV)
@@ -149,6 +149,28 @@ def test_native_tokenizer_exports_for_transformers(tiny_tokenizer, tmp_path):
     assert hf_tok.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
     assert hf_tok.apply_chat_template(CONV["messages"], tokenize=True, return_dict=False) == \
         tiny_tokenizer.render_conversation(CONV)[0]
+
+
+def test_idefics_spellings_never_take_a_token_the_vocabulary_has(tmp_path):
+    """An Idefics export spells our image token `<image>`: where an imported vocabulary already has `<image>`,
+    the export is refused with the fix (an alias, so they are one token), and with it the two are one."""
+    from ghostvis.interop.hf_idefics3 import IDEFICS_SPELLINGS
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(tiny_corpus(100), trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<image>"]))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(InteropError, match=r"already has '<image>' \(id 1\).*--alias '<\|image\|>=<image>'"):
+        hf_tokenizer_files(HFTokenizer.from_hf_dir(tmp_path), tmp_path / "refused", IDEFICS_SPELLINGS)
+    tok = HFTokenizer.from_hf_dir(tmp_path, aliases={"<|image|>": "<image>"})
+    hf_tokenizer_files(tok, tmp_path / "out", IDEFICS_SPELLINGS)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tok.convert_tokens_to_ids("<image>") == tok.image_token_id == 1
+    assert hf_tok.convert_tokens_to_ids("<fake_token_around_image>") == tok.special_id("<|image_frame|>")
+    assert hf_tok.convert_tokens_to_ids("<global-img>") == tok.special_id("<|image_global|>")
 
 
 def test_import_refuses_bad_input(hf_tokenizer_file, tmp_path):

@@ -112,14 +112,19 @@ def _assert_processor_matches(folder, vlm, tok, tokens: int) -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
     for text in PROMPTS:
         n = text.count("<I>")
-        chat = processor.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text.replace("<I>", processor.image_token)}], tokenize=False,
-            add_generation_prompt=True)
-        batch = processor(text=chat, images=[image] * n, return_tensors="pt")
         ours = tok.render_for_completion({"messages": [{"role": "user", "content": text.replace("<I>", "<|image|>")}]},
                                          cfg.num_vision_tokens, cfg.image_frame)
-        assert batch["input_ids"][0].tolist() == ours, text
         assert ours.count(tok.image_token_id) == n * tokens
+        # the content as a string with the image token written in, and as the parts processors take
+        parts = [{"type": "image"} if p == "<I>" else {"type": "text", "text": p}
+                 for p in text.replace("<I>", "\0<I>\0").split("\0") if p]
+        for chat in (processor.tokenizer.apply_chat_template(
+                         [{"role": "user", "content": text.replace("<I>", processor.image_token)}], tokenize=False,
+                         add_generation_prompt=True),
+                     processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                                   add_generation_prompt=True)):
+            batch = processor(text=chat, images=[image] * n, return_tensors="pt")
+            assert batch["input_ids"][0].tolist() == ours, (text, chat)
     norm = data_config(cfg)
     expected = normalize_pixels(image_transform(cfg)(image)[None], norm["mean"], norm["std"])[0]
     size = cfg.image_size
@@ -127,6 +132,23 @@ def _assert_processor_matches(folder, vlm, tok, tokens: int) -> None:
     assert pixels.shape[0] == 1
     diff = (pixels[0] - expected).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.06  # the resize kernels differ by a level or two of 255
+
+
+def test_a_processor_only_where_it_builds_our_inputs(tiny_tokenizer, tmp_path, capsys):
+    """LLaVA's processor frames no image: a LLaVA-shaped model trained on framed images exports without one, saying
+    why, and a re-export into a folder that held a processor leaves none of its files behind."""
+    tok = tiny_tokenizer
+    plain = _vlm(tok, "siglip")
+    framed = VLM(plain.config, dataclasses.replace(plain.vision_config, image_frame="idefics2"))
+    for name, vlm in (("plain", plain), ("framed", framed)):
+        checkpoint_io.export(vlm, tmp_path / name, tokenizer=tok)
+        export_cli.main(["--ckpt", str(tmp_path / name), "--format", "hf", "--out", str(tmp_path / "hf")])
+        out = capsys.readouterr().out
+        if name == "plain":
+            assert "with its processor" in out and (tmp_path / "hf" / "processor_config.json").is_file()
+    assert "no processor: the model's images are framed 'idefics2', the processor's 'none': train with " \
+           "--vision image_frame=none" in out
+    assert not any((tmp_path / "hf" / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostvis.tokenizer import MIN_VOCAB_SIZE, NEW_SPECIAL_TOKENS, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from ghostvis.tokenizer import MIN_VOCAB_SIZE, ALL_SPECIAL_TOKENS, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 from conftest import TINY_VOCAB_SIZE, tiny_corpus
 
@@ -17,8 +17,8 @@ from conftest import TINY_VOCAB_SIZE, tiny_corpus
 def test_layout_and_specials(tiny_tokenizer: Tokenizer) -> None:
     t = tiny_tokenizer
     assert t.vocab_size == TINY_VOCAB_SIZE
-    ids = sorted(t.special_id(s) for s in NEW_SPECIAL_TOKENS)
-    assert ids == list(range(TINY_VOCAB_SIZE - len(NEW_SPECIAL_TOKENS), TINY_VOCAB_SIZE))  # the last ids
+    ids = sorted(t.special_id(s) for s in ALL_SPECIAL_TOKENS)
+    assert ids == list(range(TINY_VOCAB_SIZE - len(ALL_SPECIAL_TOKENS), TINY_VOCAB_SIZE))  # the last ids
     assert t.bos_token_id == t.special_id("<|bos|>") and t.image_token_id == t.special_id("<|image|>")
     with pytest.raises(KeyError, match="unknown special token"):
         t.special_id("<|nope|>")
@@ -34,7 +34,7 @@ def test_encode_matches_rustbpe(tiny_tokenizer: Tokenizer) -> None:
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(tiny_corpus(), TINY_VOCAB_SIZE - len(NEW_SPECIAL_TOKENS))
+    trainer.train_from_iterator(tiny_corpus(), TINY_VOCAB_SIZE - len(ALL_SPECIAL_TOKENS))
     texts = ["héllo wörld 😀 天空 12345678 \t\n\n x=1", *tiny_corpus(5, seed=1)]
     assert tiny_tokenizer.encode_batch(texts) == trainer.batch_encode(texts)
 

@@ -39,7 +39,7 @@ class DataRequest:
     tokenizer: Tokenizer
     device: torch.device
     eval_mode: bool
-    num_vision_tokens: int = 0  # ids each <|image|> expands to; 0 = a text-only model
+    num_vision_tokens: int = 0  # <|image|> ids each image expands to (inside image_frame's); 0 = a text-only model
     image_frame: str = "none"  # VisionConfig.image_frame: the special tokens around each image's ids
     transform: Callable[[Any], torch.Tensor] | None = None  # image -> the encoder's uint8 pixels; None: no tower
     llm_trains: bool = True  # some LLM weight trains (text-only rows in a vision mixture need one)

@@ -206,10 +206,10 @@ def random_chat_model(preset: str, depth: int | None = None, device: str = "cpu"
     from ghostvis.config import get_preset
     from ghostvis.model.gpt import GPT
     from ghostvis.model.vlm import VLM
-    from ghostvis.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from ghostvis.tokenizer import ALL_SPECIAL_TOKENS, Tokenizer
 
     tokenizer = Tokenizer({bytes([i]): i for i in range(256)}, r"\S+|\s+",
-                          {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)})
+                          {name: 256 + i for i, name in enumerate(ALL_SPECIAL_TOKENS)})
     torch.manual_seed(seed)
     cfg, vision_cfg = get_preset(preset, depth, vocab_size=tokenizer.vocab_size,
                                  image_token_id=tokenizer.image_token_id)

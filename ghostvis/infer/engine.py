@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ghostvis.infer.calculator import CalculatorError, calculate
 from ghostvis.model.kv_cache import KVCache
-from ghostvis.tokenizer import Tokenizer
+from ghostvis.tokenizer import IMAGE_TOKENS, Tokenizer
 
 
 class TokenEvent(NamedTuple):
@@ -110,8 +110,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.default_stop_ids = (tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_token_id)
-        # a reply may never hold an image placeholder: the next decode step would have no image for it
-        self.never_sampled = torch.tensor([tokenizer.image_token_id], device=self.device)
+        # a reply may never hold an image placeholder (the next decode step would have no image for it) or
+        # the frame around one
+        self.never_sampled = torch.tensor([tokenizer.special_tokens[name] for name in IMAGE_TOKENS
+                                           if name in tokenizer.special_tokens], device=self.device)
 
     @property
     def max_seq_len(self) -> int:

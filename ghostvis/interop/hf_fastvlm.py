@@ -13,13 +13,13 @@ transformers equivalent.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (LLAVA_PROJECTOR, POSITION_EMBEDDING_REFUSAL, language_tensors, read_vlm,
-                                        save_processor, vision_tensors, write_vlm_folder)
+                                        VLMFolder, processor_refusal, save_processor, vision_tensors,
+                                        write_vlm_folder)
 from ghostvis.interop.hf_vision import encoder_kind
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feature_info 1..4; 0 is the stem)
@@ -49,11 +49,12 @@ def _blocks(stage: torch.nn.Module) -> int:
     return len(list(stage.children()))
 
 
-def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> VLMFolder:
     """GhostVis VLM export directory -> transformers FastVLM folder (config.json, model.safetensors, tokenizer
     files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with LLaVA's
     processor (FastVLM has none of its own), which ``AutoProcessor.from_pretrained`` opens, where the map is a
-    square whose cells divide the image; else feed our transform's pixels, normalised (``[batch, 3, S, S]``).
+    square whose cells divide the image and the model's images are unframed; else feed our transform's pixels,
+    normalised (``[batch, 3, S, S]``), and our renderer's ids.
     Raises InteropError (with the reason) for other connectors and towers."""
     from transformers import FastVlmConfig, TimmWrapperConfig
 
@@ -71,6 +72,9 @@ def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
              **vision_tensors(vlm, "model.vision_tower.timm_model", LLAVA_PROJECTOR)}
     out = write_vlm_folder(vlm, out_dir, config, state)
     rows, cols = vlm.encoder.grid
-    if rows == cols and vlm.vision_cfg.image_size % rows == 0:  # LLaVA's processor counts (S / cell)² tokens
+    no_processor = processor_refusal(vlm.vision_cfg, "none", squashes=False)
+    if rows != cols or vlm.vision_cfg.image_size % rows:  # LLaVA's processor counts (S / cell)² tokens
+        no_processor = f"its {rows} x {cols} feature map is not a square grid whose cells divide the image"
+    if no_processor is None:
         save_processor(out, vlm.vision_cfg, "cnn", vlm.vision_cfg.image_size // rows)
-    return config
+    return VLMFolder(config, no_processor)

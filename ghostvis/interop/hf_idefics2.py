@@ -11,13 +11,12 @@ transformers', so the connector's tensors are copied under new prefixes only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.interop.hf_idefics3 import IDEFICS_SPELLINGS, save_idefics_processor, siglip_vision_config
-from ghostvis.interop.hf_llava import language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_llava import VLMFolder, language_tensors, read_vlm, vision_tensors, write_vlm_folder
 from ghostvis.vision.resampler import PERCEIVER_EPS
 
 
@@ -34,10 +33,10 @@ def idefics2_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     return None
 
 
-def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> VLMFolder:
     """GhostVis VLM export directory -> transformers Idefics2 folder (config.json, model.safetensors, tokenizer
     files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with Idefics2's
-    processor where ``idefics_processor_refusal`` allows (hf_idefics3's module doc). Raises InteropError (with
+    processor where ``processor_refusal`` allows (hf_idefics3's module doc). Raises InteropError (with
     the reason) for other connectors and for an encoder with a class token."""
     from transformers import Idefics2Config, Idefics2PerceiverConfig, Idefics2VisionConfig
 
@@ -55,5 +54,5 @@ def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
     state = {**language_tensors(vlm.llm_state, "model.text_model"),
              **vision_tensors(vlm, "model.vision_model", {"projector": "model.connector.modality_projection",
                                                           "resampler": "model.connector.perceiver_resampler"})}
-    save_idefics_processor(write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS), vlm, "idefics2")
-    return config
+    out = write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS)
+    return VLMFolder(config, save_idefics_processor(out, vlm, "idefics2"))

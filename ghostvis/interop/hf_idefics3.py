@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_llava import (POSITION_EMBEDDING_REFUSAL, VLMExport, language_tensors, read_vlm,
-                                        vision_tensors, write_vlm_folder)
+from ghostvis.interop.hf_llava import (POSITION_EMBEDDING_REFUSAL, VLMExport, VLMFolder, language_tensors,
+                                        processor_refusal, read_vlm, vision_tensors, write_vlm_folder)
 from ghostvis.interop.common import InteropError
 from ghostvis.tokenizer import IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN, IMAGE_PLACEHOLDER
 from ghostvis.vision.transforms import data_config
@@ -63,23 +63,13 @@ def siglip_vision_config(vlm: VLMExport, config_class: type, target: str) -> Any
         hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
 
 
-def idefics_processor_refusal(vision_cfg: VisionConfig, frame: str) -> str | None:
-    """Why the Idefics2/Idefics3 (``frame``) processor would not reproduce this model's inputs (None when it does)."""
-    if vision_cfg.image_frame != frame:
-        return (f"the model's images are framed {vision_cfg.image_frame!r}, the processor's {frame!r}: train with "
-                f"--vision image_frame={frame}")
-    if vision_cfg.pad_to_square:
-        return ("the model saw images padded to a square, the processor squashes them: train with "
-                "--vision pad_to_square=false")
-    return None
-
-
-def save_idefics_processor(out: Path, vlm: VLMExport, frame: str) -> None:
-    """processor_config.json + preprocessor_config.json when ``idefics_processor_refusal`` allows: one unsplit
-    image per ``<image>``, squashed to S x S with our interpolation and the encoder's mean/std; the prompt gets
-    ``frame``'s tokens around ``num_vision_tokens`` image tokens."""
-    if idefics_processor_refusal(vlm.vision_cfg, frame):
-        return
+def save_idefics_processor(out: Path, vlm: VLMExport, frame: str) -> str | None:
+    """The Idefics2/Idefics3 (``frame``) processor, where ``processor_refusal`` allows, and else why not: one
+    unsplit image per ``<image>``, squashed to S x S with our interpolation and the encoder's mean/std; the
+    prompt gets ``frame``'s tokens around ``num_vision_tokens`` image tokens."""
+    no_processor = processor_refusal(vlm.vision_cfg, frame, squashes=True)
+    if no_processor:
+        return no_processor
     from PIL import Image
     from transformers import (AutoTokenizer, Idefics2ImageProcessor, Idefics2Processor, Idefics3ImageProcessor,
                               Idefics3Processor)
@@ -96,12 +86,13 @@ def save_idefics_processor(out: Path, vlm: VLMExport, frame: str) -> None:
                                                    **pixels), Idefics2Processor
     processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(out)),
               image_seq_len=vlm.vision_cfg.num_vision_tokens).save_pretrained(str(out))
+    return None
 
 
-def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> VLMFolder:
     """GhostVis VLM export directory -> transformers Idefics3 folder (config.json, model.safetensors, tokenizer
     files, generation_config.json) that ``AutoModelForImageTextToText.from_pretrained`` opens, with Idefics3's
-    processor where ``idefics_processor_refusal`` allows (module doc). Raises InteropError (with the reason) for
+    processor where ``processor_refusal`` allows (module doc). Raises InteropError (with the reason) for
     other connectors and for an encoder with a class token."""
     from transformers import Idefics3Config, Idefics3VisionConfig
 
@@ -114,5 +105,5 @@ def export_idefics3(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
         architectures=["Idefics3ForConditionalGeneration"])
     state = {**language_tensors(vlm.llm_state, "model.text_model"),
              **vision_tensors(vlm, "model.vision_model", {"projector.proj": "model.connector.modality_projection.proj"})}
-    save_idefics_processor(write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS), vlm, "idefics3")
-    return config
+    out = write_vlm_folder(vlm, out_dir, config, state, IDEFICS_SPELLINGS)
+    return VLMFolder(config, save_idefics_processor(out, vlm, "idefics3"))

@@ -57,6 +57,30 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
     return None
 
 
+# what a processor writes; removed first, so a re-export into a folder never keeps an earlier model's processor
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+@dataclass
+class VLMFolder:
+    """What a VLM export wrote: the transformers config, and why no processor was written (None: one was)."""
+
+    config: Any
+    no_processor: str | None
+
+
+def processor_refusal(vision_cfg: VisionConfig, frame: str, squashes: bool) -> str | None:
+    """Why a family's processor, which frames images as ``frame`` (``IMAGE_FRAMES``) and, with ``squashes``, never
+    pads them to a square, would not build this model's inputs (None when it would)."""
+    if vision_cfg.image_frame != frame:
+        return (f"the model's images are framed {vision_cfg.image_frame!r}, the processor's {frame!r}: train with "
+                f"--vision image_frame={frame}")
+    if squashes and vision_cfg.pad_to_square:
+        return ("the model saw images padded to a square, the processor squashes them: train with "
+                "--vision pad_to_square=false")
+    return None
+
+
 @dataclass
 class VLMExport:
     """What every VLM export starts from: the checkpoint's configs, tokenizer, the language model in HF names,
@@ -126,6 +150,8 @@ def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: di
     family's names for our special tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in PROCESSOR_FILES:
+        (out / name).unlink(missing_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
     config.save_pretrained(str(out))
     write_generation_and_tokenizer(vlm.text_cfg, vlm.tok, out, spellings)
@@ -160,10 +186,11 @@ def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size:
     processor.save_pretrained(str(out))
 
 
-def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Any:
+def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> VLMFolder:
     """GhostVis VLM export directory -> transformers LLaVA folder (config.json, model.safetensors, tokenizer and
     processor files, generation_config.json) that ``LlavaForConditionalGeneration.from_pretrained`` and
-    ``AutoProcessor.from_pretrained`` open. Raises InteropError (with the reason) for other connectors."""
+    ``AutoProcessor.from_pretrained`` open; no processor for a model trained with framed images (LLaVA's
+    writes none). Raises InteropError (with the reason) for other connectors."""
     from transformers import LlavaConfig
 
     vlm = read_vlm(ckpt_dir, dtype, llava_refusal, "LLaVA")
@@ -177,5 +204,7 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     state = {**language_tensors(vlm.llm_state, "model.language_model"),
              **vision_tensors(vlm, "model.vision_tower.vision_model", LLAVA_PROJECTOR)}
     out = write_vlm_folder(vlm, out_dir, config, state)
-    save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
-    return config
+    no_processor = processor_refusal(vlm.vision_cfg, "none", squashes=False)
+    if no_processor is None:
+        save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
+    return VLMFolder(config, no_processor)

@@ -20,7 +20,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
-from ghostvis.tokenizer import NEW_SPECIAL_TOKENS, SPECIAL_TOKENS, Tokenizer
+from ghostvis.interop.common import InteropError
+from ghostvis.tokenizer import ALL_SPECIAL_TOKENS, IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer
 
 HF_MARKER_FILE = "ghostvis_hf.json"  # marks an imported tokenizer's directory (load_tokenizer looks for it)
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -86,16 +87,16 @@ class HFTokenizer(Tokenizer):
         if vocab_ids != list(range(base)):
             raise ValueError(f"{path}: token ids are not contiguous 0..{base - 1}; such a vocabulary is not supported")
         chosen = {**default_aliases(hf_dir, raw), **(aliases or {})}
-        unknown = sorted(set(chosen) - set(NEW_SPECIAL_TOKENS))
+        unknown = sorted(set(chosen) - set(ALL_SPECIAL_TOKENS))
         if unknown:
-            raise ValueError(f"alias for {unknown}: not GhostVis special tokens; known: {list(NEW_SPECIAL_TOKENS)}")
+            raise ValueError(f"alias for {unknown}: not GhostVis special tokens; known: {list(ALL_SPECIAL_TOKENS)}")
         specials: dict[str, int] = {}
         for name, target in chosen.items():
             tid = raw.token_to_id(target)
             if tid is None:
                 raise ValueError(f"alias {name}={target}: {target!r} is not a token of {path}")
             specials[name] = tid
-        for name in NEW_SPECIAL_TOKENS:
+        for name in ALL_SPECIAL_TOKENS:
             if name in specials:
                 continue
             existing = raw.token_to_id(name)  # a vocabulary that already has our spelling keeps its id
@@ -198,20 +199,35 @@ def hf_tokenizer_files(tok: Tokenizer, out_dir: str | Path, spellings: dict[str,
     else:
         raw = _raw_from_ranks(tok)
     if spellings:
-        raw = _respelled(raw, spellings)
+        raw = _respelled(raw, tok, spellings)
     raw.encode_special_tokens = False  # transformers decides how specials in text are handled
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token=_spelling(tok, tok.bos_token_id), pad_token=_spelling(tok, tok.pad_token_id),
         eos_token=_spelling(tok, tok.special_id("<|assistant_end|>")))
-    fast.chat_template = chat_template(tok)
+    fast.chat_template = chat_template(tok, (spellings or {}).get(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER))
     fast.save_pretrained(str(out_dir))
 
 
-def _respelled(raw: RawTokenizer, spellings: dict[str, str]) -> RawTokenizer:
-    """``raw`` with its added tokens ``spellings`` names respelled (a special token's id is where it stays)."""
+def _respelled(raw: RawTokenizer, tok: Tokenizer, spellings: dict[str, str]) -> RawTokenizer:
+    """``raw`` with the added tokens of ``tok``'s specials named in ``spellings`` respelled (ours -> theirs; the
+    ids stay). InteropError where the vocabulary already has a spelling at another id (two tokens would read as
+    one), or where our special is an ordinary token of an imported vocabulary (it cannot be renamed)."""
     data = json.loads(raw.to_str())
-    for added in data["added_tokens"]:
-        added["content"] = spellings.get(added["content"], added["content"])
+    added = {t["id"]: t for t in data["added_tokens"]}
+    for ours, theirs in spellings.items():
+        if ours not in tok.special_tokens:  # a tokenizer made before that special: nothing to name
+            continue
+        tid = tok.special_tokens[ours]
+        existing = raw.token_to_id(theirs)
+        if existing not in (None, tid):
+            raise InteropError(f"the tokenizer already has {theirs!r} (id {existing}), which our {ours} (id {tid}) "
+                               f"must be spelled as: import the model again with --alias '{ours}={theirs}' so they "
+                               "are one token")
+        if tid not in added:
+            raise InteropError(f"our {ours} is the imported vocabulary's ordinary token {tok.decode([tid])!r} "
+                               f"(id {tid}), which cannot be renamed {theirs!r}: import the model again without "
+                               "that --alias")
+        added[tid]["content"] = theirs
     return RawTokenizer.from_str(json.dumps(data))
 
 
@@ -235,15 +251,20 @@ def _raw_from_ranks(tok: Tokenizer) -> RawTokenizer:
     return raw
 
 
-def chat_template(tok: Tokenizer) -> str:
-    """A transformers chat template that renders string contents like ``Tokenizer.render_conversation``
-    (a system message folded into the first user turn), with the spellings of ``tok``'s special ids."""
+def chat_template(tok: Tokenizer, image: str = IMAGE_PLACEHOLDER) -> str:
+    """A transformers chat template that renders like ``Tokenizer.render_conversation`` (a system message folded
+    into the first user turn), with the spellings of ``tok``'s special ids. A content is a string, or a list of
+    parts as processors take them: ``{"type": "text", "text": ...}`` as its text, ``{"type": "image"}`` as
+    ``image`` (the image token's spelling, which the processor expands)."""
     sp = {name.strip("<|>"): _spelling(tok, i) for name, i in tok.special_tokens.items()}
     return (
+        "{% macro text(content) %}{% if content is string %}{{ content }}{% else %}{% for p in content %}"
+        f"{{% if p['type'] == 'image' %}}{image}{{% elif p['type'] == 'text' %}}{{{{ p['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endif %}{% endmacro %}"
         f"{{{{ '{sp['bos']}' }}}}{{% set ns = namespace(sys='') %}}"
-        "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\\n\\n' %}"
-        f"{{% elif m['role'] == 'user' %}}{{{{ '{sp['user_start']}' + ns.sys + m['content'] + '{sp['user_end']}' }}}}"
-        "{% set ns.sys = '' %}"
-        f"{{% else %}}{{{{ '{sp['assistant_start']}' + m['content'] + '{sp['assistant_end']}' }}}}{{% endif %}}"
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = text(m['content']) + '\\n\\n' %}"
+        f"{{% elif m['role'] == 'user' %}}{{{{ '{sp['user_start']}' + ns.sys + text(m['content']) + "
+        f"'{sp['user_end']}' }}}}{{% set ns.sys = '' %}}"
+        f"{{% else %}}{{{{ '{sp['assistant_start']}' + text(m['content']) + '{sp['assistant_end']}' }}}}{{% endif %}}"
         f"{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{sp['assistant_start']}' }}}}{{% endif %}}"
     )
