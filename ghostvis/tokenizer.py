@@ -229,7 +229,8 @@ class Tokenizer:
             raise ValueError(f"image_frame={image_frame!r} needs the special token {name}, which this tokenizer "
                              "(made before image frames) lacks: train the model with --vision image_frame=none, or "
                              "start from a tokenizer that has it (a new one from launch/tok_train.py, a new "
-                             "launch/import_hf.py import, or an --alias onto an existing token)")
+                             "launch/import_hf.py import, or an --alias onto a special token the model never writes, "
+                             "e.g. <fake_token_around_image>)")
         return self.special_tokens[name]
 
     def render_conversation(

@@ -5,7 +5,8 @@
 The language model becomes a transformers Qwen2 folder (q/k/v biases) or a Llama folder (otherwise) that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open; padding rows of the vocabulary
 are cut and the chat template renders like GhostVis. A VLM becomes, by its connector:
-  - resampler "none" + MLP of the LLM's width (LLaVA-1.5): `LlavaForConditionalGeneration`, with its processor;
+  - resampler "none" + MLP of the LLM's width (LLaVA-1.5): `LlavaForConditionalGeneration`, with its processor
+    (for a model trained without an image frame);
   - resampler "pixel_shuffle" + linear (projector_hidden 0), feature_norm, SigLIP encoder (SmolVLM):
     `Idefics3ForConditionalGeneration` (the vlm_tiny preset);
   - resampler "perceiver" (SwiGLU projector of the LLM's ffn_dim, then the perceiver), feature_norm, SigLIP

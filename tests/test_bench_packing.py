@@ -98,7 +98,6 @@ def test_packed_fill_sizes_the_packed_side_by_its_real_tokens(tmp_path, tiny_tok
 
     from ghostvis.data.request import DataRequest
     from ghostvis.train.loop import DATA_BUILDERS
-    from ghostvis.train.stages import STAGES
     from ghostvis.vision.transforms import image_transform
 
     tok, vision = b.tokenizer_and_vision(tiny_tokenizer_dir, "vlm_tiny")

@@ -149,6 +149,16 @@ def test_native_tokenizer_exports_for_transformers(tiny_tokenizer, tmp_path):
     assert hf_tok.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
     assert hf_tok.apply_chat_template(CONV["messages"], tokenize=True, return_dict=False) == \
         tiny_tokenizer.render_conversation(CONV)[0]
+    # contents as lists of parts: a system message, an image (one image token, which a processor expands), tools
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is 2+2?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "calc "},
+                                               {"type": "python", "text": "2+2"}, {"type": "output", "text": "4"},
+                                               {"type": "text", "text": " so 4"}]}]
+    assert hf_tok.apply_chat_template(parts, tokenize=True, return_dict=False) == \
+        tiny_tokenizer.render_conversation({"messages": parts}, num_vision_tokens=1)[0]
+    with pytest.raises(Exception, match="a content part is text, image, python or output, not image_url"):
+        hf_tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "text": "x"}]}])
 
 
 def test_idefics_spellings_never_take_a_token_the_vocabulary_has(tmp_path):

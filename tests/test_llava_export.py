@@ -140,15 +140,20 @@ def test_a_processor_only_where_it_builds_our_inputs(tiny_tokenizer, tmp_path, c
     tok = tiny_tokenizer
     plain = _vlm(tok, "siglip")
     framed = VLM(plain.config, dataclasses.replace(plain.vision_config, image_frame="idefics2"))
-    for name, vlm in (("plain", plain), ("framed", framed)):
+    processor_files = [tmp_path / "hf" / f for f in ("processor_config.json", "preprocessor_config.json")]
+
+    def export(name, vlm, *flags):
         checkpoint_io.export(vlm, tmp_path / name, tokenizer=tok)
-        export_cli.main(["--ckpt", str(tmp_path / name), "--format", "hf", "--out", str(tmp_path / "hf")])
-        out = capsys.readouterr().out
-        if name == "plain":
-            assert "with its processor" in out and (tmp_path / "hf" / "processor_config.json").is_file()
+        export_cli.main(["--ckpt", str(tmp_path / name), "--format", "hf", "--out", str(tmp_path / "hf"), *flags])
+        return capsys.readouterr().out
+
+    assert "with its processor" in export("plain", plain) and processor_files[0].is_file()
+    export("plain", plain, "--llm-only")  # a language model alone: the VLM's processor goes
+    assert not any(f.exists() for f in processor_files)
+    export("plain", plain)
     assert "no processor: the model's images are framed 'idefics2', the processor's 'none': train with " \
-           "--vision image_frame=none" in out
-    assert not any((tmp_path / "hf" / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
+           "--vision image_frame=none" in export("framed", framed)
+    assert not any(f.exists() for f in processor_files)
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["qwen2-untied", "llama-tied"])

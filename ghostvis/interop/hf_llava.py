@@ -26,6 +26,7 @@ from ghostvis import checkpoint_io
 from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.common import InteropError
 from ghostvis.interop.hf_llm import hf_llm_state, write_generation_and_tokenizer
+from ghostvis.interop.hf_tokenizer import image_spelling
 from ghostvis.interop.hf_vision import encoder_kind, hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -55,10 +56,6 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
         return (f"its encoder ({vision_cfg.encoder}) is a CNN, LLaVA's vision tower a ViT (SigLIP/CLIP); a timm ResNet "
                 "with LLaVA's connector exports as FastVLM")
     return None
-
-
-# what a processor writes; removed first, so a re-export into a folder never keeps an earlier model's processor
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass
@@ -150,8 +147,6 @@ def write_vlm_folder(vlm: VLMExport, out_dir: str | Path, config: Any, state: di
     family's names for our special tokens)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in PROCESSOR_FILES:
-        (out / name).unlink(missing_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # transformers needs "pt"
     config.save_pretrained(str(out))
     write_generation_and_tokenizer(vlm.text_cfg, vlm.tok, out, spellings)
@@ -163,7 +158,7 @@ def language_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {(f"{prefix}." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
 
 
-def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int) -> None:
+def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int, image_token: str) -> None:
     """preprocessor_config.json + processor_config.json: our transform (pad to square with the mean colour,
     resize to S x S, never crop, the encoder's mean/std) as LlavaImageProcessor; the processor expands each
     ``<|image|>`` in a prompt to the image's (S / patch_size)² tokens (+1 for CLIP's class token, which LLaVA
@@ -181,7 +176,7 @@ def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size:
         image_std=list(data["std"]), do_rescale=True, do_normalize=True, do_convert_rgb=True)
     processor = LlavaProcessor(
         image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(out)), patch_size=patch_size,
-        vision_feature_select_strategy="default" if family == "clip" else "full", image_token="<|image|>",
+        vision_feature_select_strategy="default" if family == "clip" else "full", image_token=image_token,
         num_additional_image_tokens=1 if family == "clip" else 0)
     processor.save_pretrained(str(out))
 
@@ -206,5 +201,5 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     out = write_vlm_folder(vlm, out_dir, config, state)
     no_processor = processor_refusal(vlm.vision_cfg, "none", squashes=False)
     if no_processor is None:
-        save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size)
+        save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size, image_spelling(vlm.tok))
     return VLMFolder(config, no_processor)

@@ -240,12 +240,19 @@ def export_llm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype 
     return hf_cfg
 
 
+# what a processor writes; removed with every export, so a folder never keeps an earlier model's processor
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
 def write_generation_and_tokenizer(hf_cfg: Any, tok: Tokenizer, out: Path,
                                    spellings: dict[str, str] | None = None) -> None:
     """generation_config.json (bos/eos = <|assistant_end|>/pad, so generate stops at the end of the turn)
-    and the transformers tokenizer files (``spellings``: see ``hf_tokenizer_files``)."""
+    and the transformers tokenizer files (``spellings``: see ``hf_tokenizer_files``); an earlier export's
+    processor files are removed (a VLM export writes its own after this)."""
     from transformers import GenerationConfig
 
+    for name in PROCESSOR_FILES:
+        (out / name).unlink(missing_ok=True)
     GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
                      pad_token_id=hf_cfg.pad_token_id).save_pretrained(str(out))
     hf_tokenizer_files(tok, out, spellings)

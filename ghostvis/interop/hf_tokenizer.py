@@ -204,7 +204,7 @@ def hf_tokenizer_files(tok: Tokenizer, out_dir: str | Path, spellings: dict[str,
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token=_spelling(tok, tok.bos_token_id), pad_token=_spelling(tok, tok.pad_token_id),
         eos_token=_spelling(tok, tok.special_id("<|assistant_end|>")))
-    fast.chat_template = chat_template(tok, (spellings or {}).get(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER))
+    fast.chat_template = chat_template(tok, (spellings or {}).get(IMAGE_PLACEHOLDER, image_spelling(tok)))
     fast.save_pretrained(str(out_dir))
 
 
@@ -223,12 +223,19 @@ def _respelled(raw: RawTokenizer, tok: Tokenizer, spellings: dict[str, str]) -> 
             raise InteropError(f"the tokenizer already has {theirs!r} (id {existing}), which our {ours} (id {tid}) "
                                f"must be spelled as: import the model again with --alias '{ours}={theirs}' so they "
                                "are one token")
+        if existing == tid:  # already spelled so (an alias onto the vocabulary's own token)
+            continue
         if tid not in added:
             raise InteropError(f"our {ours} is the imported vocabulary's ordinary token {tok.decode([tid])!r} "
                                f"(id {tid}), which cannot be renamed {theirs!r}: import the model again without "
                                "that --alias")
         added[tid]["content"] = theirs
     return RawTokenizer.from_str(json.dumps(data))
+
+
+def image_spelling(tok: Tokenizer) -> str:
+    """How the transformers tokenizer spells our image token: ``<|image|>``, or the HF token it is aliased to."""
+    return _spelling(tok, tok.image_token_id)
 
 
 def _spelling(tok: Tokenizer, token_id: int) -> str:
@@ -251,16 +258,21 @@ def _raw_from_ranks(tok: Tokenizer) -> RawTokenizer:
     return raw
 
 
-def chat_template(tok: Tokenizer, image: str = IMAGE_PLACEHOLDER) -> str:
+def chat_template(tok: Tokenizer, image: str | None = None) -> str:
     """A transformers chat template that renders like ``Tokenizer.render_conversation`` (a system message folded
     into the first user turn), with the spellings of ``tok``'s special ids. A content is a string, or a list of
     parts as processors take them: ``{"type": "text", "text": ...}`` as its text, ``{"type": "image"}`` as
-    ``image`` (the image token's spelling, which the processor expands)."""
+    ``image`` (the image token's spelling, which the processor expands), and in assistant turns the tool parts
+    ``{"type": "python"|"output", "text": ...}`` between their start and end tokens; other parts are an error."""
     sp = {name.strip("<|>"): _spelling(tok, i) for name, i in tok.special_tokens.items()}
+    image = image_spelling(tok) if image is None else image
     return (
         "{% macro text(content) %}{% if content is string %}{{ content }}{% else %}{% for p in content %}"
-        f"{{% if p['type'] == 'image' %}}{image}{{% elif p['type'] == 'text' %}}{{{{ p['text'] }}}}{{% endif %}}"
-        "{% endfor %}{% endif %}{% endmacro %}"
+        f"{{% if p['type'] == 'image' %}}{image}{{% elif p['type'] == 'text' %}}{{{{ p['text'] }}}}"
+        f"{{% elif p['type'] == 'python' %}}{sp['python_start']}{{{{ p['text'] }}}}{sp['python_end']}"
+        f"{{% elif p['type'] == 'output' %}}{sp['output_start']}{{{{ p['text'] }}}}{sp['output_end']}"
+        "{% else %}{{ raise_exception('a content part is text, image, python or output, not ' + p['type']) }}"
+        "{% endif %}{% endfor %}{% endif %}{% endmacro %}"
         f"{{{{ '{sp['bos']}' }}}}{{% set ns = namespace(sys='') %}}"
         "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = text(m['content']) + '\\n\\n' %}"
         f"{{% elif m['role'] == 'user' %}}{{{{ '{sp['user_start']}' + ns.sys + text(m['content']) + "
