@@ -162,25 +162,26 @@ def test_native_tokenizer_exports_for_transformers(tiny_tokenizer, tmp_path):
 
 
 def test_idefics_spellings_never_take_a_token_the_vocabulary_has(tmp_path):
-    """An Idefics export spells our image token `<image>`: where an imported vocabulary already has `<image>`,
-    the export is refused with the fix (an alias, so they are one token), and with it the two are one."""
-    from ghostvis.interop.hf_idefics3 import IDEFICS_SPELLINGS
+    """A vocabulary with the Idefics tokens (a SmolVLM text model's) lends them to our image token and its frame on
+    import. An Idefics export spells our image token `<image>`: where the vocabulary has `<image>` at another id
+    (our token aliased elsewhere), the export is refused with the fix, the alias that makes them one token."""
+    from ghostvis.interop.hf_tokenizer import IDEFICS_SPELLINGS
 
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(tiny_corpus(100), trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>", "<image>"]))
+        special_tokens=["<|endoftext|>", "<image>", "<fake_token_around_image>", "<global-img>", "<extra>"]))
     raw.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(InteropError, match=r"already has '<image>' \(id 1\).*--alias '<\|image\|>=<image>'"):
-        hf_tokenizer_files(HFTokenizer.from_hf_dir(tmp_path), tmp_path / "refused", IDEFICS_SPELLINGS)
-    tok = HFTokenizer.from_hf_dir(tmp_path, aliases={"<|image|>": "<image>"})
+    tok = HFTokenizer.from_hf_dir(tmp_path)
+    assert (tok.image_token_id, tok.special_id("<|image_frame|>"), tok.special_id("<|image_global|>")) == (1, 2, 3)
     hf_tokenizer_files(tok, tmp_path / "out", IDEFICS_SPELLINGS)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert hf_tok.convert_tokens_to_ids("<image>") == tok.image_token_id == 1
-    assert hf_tok.convert_tokens_to_ids("<fake_token_around_image>") == tok.special_id("<|image_frame|>")
-    assert hf_tok.convert_tokens_to_ids("<global-img>") == tok.special_id("<|image_global|>")
+    assert [hf_tok.convert_tokens_to_ids(t) for t in IDEFICS_SPELLINGS.values()] == [1, 2, 3]
+    elsewhere = HFTokenizer.from_hf_dir(tmp_path, aliases={"<|image|>": "<extra>"})
+    with pytest.raises(InteropError, match=r"already has '<image>' \(id 1\).*--alias '<\|image\|>=<image>'"):
+        hf_tokenizer_files(elsewhere, tmp_path / "refused", IDEFICS_SPELLINGS)
 
 
 def test_import_refuses_bad_input(hf_tokenizer_file, tmp_path):

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ghostvis.config import ModelConfig, VisionConfig
-from ghostvis.interop.hf_idefics3 import IDEFICS_SPELLINGS, save_idefics_processor, siglip_vision_config
+from ghostvis.interop.hf_idefics3 import save_idefics_processor, siglip_vision_config
 from ghostvis.interop.hf_llava import VLMFolder, language_tensors, read_vlm, vision_tensors, write_vlm_folder
+from ghostvis.interop.hf_tokenizer import IDEFICS_SPELLINGS
 from ghostvis.vision.resampler import PERCEIVER_EPS
 
 

@@ -26,12 +26,8 @@ from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (POSITION_EMBEDDING_REFUSAL, VLMExport, VLMFolder, language_tensors,
                                         processor_refusal, read_vlm, vision_tensors, write_vlm_folder)
 from ghostvis.interop.common import InteropError
-from ghostvis.tokenizer import IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN, IMAGE_PLACEHOLDER
+from ghostvis.interop.hf_tokenizer import IDEFICS_SPELLINGS
 from ghostvis.vision.transforms import data_config
-
-# our special tokens as the Idefics processors spell them
-IDEFICS_SPELLINGS = {IMAGE_PLACEHOLDER: "<image>", IMAGE_FRAME_TOKEN: "<fake_token_around_image>",
-                     IMAGE_GLOBAL_TOKEN: "<global-img>"}
 
 
 def idefics3_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | None:

@@ -21,7 +21,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
 from ghostvis.interop.common import InteropError
-from ghostvis.tokenizer import ALL_SPECIAL_TOKENS, IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer
+from ghostvis.tokenizer import (ALL_SPECIAL_TOKENS, IMAGE_FRAME_TOKEN, IMAGE_GLOBAL_TOKEN, IMAGE_PLACEHOLDER,
+                                SPECIAL_TOKENS, Tokenizer)
 
 HF_MARKER_FILE = "ghostvis_hf.json"  # marks an imported tokenizer's directory (load_tokenizer looks for it)
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -41,16 +42,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+# our image token and its frame as the Idefics families (and their processors) spell them
+IDEFICS_SPELLINGS = {IMAGE_PLACEHOLDER: "<image>", IMAGE_FRAME_TOKEN: "<fake_token_around_image>",
+                     IMAGE_GLOBAL_TOKEN: "<global-img>"}
+
+
 def default_aliases(hf_dir: str | Path, raw: RawTokenizer) -> dict[str, str]:
     """GhostVis special -> existing HF token: ``<|bos|>`` is the model's BOS (tokenizer_config.json), or
-    ``<|endoftext|>`` when there is none (Qwen separates documents with it, our BOS does the same job)."""
+    ``<|endoftext|>`` when there is none (Qwen separates documents with it, our BOS does the same job); the image
+    token and its frame are the vocabulary's own Idefics-spelled special tokens where it has them (a SmolVLM or
+    Idefics text model's, trained for that job)."""
     cfg_path = Path(hf_dir) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     bos = cfg.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
     if not bos and raw.token_to_id("<|endoftext|>") is not None:
         bos = "<|endoftext|>"
-    return {"<|bos|>": bos} if bos else {}
+    specials = {t.content for t in raw.get_added_tokens_decoder().values() if t.special}
+    image = {ours: theirs for ours, theirs in IDEFICS_SPELLINGS.items() if theirs in specials}
+    return {**({"<|bos|>": bos} if bos else {}), **image}
 
 
 class HFTokenizer(Tokenizer):
