@@ -35,7 +35,7 @@ from ghostvis.data.multimodal import (IMAGE_EXTS, CaptionBatches, ConversationBa
                                       conversation_batches, read_conversation)
 from ghostvis.data.shards import ShardStream
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import Tokenizer, spaced_after_image
+from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.data.request import DataRequest
 from ghostvis.train.loop import data_inputs
@@ -72,9 +72,8 @@ def profile_phases(kind: str, data_dir: Path, tok: Tokenizer, model: VLM, sample
         sample = clock.time("read", next, it)
         if kind == "captions":
             keys = [next(f"{e}" for e in IMAGE_EXTS if e in sample)]
-            caption = spaced_after_image(sample["txt"].decode(), vcfg.image_frame)
-            ids = clock.time("tokenize", lambda: tok.encode(caption))
-            ids, mask = batcher.head + ids, [0] * len(batcher.head) + [1] * len(ids)
+            ids, mask = clock.time("tokenize", tok.render_caption, sample["txt"].decode(), batcher.n_vis,
+                                   batcher.image_frame)
         else:
             record, keys = read_conversation(sample)
             ids, mask = clock.time("tokenize", tok.render_conversation, record, seq_len, batcher.n_vis,

@@ -31,7 +31,7 @@ from ghostvis.config import get_preset, small_config, vision_override_arg
 from ghostvis.data import scenes
 from ghostvis.data.multimodal import shift_targets
 from ghostvis.model.vlm import VLM
-from ghostvis.tokenizer import IMAGE_PLACEHOLDER, spaced_after_image
+from ghostvis.tokenizer import IMAGE_PLACEHOLDER
 from ghostvis.tokenizer_dir import load_tokenizer
 from ghostvis.vision.transforms import image_transform
 
@@ -54,9 +54,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
     for _ in range(n):
         if rng.random() < caption_frac:
             scene = scenes.sample_scene(rng, rng.randint(1, max_objects))
-            head = [tok.bos_token_id] + tok.image_ids(n_vis, frame)
-            text = tok.encode(spaced_after_image(scenes.caption(scene, places), frame))
-            ids, mask = head + text, [0] * len(head) + [1] * len(text)
+            ids, mask = tok.render_caption(scenes.caption(scene, places), n_vis, frame)
         else:
             scene, qa = qa_sample(rng, rng.choice(scenes.QUESTION_TYPES), max_objects)
             # one turn draws nothing more, so the earlier single-question runs repeat exactly

@@ -233,6 +233,17 @@ class Tokenizer:
                              "e.g. <fake_token_around_image>)")
         return self.special_tokens[name]
 
+    def render_caption(
+        self, caption: str, num_vision_tokens: int, image_frame: str = "none", max_tokens: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Ids and loss mask of vision_pretrain's caption row: <|bos|>, the image (``image_ids``), the caption
+        (spaced off an Idefics2 frame, as in a conversation), trained on the caption only and cut to ``max_tokens``."""
+        head = [self.bos_token_id] + self.image_ids(num_vision_tokens, image_frame)
+        text = self.encode(_spaced_after_image(caption, image_frame))
+        if max_tokens is not None:
+            text = text[:max_tokens - len(head)]
+        return head + text, [0] * len(head) + [1] * len(text)
+
     def render_conversation(
         self, conversation: dict[str, Any], max_tokens: int = 2048, num_vision_tokens: int = 0,
         image_frame: str = "none",
@@ -297,7 +308,7 @@ class Tokenizer:
                     spans.append((len(ids), len(ids) + len(block)))
                     emit(block, 0)
                 elif kind == "text":
-                    emit(self.encode(spaced_after_image(text, image_frame) if ids[-1] == idefics2_frame else text),
+                    emit(self.encode(_spaced_after_image(text, image_frame) if ids[-1] == idefics2_frame else text),
                          train)
                 else:  # python (trained) or output (tool result, not trained)
                     m = 1 if kind == "python" else 0
@@ -308,7 +319,7 @@ class Tokenizer:
         return ids, mask, spans
 
 
-def spaced_after_image(text: str, image_frame: str) -> str:
+def _spaced_after_image(text: str, image_frame: str) -> str:
     """Text right after an image, as Idefics2's processor writes it: a word spaced off the closing frame."""
     if image_frame == "idefics2" and text[:1] not in ("", "<") and not text[0].isspace():
         return " " + text

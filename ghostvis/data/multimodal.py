@@ -19,7 +19,7 @@ tokens predictive of it:
 
     <|bos|> <|image|> x num_vision_tokens  caption tokens
 
-(the image's ids in the model's frame, `Tokenizer.image_ids`, and the caption spaced off an Idefics2 frame)
+(`Tokenizer.render_caption`: the image's ids in the model's frame, the caption spaced off an Idefics2 frame)
 
 Loss on caption tokens only (including the first one, predicted from the last image position); no end
 token, since the frozen base model never learned one. Conversations use `Tokenizer.render_conversation`
@@ -78,7 +78,7 @@ from ghostvis.data.packing import PACK_WINDOW_BATCHES, pack_rows
 from ghostvis.data.request import DataRequest
 from ghostvis.data.shards import ShardStream
 from ghostvis.data.text import TokenRowLoader, text_batches
-from ghostvis.tokenizer import Tokenizer, message_images, spaced_after_image
+from ghostvis.tokenizer import Tokenizer, message_images
 from ghostvis.vision.transforms import BadImage, load_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -327,9 +327,9 @@ class CaptionBatches(_Batcher):
                  num_vision_tokens: int, transform: Transform | None, **kw: Any) -> None:
         super().__init__(source, tokenizer, batch_size=batch_size, max_len=max_len,
                          num_vision_tokens=num_vision_tokens, transform=transform, **kw)
-        self.head = [tokenizer.bos_token_id] + tokenizer.image_ids(num_vision_tokens, self.image_frame)
-        if num_vision_tokens < 1 or max_len < len(self.head) + 1:
-            raise ValueError(f"max_len ({max_len}) must leave room for <|bos|>, {len(self.head) - 1} image "
+        image = len(tokenizer.image_ids(num_vision_tokens, self.image_frame))
+        if num_vision_tokens < 1 or max_len < image + 2:
+            raise ValueError(f"max_len ({max_len}) must leave room for <|bos|>, {image} image "
                              "tokens and at least one caption token; raise --max-len or lower the vision tokens")
 
     def _row(self, sample: dict[str, Any]) -> Row:
@@ -337,8 +337,8 @@ class CaptionBatches(_Batcher):
         if not caption:
             raise Unusable("missing caption")
         image = self._image(sample, "")
-        text = self.tok.encode(spaced_after_image(caption, self.image_frame))[: self.max_len - len(self.head)]
-        return Row(self.head + text, [0] * len(self.head) + [1] * len(text), [image])
+        ids, mask = self.tok.render_caption(caption, self.n_vis, self.image_frame, self.max_len)
+        return Row(ids, mask, [image])
 
 
 class ConversationBatches(_Batcher):

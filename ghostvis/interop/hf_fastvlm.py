@@ -20,7 +20,6 @@ from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.hf_llava import (LLAVA_PROJECTOR, POSITION_EMBEDDING_REFUSAL, language_tensors, read_vlm,
                                         VLMFolder, processor_refusal, save_processor, vision_tensors,
                                         write_vlm_folder)
-from ghostvis.interop.hf_tokenizer import image_spelling
 from ghostvis.interop.hf_vision import encoder_kind
 
 _STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet's stages (feature_info 1..4; 0 is the stem)
@@ -77,5 +76,5 @@ def export_fastvlm(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
     if rows != cols or vlm.vision_cfg.image_size % rows:  # LLaVA's processor counts (S / cell)² tokens
         no_processor = f"its {rows} x {cols} feature map is not a square grid whose cells divide the image"
     if no_processor is None:
-        save_processor(out, vlm.vision_cfg, "cnn", vlm.vision_cfg.image_size // rows, image_spelling(vlm.tok))
+        save_processor(out, vlm.vision_cfg, "cnn", vlm.vision_cfg.image_size // rows, vlm.tok.image_token_id)
     return VLMFolder(config, no_processor)

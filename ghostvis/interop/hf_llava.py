@@ -26,7 +26,6 @@ from ghostvis import checkpoint_io
 from ghostvis.config import LLM_WIDTH, ModelConfig, VisionConfig
 from ghostvis.interop.common import InteropError
 from ghostvis.interop.hf_llm import hf_llm_state, write_generation_and_tokenizer
-from ghostvis.interop.hf_tokenizer import image_spelling
 from ghostvis.interop.hf_vision import encoder_kind, hf_state_dict_from_timm, hf_vision_config_from_timm, timm_family
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -158,11 +157,11 @@ def language_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {(f"{prefix}." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
 
 
-def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int, image_token: str) -> None:
+def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size: int, image_token_id: int) -> None:
     """preprocessor_config.json + processor_config.json: our transform (pad to square with the mean colour,
     resize to S x S, never crop, the encoder's mean/std) as LlavaImageProcessor; the processor expands each
-    ``<|image|>`` in a prompt to the image's (S / patch_size)² tokens (+1 for CLIP's class token, which LLaVA
-    drops)."""
+    image token (``<|image|>``) in a prompt to the image's (S / patch_size)² tokens (+1 for CLIP's class token,
+    which LLaVA drops)."""
     from PIL import Image
     from transformers import AutoTokenizer, LlavaImageProcessor, LlavaProcessor
 
@@ -174,9 +173,11 @@ def save_processor(out: Path, vision_cfg: VisionConfig, family: str, patch_size:
         do_pad=vision_cfg.pad_to_square, do_resize=True, size={"height": size, "width": size}, do_center_crop=False,
         resample=Image.Resampling[str(data["interpolation"]).upper()], image_mean=list(data["mean"]),
         image_std=list(data["std"]), do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
     processor = LlavaProcessor(
-        image_processor=images, tokenizer=AutoTokenizer.from_pretrained(str(out)), patch_size=patch_size,
-        vision_feature_select_strategy="default" if family == "clip" else "full", image_token=image_token,
+        image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default" if family == "clip" else "full",
+        image_token=tokenizer.convert_ids_to_tokens(image_token_id),  # its spelling there (an alias's, say)
         num_additional_image_tokens=1 if family == "clip" else 0)
     processor.save_pretrained(str(out))
 
@@ -201,5 +202,5 @@ def export_llava(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     out = write_vlm_folder(vlm, out_dir, config, state)
     no_processor = processor_refusal(vlm.vision_cfg, "none", squashes=False)
     if no_processor is None:
-        save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size, image_spelling(vlm.tok))
+        save_processor(out, vlm.vision_cfg, vlm.family, vlm.vision_hf.patch_size, vlm.tok.image_token_id)
     return VLMFolder(config, no_processor)

@@ -214,7 +214,7 @@ def hf_tokenizer_files(tok: Tokenizer, out_dir: str | Path, spellings: dict[str,
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token=_spelling(tok, tok.bos_token_id), pad_token=_spelling(tok, tok.pad_token_id),
         eos_token=_spelling(tok, tok.special_id("<|assistant_end|>")))
-    fast.chat_template = chat_template(tok, (spellings or {}).get(IMAGE_PLACEHOLDER, image_spelling(tok)))
+    fast.chat_template = chat_template(tok, raw.id_to_token(tok.image_token_id))
     fast.save_pretrained(str(out_dir))
 
 
@@ -243,11 +243,6 @@ def _respelled(raw: RawTokenizer, tok: Tokenizer, spellings: dict[str, str]) -> 
     return RawTokenizer.from_str(json.dumps(data))
 
 
-def image_spelling(tok: Tokenizer) -> str:
-    """How the transformers tokenizer spells our image token: ``<|image|>``, or the HF token it is aliased to."""
-    return _spelling(tok, tok.image_token_id)
-
-
 def _spelling(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id])
 
@@ -268,14 +263,14 @@ def _raw_from_ranks(tok: Tokenizer) -> RawTokenizer:
     return raw
 
 
-def chat_template(tok: Tokenizer, image: str | None = None) -> str:
+def chat_template(tok: Tokenizer, image: str) -> str:
     """A transformers chat template that renders like ``Tokenizer.render_conversation`` (a system message folded
     into the first user turn), with the spellings of ``tok``'s special ids. A content is a string, or a list of
     parts as processors take them: ``{"type": "text", "text": ...}`` as its text, ``{"type": "image"}`` as
-    ``image`` (the image token's spelling, which the processor expands), and in assistant turns the tool parts
-    ``{"type": "python"|"output", "text": ...}`` between their start and end tokens; other parts are an error."""
+    ``image`` (the image token's spelling in the written tokenizer, which the processor expands), and in assistant
+    turns the tool parts ``{"type": "python"|"output", "text": ...}`` between their start and end tokens; other
+    parts are an error."""
     sp = {name.strip("<|>"): _spelling(tok, i) for name, i in tok.special_tokens.items()}
-    image = image_spelling(tok) if image is None else image
     return (
         "{% macro text(content) %}{% if content is string %}{{ content }}{% else %}{% for p in content %}"
         f"{{% if p['type'] == 'image' %}}{image}{{% elif p['type'] == 'text' %}}{{{{ p['text'] }}}}"
