@@ -88,13 +88,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     try:
-        _, cfg = get_preset(a.model, **dict(a.vision))
+        llm, cfg = get_preset(a.model, **dict(a.vision))
     except ValueError as e:
         p.error(str(e))
     if cfg is None:
         p.error(f"--model {a.model} has no vision tower; pick a vlm_* preset")
+    if llm.n_embd != WIDTH:
+        p.error(f"--model {a.model}: its LLM is {llm.n_embd} wide, the readout {WIDTH}; pick a tiny vlm_* preset")
     torch.manual_seed(a.seed)
-    tower = VisionTower(cfg, WIDTH, freeze_encoder=False)
+    tower = VisionTower(cfg, llm, freeze_encoder=False)
     readout = Readout(a.task, tower.num_vision_tokens)
     transform = image_transform(cfg)
     opt = torch.optim.AdamW([

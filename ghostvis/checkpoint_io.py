@@ -193,7 +193,7 @@ def build_model(model_cfg: ModelConfig, vision_cfg: VisionConfig | None, weights
         from ghostvis.vision.tower import VisionTower
 
         with torch.device("cpu" if zero3 is not None else device):
-            tower = VisionTower(vision_cfg, model_cfg.n_embd, freeze_encoder=freeze_encoder)
+            tower = VisionTower(vision_cfg, model_cfg, freeze_encoder=freeze_encoder)
         if device.type != "meta":
             if tower_saved:
                 load_weights(tower, Path(weights_dir) / VISION_FILE)

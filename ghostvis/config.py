@@ -99,7 +99,10 @@ def checkpointed_blocks(activation_checkpointing: bool | int, n_layer: int) -> i
     return n
 
 
-LLM_WIDTH = -1  # VisionConfig.projector_hidden: the MLP is as wide as the LLM it feeds
+# widths a tower takes from the LLM it is grown on, so one preset fits any LLM (--init-from, --depth)
+LLM_WIDTH = -1  # VisionConfig.projector_hidden: the MLP is as wide as the LLM it feeds (LLaVA's, FastVLM's)
+LLM_FFN = -2  # VisionConfig.projector_hidden: the LLM's ffn_dim (Idefics2's SwiGLU connector)
+LLM_HEADS = 0  # VisionConfig.resampler_heads: the LLM's n_head (the perceiver runs at the LLM's width)
 
 
 @dataclass
@@ -113,10 +116,10 @@ class VisionConfig:
     resampler: str = "perceiver"  # "perceiver" | "avgpool" | "pixel_shuffle" | "none"
     num_vision_tokens: int = 64
     resampler_depth: int = 2
-    resampler_heads: int = 8
+    resampler_heads: int = 8  # the perceiver's; LLM_HEADS (0) = the LLM's n_head
     projector_hidden: int = 2048  # 0 = one bias-free linear layer instead of the MLP (SmolVLM/Idefics3's);
     # LLM_WIDTH (-1) = the LLM's n_embd, LLaVA's and FastVLM's MLP, whatever LLM the tower is grown on;
-    # with the perceiver, the width of its SwiGLU projector (Idefics2's: the LLM's ffn_dim)
+    # with the perceiver, the width of its SwiGLU projector: LLM_FFN (-2) = the LLM's ffn_dim, Idefics2's
     # a learned row + column embedding on each token of a grid resampler, so the LLM knows where it lies
     position_embedding: bool = False
     feature_norm: bool = False  # the encoder's final norm on the feature layer's output (Idefics3 applies it)
@@ -132,13 +135,26 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.image_frame={self.image_frame!r}; choose one of {IMAGE_FRAMES}")
         if self.num_vision_tokens <= 0:
             raise ValueError(f"VisionConfig.num_vision_tokens must be positive, got {self.num_vision_tokens}")
-        if self.projector_hidden < LLM_WIDTH:
+        if self.projector_hidden < LLM_FFN:
             raise ValueError(f"VisionConfig.projector_hidden={self.projector_hidden}; give a width, 0 (one linear "
-                             f"layer) or {LLM_WIDTH} (the LLM's width)")
+                             f"layer), {LLM_WIDTH} (the LLM's width) or {LLM_FFN} (the LLM's ffn_dim)")
+        if self.resampler_heads < LLM_HEADS:
+            raise ValueError(f"VisionConfig.resampler_heads={self.resampler_heads}; give a head count or "
+                             f"{LLM_HEADS} (the LLM's n_head)")
 
-    def projector_width(self, llm_dim: int) -> int:
-        """The projector's hidden width on an LLM of width `llm_dim` (`projector_hidden`, LLM_WIDTH resolved)."""
-        return llm_dim if self.projector_hidden == LLM_WIDTH else self.projector_hidden
+    def for_llm(self, model_cfg: ModelConfig) -> VisionConfig:
+        """This tower on `model_cfg`'s LLM: the widths taken from the LLM (LLM_WIDTH, LLM_FFN, LLM_HEADS) resolved.
+        Raises ValueError, naming the field and the values that fit, where the perceiver's heads do not divide
+        the LLM's width."""
+        hidden = {LLM_WIDTH: model_cfg.n_embd, LLM_FFN: model_cfg.ffn_dim}.get(self.projector_hidden,
+                                                                               self.projector_hidden)
+        heads = model_cfg.n_head if self.resampler_heads == LLM_HEADS else self.resampler_heads
+        if self.resampler == "perceiver" and model_cfg.n_embd % heads:
+            fits = [h for h in range(1, 65) if model_cfg.n_embd % h == 0]
+            raise ValueError(f"VisionConfig.resampler_heads={heads} does not divide the LLM's width "
+                             f"{model_cfg.n_embd}, at which the perceiver runs: give --vision resampler_heads=N "
+                             f"with N one of {', '.join(map(str, fits))}, or {LLM_HEADS} (the LLM's n_head)")
+        return dataclasses.replace(self, projector_hidden=hidden, resampler_heads=heads)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -267,19 +283,19 @@ _PRESETS: dict[str, tuple[Any, VisionConfig | None]] = {
     "vlm_small": (
         lambda depth: small_config(12 if depth is None else depth),
         VisionConfig(encoder="vit_small_patch16_224", image_size=224, encoder_kwargs=dict(_SIGLIP_SHAPED),
-                     resampler="perceiver", num_vision_tokens=64, resampler_depth=2, resampler_heads=6,
-                     projector_hidden=2688, feature_norm=True, **_IDEFICS2_PROMPT),
+                     resampler="perceiver", num_vision_tokens=64, resampler_depth=2,
+                     resampler_heads=LLM_HEADS, projector_hidden=LLM_FFN, feature_norm=True, **_IDEFICS2_PROMPT),
     ),
     "vlm_1.5b": (
         lambda depth: _qwen25(1536, 28, 12, 2, 8960, True, 151936),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=8960, feature_norm=True,
+                     resampler_depth=2, resampler_heads=16, projector_hidden=LLM_FFN, feature_norm=True,
                      **_IDEFICS2_PROMPT),
     ),
     "vlm_7b": (
         lambda depth: _qwen25(3584, 28, 28, 4, 18944, False, 152064),
         VisionConfig(encoder=_SIGLIP, image_size=384, encoder_kwargs=dict(_SIGLIP_KW), resampler="perceiver", num_vision_tokens=64,
-                     resampler_depth=2, resampler_heads=16, projector_hidden=18944, feature_norm=True,
+                     resampler_depth=2, resampler_heads=16, projector_hidden=LLM_FFN, feature_norm=True,
                      **_IDEFICS2_PROMPT),
     ),
 }

@@ -161,6 +161,38 @@ def test_a_framed_tower_needs_a_tokenizer_with_the_frame_tokens():
     assert build("--vision", "image_frame=none").vision_config.image_frame == "none"
 
 
+def test_a_perceiver_tower_takes_its_widths_from_the_llm(tmp_path, tiny_tokenizer):
+    """vlm_small's perceiver heads and SwiGLU projector follow the LLM it is grown on (--depth, or a text export
+    of another width), so the README's vlm_small on a d20 base builds and stays Idefics2-exportable; heads that
+    do not divide the LLM's width are a one-line error naming the flag."""
+    from ghostvis.interop.hf_idefics2 import idefics2_refusal
+    from ghostvis.model.gpt import GPT
+
+    for depth in (12, 20):
+        llm, tower = get_preset("vlm_small", depth)
+        resolved = tower.for_llm(llm)
+        assert (resolved.projector_hidden, resolved.resampler_heads) == (llm.ffn_dim, llm.n_head)
+        assert idefics2_refusal(llm, tower) is None
+    cfg = get_preset("tiny", vocab_size=tiny_tokenizer.vocab_size)[0]  # 64 wide, 4 heads: vlm_small's own had 6
+    text = tmp_path / "text"
+    export(GPT(cfg), text, tokenizer=tiny_tokenizer, extra={"stage": "base", "step": 1})
+    stage = STAGES["vision_pretrain"]
+
+    def build(*argv):
+        args = parse("--stage", "vision_pretrain", "--data", "x", "--out", "x", "--seq-len", "64", "--model",
+                     "vlm_small", "--init-from", text, *argv)
+        return loop.starting_model(args, stage, tiny_tokenizer, resolve_settings(stage, args))
+
+    model = build()
+    assert model.vision.resampler.layers[0].self_attn.heads == cfg.n_head
+    assert model.vision.projector.gate_proj.out_features == cfg.ffn_dim
+    assert model.vision_config.resampler_heads == 0  # the checkpoint keeps "the LLM's", as the preset says
+    with pytest.raises(ds_engine.ConfigError, match=r"--model vlm_small's vision tower on this LLM: .*"
+                                                    r"resampler_heads=6 does not divide the LLM's width 64.*"
+                                                    r"--vision resampler_heads=N with N one of 1, 2, 4, 8, 16"):
+        build("--vision", "resampler_heads=6")
+
+
 def test_new_tower_encoder_weights_and_random_encoder_warning(tmp_path, tiny_tokenizer):
     """--encoder-weights fills a new tower's encoder (preset or text export); a tower from the export's
     vision.safetensors refuses it; a text export needs a vlm_* preset; a random frozen encoder warns."""

@@ -179,8 +179,10 @@ def test_resampler_config_errors():
         PerceiverResampler(96, num_tokens=4, depth=1, heads=7)
     with pytest.raises(ValueError, match="perfect square"):
         AvgPoolResampler(96, num_tokens=12, num_patches=64)
-    with pytest.raises(ValueError, match=r"projector_hidden=-2; .* -1 \(the LLM's width\)"):
-        VisionConfig(projector_hidden=-2)
+    with pytest.raises(ValueError, match=r"projector_hidden=-3; .* -1 \(the LLM's width\) or -2 \(the LLM's ffn"):
+        VisionConfig(projector_hidden=-3)
+    with pytest.raises(ValueError, match=r"resampler_heads=-1; give a head count or 0 \(the LLM's n_head\)"):
+        VisionConfig(resampler_heads=-1)
 
 
 def test_perceiver_is_idefics2_shaped_and_old_checkpoints_are_refused():

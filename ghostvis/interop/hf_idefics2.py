@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ghostvis.config import ModelConfig, VisionConfig
+from ghostvis.config import LLM_FFN, ModelConfig, VisionConfig
 from ghostvis.interop.hf_idefics3 import save_idefics_processor, siglip_vision_config
 from ghostvis.interop.hf_llava import VLMFolder, language_tensors, read_vlm, vision_tensors, write_vlm_folder
 from ghostvis.interop.hf_tokenizer import IDEFICS_SPELLINGS
@@ -25,10 +25,10 @@ def idefics2_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | 
     """Why this VLM cannot be a transformers Idefics2 (None when it can; the encoder family is checked on export)."""
     if vision_cfg.resampler != "perceiver":
         return f"its resampler is {vision_cfg.resampler!r}, Idefics2's is the perceiver"
-    width = vision_cfg.projector_width(model_cfg.n_embd)
+    width = vision_cfg.for_llm(model_cfg).projector_hidden
     if width != model_cfg.ffn_dim:
         return (f"its SwiGLU projector's hidden width is {width}, Idefics2's is the LLM's "
-                f"ffn_dim: train with projector_hidden={model_cfg.ffn_dim}")
+                f"ffn_dim: train with projector_hidden={model_cfg.ffn_dim} (or {LLM_FFN}, the LLM's ffn_dim)")
     if not vision_cfg.feature_norm:
         return "its features skip the encoder's final norm, which Idefics2 applies: train with feature_norm=true"
     return None
@@ -43,7 +43,7 @@ def export_idefics2(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: torch.d
 
     vlm = read_vlm(ckpt_dir, dtype, idefics2_refusal, "Idefics2")
     vision = siglip_vision_config(vlm, Idefics2VisionConfig, "Idefics2")
-    heads, width = vlm.vision_cfg.resampler_heads, vlm.model_cfg.n_embd
+    heads, width = vlm.vision_cfg.for_llm(vlm.model_cfg).resampler_heads, vlm.model_cfg.n_embd
     perceiver = Idefics2PerceiverConfig(
         hidden_act="silu", hidden_size=width, rms_norm_eps=PERCEIVER_EPS,
         resampler_n_latents=vlm.vision_cfg.num_vision_tokens, resampler_depth=vlm.vision_cfg.resampler_depth,

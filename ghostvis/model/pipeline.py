@@ -42,9 +42,9 @@ PARTITIONS = ("type:PipeBlock", "uniform")
 class PipeVision(nn.Module):
     """(idx, images) -> (idx, vision tokens); images are pixels [N, 3, S, S] or cached features [N, P, D]."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, freeze_encoder: bool) -> None:
+    def __init__(self, vision_cfg: VisionConfig, model_cfg: ModelConfig, freeze_encoder: bool) -> None:
         super().__init__()
-        self.vision = VisionTower(vision_cfg, llm_dim, freeze_encoder=freeze_encoder)
+        self.vision = VisionTower(vision_cfg, model_cfg, freeze_encoder=freeze_encoder)
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if torch.is_tensor(inputs) or len(inputs) == 1:  # a text-only micro-batch
@@ -131,7 +131,7 @@ class GPTPipe(PipelineModule):
         specs: list[LayerSpec] = []
         self._prefixes: list[str] = []  # layer index -> the plain model's name prefix of its parameters
         if vision_cfg is not None:
-            specs.append(LayerSpec(PipeVision, vision_cfg, config.n_embd, freeze_encoder))
+            specs.append(LayerSpec(PipeVision, vision_cfg, config, freeze_encoder))
             self._prefixes.append("")
         embed = (partial(TiedLayerSpec, "wte", tied_weight_attr=["wte.weight"]) if config.tie_embeddings
                  else LayerSpec)

@@ -33,7 +33,7 @@ class VLM(nn.Module):
         self.config = model_cfg
         self.vision_config = vision_cfg
         self.llm = llm if llm is not None else GPT(model_cfg)
-        self.vision = tower if tower is not None else VisionTower(vision_cfg, model_cfg.n_embd,
+        self.vision = tower if tower is not None else VisionTower(vision_cfg, model_cfg,
                                                                   freeze_encoder=freeze_encoder)
 
     @classmethod

@@ -207,6 +207,10 @@ def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, 
         tokenizer.image_ids(1, vision_cfg.image_frame)
     except ValueError as e:
         raise ds_engine.ConfigError(str(e)) from e
+    try:  # the widths the tower takes from this LLM (a preset's tower grown on another: --init-from, --depth)
+        vision_cfg.for_llm(model_cfg)
+    except ValueError as e:
+        raise ds_engine.ConfigError(f"--model {args.model}'s vision tower on this LLM: {e}") from e
     if encoder_weights:
         if tower_saved(args):
             raise ds_engine.ConfigError(f"--encoder-weights: --init-from {args.init_from} already holds the vision "
@@ -817,8 +821,8 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
     def differences(now: dict[str, Any], then: dict[str, Any], prefix: str = "") -> list[str]:
         return [f"{prefix}{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
 
-    def tower(cfg: VisionConfig) -> dict[str, Any]:  # projector_hidden LLM_WIDTH and the width it is: one tower
-        return {**cfg.to_dict(), "projector_hidden": cfg.projector_width(model_cfg.n_embd)}
+    def tower(cfg: VisionConfig) -> dict[str, Any]:  # a width taken from the LLM and the width it is: one tower
+        return cfg.for_llm(model_cfg).to_dict()
 
     differ = differences(model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict())
     if vision_cfg is not None and "vision" in saved:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ghostvis.config import VisionConfig
+from ghostvis.config import ModelConfig, VisionConfig
 from ghostvis.vision.encoder import VisionEncoder
 from ghostvis.vision.projector import build_projector
 from ghostvis.vision.resampler import build_resampler
@@ -16,17 +16,18 @@ class VisionTower(nn.Module):
     """Parameter names: `encoder.model.*` (timm), `resampler.*`, `projector.fc1/fc2.*` (MLP), `projector.proj.*`
     (linear) or `projector.gate_proj/up_proj/down_proj.*` (the perceiver's SwiGLU)."""
 
-    def __init__(self, vision_cfg: VisionConfig, llm_dim: int, *, freeze_encoder: bool = True):
+    def __init__(self, vision_cfg: VisionConfig, model_cfg: ModelConfig, *, freeze_encoder: bool = True):
         super().__init__()
-        self.config = vision_cfg
+        self.config = vision_cfg = vision_cfg.for_llm(model_cfg)  # the widths it takes from the LLM resolved
+        llm_dim = model_cfg.n_embd
         self.encoder = VisionEncoder(vision_cfg, frozen=freeze_encoder)
         self.project_first = vision_cfg.resampler == "perceiver"
         if self.project_first:
-            self.projector = build_projector(self.encoder.dim, vision_cfg.projector_width(llm_dim), llm_dim, gated=True)
+            self.projector = build_projector(self.encoder.dim, vision_cfg.projector_hidden, llm_dim, gated=True)
             self.resampler = build_resampler(vision_cfg, llm_dim, self.encoder.num_patches)
         else:
             self.resampler = build_resampler(vision_cfg, self.encoder.dim, self.encoder.num_patches)
-            self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_width(llm_dim), llm_dim)
+            self.projector = build_projector(self.resampler.out_dim, vision_cfg.projector_hidden, llm_dim)
 
     @property
     def num_vision_tokens(self) -> int:
