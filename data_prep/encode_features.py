@@ -30,9 +30,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep import console_script
 from data_prep.image_shards import _finish, _load_record, _save_record, tar_samples
 from ghostvis import checkpoint_io
+from ghostvis.cli import console_script
 from ghostvis.config import get_preset
 from ghostvis.data.features import FEATURES_KEY, feature_meta
 from ghostvis.data.manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[Manifest]:
             for d in shard_dirs(a.data)]
 
 
-cli = console_script(main)
+cli = console_script(main, exit_status=False)
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -40,7 +40,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import console_script
+from ghostvis.cli import console_script
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.data.multimodal import IMAGE_EXTS, count_images
 from ghostvis.tokenizer import IMAGE_PLACEHOLDER
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> Manifest:
     return write_splits(rows, a.out, a.val_fraction, kind=kind, total=total, **opts)
 
 
-cli = console_script(main)
+cli = console_script(main, exit_status=False)
 
 if __name__ == "__main__":
-    main()
+    cli()

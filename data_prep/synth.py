@@ -29,6 +29,7 @@ from typing import Callable
 import webdataset as wds
 from tqdm import tqdm
 
+from ghostvis.cli import console_script
 from ghostvis.data import scenes
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.data.scenes import chance_accuracy  # re-exported for the eval's "beside chance" line
@@ -240,5 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"text corpus      {a.out}/text")
 
 
+cli = console_script(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

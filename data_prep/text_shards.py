@@ -28,8 +28,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import tar_file_iterator
 
-from data_prep import console_script
 from data_prep.readers import iter_documents
+from ghostvis.cli import console_script
 from ghostvis.data.manifest import Manifest, ShardInfo, write_manifest
 from ghostvis.tokenizer import Tokenizer
 from ghostvis.tokenizer_dir import load_tokenizer
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-cli = console_script(main)
+cli = console_script(main, exit_status=False)
 
 if __name__ == "__main__":
-    main()
+    cli()

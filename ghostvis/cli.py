@@ -1,4 +1,5 @@
-"""How every `launch/*.py` command ends: `run_main(main)` turns a user's mistake into one `error: ...` line
+"""How every command ends (`launch/*.py`, `data_prep` modules, the installed `ghostvis-*` scripts: `cli`, made by
+`console_script`): `run_main(main)` turns a user's mistake into one `error: ...` line
 (exit 2) and a diverged training run into one line (exit 3); real bugs keep their traceback. `--debug` on
 the command line or `GHOSTVIS_DEBUG=1` shows the traceback of user errors too."""
 
@@ -44,6 +45,20 @@ def run_main(main: Callable[..., Any], *args: Any) -> None:
         _leave_process_group()
         sys.exit(DIVERGED_EXIT if isinstance(err, Diverged) else USER_ERROR_EXIT)
     sys.exit(code or 0)
+
+
+def console_script(main: Callable[[], Any], *, exit_status: bool = True) -> Callable[[], None]:
+    """The `[project.scripts]` entry of a command: `main` under run_main, as `python launch/x.py` runs it, so the
+    installed `ghostvis-*` command ends a user error in one line too. exit_status=False: main's return value is
+    for Python callers (a manifest, say), not the exit status."""
+
+    def value_for_callers() -> None:
+        main()
+
+    def run() -> None:
+        run_main(main if exit_status else value_for_callers)
+
+    return run
 
 
 def _leave_process_group() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ghostvis.cli import console_script
 from ghostvis.infer.chat import (ChatModel, ContextTooLong, Reply, add_chat_args, check_chat_args, load_or_exit,
                                  user_message)
 from ghostvis.vision.transforms import BadImage
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

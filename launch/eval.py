@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ghostvis.checkpoint_io import load_export
+from ghostvis.cli import console_script
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from ghostvis.eval import caption_loss, evaluate_vqa, text_bpb, write_report
 from ghostvis.eval.report import METRICS_FILE, results_table
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

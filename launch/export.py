@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 
 from ghostvis.checkpoint_io import read_config
+from ghostvis.cli import console_script
 from ghostvis.interop.hf_fastvlm import export_fastvlm, fastvlm_refusal
 from ghostvis.interop.hf_idefics2 import export_idefics2, idefics2_refusal
 from ghostvis.interop.hf_idefics3 import export_idefics3, idefics3_refusal
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}: transformers {hf_cfg.architectures[0]}")
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

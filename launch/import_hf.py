@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ghostvis.cli import console_script
 from ghostvis.interop.hf_llm import DTYPES, import_llm
 from ghostvis.interop.hf_vision import timm_spec_from_hf, timm_state_dict_from_hf
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(timm_spec_from_hf(args.vision), indent=1))
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 
+from ghostvis.cli import console_script
 from ghostvis.config import PRESETS, activation_checkpointing_arg, get_preset, int_or
 from ghostvis.plan import (AUTO_SHARE, GIB, LONGEST_SHARE, SEQ_STEP, Layout, Plan, PlanError, build_meta_model,
                            ds_bucket_settings, fewest_checkpointed_blocks, format_plan, longest_sequence,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.fits(args.gpu_mem_gib, args.host_mem_gib) else 1
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ghostvis import load_pretrained
+from ghostvis.cli import console_script
 from ghostvis.infer.engine import Engine
 
 DEFAULT_PROMPTS = ("a red", "the blue square is on the", "q: how many shapes are there? a:")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

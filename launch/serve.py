@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from ghostvis.cli import console_script
 from ghostvis.config import PRESETS
 from ghostvis.infer.batching import Batcher
 from ghostvis.infer.chat import add_chat_args, check_chat_args, load_or_exit, random_chat_model
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

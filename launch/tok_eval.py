@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterable
 
 from data_prep.readers import iter_documents
+from ghostvis.cli import console_script
 from ghostvis.tokenizer import Tokenizer, bytes_per_token
 from ghostvis.tokenizer_dir import load_tokenizer
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{kind:<10} {ours:>9.3f} {theirs:>9.3f}")
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

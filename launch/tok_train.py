@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from data_prep.readers import iter_documents
+from ghostvis.cli import console_script
 from ghostvis.tokenizer import MIN_VOCAB_SIZE, Tokenizer, bytes_per_token
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         print("no held-out documents (corpus too small or --heldout-every 0): bytes/token not measured")
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ghostvis import recipes
+from ghostvis.cli import console_script
 from ghostvis.config import activation_checkpointing_arg, vision_override_arg
 from ghostvis.lora import DEFAULT_TARGETS
 from ghostvis.model.attention import ATTENTION_CHOICES, PACKED_CHOICES
@@ -222,7 +223,7 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    from ghostvis.cli import run_main
+cli = console_script(main)
 
-    run_main(main)
+if __name__ == "__main__":
+    cli()

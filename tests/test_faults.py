@@ -299,6 +299,25 @@ def test_debug_gives_the_traceback_back(monkeypatch, capsys):
         run_main(lambda: 1 / 0)
 
 
+def test_installed_commands_end_user_errors_in_one_line(monkeypatch, capsys):
+    """Every `ghostvis-*` console script goes through run_main, as `python launch/x.py` does: a user error raised
+    deep inside (not an argparse error) is one line and exit 2, not a traceback."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 14
+    for name, target in scripts.items():
+        module, attr = target.split(":")
+        entry = getattr(importlib.import_module(module), attr)
+        assert entry.__qualname__ == "console_script.<locals>.run", (name, target)
+    monkeypatch.setattr(sys, "argv", ["ghostvis-export", "--ckpt", str(REPO / "no-such-run"), "--out", "x"])
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module("launch.export").cli()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "no-such-run" in err and "Traceback" not in err
+
+
 def _replace(cmd: list[str], flag: str, value: str) -> list[str]:
     i = cmd.index(flag)
     return cmd[:i + 1] + [value] + cmd[i + 2:]
