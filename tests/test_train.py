@@ -187,6 +187,21 @@ def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):
     assert cfg["checkpoint"]["load_universal"] is True
 
 
+def test_a_shipped_ds_config_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """`--ds_config ds_configs/zero2.json` (the canonical command, the recipes) names the shipped file relative to
+    the checkout; run from elsewhere it still loads it. A file of that name in the working directory wins; a path
+    elsewhere is never redirected, and a missing one lists what ships."""
+    shipped = ds_engine.load_ds_config(REPO / "ds_configs" / "zero2.json")
+    monkeypatch.chdir(tmp_path)
+    assert ds_engine.load_ds_config("ds_configs/zero2.json") == shipped == ds_engine.load_ds_config("zero2.json")
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert ds_engine.load_ds_config("ds_configs/zero2.json") == {"zero_optimization": {"stage": 1}}
+    with pytest.raises(ds_engine.ConfigError, match=r"--ds_config mine/zero2.json: no such file \(shipped in "
+                                                    r"ds_configs/: .*zero1.json, zero2.json"):
+        ds_engine.load_ds_config("mine/zero2.json")
+
+
 def test_every_data_kind_and_loss_has_a_builder():
     assert set(loop.DATA_BUILDERS) == set(DATA_KINDS) and set(loop.LOSSES) == set(LOSS_KINDS)
 
