@@ -243,17 +243,30 @@ def write_shards(items: Iterable[Item], out: str | os.PathLike, *, kind: str, to
 # ---- input formats -------------------------------------------------------------------------------
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a csv, a jsonl (one object a line) or a JSON array of objects."""
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    text = path.read_text()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # jsonl: one document a line
+    if isinstance(whole, list):
+        rows = whole
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line") from e
+                    raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line, or "
+                                     "one JSON array of objects") from e
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}: row {n} is a JSON {type(row).__name__}, not an object with the fields "
+                             "file|image and caption|text")
     return rows
 
 
@@ -265,9 +278,12 @@ def _field(row: dict[str, Any], names: tuple[str, ...], path: Path, n: int) -> A
 
 
 def folder_items(images: Path, captions: Path) -> list[Item]:
-    """Rows of a captions jsonl/csv with fields file|image (relative to `images`) and caption|text."""
+    """Rows of a captions jsonl, JSON array or csv with fields file|image (relative to `images`) and caption|text."""
     items = []
     for n, row in enumerate(_read_table(captions)):
+        if "conversations" in row and not {"caption", "text"} & set(row):
+            raise SystemExit(f"{captions}: row {n} is a LLaVA conversation (\"conversations\"), not a caption: "
+                             f"python -m data_prep.image_shards llava --json {captions} --images {images} --out ...")
         file = str(_field(row, ("file", "image"), captions, n))
         caption = row.get("caption", row.get("text"))
         items.append(Item(key=f"{n:09d}", source=file, images=[str(images / file)],
@@ -465,9 +481,9 @@ def main(argv: list[str] | None = None) -> Manifest:
     common.add_argument("--val-fraction", type=float, default=None, metavar="F",
                         help="write OUT/train and OUT/val (about a fraction F, chosen by a hash of each sample's "
                              "source) instead of one shard directory")
-    f = sub.add_parser("folder", parents=[common], help="image folder + captions jsonl/csv")
+    f = sub.add_parser("folder", parents=[common], help="image folder + captions jsonl/json/csv")
     f.add_argument("--images", type=Path, required=True)
-    f.add_argument("--captions", type=Path, required=True, help="jsonl or csv with file|image and caption|text")
+    f.add_argument("--captions", type=Path, required=True, help="jsonl, a JSON array of objects, or csv, with file|image and caption|text")
     ll = sub.add_parser("llava", parents=[common], help="LLaVA-format JSON + image folder")
     ll.add_argument("--json", type=Path, required=True)
     ll.add_argument("--images", type=Path, default=None)

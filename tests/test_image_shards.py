@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data_prep import image_shards
-from ghostvis.data.manifest import read_manifest
+from ghostvis.data.manifest import Manifest, read_manifest
 from ghostvis.data.shards import ShardStream
 from ghostvis.vision.transforms import load_image
 
@@ -121,10 +121,23 @@ def test_folder_csv_max_side_and_resume(image_dir: Path, tmp_path: Path) -> None
 
 
 def test_folder_bad_table_names_the_field(image_dir: Path, tmp_path: Path) -> None:
-    (tmp_path / "caps.jsonl").write_text(json.dumps({"path": "rgb.jpg", "caption": "x"}) + "\n")
+    """A row without the fields, a row that is not an object and a LLaVA file each get their one-line fix; a JSON
+    array of caption rows (one line or many) is read as a table."""
+    def run(name: str, text: str) -> Manifest:
+        (tmp_path / name).write_text(text)
+        return image_shards.main(["folder", "--images", str(image_dir), "--captions", str(tmp_path / name),
+                                  "--out", str(tmp_path / "out" / name)])
+
     with pytest.raises(SystemExit, match="file / image"):
-        image_shards.main(["folder", "--images", str(image_dir), "--captions", str(tmp_path / "caps.jsonl"),
-                           "--out", str(tmp_path / "out")])
+        run("caps.jsonl", json.dumps({"path": "rgb.jpg", "caption": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="row 1 is a JSON list, not an object"):
+        run("caps.jsonl", json.dumps({"file": "rgb.jpg", "caption": "x"}) + "\n" + json.dumps([1, 2]) + "\n")
+    llava = [{"id": "a", "image": "rgb.jpg", "conversations": [{"from": "human", "value": "<image>\nhi"}]}]
+    with pytest.raises(SystemExit, match=r"row 0 is a LLaVA conversation.*image_shards llava --json"):
+        run("llava.json", json.dumps(llava))
+    rows = [{"file": n, "caption": f"picture {n}"} for n in GOOD]
+    assert run("caps.json", json.dumps(rows)).num_samples == len(GOOD)
+    assert run("indented.json", json.dumps(rows, indent=2)).num_samples == len(GOOD)
 
 
 def test_llava_conversations(image_dir: Path, tmp_path: Path) -> None:
