@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> Manifest:
                              "source) instead of one shard directory")
     f = sub.add_parser("folder", parents=[common], help="image folder + captions jsonl/json/csv")
     f.add_argument("--images", type=Path, required=True)
-    f.add_argument("--captions", type=Path, required=True, help="jsonl, a JSON array of objects, or csv, with file|image and caption|text")
+    f.add_argument("--captions", type=Path, required=True,
+                   help="jsonl, a JSON array of objects, or csv, with file|image and caption|text")
     ll = sub.add_parser("llava", parents=[common], help="LLaVA-format JSON + image folder")
     ll.add_argument("--json", type=Path, required=True)
     ll.add_argument("--images", type=Path, default=None)
