@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ghostvis.cli import UserError
 from ghostvis.shipped import shipped_dir
 
 if sys.version_info >= (3, 11):
@@ -29,7 +30,7 @@ RESOLVED_NAME = "run_config.toml"
 _NOT_RECORDED = {"help", "config", "local_rank"}  # the recipe itself, and what the launcher sets per rank
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe file that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -100,11 +101,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config = pre.parse_known_args(argv)[0].config
-    if config:
-        try:
-            argv = recipe_argv(parser, find_recipe(config)) + argv
-        except RecipeError as e:
-            parser.error(str(e))
+    if config:  # a RecipeError is the command's one-line error (run_main), without argparse's usage block
+        argv = recipe_argv(parser, find_recipe(config)) + argv
     return parser.parse_args(argv), argv
 
 

@@ -6,6 +6,7 @@ import pytest
 from conftest import REPO, losses, train_args, train_cli
 
 from ghostvis import recipes
+from ghostvis.cli import UserError
 from ghostvis.shipped import shipped_dir
 from ghostvis.train import loop
 from ghostvis.train.stages import ALL_LAYERS
@@ -55,13 +56,13 @@ def test_shipped_recipes_parse(name):
 def test_bad_recipe_is_one_line_error(tmp_path, capsys, text, message):
     recipe = tmp_path / "bad.toml"
     recipe.write_text(text)
-    with pytest.raises(SystemExit):
+    # a UserError: the command prints it as its one `error:` line (run_main), with no usage block before it
+    with pytest.raises(UserError) as err:
         recipes.parse_args(train_cli().build_parser(), ["--config", str(recipe), "--data", "d", "--out", "o"])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"error: {recipe}: " in err and message in err
+    assert str(err.value).startswith(f"{recipe}: ") and message in str(err.value) and "\n" not in str(err.value)
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_recipe_lists_shipped(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(recipes.RecipeError, match=r"no such file, nor a shipped recipe \(shipped: demo_base"):
         recipes.parse_args(train_cli().build_parser(), ["--config", "nope", "--data", "d", "--out", "o"])
-    assert "no such file, nor a shipped recipe (shipped: demo_base" in capsys.readouterr().err
