@@ -24,7 +24,7 @@ from ghostvis.checkpoint_io import load_export
 from ghostvis.cli import console_script
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from ghostvis.eval import caption_loss, evaluate_vqa, text_bpb, write_report
-from ghostvis.eval.report import METRICS_FILE, results_table
+from ghostvis.eval.report import METRICS_FILE, read_from, results_table
 from ghostvis.eval.vqa import WrongCheckpoint
 
 EVALS = {"conversation": "vqa", "image-text": "caption", "text-tokens": "text"}  # manifest kind -> evaluation
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"checkpoint": str(args.ckpt), "stage": raw.get("stage"), "step": raw.get("step"),
                "split": args.split, **results}
-    print(f"checkpoint {args.ckpt} (stage {results['stage'] or '?'}, step {results['step']}), split {args.split}\n")
+    print(f"checkpoint {args.ckpt} (stage {results['stage'] or '?'}, step {results['step']}); "
+          f"{read_from(results)}\n")
     print(results_table(results))
     out = args.report_dir or Path(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,23 @@ def test_reply_text_leaves_tool_calls_out():
     assert reply_text(Engine(tiny_gpt(), TOK), tokens) == "it is 3"
 
 
+def test_max_samples_caps_captions_and_text_rows_exactly(setup):
+    """--max-samples is a count of captions (text rows), not of whole batches."""
+    from ghostvis.eval import caption_loss, text_bpb
+    from ghostvis.checkpoint_io import load_pretrained
+
+    model, tok, _ = load_pretrained(setup["ckpt"])
+    captions = setup["data"] / "captions" / "val"
+    full = caption_loss(model, tok, captions, batch_size=4, progress=False)
+    assert full["samples"] > 5
+    assert caption_loss(model, tok, captions, max_samples=5, batch_size=4, progress=False)["samples"] == 5
+    assert caption_loss(model, tok, captions, max_samples=2, batch_size=4, progress=False)["samples"] == 2
+    text = setup["data"] / "tokens" / "val"
+    one_row = text_bpb(model, tok, text, seq_len=16, max_samples=1, batch_size=1, progress=False)
+    three = text_bpb(model, tok, text, seq_len=16, max_samples=3, batch_size=2, progress=False)
+    assert one_row["rows"] == 1 and three["rows"] == 3 and three["tokens"] == 3 * one_row["tokens"]
+
+
 def test_blanked_images_reach_the_model_as_one_constant_image(setup):
     image = Image.new("RGB", (64, 64), (200, 10, 10))
     assert blank_like(image).size == image.size
@@ -149,6 +166,7 @@ def test_eval_cli_end_to_end(setup, capsys):
     assert results["text"]["bpb"] > 0 and results["text"]["bytes"] > 0
     assert (results["stage"], results["step"], results["split"]) == ("sft", 3, "test")
     assert "| shape | 3 |" in stdout and "chance" in stdout and "text bits per byte" in stdout
+    assert f"read vqa from {data / 'vqa' / 'test'}, caption from {data / 'captions' / 'val'} (no test/ split " in stdout
     report = (ckpt / "report.md").read_text()
     for png in ("accuracy.png", "training_curves.png"):
         assert f"({png})" in report

@@ -29,6 +29,11 @@ def _batches_for(max_samples: int | None, batch_size: int) -> int | None:
     return None if max_samples is None else max(1, math.ceil(max_samples / batch_size))
 
 
+def _rows_left(max_samples: int | None, seen: int, rows: int) -> int:
+    """How many of a batch's `rows` to score so that exactly `max_samples` are scored in all."""
+    return rows if max_samples is None else min(rows, max_samples - seen)
+
+
 @torch.no_grad()
 def caption_loss(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path, *,
                  max_samples: int | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
@@ -48,10 +53,11 @@ def caption_loss(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | P
                                        disable=not progress)):
             if limit is not None and i >= limit:
                 break
-            nats += model(batch["input_ids"], batch["targets"], pixel_values=batch["pixel_values"],
-                          reduction="sum").item()
-            tokens += int(batch["num_loss_tokens"])
-            samples += batch["input_ids"].shape[0]
+            k = _rows_left(max_samples, samples, batch["input_ids"].shape[0])  # one image a caption row
+            ids, targets, pixels = batch["input_ids"][:k], batch["targets"][:k], batch["pixel_values"][:k]
+            nats += model(ids, targets, pixel_values=pixels, reduction="sum").item()
+            tokens += int((targets != -1).sum())
+            samples += k
     if tokens == 0:
         raise ValueError(f"{data_dir}: no usable captions ({stream.stats['corrupt']} unusable samples)")
     return {"loss": nats / tokens, "tokens": tokens, "samples": samples, "skipped": stream.stats["corrupt"]}
@@ -76,6 +82,8 @@ def text_bpb(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | Path,
                                                 disable=not progress)):
             if limit is not None and i >= limit:
                 break
+            k = _rows_left(max_samples, i * batch_size, idx.shape[0])
+            idx, targets = idx[:k], targets[:k]
             batch_nats, batch_bytes = bpb_sums(llm(idx, targets, reduction="none"), targets, byte_counts).tolist()
             nats += batch_nats
             nbytes += int(batch_bytes)

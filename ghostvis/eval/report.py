@@ -138,6 +138,17 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def read_from(results: dict[str, Any]) -> str:
+    """Which shard directory each evaluation read, saying where the asked split was not there (val/ or a flat
+    directory was read instead), so no figure is taken for a split it did not come from."""
+    split, parts = results["split"], []
+    for name in ("vqa", "caption", "text"):
+        if name in results:
+            data = Path(results[name]["data"])
+            parts.append(f"{name} from {data}" + ("" if data.name == split else f" (no {split}/ split there)"))
+    return "read " + ", ".join(parts)
+
+
 def write_report(out_dir: str | Path, results: dict[str, Any], *, metrics_path: str | Path | None = None) -> Path:
     """Write `report.md` (+ PNGs) into out_dir; returns its path. `metrics_path` defaults to
     out_dir/metrics.jsonl; without it the card has no training curves (and says so)."""
@@ -146,7 +157,7 @@ def write_report(out_dir: str | Path, results: dict[str, Any], *, metrics_path: 
     metrics = Path(metrics_path) if metrics_path else out / METRICS_FILE
     title = f"stage `{results['stage']}`, step {results.get('step')}" if results.get("stage") else "checkpoint"
     md = [f"# Report card: {title}", "",
-          f"Checkpoint `{results['checkpoint']}`, split `{results['split']}`, "
+          f"Checkpoint `{results['checkpoint']}`; {read_from(results)}; "
           f"evaluated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "", "## Evaluation", "", results_table(results), ""]
     if results.get("vqa"):
         plot_accuracy(results["vqa"], results.get("vqa_blank"), out / "accuracy.png")
