@@ -124,6 +124,21 @@ def test_bad_input_gets_one_line_errors(user_data, tmp_path, tiny_tokenizer_dir,
         (mix / "mixture.json").write_text(text)
         with pytest.raises(DataError, match=f"mixture.json: {why}"):
             train("--stage", "vision_pretrain", "--data", mix, *common)
+    # a --data that is not a training set names what was given and how to make one
+    (mix / "mixture.json").write_text('{"datasets": [{"dir": "../nope", "weight": 1}]}')
+    with pytest.raises(DataError, match=r"mixture.json: datasets\[0\].dir .*nope does not exist"):
+        train("--stage", "vision_pretrain", "--data", mix, *common)
+    with pytest.raises(DataError, match=r"--data .*caps-typo: no such directory"):
+        train("--stage", "vision_pretrain", "--data", tmp_path / "caps-typo", *common)
+    with pytest.raises(DataError, match=r"--data .*photos is not a shard directory .*holds images \(\d+\): make "
+                                        r"shards with python -m data_prep.image_shards folder --images .*photos"):
+        train("--stage", "vision_pretrain", "--data", user_data / "photos", *common)
+    with pytest.raises(DataError, match=r"--data .* is not a shard directory .*holds datasets: pick one \(caps\)"):
+        train("--stage", "vision_pretrain", "--data", tmp_path, *common)
+    no_tok = [a for a in common if a not in ("--tokenizer", tiny_tokenizer_dir)]
+    with pytest.raises(DataError, match=r"no --tokenizer given, and .*tokenizer \(the default: tokenizer/ beside "
+                                        r"--data\) does not exist: pass --tokenizer DIR"):
+        train("--stage", "vision_pretrain", "--data", caps, *no_tok)
     # conversations whose placeholders don't match their images, and ones with nothing to answer
     bad = write_shards(tmp_path / "bad", "conversation", [
         {"__key__": f"k{i}", "json": json.dumps({"messages": [{"role": "user", "content": "<|image|> hi"},

@@ -36,7 +36,7 @@ from ghostvis.config import ModelConfig, VisionConfig, get_preset
 from ghostvis.data.features import encoder_spec
 from ghostvis.data.loader import WorkerBatches, local_world_size
 from ghostvis.data.manifest import MANIFEST_NAME, DataError, split_dir
-from ghostvis.data.multimodal import caption_batches, conversation_batches, mixture_entries
+from ghostvis.data.multimodal import IMAGE_EXTS, caption_batches, conversation_batches, mixture_entries
 from ghostvis.data.packing import PACK_HINT_STEPS, check_packing, pack_hint, pack_refusal
 from ghostvis.data.request import DataRequest
 from ghostvis.data.rl import prompt_batches
@@ -363,6 +363,33 @@ def evaluate_bpb(engine: Any, batches: Any, byte_counts: torch.Tensor, max_batch
     return (sums[0] / (math.log(2) * sums[1].clamp(min=1))).item()
 
 
+def check_data(data: Path) -> None:
+    """Refuse a --data that cannot be a training set, naming what the user gave and how to make one: a missing
+    directory, a mixture.json entry that is missing, a folder of raw images or of several datasets."""
+    if not data.is_dir():
+        raise DataError(f"--data {data}: no such directory")
+    entries = mixture_entries(data)
+    for i, (d, _) in enumerate(entries or []):
+        if not d.is_dir():
+            raise DataError(f"{data / 'mixture.json'}: datasets[{i}].dir {d} does not exist (dirs are relative to "
+                            "the mixture.json)")
+    for d in [d for d, _ in entries] if entries else [data]:
+        if (split_dir(d, "train") / MANIFEST_NAME).is_file():
+            continue
+        what = f"--data {d}" if entries is None else f"{data / 'mixture.json'}'s {d}"
+        images = [f for f in d.iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        datasets = sorted(c.name for c in d.iterdir() if (split_dir(c, "train") / MANIFEST_NAME).is_file())
+        if images:
+            how = (f"it holds images ({len(images)}): make shards with python -m data_prep.image_shards folder "
+                   f"--images {d} --captions CAPTIONS --out OUT --val-fraction 0.05")
+        elif datasets:
+            how = f"it holds datasets: pick one ({', '.join(datasets)}), e.g. --data {d / datasets[0]}"
+        else:
+            how = ("make shards with data_prep (image_shards, text_shards or synth; docs/datasets.md), or point "
+                   "to a directory with train/ or manifest.json")
+        raise DataError(f"{what} is not a shard directory (no {MANIFEST_NAME}, no train/{MANIFEST_NAME}): {how}")
+
+
 def resolve_eval_every(args: argparse.Namespace) -> tuple[int, str | None]:
     """(--eval-every, note): unset, validation runs every 250 steps where every dataset of --data has a val/
     split and not at all otherwise (the note says so); set > 0 without val/, a DataError with the fix."""
@@ -478,6 +505,16 @@ def check_packed_attention(args: argparse.Namespace) -> None:
                                     "drop --packed-attention")
 
 
+def default_tokenizer(data: Path) -> Path:
+    """The tokenizer a run without --tokenizer reads: `tokenizer/` beside --data (where the demo and the README
+    put it); a DataError naming the flag where there is none."""
+    path = data.resolve().parent / "tokenizer"
+    if not path.is_dir():
+        raise DataError(f"no --tokenizer given, and {path} (the default: tokenizer/ beside --data) does not exist: "
+                        "pass --tokenizer DIR, the directory launch/tok_train.py or launch/import_hf.py wrote")
+    return path
+
+
 def build(args: argparse.Namespace) -> Run:
     """Settings, process groups, the model in its (tp, pp) layout, parameter groups, the DeepSpeed engine,
     the loss, the data, the resumed state and the logger of `args.stage` (launch/train.py)."""
@@ -486,13 +523,14 @@ def build(args: argparse.Namespace) -> Run:
     check_length_group(stage, args)
     check_packed_attention(args)
     rank, world, device = ds_engine.init_distributed()
+    check_data(Path(args.data))
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
         print(note, flush=True)
     topo = Topology(args.tp, args.pp, args.cp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
-    tokenizer = load_tokenizer(args.tokenizer or Path(args.data).resolve().parent / "tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(Path(args.data)))
 
     grad_accum, global_batch = ds_engine.batch_sizes(args.micro_batch, args.grad_accum, args.global_batch, dp)
     dtype = ds_engine.resolve_dtype(args.dtype, device.type)
