@@ -93,4 +93,9 @@ def test_text_only_checkpoint_refuses_images_clearly(tmp_path, monkeypatch, caps
 def test_bad_checkpoint_directory_exits_with_a_message(tmp_path, monkeypatch, capsys):
     code, _, err = run_main(tmp_path, [], monkeypatch, capsys)
     assert code == 2
-    assert "cannot load --ckpt" in err and "config.json not found" in err
+    assert "cannot load --ckpt" in err and "config.json not found" in err and "DeepSpeed" not in err
+    step = tmp_path / "run" / "ckpt" / "step-00000004"  # a resume state, not the export beside it
+    step.mkdir(parents=True)
+    code, _, err = run_main(step, [], monkeypatch, capsys)
+    assert code == 2 and f"inside a run's DeepSpeed checkpoints (resume state), and the run's export is " \
+                          f"{tmp_path / 'run'}" in err

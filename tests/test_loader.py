@@ -225,3 +225,21 @@ def test_training_resumes_exactly_with_workers_and_logs_data_metrics(synth_dir, 
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_images_are_counted_in_every_stage_s_batches():
+    """images_per_s counts the images a step took: pixel rows of a caption/conversation batch, and each prompt's
+    list of images in rl's prompt batches (which have no pixel_values)."""
+    from ghostvis.train.loop import TimedBatches
+
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    batches = TimedBatches(iter([
+        {"input_ids": torch.ones(2, 4, dtype=torch.long), "targets": torch.ones(2, 4, dtype=torch.long),
+         "pixel_values": torch.zeros(3, 3, 8, 8)},
+        {"prompts": [[1, 2], [3]], "images": [[image, image], [image]], "answers": ["a", "b"]},
+        {"prompts": [[1]], "images": [[]], "answers": ["a"]},
+    ]))
+    counts = []
+    for _ in batches:
+        counts.append(batches.take()[1])
+    assert counts == [3, 3, 0]

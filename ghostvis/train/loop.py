@@ -420,6 +420,8 @@ class TimedBatches:
         self.wait_s += time.perf_counter() - t0
         if isinstance(batch, dict):
             images = batch.get("pixel_values", batch.get("image_features"))
+            if images is None and "images" in batch:  # rl's prompt batches: each prompt's list of images
+                images = [im for prompt in batch["images"] for im in prompt]
             self.images += 0 if images is None else len(images)
             if "input_ids" in batch:  # token rows (rl's prompt batches have none)
                 self.slots, self.real = self.slots + batch["input_ids"].numel(), self.real + batch_tokens(batch)
