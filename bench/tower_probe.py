@@ -33,7 +33,7 @@ from ghostvis.data.scenes import COLOURS, MIN_DX, SHAPES, render, sample_scene
 from ghostvis.vision.tower import VisionTower
 from ghostvis.vision.transforms import image_transform
 
-WIDTH = 64
+WIDTH = 64  # the tiny preset's LLM width, on which the probe builds the tower
 
 
 class Readout(nn.Module):
@@ -87,16 +87,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    torch.manual_seed(a.seed)
     try:
-        llm, cfg = get_preset(a.model, **dict(a.vision))
+        _, cfg = get_preset(a.model, **dict(a.vision))
+        probe_llm = get_preset("tiny")[0]  # the tower feeds the readout, not the preset's LLM: WIDTH wide
+        tower = VisionTower(cfg, probe_llm, freeze_encoder=False) if cfg is not None else None
     except ValueError as e:
         p.error(str(e))
-    if cfg is None:
+    if tower is None:
         p.error(f"--model {a.model} has no vision tower; pick a vlm_* preset")
-    if llm.n_embd != WIDTH:
-        p.error(f"--model {a.model}: its LLM is {llm.n_embd} wide, the readout {WIDTH}; pick a tiny vlm_* preset")
-    torch.manual_seed(a.seed)
-    tower = VisionTower(cfg, llm, freeze_encoder=False)
     readout = Readout(a.task, tower.num_vision_tokens)
     transform = image_transform(cfg)
     opt = torch.optim.AdamW([

@@ -57,7 +57,7 @@ def load_tower(model: str | None, ckpt: str | None, encoder_weights: str | None)
             raise SystemExit(f"--model {model}: not a VLM preset; pick a vlm_* preset")
         if not encoder_weights:
             print("warning: no --encoder-weights: caching a randomly initialised encoder (useful for timing only)")
-    tower = VisionTower(vision_cfg, model_cfg.n_embd)
+    tower = VisionTower(vision_cfg, model_cfg)
     if ckpt:
         checkpoint_io.load_weights(tower, weights)
     elif encoder_weights:

@@ -126,7 +126,8 @@ def read_config(path: str | Path) -> tuple[ModelConfig, VisionConfig | None, dic
     """(model config, vision config or None, the whole config.json) of an export directory."""
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
-        run = next((p.parent for p in (Path(path), *Path(path).parents) if p.name == "ckpt"), None)
+        run = next((p.parent for p in (Path(path), *Path(path).parents)
+                    if p.name == "ckpt" and (p / "latest").is_file()), None)
         hint = ("" if run is None else f"; {path} is inside a run's DeepSpeed checkpoints (resume state), and the "
                 f"run's export is {run}")
         raise FileNotFoundError(f"{cfg_path} not found: point to a directory written by training (--out) or "

@@ -26,7 +26,7 @@ from ghostvis.cli import UserError
 from ghostvis.config import ModelConfig, VisionConfig, checkpointed_blocks, get_preset
 from ghostvis.model.linear_ce import CHUNK_ELEMENTS
 from ghostvis.model.parallel import check_tp, tp_split_dim
-from ghostvis.shipped import shipped_dir
+from ghostvis.shipped import shipped_dir, shipped_ds_config
 from ghostvis.train.stages import FREEZE_GROUPS, LLM_BLOCK
 
 GIB = 1024**3
@@ -412,7 +412,7 @@ def ds_bucket_settings(zero: int, offload: bool, ds_config: str | Path | None = 
     if zero == 0:
         return {}
     shipped = shipped_dir("ds_configs") / f"zero{zero}{'_offload' if offload and zero == 3 else ''}.json"
-    path = Path(ds_config) if ds_config else shipped
+    path = shipped_ds_config(ds_config) if ds_config else shipped
     if ds_config and not path.is_file():
         raise PlanError(f"--ds-config {path}: no such file")
     return zero_bucket_settings(zero, json.loads(path.read_text()).get("zero_optimization", {})

@@ -12,3 +12,14 @@ def shipped_dir(name: str) -> Path:
     (setup.py maps both into ghostvis/)."""
     installed = _PACKAGE / name
     return installed if installed.is_dir() else _PACKAGE.parent / name
+
+
+def shipped_ds_config(path: str | Path) -> Path:
+    """`path`, or where it names a shipped config (`ds_configs/zero2.json`, `zero2.json`) that is not there, the
+    shipped file: the canonical command and the recipes name it relative to the checkout, which need not be the
+    working directory (or exist at all, after `pip install`)."""
+    path = Path(path)
+    if path.is_file() or path.parent not in (Path("."), Path("ds_configs")):
+        return path
+    shipped = shipped_dir("ds_configs") / path.name
+    return shipped if shipped.is_file() else path

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: every stage on the embedded data, on CPU, in about ten minutes (docs/demo.md):
+# `make demo`: every stage on the embedded data, on CPU, in about 13 minutes on 2 idle cores (docs/demo.md):
 #   data -> tokenizer -> base -> vision_pretrain -> sft -> rl -> eval -> a chat about a held-out image.
 # After each stage the held-out visual-QA accuracy is printed beside chance; the last eval repeats it with
 # every image blanked, where a model that learned to look falls to about chance.

@@ -97,5 +97,8 @@ def test_bad_checkpoint_directory_exits_with_a_message(tmp_path, monkeypatch, ca
     step = tmp_path / "run" / "ckpt" / "step-00000004"  # a resume state, not the export beside it
     step.mkdir(parents=True)
     code, _, err = run_main(step, [], monkeypatch, capsys)
+    assert code == 2 and "DeepSpeed" not in err  # a folder named ckpt is not yet a run's checkpoints
+    (step.parent / "latest").write_text(step.name)
+    code, _, err = run_main(step, [], monkeypatch, capsys)
     assert code == 2 and f"inside a run's DeepSpeed checkpoints (resume state), and the run's export is " \
                           f"{tmp_path / 'run'}" in err

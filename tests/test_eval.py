@@ -123,6 +123,18 @@ def test_max_samples_caps_captions_and_text_rows_exactly(setup):
     assert one_row["rows"] == 1 and three["rows"] == 3 and three["tokens"] == 3 * one_row["tokens"]
 
 
+def test_the_header_says_which_directory_each_evaluation_read(tmp_path):
+    from ghostvis.eval.report import read_from
+
+    for d in ("vqa/val", "capsA/test", "capsB/val", "capsB/test"):
+        (tmp_path / d).mkdir(parents=True)
+    results = {"split": "test", "vqa": {"data": str(tmp_path / "vqa" / "val")},
+               "caption": {"data": str(tmp_path / "flat")}, "text": {"data": str(tmp_path / "capsB" / "val")}}
+    assert read_from(results) == (f"read vqa from {tmp_path / 'vqa' / 'val'} (no test/ split there), caption from "
+                                  f"{tmp_path / 'flat'}, text from {tmp_path / 'capsB' / 'val'}")
+    assert read_from({"split": "test", "vqa": {"overall": {}}}) == "read the given shards"  # no `data` recorded
+
+
 def test_blanked_images_reach_the_model_as_one_constant_image(setup):
     image = Image.new("RGB", (64, 64), (200, 10, 10))
     assert blank_like(image).size == image.size

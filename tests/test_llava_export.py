@@ -194,8 +194,8 @@ def test_vlm_small_preset_exports_as_idefics2(tiny_tokenizer, tmp_path):
                                        image_token_id=tok.image_token_id)
     small = {"embed_dim": 64, "depth": 3, "num_heads": 4, "patch_size": PATCH}  # the preset's kwargs, test-sized
     vision_cfg = dataclasses.replace(vision_cfg, image_size=IMAGE_SIZE,
-                                     encoder_kwargs={**vision_cfg.encoder_kwargs, **small}, num_vision_tokens=6,
-                                     resampler_heads=4, projector_hidden=model_cfg.ffn_dim)
+                                     encoder_kwargs={**vision_cfg.encoder_kwargs, **small}, num_vision_tokens=6)
+    assert (vision_cfg.resampler_heads, vision_cfg.projector_hidden) == (0, -2)  # the LLM's: resolved on export
     vlm = _perturbed(VLM(model_cfg, vision_cfg))
     hf = _export_and_load(vlm, tok, tmp_path)
     assert type(hf).__name__ == "Idefics2ForConditionalGeneration"

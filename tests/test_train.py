@@ -197,6 +197,9 @@ def test_a_shipped_ds_config_is_found_from_any_working_directory(tmp_path, monke
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     assert ds_engine.load_ds_config("ds_configs/zero2.json") == {"zero_optimization": {"stage": 1}}
+    from ghostvis.plan import ds_bucket_settings
+
+    assert ds_bucket_settings(3, False, "ds_configs/zero3.json") == ds_bucket_settings(3, False)  # the planner too
     with pytest.raises(ds_engine.ConfigError, match=r"--ds_config mine/zero2.json: no such file \(shipped in "
                                                     r"ds_configs/: .*zero1.json, zero2.json"):
         ds_engine.load_ds_config("mine/zero2.json")
@@ -278,6 +281,17 @@ def test_resume_check_compares_the_vision_tower(tmp_path):
     loop.check_resumable(tmp_path / "cnn", "sft", cfg, cnn)
     with pytest.raises(checkpoint.CheckpointError, match=f"vision projector_hidden {cfg.n_embd} vs {2 * cfg.n_embd}"):
         loop.check_resumable(tmp_path / "cnn", "sft", cfg, dataclasses.replace(cnn, projector_hidden=2 * cfg.n_embd))
+
+    # vlm_small before its perceiver took the LLM's heads and ffn width (6 and 2688, given as numbers): the same
+    # tower at its d12; at another depth another model, refused as such (each tower resolved on its own LLM)
+    d12, small = get_preset("vlm_small")
+    (tmp_path / "cnn" / "ckpt" / tag / "client_state_rank0.json").write_text(json.dumps(
+        {"stage": "sft", "model": d12.to_dict(),
+         "vision": dataclasses.replace(small, resampler_heads=6, projector_hidden=2688).to_dict()}))
+    loop.check_resumable(tmp_path / "cnn", "sft", d12, small)
+    d20 = get_preset("vlm_small", 20)[0]
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*n_embd 768 vs 1280"):
+        loop.check_resumable(tmp_path / "cnn", "sft", d20, small)
 
     cfg, vision = get_preset("vlm_tiny")
     tag = checkpoint.step_tag(5)

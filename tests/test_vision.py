@@ -102,8 +102,8 @@ def test_text_only_batch_with_empty_images_gives_zero_vision_grads(tower, monkey
 def test_perceiver_takes_an_empty_batch_on_cuda_in_bf16():
     """The GPU half of the test above, with the real kernels: the perceiver as sft runs it (bf16 autocast,
     SDPA unpinned) on a batch with no image and on one with images; every weight gets a gradient."""
-    _, vision = get_preset("vlm_small")
-    resampler = build_resampler(vision, 768, 196).cuda()
+    llm, vision = get_preset("vlm_small")
+    resampler = build_resampler(vision.for_llm(llm), llm.n_embd, 196).cuda()
     for n in (0, 3):
         resampler.zero_grad()
         x = torch.randn(n, 196, 768, device="cuda", requires_grad=True)

@@ -141,12 +141,13 @@ def results_table(results: dict[str, Any]) -> str:
 def read_from(results: dict[str, Any]) -> str:
     """Which shard directory each evaluation read, saying where the asked split was not there (val/ or a flat
     directory was read instead), so no figure is taken for a split it did not come from."""
-    split, parts = results["split"], []
+    split, parts = results.get("split"), []
     for name in ("vqa", "caption", "text"):
-        if name in results:
+        if results.get(name, {}).get("data"):
             data = Path(results[name]["data"])
-            parts.append(f"{name} from {data}" + ("" if data.name == split else f" (no {split}/ split there)"))
-    return "read " + ", ".join(parts)
+            fell_back = data.name == "val" != split and not (data.parent / str(split)).is_dir()
+            parts.append(f"{name} from {data}" + (f" (no {split}/ split there)" if fell_back else ""))
+    return "read " + (", ".join(parts) or "the given shards")
 
 
 def write_report(out_dir: str | Path, results: dict[str, Any], *, metrics_path: str | Path | None = None) -> Path:

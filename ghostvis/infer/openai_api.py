@@ -110,8 +110,9 @@ def _messages(raw: Any) -> tuple[list[dict[str, Any]], list[str]]:
         turn = len(messages) - _has_system(messages)  # user turns are even, assistant turns odd
         expected = "system" if i == 0 and role == "system" else ("user", "assistant")[turn % 2]
         if role != expected:
-            raise APIError(400, f"{where}: {'an' if role[0] in 'aeiou' else 'a'} {role} message here is out of order; messages are an optional system "
-                           "message, then user and assistant turns alternating, ending with a user turn",
+            article = "an" if role == "assistant" else "a"
+            raise APIError(400, f"{where}: {article} {role} message here is out of order; messages are an optional "
+                           "system message, then user and assistant turns alternating, ending with a user turn",
                            f"{where}.role")
         parts = _content(m.get("content"), role, where, urls)
         messages.append({"role": role, "content": parts})

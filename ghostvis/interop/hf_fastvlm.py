@@ -30,8 +30,8 @@ def fastvlm_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | N
     if vision_cfg.resampler != "none":
         return (f"its resampler is {vision_cfg.resampler!r}; FastVLM feeds every cell of a CNN's map to its MLP "
                 "(resampler='none'), and has no pixel shuffle")
-    if vision_cfg.for_llm(model_cfg).projector_hidden != model_cfg.n_embd:
-        return (f"its projector's hidden width is {vision_cfg.projector_hidden}, FastVLM's MLP is the LLM's width: "
+    if (width := vision_cfg.for_llm(model_cfg).projector_hidden) != model_cfg.n_embd:
+        return (f"its projector's hidden width is {width}, FastVLM's MLP is the LLM's width: "
                 f"train with projector_hidden={model_cfg.n_embd} (or {LLM_WIDTH}, the LLM's width)")
     if vision_cfg.position_embedding:
         return POSITION_EMBEDDING_REFUSAL

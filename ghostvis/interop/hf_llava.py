@@ -47,8 +47,8 @@ def llava_refusal(model_cfg: ModelConfig, vision_cfg: VisionConfig) -> str | Non
         return POSITION_EMBEDDING_REFUSAL
     if vision_cfg.feature_norm:
         return "its encoder applies its final norm to the features (feature_norm), which LLaVA never does"
-    if vision_cfg.for_llm(model_cfg).projector_hidden != model_cfg.n_embd:
-        return (f"its projector's hidden width is {vision_cfg.projector_hidden}, but LLaVA's MLP projector is "
+    if (width := vision_cfg.for_llm(model_cfg).projector_hidden) != model_cfg.n_embd:
+        return (f"its projector's hidden width is {width}, but LLaVA's MLP projector is "
                 f"hidden = LLM width ({model_cfg.n_embd}); train with VisionConfig.projector_hidden={model_cfg.n_embd} "
                 f"(or {LLM_WIDTH}, the LLM's width)")
     if encoder_kind(vision_cfg) != "vit":  # last: it builds the encoder (on the meta device)

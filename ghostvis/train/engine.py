@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ghostvis.cli import UserError
 from ghostvis.parallel.layout import canonical_named_parameters
-from ghostvis.shipped import shipped_dir
+from ghostvis.shipped import shipped_dir, shipped_ds_config
 from ghostvis.train.stages import Stage
 
 if TYPE_CHECKING:
@@ -28,17 +28,6 @@ DTYPES = ("auto", "bf16", "fp32")
 
 class ConfigError(UserError, ValueError):
     """An inconsistent training setting; the message names the flag or file field to change."""
-
-
-def shipped_ds_config(path: str | Path) -> Path:
-    """`path`, or where it names a shipped config (`ds_configs/zero2.json`, `zero2.json`) that is not there, the
-    shipped file: the canonical command and the recipes name it relative to the checkout, which need not be the
-    working directory (or exist at all, after `pip install`)."""
-    path = Path(path)
-    if path.is_file() or path.parent not in (Path("."), Path("ds_configs")):
-        return path
-    shipped = shipped_dir("ds_configs") / path.name
-    return shipped if shipped.is_file() else path
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:

@@ -525,11 +525,11 @@ def build(args: argparse.Namespace) -> Run:
     check_length_group(stage, args)
     check_packed_attention(args)
     rank, world, device = ds_engine.init_distributed()
+    topo = Topology(args.tp, args.pp, args.cp)  # a layout mistake is reported before the data's
     check_data(Path(args.data))
     args.eval_every, note = resolve_eval_every(args)
     if note and rank == 0:
         print(note, flush=True)
-    topo = Topology(args.tp, args.pp, args.cp)
     dp = topo.dp_size  # batches, data shards and tokens count data-parallel replicas, not ranks
     out = Path(args.out)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(Path(args.data)))
@@ -861,12 +861,11 @@ def check_resumable(out: Path, stage_name: str, model_cfg: ModelConfig,
     def differences(now: dict[str, Any], then: dict[str, Any], prefix: str = "") -> list[str]:
         return [f"{prefix}{k} {then.get(k)} vs {now[k]}" for k in sorted(now) if then.get(k) != now[k]]
 
-    def tower(cfg: VisionConfig) -> dict[str, Any]:  # a width taken from the LLM and the width it is: one tower
-        return cfg.for_llm(model_cfg).to_dict()
-
-    differ = differences(model_cfg.to_dict(), ModelConfig.from_dict(saved["model"]).to_dict())
-    if vision_cfg is not None and "vision" in saved:
-        differ += differences(tower(vision_cfg), tower(VisionConfig.from_dict(saved["vision"])), "vision ")
+    saved_llm = ModelConfig.from_dict(saved["model"])
+    differ = differences(model_cfg.to_dict(), saved_llm.to_dict())
+    if vision_cfg is not None and "vision" in saved:  # each tower on its own LLM: a width taken from it = the width
+        differ += differences(vision_cfg.for_llm(model_cfg).to_dict(),
+                              VisionConfig.from_dict(saved["vision"]).for_llm(saved_llm).to_dict(), "vision ")
     if saved["stage"] != stage_name:
         differ.insert(0, f"stage {saved['stage']} vs {stage_name}")
     if differ:
