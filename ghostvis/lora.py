@@ -100,11 +100,12 @@ def save_adapter(model: nn.Module, out: Path, config: dict[str, Any], is_writer:
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
 
 
-def load_adapter(model: nn.Module, path: Path) -> None:
-    """Put adapter.safetensors' tensors into a model that `add_lora` adapted with the same settings."""
+def load_adapter(model: nn.Module, path: str | Path) -> None:
+    """Put adapter.safetensors' tensors (in run directory `path`) into a model that `add_lora` adapted with the
+    same settings."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / ADAPTER_FILE))
+    tensors = load_file(str(Path(path) / ADAPTER_FILE))
     adapted = dict(_adapted(model))
     for key, value in tensors.items():
         name, part = key.rsplit(".", 1)

@@ -553,7 +553,8 @@ class LongestSequence:
             return (f"--seq max → {self.seq_len:,} tokens, where the search stops: it fits {LONGEST_SHARE:.0%} of "
                     f"the card ({self.plan.gpu_total / GIB:.1f} GiB), and longer may too")
         return (f"--seq max → {self.seq_len:,} tokens (the longest multiple of {self.step:,} whose plan fits "
-                f"{LONGEST_SHARE:.0%} of the card: {self.plan.gpu_total / GIB:.1f} GiB)")
+                f"{LONGEST_SHARE:.0%} of the card, {LONGEST_SHARE * self.card_gib:.1f} GiB: it plans "
+                f"{self.plan.gpu_total / GIB:.1f} GiB)")
 
 
 def longest_sequence(plan_for_seq: Callable[[int], Plan], card_gib: float, host_gib: float | None,

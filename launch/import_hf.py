@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from ghostvis.cli import console_script
+from ghostvis.interop.common import InteropError
 from ghostvis.interop.hf_llm import DTYPES, import_llm
 from ghostvis.interop.hf_vision import timm_spec_from_hf, timm_state_dict_from_hf
 
@@ -28,7 +29,8 @@ def parse_aliases(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, target = item.partition("=")
         if not sep or not name or not target:
-            raise SystemExit(f"--alias {item!r}: expected GHOSTVIS_SPECIAL=HF_TOKEN, e.g. '<|assistant_end|>=<|im_end|>'")
+            raise InteropError(f"--alias {item!r}: expected GHOSTVIS_SPECIAL=HF_TOKEN, e.g. "
+                               "'<|assistant_end|>=<|im_end|>'")
         aliases[name] = target
     return aliases
 

@@ -189,6 +189,8 @@ def test_divergence_stops_keeps_the_trusted_checkpoint_and_rolls_back(text_data,
     out = tmp_path / "run"
     first = run(train_cmd(text_data, tiny_tokenizer_dir, out, "--stop-at", "4"))
     assert first.returncode == 0, first.stderr[-3000:]
+    said = first.stdout + first.stderr
+    assert "stopped at --stop-at 4 of --steps" in said and "without it" in said
     export_before = (out / "llm.safetensors").read_bytes()
     wild = ("--lr", "1e30", "--grad-clip", "0", "--max-skipped-updates", "2")
     proc = run(train_cmd(text_data, tiny_tokenizer_dir, out, *wild))

@@ -56,7 +56,7 @@ def test_lora_learns_saves_adapter_and_merges(tmp_path, base_export, text_data, 
     assert len(adapter) == 2 * 7 * 2 and all(k.endswith((".lora_A", ".lora_B")) for k in adapter)
     model = ghostvis.load_pretrained(base_export)[0]  # base + adapter file == the merged export
     lora.add_lora(model, 8, 16)
-    lora.load_adapter(model, out)
+    lora.load_adapter(model, str(out))  # a path as a user types it
     merged = ghostvis.load_pretrained(out)[0]
     ids = torch.randint(0, 200, (2, 24))
     with torch.no_grad():

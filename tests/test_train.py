@@ -173,6 +173,13 @@ def test_a_gpu_kernel_on_cpu_is_one_line_error(tmp_path, text_data, tiny_tokeniz
     assert "error: --attention cudnn needs a CUDA device" in proc.stderr and "use --attention auto" in proc.stderr
 
 
+def test_stop_at_outside_the_steps_is_refused():
+    loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", "6"))
+    for stop in ("9", "0"):
+        with pytest.raises(ds_engine.ConfigError, match=f"--stop-at {stop} is outside the run's steps 1..6"):
+            loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", stop))
+
+
 def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))

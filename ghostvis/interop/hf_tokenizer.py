@@ -99,12 +99,12 @@ class HFTokenizer(Tokenizer):
         chosen = {**default_aliases(hf_dir, raw), **(aliases or {})}
         unknown = sorted(set(chosen) - set(ALL_SPECIAL_TOKENS))
         if unknown:
-            raise ValueError(f"alias for {unknown}: not GhostVis special tokens; known: {list(ALL_SPECIAL_TOKENS)}")
+            raise InteropError(f"--alias for {unknown}: not GhostVis special tokens; known: {list(ALL_SPECIAL_TOKENS)}")
         specials: dict[str, int] = {}
         for name, target in chosen.items():
             tid = raw.token_to_id(target)
             if tid is None:
-                raise ValueError(f"alias {name}={target}: {target!r} is not a token of {path}")
+                raise InteropError(f"--alias {name}={target}: {target!r} is not a token of {path}")
             specials[name] = tid
         for name in ALL_SPECIAL_TOKENS:
             if name in specials:

@@ -115,7 +115,8 @@ def build_param_groups(model: torch.nn.Module, stage: Stage, settings: Settings,
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     if not groups:
-        raise ConfigError(f"stage {stage.name}: no parameter of this model matches its trainable rules; "
+        frozen = f" (--freeze {','.join(settings.freeze)} leaves nothing to train?)" if settings.freeze else ""
+        raise ConfigError(f"stage {stage.name}: no parameter of this model matches its trainable rules{frozen}; "
                           f"is --model the right kind (needs_vision={stage.needs_vision})?")
     return list(groups.values())
 

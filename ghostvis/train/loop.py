@@ -499,6 +499,14 @@ def check_length_group(stage: Stage, args: argparse.Namespace) -> None:
                                     "groups: drop one of them")
 
 
+def check_stop_at(args: argparse.Namespace) -> None:
+    """Refuse a --stop-at outside the run's steps, which would mean nothing."""
+    stop_at = getattr(args, "stop_at", None)
+    if stop_at is not None and not 0 < stop_at <= args.steps:
+        raise ds_engine.ConfigError(f"--stop-at {stop_at} is outside the run's steps 1..{args.steps} (--steps): give a "
+                                    "step within them, or drop --stop-at")
+
+
 def check_packed_attention(args: argparse.Namespace) -> None:
     """Refuse --packed-attention without --pack, before anything is built."""
     kernel = getattr(args, "packed_attention", "auto")
@@ -524,6 +532,7 @@ def build(args: argparse.Namespace) -> Run:
     settings = resolve_settings(stage, args)
     check_length_group(stage, args)
     check_packed_attention(args)
+    check_stop_at(args)
     rank, world, device = ds_engine.init_distributed()
     topo = Topology(args.tp, args.pp, args.cp)  # a layout mistake is reported before the data's
     check_data(Path(args.data))
@@ -747,6 +756,9 @@ def finish(run: Run) -> None:
                          "step": state.step}, is_writer=run.rank == 0, topology=run.topo)
     run.log.note(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped} skipped updates; "
                  f"exported to {run.out}")
+    if state.step < args.steps:  # --stop-at: a time-limited job's part, not the run's end
+        run.log.note(f"stopped at --stop-at {args.stop_at} of --steps {args.steps}: to go on, run the same command "
+                     "with a later --stop-at, or without it")
     run.log.close()
 
 
