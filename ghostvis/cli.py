@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-USER_ERROR_EXIT, DIVERGED_EXIT = 2, 3
+USER_ERROR_EXIT, DIVERGED_EXIT, INTERRUPTED_EXIT = 2, 3, 130  # 130: a shell's Ctrl-C
 
 
 class UserError(Exception):
@@ -35,6 +35,13 @@ def run_main(main: Callable[..., Any], *args: Any) -> None:
     sys.argv[1:] = argv  # --debug is ours, not the command's
     try:
         code = main(*args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        _close_progress_bars()
+        print("interrupted (a training run resumes from its last checkpoint when the same command runs again)",
+              file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT)
     except (UserError, FileNotFoundError, Diverged) as err:
         if debug:
             traceback.print_exc()

@@ -300,6 +300,16 @@ def test_debug_gives_the_traceback_back(monkeypatch, capsys):
     with pytest.raises(ZeroDivisionError):
         run_main(lambda: 1 / 0)
 
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    monkeypatch.delenv("GHOSTVIS_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:  # Ctrl-C: one line saying how to go on, a shell's exit status
+        run_main(ctrl_c)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.count("\n") == 1 and "resumes from its last checkpoint" in err
+
 
 def test_installed_commands_end_user_errors_in_one_line(monkeypatch, capsys):
     """Every `ghostvis-*` console script goes through run_main, as `python launch/x.py` does: a user error raised

@@ -77,6 +77,10 @@ def test_freeze_flags_become_parameter_groups(tiny_tokenizer_dir, tiny_tokenizer
         model = loop.starting_model(args, stage, tiny_tokenizer, settings)
         groups = ds_engine.build_param_groups(model, stage, settings, model.config.n_layer)
         assert model.vision.encoder.frozen == ("encoder" in settings.freeze)  # a trained encoder runs with grad
+        parts = {"llm" if n.startswith("llm.") else n.split(".")[1] for g in groups for n in g["param_names"]}
+        logged = loop.trainable_parts(groups)  # the run log's "training:" line names the same parts
+        assert {p.split()[0] for p in logged.split(", ")} == {"connector" if p in ("projector", "resampler") else p
+                                                              for p in parts}, logged
         return {n.split(".")[0] + "." + n.split(".")[1] for g in groups for n in g["param_names"]}
 
     assert trained("--stage", "vision_pretrain") == {"vision.projector"}

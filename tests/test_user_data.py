@@ -18,6 +18,7 @@ from PIL import Image
 from data_prep import image_shards
 from ghostvis.data.manifest import DataError, read_manifest
 from ghostvis.train import loop
+from ghostvis.train.engine import ConfigError
 
 PATTERNS = ("horizontal", "vertical", "checkered", "plain")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -117,6 +118,8 @@ def test_bad_input_gets_one_line_errors(user_data, tmp_path, tiny_tokenizer_dir,
         train("--stage", "sft", "--data", caps, *common)
     with pytest.raises(DataError, match=r"--eval-every 5: .*caps has no val/ split.*--val-fraction"):
         train("--stage", "vision_pretrain", "--data", caps, "--eval-every", "5", *common)
+    with pytest.raises(ConfigError, match=r"--train-llm-layers 5: the LLM has 2 blocks; give 1\.\.2, or all"):
+        train("--stage", "vision_pretrain", "--data", caps, "--train-llm-layers", "5", *common)
     mix = tmp_path / "mix"
     mix.mkdir()
     for text, why in (("{not json", "not valid JSON"), ('{"datasets": []}', "field 'datasets' is missing or empty"),

@@ -228,6 +228,17 @@ def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, 
                                      device=device, tp_group=tp_group)
 
 
+def trainable_parts(groups: list[dict[str, Any]]) -> str:
+    """What trains, by part (--freeze and --train-llm-layers choose it): "llm 1,234, connector 56 parameters"."""
+    parts: dict[str, int] = {}
+    for group in groups:
+        for name, param in zip(group["param_names"], group["params"], strict=True):
+            part = ("lora adapters" if ".lora_" in name else "encoder" if name.startswith("vision.encoder.")
+                    else "connector" if name.startswith("vision.") else "llm")
+            parts[part] = parts.get(part, 0) + param.numel()
+    return ", ".join(f"{part} {n:,}" for part, n in parts.items()) + " parameters (rank 0's)"
+
+
 def tower_saved(args: argparse.Namespace) -> bool:
     """Whether the `--init-from` export holds a trained vision tower (vision.safetensors)."""
     return bool(args.init_from) and (Path(args.init_from) / checkpoint_io.VISION_FILE).is_file()
@@ -550,6 +561,9 @@ def build(args: argparse.Namespace) -> Run:
     # before any weight exists
     shape = starting_model(args, stage, tokenizer, settings, device="meta")
     vision_cfg = getattr(shape, "vision_config", None)
+    if settings.train_llm_layers > shape.config.n_layer:
+        raise ds_engine.ConfigError(f"--train-llm-layers {settings.train_llm_layers}: the LLM has "
+                                    f"{shape.config.n_layer} blocks; give 1..{shape.config.n_layer}, or all")
     if args.resume == "auto":
         check_resumable(out, stage.name, shape.config, vision_cfg)
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
@@ -628,6 +642,7 @@ def build(args: argparse.Namespace) -> Run:
                            f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {state.step}")
     log.note(f"attention: {attention.describe()}")
+    log.note(f"training: {trainable_parts(groups)}")
     warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
