@@ -39,8 +39,7 @@ def run_main(main: Callable[..., Any], *args: Any) -> None:
         if debug:
             traceback.print_exc()
         _close_progress_bars()
-        print("interrupted (a training run resumes from its last checkpoint when the same command runs again)",
-              file=sys.stderr, flush=True)
+        print("interrupted", file=sys.stderr, flush=True)  # training: the same command resumes (docs/training.md)
         sys.exit(INTERRUPTED_EXIT)
     except (UserError, FileNotFoundError, Diverged) as err:
         if debug:

@@ -190,7 +190,7 @@ def test_divergence_stops_keeps_the_trusted_checkpoint_and_rolls_back(text_data,
     first = run(train_cmd(text_data, tiny_tokenizer_dir, out, "--stop-at", "4"))
     assert first.returncode == 0, first.stderr[-3000:]
     said = first.stdout + first.stderr
-    assert "stopped at --stop-at 4 of --steps" in said and "without it" in said
+    assert "stopped at step 4 (--stop-at 4 of --steps" in said and "without it" in said
     export_before = (out / "llm.safetensors").read_bytes()
     wild = ("--lr", "1e30", "--grad-clip", "0", "--max-skipped-updates", "2")
     proc = run(train_cmd(text_data, tiny_tokenizer_dir, out, *wild))
@@ -308,7 +308,7 @@ def test_debug_gives_the_traceback_back(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:  # Ctrl-C: one line saying how to go on, a shell's exit status
         run_main(ctrl_c)
     err = capsys.readouterr().err
-    assert exit_.value.code == 130 and err.count("\n") == 1 and "resumes from its last checkpoint" in err
+    assert exit_.value.code == 130 and err == "interrupted\n"
 
 
 def test_installed_commands_end_user_errors_in_one_line(monkeypatch, capsys):

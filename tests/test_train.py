@@ -173,11 +173,11 @@ def test_a_gpu_kernel_on_cpu_is_one_line_error(tmp_path, text_data, tiny_tokeniz
     assert "error: --attention cudnn needs a CUDA device" in proc.stderr and "use --attention auto" in proc.stderr
 
 
-def test_stop_at_outside_the_steps_is_refused():
-    loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", "6"))
-    for stop in ("9", "0"):
-        with pytest.raises(ds_engine.ConfigError, match=f"--stop-at {stop} is outside the run's steps 1..6"):
-            loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", stop))
+def test_stop_at_before_the_first_step_is_refused():
+    for stop in ("6", "9"):  # past --steps: the run ends at --steps (a job array's last chunk)
+        loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", stop))
+    with pytest.raises(ds_engine.ConfigError, match="--stop-at 0: give a step from 1"):
+        loop.check_stop_at(parse("--data", "d", "--out", "o", "--steps", "6", "--stop-at", "0"))
 
 
 def test_ds_config_file_may_not_set_batch_or_optimizer(tmp_path):

@@ -118,7 +118,7 @@ def test_bad_input_gets_one_line_errors(user_data, tmp_path, tiny_tokenizer_dir,
         train("--stage", "sft", "--data", caps, *common)
     with pytest.raises(DataError, match=r"--eval-every 5: .*caps has no val/ split.*--val-fraction"):
         train("--stage", "vision_pretrain", "--data", caps, "--eval-every", "5", *common)
-    with pytest.raises(ConfigError, match=r"--train-llm-layers 5: the LLM has 2 blocks; give 1\.\.2, or all"):
+    with pytest.raises(ConfigError, match=r"--train-llm-layers 5: the LLM has 2 blocks; give 0\.\.2, or all"):
         train("--stage", "vision_pretrain", "--data", caps, "--train-llm-layers", "5", *common)
     mix = tmp_path / "mix"
     mix.mkdir()

@@ -104,7 +104,8 @@ class HFTokenizer(Tokenizer):
         for name, target in chosen.items():
             tid = raw.token_to_id(target)
             if tid is None:
-                raise InteropError(f"--alias {name}={target}: {target!r} is not a token of {path}")
+                raise InteropError(f"alias {name}={target} (--alias, or a default from tokenizer_config.json): "
+                                   f"{target!r} is not a token of {path}")
             specials[name] = tid
         for name in ALL_SPECIAL_TOKENS:
             if name in specials:

@@ -229,13 +229,14 @@ def _loaded_model(args: argparse.Namespace, stage: Stage, tokenizer: Tokenizer, 
 
 
 def trainable_parts(groups: list[dict[str, Any]]) -> str:
-    """What trains, by part (--freeze and --train-llm-layers choose it): "llm 1,234, connector 56 parameters"."""
+    """What trains, by part (--freeze and --train-llm-layers choose it): "llm 1,234, connector 56 parameters".
+    Read from the groups as built_param_groups made them, before DeepSpeed replaces their params."""
     parts: dict[str, int] = {}
     for group in groups:
         for name, param in zip(group["param_names"], group["params"], strict=True):
             part = ("lora adapters" if ".lora_" in name else "encoder" if name.startswith("vision.encoder.")
                     else "connector" if name.startswith("vision.") else "llm")
-            parts[part] = parts.get(part, 0) + param.numel()
+            parts[part] = parts.get(part, 0) + getattr(param, "ds_numel", param.numel())  # ZeRO-3: whole size
     return ", ".join(f"{part} {n:,}" for part, n in parts.items()) + " parameters (rank 0's)"
 
 
@@ -511,11 +512,12 @@ def check_length_group(stage: Stage, args: argparse.Namespace) -> None:
 
 
 def check_stop_at(args: argparse.Namespace) -> None:
-    """Refuse a --stop-at outside the run's steps, which would mean nothing."""
+    """Refuse a --stop-at before the first step (one past --steps just ends the run at --steps: a job array's last
+    chunk)."""
     stop_at = getattr(args, "stop_at", None)
-    if stop_at is not None and not 0 < stop_at <= args.steps:
-        raise ds_engine.ConfigError(f"--stop-at {stop_at} is outside the run's steps 1..{args.steps} (--steps): give a "
-                                    "step within them, or drop --stop-at")
+    if stop_at is not None and stop_at < 1:
+        raise ds_engine.ConfigError(f"--stop-at {stop_at}: give a step from 1 (the run ends at --steps {args.steps} "
+                                    "anyway), or drop --stop-at")
 
 
 def check_packed_attention(args: argparse.Namespace) -> None:
@@ -563,7 +565,7 @@ def build(args: argparse.Namespace) -> Run:
     vision_cfg = getattr(shape, "vision_config", None)
     if settings.train_llm_layers > shape.config.n_layer:
         raise ds_engine.ConfigError(f"--train-llm-layers {settings.train_llm_layers}: the LLM has "
-                                    f"{shape.config.n_layer} blocks; give 1..{shape.config.n_layer}, or all")
+                                    f"{shape.config.n_layer} blocks; give 0..{shape.config.n_layer}, or all")
     if args.resume == "auto":
         check_resumable(out, stage.name, shape.config, vision_cfg)
     # a checkpoint saved with another data-parallel size resumes through DeepSpeed's universal format
@@ -609,6 +611,7 @@ def build(args: argparse.Namespace) -> Run:
         stage, settings = lora.lora_stage(stage, settings)
     model_cfg: ModelConfig = model.config
     groups = ds_engine.build_param_groups(model, stage, settings, model_cfg.n_layer)
+    parts = trainable_parts(groups)  # before DeepSpeed flattens each group's params in place
     loss_fn = LOSSES[stage.loss](LossRequest(stage, settings, tokenizer, device, dtype, ds_config, initial_model))
     packed_kernel = getattr(args, "packed_attention", "auto") if pack else None
     attention = select_attention(args.attention, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
@@ -642,7 +645,7 @@ def build(args: argparse.Namespace) -> Run:
                            f"{n_train:,} trainable parameters (rank 0's), "
                            f"{global_batch} sequences of {args.seq_len} tokens per step, resumed at step {state.step}")
     log.note(f"attention: {attention.describe()}")
-    log.note(f"training: {trainable_parts(groups)}")
+    log.note(f"training: {parts}")
     warning = random_encoder_warning(args, stage, settings, model)
     if warning:
         log.note(warning)  # rank 0 only, like every note
@@ -771,9 +774,10 @@ def finish(run: Run) -> None:
                          "step": state.step}, is_writer=run.rank == 0, topology=run.topo)
     run.log.note(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped} skipped updates; "
                  f"exported to {run.out}")
-    if state.step < args.steps:  # --stop-at: a time-limited job's part, not the run's end
-        run.log.note(f"stopped at --stop-at {args.stop_at} of --steps {args.steps}: to go on, run the same command "
-                     "with a later --stop-at, or without it")
+    if args.stop_at and state.step < args.steps:  # a time-limited job's part, not the run's end
+        kept = ("" if args.save_every > 0 else "; --save-every 0 kept no checkpoint, so a next run starts over")
+        run.log.note(f"stopped at step {state.step} (--stop-at {args.stop_at} of --steps {args.steps}): to go on, "
+                     f"run the same command with a later --stop-at, or without it{kept}")
     run.log.close()
 
 
