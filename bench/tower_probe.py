@@ -33,7 +33,8 @@ from ghostvis.data.scenes import COLOURS, MIN_DX, SHAPES, render, sample_scene
 from ghostvis.vision.tower import VisionTower
 from ghostvis.vision.transforms import image_transform
 
-WIDTH = 64  # the tiny preset's LLM width, on which the probe builds the tower
+PROBE_LLM = get_preset("tiny")[0]  # the tower feeds the readout, not the preset's LLM: built at this width
+WIDTH = PROBE_LLM.n_embd
 
 
 class Readout(nn.Module):
@@ -90,8 +91,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     try:
         _, cfg = get_preset(a.model, **dict(a.vision))
-        probe_llm = get_preset("tiny")[0]  # the tower feeds the readout, not the preset's LLM: WIDTH wide
-        tower = VisionTower(cfg, probe_llm, freeze_encoder=False) if cfg is not None else None
+        tower = VisionTower(cfg, PROBE_LLM, freeze_encoder=False) if cfg is not None else None
     except ValueError as e:
         p.error(str(e))
     if tower is None:
