@@ -3,6 +3,8 @@
     python bench/tower_probe.py --model vlm_tiny_cnn --task shape --steps 100
     python bench/tower_probe.py --model vlm_tiny --task bind --steps 100
     python bench/tower_probe.py --model vlm_tiny_cnn --task position --vision position_embedding=true
+    # a warm encoder for --encoder-weights (docs/demo.md, "A warm encoder and batch 128"):
+    python bench/tower_probe.py --model vlm_tiny_cnn --task bind --steps 250 --save-encoder warm_cnn.safetensors
 
 The preset's tower (encoder unfrozen, random weights) turns synth scenes (64 px) into its vision tokens
 (width 64); a small readout answers from them, trained with the tower end to end on fresh scenes every
@@ -87,6 +89,9 @@ def main() -> None:
                    help="set a field of the preset's VisionConfig, e.g. position_embedding=true")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-encoder", default=None, metavar="FILE",
+                   help="write the trained encoder's weights (timm-format safetensors), which "
+                        "bench/vlm_probe.py --init-encoder and launch/train.py --encoder-weights read")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     try:
@@ -116,6 +121,8 @@ def main() -> None:
             tower.train()
             print(f"{a.model} {a.task} step {step}: loss {loss.item():.3f}, held-out accuracy {acc:.1%} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+    if a.save_encoder:
+        tower.encoder.save_encoder_weights(a.save_encoder)
 
 
 if __name__ == "__main__":

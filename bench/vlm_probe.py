@@ -1,12 +1,15 @@
 """Does the whole VLM learn to answer? The demo's model, trained directly on fresh synth scenes, no DeepSpeed,
 no shards: a fast way to compare recipes before running `make demo` (docs/demo.md, "Learning to look").
 The LLM is make demo's shape (`small --depth 4`) from random weights (or `--init-llm` a base export); the tower
-is the preset's, from random weights. Runs on CUDA when there is one.
+is the preset's, from random weights (or `--init-encoder`). Runs on CUDA when there is one.
 
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --model vlm_tiny_cnn --steps 600
     # what binds every question type on a GPU by step ~2000 (docs/demo.md, "Where binding starts"):
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --vision position_embedding=true --turns 6 \
         --captions 0.5 --places --batch 64 --steps 4000 --eval-every 250
+    # what binds shape and colour on two CPU cores in ~300 steps (docs/demo.md, "A warm encoder and batch 128"):
+    python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --init-encoder warm_cnn.safetensors \
+        --batch 128 --steps 300
 
 Each step draws `--batch` scenes (64 px); a `--captions` fraction of the rows are captions (loss on every
 caption token, as vision_pretrain trains), the rest visual questions (`--turns` about the same scene per
@@ -48,8 +51,8 @@ def prompt(question: str, question_first: bool) -> str:
 
 
 def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, question_first: bool, tok,
-               n_vis: int, transform, turns: int = 1, max_objects: int = scenes.MAX_OBJECTS, frame: str = "none"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               n_vis: int, transform, turns: int = 1, max_objects: int = scenes.MAX_OBJECTS, frame: str = "none",
+               sentences: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, images = [], []
     for _ in range(n):
         if rng.random() < caption_frac:
@@ -62,7 +65,7 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
             messages = []
             for i, q in enumerate(chat):
                 messages += [{"role": "user", "content": prompt(q.question, question_first) if i == 0 else q.question},
-                             {"role": "assistant", "content": q.answer}]
+                             {"role": "assistant", "content": q.sentence if sentences else q.answer}]
             record = {"messages": messages}
             ids, mask = tok.render_conversation(record, 10_000, n_vis, frame)
         rows.append((ids, shift_targets(ids, mask)))
@@ -74,8 +77,9 @@ def make_batch(rng: random.Random, n: int, caption_frac: float, places: bool, qu
     return idx, tgt, torch.stack(images)
 
 
-def held_out(tok, n_vis: int, transform, question_first: bool,
-             frame: str = "none") -> list[tuple[str, list[int], int, torch.Tensor]]:
+def held_out(tok, n_vis: int, transform, question_first: bool, frame: str = "none",
+             sentences: bool = False) -> list[tuple[str, list[int], list[int], torch.Tensor]]:
+    """(type, prompt ids, reply ids, image) for 100 fixed scenes per question type."""
     rng = random.Random(12345)
     out = []
     for qtype in scenes.QUESTION_TYPES:
@@ -83,7 +87,8 @@ def held_out(tok, n_vis: int, transform, question_first: bool,
             scene, qa = qa_sample(rng, qtype)
             ids = tok.render_for_completion(
                 {"messages": [{"role": "user", "content": prompt(qa.question, question_first)}]}, n_vis, frame)
-            out.append((qtype, ids, tok.encode(qa.answer)[0], transform(scenes.render(scene, 64))))
+            reply = tok.encode(qa.sentence if sentences else qa.answer)
+            out.append((qtype, ids, reply if sentences else reply[:1], transform(scenes.render(scene, 64))))
     return out
 
 
@@ -93,13 +98,13 @@ def accuracy(model: VLM, cases, pad: int, device: torch.device) -> dict[str, flo
     hits: dict[str, list[int]] = {}
     for i in range(0, len(cases), 100):
         chunk = cases[i:i + 100]
-        T = max(len(p) for _, p, _, _ in chunk)
-        idx = torch.tensor([p + [pad] * (T - len(p)) for _, p, _, _ in chunk], device=device)
-        logits = model(idx, pixel_values=torch.stack([im for *_, im in chunk]).to(device))
-        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
-        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1)
-        for (qtype, _, answer, _), p in zip(chunk, pred.tolist()):
-            hits.setdefault(qtype, []).append(int(p == answer))
+        rows = [p + r[:-1] for _, p, r, _ in chunk]  # the reply teacher-forced: every token right = greedy's reply
+        T = max(len(r) for r in rows)
+        idx = torch.tensor([r + [pad] * (T - len(r)) for r in rows], device=device)
+        pred = model(idx, pixel_values=torch.stack([im for *_, im in chunk]).to(device)).argmax(-1).tolist()
+        for (qtype, p, reply, _), row in zip(chunk, pred):
+            got = row[len(p) - 1:len(p) - 1 + len(reply)]
+            hits.setdefault(qtype, []).append(int(got == reply))
     model.train()
     return {t: sum(h) / len(h) for t, h in hits.items()}
 
@@ -120,6 +125,9 @@ def main() -> None:
                    help="the question before the image in the prompt, so image tokens can attend to it")
     p.add_argument("--turns", type=int, default=1,
                    help="questions per QA row (scenes.conversation_qas; loss on every answer); held-out stays one")
+    p.add_argument("--sentences", action="store_true",
+                   help="replies as sentences that name their object right before the answer word (QA.sentence); "
+                        "held-out accuracy is then the whole reply's, teacher-forced")
     p.add_argument("--captions-first", type=int, default=0, metavar="STEPS",
                    help="only captions for the first STEPS steps (as vision_pretrain before SFT), then --captions")
     p.add_argument("--curriculum", type=int, default=0, metavar="STEPS",
@@ -136,6 +144,9 @@ def main() -> None:
                         "does this to every block)")
     p.add_argument("--perturb", type=float, default=None, metavar="P",
                    help="with --reinit: the share of fresh weights added, default 1")
+    p.add_argument("--init-encoder", default=None, metavar="FILE",
+                   help="the encoder's starting weights, not random ones: a timm .safetensors file such as "
+                        "bench/tower_probe.py --save-encoder writes (launch/train.py --encoder-weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when there is one")
     p.add_argument("--lr", type=float, default=1e-3, help="the LLM's learning rate")
@@ -171,6 +182,8 @@ def main() -> None:
         if a.reinit and not model.llm.shrink_perturb(shrink, perturb, a.reinit):
             raise SystemExit(f"--reinit {a.reinit!r} matches no LLM parameter; names look like "
                              f"{next(iter(model.llm.state_dict()))}")
+    if a.init_encoder:
+        checkpoint_io.load_encoder_weights(model.vision.encoder, a.init_encoder)
     model.to(device)
     n_vis, transform = vision_cfg.num_vision_tokens, image_transform(vision_cfg)
     groups = [{"params": list(model.llm.parameters()), "lr": a.lr},
@@ -179,7 +192,7 @@ def main() -> None:
               {"params": list(model.vision.encoder.parameters()), "lr": a.encoder_lr}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
-    cases = held_out(tok, n_vis, transform, a.question_first, vision_cfg.image_frame)
+    cases = held_out(tok, n_vis, transform, a.question_first, vision_cfg.image_frame, a.sentences)
     pad = tok.pad_token_id
     rng = random.Random(a.seed)
     t0 = time.time()
@@ -190,7 +203,7 @@ def main() -> None:
         captions = 1.0 if step <= a.captions_first else a.captions
         idx, tgt, pixels = make_batch(rng, a.batch, captions, a.places, a.question_first, tok, n_vis, transform,
                                       a.turns, 2 if step <= a.curriculum else scenes.MAX_OBJECTS,
-                                      vision_cfg.image_frame)
+                                      vision_cfg.image_frame, a.sentences)
         loss = model(idx.to(device), tgt.to(device), pixel_values=pixels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -81,7 +81,8 @@ def _engine(tokenizer, universal: bool):
     return model, ds_engine.initialize(model, groups, ds_config, "cpu")
 
 
-def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, text_data, tiny_tokenizer_dir, tiny_tokenizer, world1):
+def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, text_data, tiny_tokenizer_dir, tiny_tokenizer, world1,
+                                                      capsys):
     out = tmp_path / "run"
     args = ("--steps", "7", "--save-every", "4")
     run_ranks(TRAIN, train_args(text_data, tiny_tokenizer_dir, out, "zero2.json", *args, "--stop-at", "4"))
@@ -90,6 +91,8 @@ def test_zero2_checkpoint_of_two_ranks_resumes_on_one(tmp_path, text_data, tiny_
     # in this process (one rank): the conversion happens once, and the load restores step 4's weights
     layout = {"tp": 1, "pp": 1, "dp": 1}
     assert checkpoint.prepare_universal(out, layout)
+    assert "saved with 2 data-parallel replica(s), on 1: loading it as DeepSpeed's universal checkpoint" \
+        in capsys.readouterr().out  # the user is told why this resume takes longer and where the copy goes
     assert (out / "ckpt" / "step-00000004_universal").is_dir() and not (out / "ckpt" / "latest_universal").exists()
     model, engine = _engine(tiny_tokenizer, universal=True)
     state = checkpoint.load(engine, out, universal=True)

@@ -213,3 +213,25 @@ def test_multi_turn_conversations_answer_from_the_image_only() -> None:
     # val/test stay one question, so the held-out eval is unchanged
     assert len(json.loads(vqa_sample(0, "test", 3, 32, Style(vqa_turns=6))["json"])["messages"]) == 2
     assert vqa_sample(0, "train", 5, 32, Style(vqa_turns=1)) == vqa_sample(0, "train", 5, 32)
+
+
+def test_sentence_replies_name_the_object_right_before_the_answer() -> None:
+    """QA.sentence (bench/vlm_probe.py --sentences): the one-word answer follows the words that name what the
+    question asks about, so the reply's answer token is predicted where that name was just read."""
+    import random
+
+    for i in range(200):
+        scene = scenes.sample_scene(random.Random(i))
+        for q in scenes.questions(scene):
+            words = q.sentence.rstrip(".").split()
+            at = words.index(q.answer, 1 if q.type == "shape" else 0)
+            before = " ".join(words[:at])
+            if q.type == "shape":  # "a green square."
+                assert before.split()[-1] == q.question.split()[-2], q
+            elif q.type == "colour":  # "the circle is red."
+                assert before == f"the {q.question.rstrip('?').split()[-1]} is", q
+            elif q.type == "position":  # "the red circle is left of the blue square."
+                assert q.question.startswith(f"is {before.removesuffix(' is')} left or right of") and \
+                    q.sentence.endswith(q.question.rsplit(" of ", 1)[1].rstrip("?") + "."), q
+            else:
+                assert q.sentence == f"{q.answer}.", q

@@ -72,7 +72,8 @@ class Scene:
 class QA:
     type: str
     question: str
-    answer: str
+    answer: str  # the one word the question asks for
+    sentence: str  # the same answer as a sentence that names its object right before the answer word
 
 
 # Sizes (radius as a fraction of the side) and the gap that keeps left/right unambiguous.
@@ -147,16 +148,19 @@ def caption(scene: Scene, places: bool = False) -> str:
 
 def questions(scene: Scene) -> list[QA]:
     """Every unambiguous question about the scene, grouped by type."""
-    qas = [QA("count", "how many shapes are there?", str(len(scene.objects)))]
+    n = len(scene.objects)
+    qas = [QA("count", "how many shapes are there?", str(n), f"{n}.")]
     for o in scene.objects:
-        qas.append(QA("shape", f"what shape is the {o.colour} object?", o.shape))
+        article = "an" if o.colour[0] in "aeiou" else "a"
+        qas.append(QA("shape", f"what shape is the {o.colour} object?", o.shape, f"{article} {o.name}."))
         if sum(p.shape == o.shape for p in scene.objects) == 1:
-            qas.append(QA("colour", f"what colour is the {o.shape}?", o.colour))
+            qas.append(QA("colour", f"what colour is the {o.shape}?", o.colour, f"the {o.shape} is {o.colour}."))
     for a in scene.objects:
         for b in scene.objects:
             if a is not b and abs(a.x - b.x) >= MIN_DX:
                 side = "left" if a.x < b.x else "right"
-                qas.append(QA("position", f"is the {a.name} left or right of the {b.name}?", side))
+                qas.append(QA("position", f"is the {a.name} left or right of the {b.name}?", side,
+                              f"the {a.name} is {side} of the {b.name}."))
     return qas
 
 
