@@ -7,7 +7,8 @@ is the preset's, from random weights (or `--init-encoder`). Runs on CUDA when th
     # what binds every question type on a GPU by step ~2000 (docs/demo.md, "Where binding starts"):
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --vision position_embedding=true --turns 6 \
         --captions 0.5 --places --batch 64 --steps 4000 --eval-every 250
-    # what binds shape and colour on two CPU cores in ~300 steps (docs/demo.md, "A warm encoder and batch 128"):
+    # what binds colour on two CPU cores in 300 steps (docs/demo.md, "A warm encoder and batch 128"; shape too
+    # with --sentences or --captions 0.25 --places, by step 100, but no run bound both):
     python bench/vlm_probe.py --tokenizer runs/demo/tokenizer --init-encoder warm_cnn.safetensors \
         --batch 128 --steps 300
 
