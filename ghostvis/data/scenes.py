@@ -54,6 +54,11 @@ class Shape:
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def a_name(self) -> str:
+        """The name with its article: "a red circle", "an orange square"."""
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.name}"
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -137,7 +142,7 @@ def caption(scene: Scene, places: bool = False) -> str:
     """One template per object count, objects named left to right; with `places`, each object also says
     where it lies (`place`), so the caption supervises every object's position, not only their order."""
     objs = left_to_right(scene)
-    names = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.name}" + (f" {place(o)}" if places else "") for o in objs]
+    names = [o.a_name + (f" {place(o)}" if places else "") for o in objs]
     if len(objs) == 1:
         return f"{names[0]}."
     if len(objs) == 2 and not places:
@@ -151,8 +156,7 @@ def questions(scene: Scene) -> list[QA]:
     n = len(scene.objects)
     qas = [QA("count", "how many shapes are there?", str(n), f"{n}.")]
     for o in scene.objects:
-        article = "an" if o.colour[0] in "aeiou" else "a"
-        qas.append(QA("shape", f"what shape is the {o.colour} object?", o.shape, f"{article} {o.name}."))
+        qas.append(QA("shape", f"what shape is the {o.colour} object?", o.shape, f"{o.a_name}."))
         if sum(p.shape == o.shape for p in scene.objects) == 1:
             qas.append(QA("colour", f"what colour is the {o.shape}?", o.colour, f"the {o.shape} is {o.colour}."))
     for a in scene.objects:

@@ -251,10 +251,11 @@ def prepare_universal(out_dir: str | Path, layout: dict[str, int]) -> bool:
     error = ""
     target = ckpt_dir / f"{tag}_universal"
     if dist.get_rank() == 0:
+        convert = not target.is_dir()
         print(f"resuming {ckpt_dir / tag}, saved with {saved['dp']} data-parallel replica(s), on {layout['dp']}: "
               f"loading it as DeepSpeed's universal checkpoint {target}"
-              + ("" if target.is_dir() else " (converting it once now)"), flush=True)
-        if not target.is_dir():
+              + (" (converting it once now)" if convert else ""), flush=True)
+        if convert:
             error = _to_universal(ckpt_dir / tag, target)
     _agree(error, f"converting {ckpt_dir / tag} to a universal checkpoint failed on rank 0")
     return True
